@@ -1,0 +1,3 @@
+"""Hardware and fleet: device profiles, device detection, execution backends, fleet registry."""
+
+__all__: list[str] = []

@@ -1,0 +1,30 @@
+"""Lazy import of heavy optional libraries, failing with the install extra to use."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from protocol.errors import MissingDependency
+
+__all__ = ["require"]
+
+_EXTRA_FOR = {
+    "onnx": "cpu",
+    "onnxruntime": "cpu",
+    "tensorrt": "tensorrt",
+    "pycuda": "tensorrt",
+    "pycuda.driver": "tensorrt",
+    "zeroconf": "discovery",
+}
+
+
+def require(module: str, extra: str | None = None) -> ModuleType:
+    """Import ``module`` or raise :class:`MissingDependency` naming the extra that provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        extra = extra or _EXTRA_FOR.get(module) or _EXTRA_FOR.get(module.split(".")[0], "dev")
+        raise MissingDependency(
+            f"{module} is not installed: pip install 'tandem-rt[{extra}]' ({exc})"
+        ) from exc
