@@ -1,0 +1,552 @@
+"""Load an ONNX model and analyze it: shapes, a topological order, per-node cost, constants.
+
+``load_model`` is the ONNX/protobuf exception boundary for reading models; ``analyze`` turns a
+model into a :class:`GraphInfo`, the read-only picture every later compiler step works from.
+
+Cost conventions (documented here once, tested by hand-computed values):
+
+- Conv: ``2 * N * C_out * prod(out_spatial) * (C_in / group) * prod(kernel)``, plus one add per
+  output element when a bias is given. ConvTranspose: ``2 * N * C_in * prod(in_spatial) *
+  (C_out / group) * prod(kernel)`` (+ bias adds).
+- MatMul (batched and broadcast, so attention chains ``Q @ K^T`` and ``P @ V`` are covered):
+  ``2 * prod(output shape) * K``. Gemm: ``2 * M * N * K`` plus ``M * N`` when C is given.
+- Elementwise math (Add, Mul, Relu, Sigmoid, ...): one per output element.
+- Pooling: one per output element per kernel element; global pooling: one per input element.
+- Softmax / LogSoftmax: five per element; BatchNormalization: two per element; Layer/Instance/
+  Group normalization: eight per element; reductions: one per input element.
+- Everything else (Reshape, Transpose, Concat, Gather, Cast, ...): 0.
+
+Symbolic dimensions (``dim_param``) stay symbolic in :class:`TensorSpec` (a dim is ``int`` or
+``str``; an unknown dim is ``"?"``) and count as ``batch`` (default 1) in FLOPs and bytes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from compiler._errors import InvalidModelError, ModelLoadError
+from protocol._lazy import require
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    from onnx import GraphProto, ModelProto, NodeProto
+
+__all__ = [
+    "Dim",
+    "GraphInfo",
+    "NodeInfo",
+    "TensorSpec",
+    "analyze",
+    "dtype_size",
+    "implicit_inputs",
+    "load_model",
+]
+
+Dim = int | str
+
+# ONNX TensorProto.DataType -> bytes per element (sub-byte types rounded up to 1).
+_DTYPE_SIZE = {
+    1: 4,  # FLOAT
+    2: 1,  # UINT8
+    3: 1,  # INT8
+    4: 2,  # UINT16
+    5: 2,  # INT16
+    6: 4,  # INT32
+    7: 8,  # INT64
+    8: 8,  # STRING (pointer-sized guess; strings never cross a cut in practice)
+    9: 1,  # BOOL
+    10: 2,  # FLOAT16
+    11: 8,  # DOUBLE
+    12: 4,  # UINT32
+    13: 8,  # UINT64
+    14: 8,  # COMPLEX64
+    15: 16,  # COMPLEX128
+    16: 2,  # BFLOAT16
+    17: 1,  # FLOAT8E4M3FN
+    18: 1,  # FLOAT8E4M3FNUZ
+    19: 1,  # FLOAT8E5M2
+    20: 1,  # FLOAT8E5M2FNUZ
+    21: 1,  # UINT4
+    22: 1,  # INT4
+}
+_FLOAT_TYPES = frozenset({1, 10, 11, 16})
+
+
+
+def _ops(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+_ELEMENTWISE = _ops(
+    """Add Sub Mul Div Pow Mod Relu LeakyRelu PRelu Elu Selu Celu Sigmoid HardSigmoid HardSwish
+    Tanh Exp Log Sqrt Reciprocal Neg Abs Erf Gelu Softplus Softsign Mish Clip Max Min Sum Mean
+    Where Sin Cos Tan Asin Acos Atan Sinh Cosh Asinh Acosh Atanh Floor Ceil Round Sign
+    ThresholdedRelu Equal Less Greater LessOrEqual GreaterOrEqual And Or Xor Not BitShift
+    Resize Upsample QuantizeLinear DequantizeLinear Trilu"""
+)
+_POOL = frozenset({"MaxPool", "AveragePool", "LpPool"})
+_GLOBAL_POOL = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
+_REDUCE = _ops(
+    """ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum
+    ReduceLogSumExp ReduceSumSquare ArgMax ArgMin CumSum"""
+)
+_NORM8 = frozenset(
+    {"LayerNormalization", "InstanceNormalization", "GroupNormalization", "LpNormalization",
+     "MeanVarianceNormalization", "SimplifiedLayerNormalization"}
+)
+# Ops whose output is not a function of their inputs: never constant, even with no inputs.
+_NONDETERMINISTIC = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+     "Bernoulli", "Dropout"}
+)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor's element type (ONNX ``TensorProto`` code) and shape (``None`` = unknown rank)."""
+
+    name: str
+    dtype: int
+    shape: tuple[Dim, ...] | None
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in _FLOAT_TYPES
+
+    @property
+    def is_static(self) -> bool:
+        return self.shape is not None and all(isinstance(d, int) for d in self.shape)
+
+    def concrete_shape(self, batch: int = 1) -> tuple[int, ...] | None:
+        """The shape with every symbolic or unknown dim replaced by ``batch``."""
+        if self.shape is None:
+            return None
+        return tuple(d if isinstance(d, int) else batch for d in self.shape)
+
+    def numel(self, batch: int = 1) -> int | None:
+        shape = self.concrete_shape(batch)
+        return None if shape is None else math.prod(shape)
+
+    def nbytes(self, batch: int = 1) -> int:
+        """Bytes of this tensor with symbolic dims = ``batch``; 0 when the rank is unknown."""
+        n = self.numel(batch)
+        return 0 if n is None else n * dtype_size(self.dtype)
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        onnx = require("onnx")
+        import numpy as np
+
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.dtype))
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One node of the graph, in topological order, with its cost.
+
+    ``inputs`` includes tensors a subgraph (If/Loop/Scan body) reads from the outer scope, and
+    omits empty optional-input names. ``index`` is the node's position in ``graph.node``;
+    ``constant`` marks nodes computed only from constants (copied to both sides of any cut).
+    """
+
+    name: str
+    op_type: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    flops: int
+    param_bytes: int
+    out_bytes: int
+    index: int = -1
+    constant: bool = False
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """What the compiler knows about a model after shape inference and costing.
+
+    ``nodes`` is a topological order (the model's own order when valid, else a stable sort of
+    it). ``inputs`` are the graph inputs that are not initializers; ``constants`` holds
+    initializers, Constant-node outputs and everything computed only from those.
+    """
+
+    nodes: tuple[NodeInfo, ...]
+    tensors: Mapping[str, TensorSpec]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    constants: frozenset[str]
+    total_flops: int
+    batch: int = 1
+    opset: int = 0
+    producers: Mapping[str, int] = field(default_factory=dict, repr=False)
+
+    def spec(self, name: str) -> TensorSpec:
+        """The spec of ``name``; a tensor shape inference could not type gets dtype 0."""
+        return self.tensors.get(name) or TensorSpec(name, 0, None)
+
+    def nbytes(self, name: str) -> int:
+        return self.spec(name).nbytes(self.batch)
+
+    @property
+    def compute_nodes(self) -> tuple[NodeInfo, ...]:
+        """Non-constant nodes in topological order: the positions cuts are counted in."""
+        return tuple(n for n in self.nodes if not n.constant)
+
+
+def dtype_size(dtype: int) -> int:
+    """Bytes per element of an ONNX ``TensorProto`` data type (0 if unknown)."""
+    return _DTYPE_SIZE.get(dtype, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_model(path_or_proto: str | os.PathLike[str] | bytes | ModelProto) -> ModelProto:
+    """Load a model from a path, serialized bytes, or a ``ModelProto`` (returned as is).
+
+    External data is loaded from next to the model file. Raises :class:`ModelLoadError`
+    (NOT_FOUND) for a missing model or external data file and :class:`InvalidModelError`
+    (INVALID_ARGUMENT) for bytes that are not an ONNX model.
+    """
+    onnx = require("onnx")
+    from google.protobuf.message import DecodeError
+
+    if isinstance(path_or_proto, onnx.ModelProto):
+        model = path_or_proto
+        _check_is_model(model, "model")
+        return model
+    if isinstance(path_or_proto, (bytes, bytearray, memoryview)):
+        try:
+            model = onnx.load_from_string(bytes(path_or_proto))
+        except (DecodeError, ValueError) as exc:
+            raise InvalidModelError(f"bytes are not an ONNX model: {exc}") from exc
+        _check_is_model(model, "bytes")
+        return model
+    path = Path(path_or_proto)
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError) as exc:
+        raise InvalidModelError(f"{path} is not an ONNX model: {exc}") from exc
+    _check_is_model(model, str(path))
+    base = path.parent
+    missing = []
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if not location or not (base / location).is_file():
+            missing.append((tensor.name, location))
+    if missing:
+        name, location = missing[0]
+        more = f" (and {len(missing) - 1} more tensors)" if len(missing) > 1 else ""
+        raise ModelLoadError(
+            f"{path}: external data file {location!r} for tensor {name!r} not found in {base}"
+            f"{more}"
+        )
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(base))
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        raise ModelLoadError(f"{path}: cannot read external data: {exc}") from exc
+    return model
+
+
+def _check_is_model(model: ModelProto, what: str) -> None:
+    # protobuf parses some garbage (and empty bytes) as an empty message: reject those too.
+    if model.ir_version <= 0 or not model.opset_import or not model.HasField("graph"):
+        raise InvalidModelError(f"{what} is not an ONNX model (no IR version, opset or graph)")
+
+
+def _all_tensors(graph: GraphProto) -> Iterable[Any]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+
+
+# --------------------------------------------------------------------------------------------
+# Analysis
+
+
+def implicit_inputs(node: NodeProto) -> list[str]:
+    """Outer-scope tensors read by a node's subgraphs (If/Loop/Scan bodies), in first-use order."""
+    found: dict[str, None] = {}
+    for attr in node.attribute:
+        subs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+        for sub in subs:
+            for name in _outer_refs(sub):
+                found.setdefault(name)
+    return list(found)
+
+
+def _outer_refs(graph: GraphProto) -> list[str]:
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.name for t in graph.sparse_initializer}
+    refs: dict[str, None] = {}
+    for node in graph.node:
+        for name in list(node.input) + implicit_inputs(node):
+            if name and name not in defined:
+                refs.setdefault(name)
+        defined.update(o for o in node.output if o)
+    for out in graph.output:
+        if out.name not in defined:
+            refs.setdefault(out.name)
+    return list(refs)
+
+
+def _spec_from_type(name: str, type_proto: Any) -> TensorSpec | None:
+    if not type_proto.HasField("tensor_type"):
+        return None
+    tt = type_proto.tensor_type
+    if not tt.HasField("shape"):
+        return TensorSpec(name, tt.elem_type, None)
+    dims: list[Dim] = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(d.dim_param)
+        else:
+            dims.append("?")
+    return TensorSpec(name, tt.elem_type, tuple(dims))
+
+
+def _infer(model: ModelProto) -> ModelProto:
+    onnx = require("onnx")
+    try:
+        return onnx.shape_inference.infer_shapes(
+            model, check_type=False, strict_mode=False, data_prop=True
+        )
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        raise InvalidModelError(f"shape inference failed: {exc}") from exc
+
+
+def analyze(model: ModelProto, *, batch: int = 1, infer_shapes: bool = True) -> GraphInfo:
+    """Shape-infer ``model`` and describe it as a :class:`GraphInfo`.
+
+    ``batch`` is the value every symbolic dim takes for cost (FLOPs, bytes). Raises
+    :class:`InvalidModelError` for a graph with a cycle or a tensor nobody produces.
+    """
+    if batch < 1:
+        raise InvalidModelError(f"batch must be >= 1, got {batch}")
+    inferred = _infer(model) if infer_shapes else model
+    graph = inferred.graph
+    onnx = require("onnx")
+
+    tensors: dict[str, TensorSpec] = {}
+    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
+        spec = _spec_from_type(vi.name, vi.type)
+        if spec is not None:
+            tensors[vi.name] = spec
+    init_bytes: dict[str, int] = {}
+    for init in graph.initializer:
+        tensors[init.name] = TensorSpec(init.name, init.data_type, tuple(int(d) for d in init.dims))
+        init_bytes[init.name] = math.prod(init.dims) * dtype_size(init.data_type)
+    for sp in graph.sparse_initializer:
+        tensors[sp.values.name] = TensorSpec(
+            sp.values.name, sp.values.data_type, tuple(int(d) for d in sp.dims)
+        )
+        init_bytes[sp.values.name] = math.prod(sp.values.dims) * dtype_size(sp.values.data_type)
+
+    constants: set[str] = set(init_bytes)
+    inputs = tuple(i.name for i in graph.input if i.name not in constants)
+    outputs = tuple(o.name for o in graph.output)
+
+    protos = list(graph.node)
+    all_inputs = [[n for n in p.input if n] + implicit_inputs(p) for p in protos]
+    order = _topological_order(protos, all_inputs, set(inputs) | constants)
+
+    nodes: list[NodeInfo] = []
+    producers: dict[str, int] = {}
+    total = 0
+    for pos, idx in enumerate(order):
+        proto = protos[idx]
+        ins = tuple(all_inputs[idx])
+        outs = tuple(o for o in proto.output if o)
+        if proto.op_type == "Constant" and not proto.domain:
+            is_const = True
+            for attr in proto.attribute:
+                if attr.name == "value" and attr.HasField("t"):
+                    t = attr.t
+                    tensors.setdefault(
+                        outs[0], TensorSpec(outs[0], t.data_type, tuple(int(d) for d in t.dims))
+                    )
+        else:
+            is_const = (
+                bool(ins)
+                and proto.op_type not in _NONDETERMINISTIC
+                and all(n in constants for n in ins)
+            )
+        if is_const:
+            constants.update(outs)
+        flops = _node_flops(proto, ins, outs, tensors, batch, onnx)
+        param = sum(init_bytes.get(n, 0) for n in ins)
+        if proto.op_type == "Constant":
+            param = sum(tensors[o].nbytes(batch) for o in outs if o in tensors)
+        out_bytes = sum(tensors[o].nbytes(batch) for o in outs if o in tensors)
+        for o in outs:
+            producers[o] = pos
+        total += flops
+        nodes.append(
+            NodeInfo(
+                name=proto.name or f"{proto.op_type}_{idx}",
+                op_type=proto.op_type,
+                inputs=ins,
+                outputs=outs,
+                flops=flops,
+                param_bytes=param,
+                out_bytes=out_bytes,
+                index=idx,
+                constant=is_const,
+            )
+        )
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return GraphInfo(
+        nodes=tuple(nodes),
+        tensors=tensors,
+        inputs=inputs,
+        outputs=outputs,
+        constants=frozenset(constants),
+        total_flops=total,
+        batch=batch,
+        opset=opset,
+        producers=producers,
+    )
+
+
+def _topological_order(
+    protos: list[NodeProto], all_inputs: list[list[str]], available: set[str]
+) -> list[int]:
+    """Kahn's algorithm, preferring the lowest original index: the model's own order if valid."""
+    producer: dict[str, int] = {}
+    for idx, proto in enumerate(protos):
+        for out in proto.output:
+            if not out:
+                continue
+            if out in producer or out in available:
+                raise InvalidModelError(f"tensor {out!r} is produced more than once")
+            producer[out] = idx
+    n = len(protos)
+    indegree = [0] * n
+    users: list[list[int]] = [[] for _ in range(n)]
+    for idx, ins in enumerate(all_inputs):
+        deps = set()
+        for name in ins:
+            if name in available:
+                continue
+            src = producer.get(name)
+            if src is None:
+                raise InvalidModelError(
+                    f"node {protos[idx].name or idx} ({protos[idx].op_type}) reads {name!r}, "
+                    "which no node, input or initializer produces"
+                )
+            deps.add(src)
+        indegree[idx] = len(deps)
+        for src in deps:
+            users[src].append(idx)
+    ready = [i for i in range(n) if indegree[i] == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        idx = heapq.heappop(ready)
+        order.append(idx)
+        for user in users[idx]:
+            indegree[user] -= 1
+            if indegree[user] == 0:
+                heapq.heappush(ready, user)
+    if len(order) != n:
+        stuck = [protos[i].name or str(i) for i in range(n) if indegree[i] > 0][:5]
+        raise InvalidModelError(f"graph has a cycle (through nodes {', '.join(stuck)})")
+    return order
+
+
+def _attr(proto: NodeProto, name: str, default: Any) -> Any:
+    onnx = require("onnx")
+    for a in proto.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _node_flops(
+    proto: NodeProto,
+    ins: tuple[str, ...],
+    outs: tuple[str, ...],
+    tensors: Mapping[str, TensorSpec],
+    batch: int,
+    onnx: Any,
+) -> int:
+    op = proto.op_type
+    if proto.domain not in ("", "ai.onnx", "com.microsoft"):
+        return 0
+
+    def shape(name: str) -> tuple[int, ...] | None:
+        spec = tensors.get(name)
+        return None if spec is None else spec.concrete_shape(batch)
+
+    def numel(name: str) -> int:
+        s = shape(name)
+        return 0 if s is None else math.prod(s)
+
+    out = outs[0] if outs else ""
+    if op in ("Conv", "ConvTranspose"):
+        w = shape(ins[1]) if len(ins) > 1 else None
+        if w is None or len(w) < 3:
+            return 0
+        # w[1] is already C_in/group (Conv) or C_out/group (ConvTranspose).
+        kernel = math.prod(w[2:])
+        bias = numel(out) if len(proto.input) > 2 and proto.input[2] else 0
+        if op == "Conv":
+            o = shape(out)
+            if o is None:
+                return 0
+            # w: [C_out, C_in/group, k...]; out: [N, C_out, spatial...]
+            return 2 * math.prod(o) * w[1] * kernel + bias
+        x = shape(ins[0])
+        if x is None:
+            return 0
+        # w: [C_in, C_out/group, k...]; x: [N, C_in, spatial...]
+        return 2 * math.prod(x) * w[1] * kernel + bias
+    if op in ("MatMul", "MatMulInteger", "QLinearMatMul"):
+        a = shape(ins[0])
+        o = shape(out)
+        if a is None or o is None or not a:
+            return 0
+        k = a[-1]
+        return 2 * math.prod(o) * k
+    if op == "Gemm":
+        a = shape(ins[0])
+        o = shape(out)
+        if a is None or o is None or len(a) != 2:
+            return 0
+        k = a[0] if _attr(proto, "transA", 0) else a[1]
+        bias = math.prod(o) if len(proto.input) > 2 and proto.input[2] else 0
+        return 2 * math.prod(o) * k + bias
+    if op in _ELEMENTWISE:
+        return numel(out)
+    if op in _POOL:
+        kernel = _attr(proto, "kernel_shape", [])
+        return numel(out) * (math.prod(kernel) if kernel else 1)
+    if op in _GLOBAL_POOL or op in _REDUCE:
+        return numel(ins[0]) if ins else 0
+    if op in ("Softmax", "LogSoftmax", "Hardmax"):
+        return 5 * numel(out)
+    if op == "BatchNormalization":
+        return 2 * numel(out)
+    if op in _NORM8:
+        return 8 * numel(out)
+    return 0
