@@ -1,0 +1,580 @@
+"""The MQTT transport of the split-execution protocol: paho wrapped behind our own interface.
+
+Two layers, written once in asyncio (``AsyncTransport``) with a thin synchronous shell
+(``Transport``, which runs its own event loop in a thread and waits with timeouts):
+
+* **bytes**: ``publish(topic, payload)`` / ``subscribe(filter, handler)``. Payloads over the chunk
+  size are split with :func:`protocol.chunking.split`; everything received passes through one
+  :class:`protocol.chunking.Reassembler` before a handler sees it. Handlers may be sync or async;
+  they run on the transport's event loop (paho's network thread hands each message over with
+  ``call_soon_threadsafe``), so a sync handler must not block.
+* **requests**: ``request(topic, InferenceRequest, timeout)`` → ``InferenceResponse`` and
+  ``serve(filter, handler)`` for the answering side.
+
+Behaviour the rest of Tandem relies on:
+
+* **Connection.** MQTT 5 by default, 3.1.1 as an option. TCP_NODELAY on every socket. A lost
+  connection is re-established in the background with exponential backoff
+  (``reconnect_min_s`` … ``reconnect_max_s``) and every subscription in our own table is sent
+  again on each CONNACK — we never rely on the broker's session alone.
+* **Publishing while disconnected** raises :class:`Unavailable` at once (no local queue: the
+  caller, e.g. the edge daemon, decides between retry, spool and local fallback).
+* **A request never hangs past its timeout**: it fails with :class:`DeadlineExceeded` when the
+  timeout passes, and with ``Unavailable(retryable=True)`` at once when the connection is lost
+  while it is pending (its reply could have been lost with the connection).
+* **Error responses raise.** A response whose ``error`` is set is raised as the matching
+  :mod:`protocol.errors` class (``error_from_wire``); ``request`` returns only successful
+  responses. Duplicate and late responses (unknown or finished ids) are ignored.
+* **Undecodable payloads** (bad chunks, bad msgpack, wrong message type) are logged and dropped;
+  they never stop the loop or a server.
+* On MQTT 5 a request also carries ResponseTopic, CorrelationData (= request id),
+  MessageExpiryInterval (= ceil(budget_ms / 1000) s) and ContentType
+  ``application/x-tandem+msgpack``; ``serve`` replies to the request's ``reply_topic`` (or the
+  ResponseTopic property) with the correlation data copied back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import inspect
+import logging
+import math
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from protocol import chunking, codec, topics
+from protocol._mqtt import (
+    CONTENT_TYPE,
+    IncomingMessage,
+    MqttClient,
+    PublishProperties,
+    TlsConfig,
+    TransportConfig,
+    Will,
+)
+from protocol.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InternalError,
+    InvalidArgument,
+    ProtocolError,
+    TandemError,
+    Unavailable,
+    error_from_wire,
+)
+from protocol.messages import ErrorInfo, InferenceRequest, InferenceResponse, Message
+
+__all__ = [
+    "CONTENT_TYPE",
+    "AsyncTransport",
+    "Handler",
+    "IncomingMessage",
+    "PublishProperties",
+    "RequestHandler",
+    "TlsConfig",
+    "Transport",
+    "TransportConfig",
+    "Will",
+    "topic_matches",
+]
+
+log = logging.getLogger("protocol.transport")
+
+Handler = Callable[[IncomingMessage], "Awaitable[None] | None"]
+RequestHandler = Callable[[InferenceRequest], "Awaitable[InferenceResponse] | InferenceResponse"]
+
+_T = TypeVar("_T")
+
+# Room left in a packet for the fixed header, topic and properties when the broker announces a
+# Maximum Packet Size (MQTT 5): the chunk size is capped at that size minus this.
+_PACKET_OVERHEAD = 1024
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT filter matching (``+``, ``#``, ``$share/<group>/`` prefix, ``$`` topics)."""
+    if topic_filter.startswith("$share/"):
+        parts = topic_filter.split("/", 2)
+        topic_filter = parts[2] if len(parts) == 3 else ""
+    f = topic_filter.split("/")
+    t = topic.split("/")
+    if topic.startswith("$") and f[0] in ("+", "#"):
+        return False
+    for i, part in enumerate(f):
+        if part == "#":
+            return True
+        if i >= len(t) or (part != "+" and part != t[i]):
+            return False
+    return len(f) == len(t)
+
+
+class AsyncTransport:
+    """The asyncio core. Create it anywhere; :meth:`connect` binds it to the running loop.
+
+    ``reply_topic`` is where this transport receives responses; by default
+    ``topics.response_topic(request.device_id)`` of the first request that leaves it empty.
+    """
+
+    def __init__(self, config: TransportConfig, *, reply_topic: str | None = None) -> None:
+        self.config = config
+        self.reply_topic = reply_topic
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._mqtt: MqttClient | None = None
+        self._handlers: dict[str, Handler] = {}
+        self._pending: dict[bytes, asyncio.Future[InferenceResponse]] = {}
+        self._reply_subscribed: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._ready = asyncio.Event()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._reassembler = chunking.Reassembler(
+            timeout_s=config.reassembly_timeout_s, max_total_bytes=config.max_message_bytes
+        )
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection to the broker is up (it may be lost at any moment)."""
+        return self._mqtt is not None and self._mqtt.connected
+
+    @property
+    def client_id(self) -> str:
+        return self._mqtt.client_id if self._mqtt else self.config.client_id
+
+    async def connect(self) -> None:
+        """Connect and wait for the broker (at most ``connect_timeout_s``).
+
+        Raises Unavailable (unreachable, refused, timed out) or PermissionDenied (credentials,
+        TLS certificate). After this, connection losses are repaired in the background."""
+        if self._mqtt is not None:
+            raise FailedPrecondition("transport already connected (or closed)")
+        self._loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
+        self._mqtt = MqttClient(self.config, on_message=self._on_raw_message,
+                                on_connection=self._on_connection)
+        await self._loop.run_in_executor(None, self._mqtt.connect)
+
+    async def close(self) -> None:
+        """Disconnect, fail pending requests with Unavailable, stop every thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._fail_pending(Unavailable("transport closed", retryable=True))
+        if self._mqtt is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._mqtt.close)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    async def __aenter__(self) -> AsyncTransport:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Wait until connected and re-subscribed, or raise DeadlineExceeded."""
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"not connected to the broker within {timeout:g}s") from None
+
+    # -- bytes ---------------------------------------------------------------------------------
+
+    def _client(self) -> MqttClient:
+        if self._mqtt is None or self._closed:
+            raise FailedPrecondition("transport is not connected (call connect()) or is closed")
+        return self._mqtt
+
+    def chunk_size(self) -> int:
+        """Largest payload sent as one PUBLISH (config, capped by the broker's packet limit)."""
+        size = self.config.max_payload_bytes
+        broker_max = self._mqtt.broker_max_packet if self._mqtt else None
+        if broker_max:
+            size = min(size, max(1024, broker_max - _PACKET_OVERHEAD))
+        return size
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int | None = None,
+        retain: bool = False,
+        properties: PublishProperties | None = None,
+    ) -> None:
+        """Send ``payload`` (chunked when larger than :meth:`chunk_size`). Returns once handed
+        to the network thread; raises Unavailable at once while disconnected."""
+        self._publish_now(topic, payload, qos, retain, properties)
+
+    def _publish_now(self, topic, payload, qos, retain, properties) -> None:
+        mqtt = self._client()
+        qos = self.config.qos if qos is None else qos
+        if len(payload) > self.config.max_message_bytes:
+            raise InvalidArgument(f"payload of {len(payload)} bytes exceeds max_message_bytes "
+                                  f"({self.config.max_message_bytes})")
+        pieces = chunking.split(payload, self.chunk_size())
+        if len(pieces) > 1 and retain:
+            raise InvalidArgument("a retained message must fit in one chunk")
+        for piece in pieces:
+            mqtt.publish(topic, piece, qos, retain, properties)
+
+    async def subscribe(self, topic_filter: str, handler: Handler, *,
+                        qos: int | None = None) -> None:
+        """Call ``handler(IncomingMessage)`` (sync or async, on this loop) for every message
+        matching ``topic_filter``; waits for the SUBACK. The subscription survives reconnects.
+        A second subscribe to the same filter replaces its handler. A message matching several
+        filters goes to each of their handlers."""
+        mqtt = self._client()
+        self._handlers[topic_filter] = handler
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[TandemError | None] = loop.create_future()
+
+        def on_done(err: TandemError | None) -> None:
+            loop.call_soon_threadsafe(_set_result_if_pending, done, err)
+
+        mqtt.subscribe(topic_filter, self.config.qos if qos is None else qos, on_done)
+        try:
+            err = await asyncio.wait_for(done, self.config.connect_timeout_s)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"no SUBACK for {topic_filter!r} within "
+                                   f"{self.config.connect_timeout_s:g}s") from None
+        if err is not None:
+            self._handlers.pop(topic_filter, None)
+            with contextlib.suppress(TandemError):
+                mqtt.unsubscribe(topic_filter, lambda: None)
+            raise err
+
+    async def unsubscribe(self, topic_filter: str) -> None:
+        mqtt = self._client()
+        self._handlers.pop(topic_filter, None)
+        self._reply_subscribed.discard(topic_filter)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        mqtt.unsubscribe(topic_filter, lambda: loop.call_soon_threadsafe(
+            _set_result_if_pending, done, None))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(done, self.config.connect_timeout_s)
+
+    # -- typed messages ------------------------------------------------------------------------
+
+    async def publish_message(self, topic: str, message: Message, *, qos: int | None = None,
+                              retain: bool = False) -> None:
+        """Encode a protocol message (``protocol.codec``) and publish it."""
+        await self.publish(topic, codec.encode(message), qos=qos, retain=retain,
+                           properties=PublishProperties())
+
+    async def request(self, topic: str, request: InferenceRequest,
+                      timeout: float | None = None) -> InferenceResponse:
+        """Publish ``request`` to ``topic`` and wait for its response.
+
+        ``timeout`` defaults to the request's budget. Empty ``request.reply_topic`` is filled
+        with this transport's reply topic. Returns a successful response; raises the peer's
+        error (``error_from_wire``), DeadlineExceeded when the timeout passes, Unavailable when
+        not connected or when the connection is lost while waiting."""
+        if timeout is None:
+            timeout = request.budget_ms / 1000
+        if timeout <= 0:
+            raise DeadlineExceeded("request budget already spent")
+        try:
+            response = await asyncio.wait_for(self._request(topic, request), timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(
+                f"no response to request {request.id.hex()} on {topic!r} within {timeout:g}s"
+            ) from None
+        if response.error is not None:
+            e = response.error
+            raise error_from_wire(int(e.code), e.message, e.retryable)
+        return response
+
+    async def _request(self, topic: str, request: InferenceRequest) -> InferenceResponse:
+        reply = request.reply_topic or self.reply_topic or topics.response_topic(
+            request.device_id)
+        if reply != request.reply_topic:
+            request = dataclasses.replace(request, reply_topic=reply)
+        if reply not in self._reply_subscribed:
+            await self.subscribe(reply, self._on_response)
+            self._reply_subscribed.add(reply)
+        if request.id in self._pending:
+            raise InvalidArgument(f"request {request.id.hex()} is already pending")
+        payload = codec.encode(request)
+        future: asyncio.Future[InferenceResponse] = asyncio.get_running_loop().create_future()
+        self._pending[request.id] = future
+        try:
+            self._publish_now(topic, payload, None, False, PublishProperties(
+                response_topic=reply,
+                correlation_data=request.id,
+                message_expiry_s=max(1, math.ceil(request.budget_ms / 1000)),
+            ))
+            return await future
+        finally:
+            if self._pending.get(request.id) is future:
+                del self._pending[request.id]
+
+    def _on_response(self, msg: IncomingMessage) -> None:
+        try:
+            response = codec.decode(msg.payload)
+        except ProtocolError as exc:
+            log.warning("dropped undecodable message on %s: %s", msg.topic, exc)
+            return
+        if not isinstance(response, InferenceResponse):
+            log.warning("dropped %s on reply topic %s", type(response).__name__, msg.topic)
+            return
+        future = self._pending.get(response.id)
+        if future is None or future.done():
+            log.debug("ignored late or duplicate response %s", response.id.hex())
+            return
+        future.set_result(response)
+
+    # -- serving -------------------------------------------------------------------------------
+
+    async def serve(self, topic_filter: str, handler: RequestHandler, *,
+                    qos: int | None = None) -> None:
+        """Answer every InferenceRequest on ``topic_filter`` with ``handler(request)``.
+
+        An async handler runs on this loop; a sync one in this transport's worker threads
+        (blocking inference never runs on the loop). The response goes to the request's
+        ``reply_topic`` (or its MQTT 5 ResponseTopic) with the correlation data copied back. A
+        handler raising a TandemError answers with that error; any other exception answers
+        INTERNAL. Undecodable requests are logged and dropped."""
+        is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            type(handler).__call__)
+
+        def on_request(msg: IncomingMessage) -> None:
+            try:
+                request = codec.decode(msg.payload)
+            except ProtocolError as exc:
+                log.warning("dropped undecodable request on %s: %s", msg.topic, exc)
+                return
+            if not isinstance(request, InferenceRequest):
+                log.warning("dropped %s on request topic %s", type(request).__name__, msg.topic)
+                return
+            self._spawn(self._answer(msg, request, handler, is_async))
+
+        await self.subscribe(topic_filter, on_request, qos=qos)
+
+    async def _answer(self, msg: IncomingMessage, request: InferenceRequest,
+                      handler: RequestHandler, is_async: bool) -> None:
+        reply = request.reply_topic or msg.response_topic
+        if not reply:
+            log.warning("request %s on %s has no reply topic; dropped", request.id.hex(),
+                        msg.topic)
+            return
+        try:
+            if is_async:
+                response = await handler(request)  # type: ignore[misc]
+            else:
+                response = await asyncio.get_running_loop().run_in_executor(
+                    self._worker_pool(), handler, request)
+            if not isinstance(response, InferenceResponse):
+                raise InternalError(f"request handler returned {type(response).__name__}, "
+                                    "not InferenceResponse")
+        except TandemError as exc:
+            response = _error_response(request, exc)
+        except Exception as exc:
+            log.exception("request handler failed on %s", request.id.hex())
+            response = _error_response(request, InternalError(f"{type(exc).__name__}: {exc}"))
+        try:
+            self._publish_now(reply, codec.encode(response), None, False, PublishProperties(
+                correlation_data=msg.correlation_data or request.id))
+        except TandemError as exc:
+            log.warning("could not send the response to %s: %s", request.id.hex(), exc)
+
+    def _worker_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=4, thread_name_prefix="tandem-transport-worker")
+        return self._executor
+
+    # -- from paho's network thread ------------------------------------------------------------
+
+    def _on_raw_message(self, msg: IncomingMessage) -> None:
+        try:
+            payload = self._reassembler.feed(msg.payload)
+        except ProtocolError as exc:
+            log.warning("dropped a bad chunk on %s: %s", msg.topic, exc)
+            return
+        if payload is None:
+            return
+        if payload is not msg.payload:
+            msg = dataclasses.replace(msg, payload=payload)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # loop closing under us
+                loop.call_soon_threadsafe(self._dispatch, msg)
+
+    def _on_connection(self, connected: bool, reason: str) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._connection_changed, connected, reason)
+
+    # -- on the loop ---------------------------------------------------------------------------
+
+    def _dispatch(self, msg: IncomingMessage) -> None:
+        for topic_filter, handler in list(self._handlers.items()):
+            if not topic_matches(topic_filter, msg.topic):
+                continue
+            try:
+                result = handler(msg)
+                if inspect.isawaitable(result):
+                    self._spawn(result)
+            except Exception:
+                log.exception("handler for %r failed on a message from %s", topic_filter,
+                              msg.topic)
+
+    def _connection_changed(self, connected: bool, reason: str) -> None:
+        if connected:
+            self._ready.set()
+            return
+        self._ready.clear()
+        self._fail_pending(Unavailable(f"broker {reason}; the response may be lost",
+                                       retryable=True))
+
+    def _fail_pending(self, error: TandemError) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+    def _spawn(self, awaitable: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(awaitable)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("transport task failed", exc_info=task.exception())
+
+
+def _set_result_if_pending(future: asyncio.Future, value: object) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _error_response(request: InferenceRequest, exc: TandemError) -> InferenceResponse:
+    return InferenceResponse(
+        id=request.id, error=ErrorInfo(exc.code, exc.message, exc.retryable))
+
+
+class Transport:
+    """Synchronous shell over :class:`AsyncTransport`: runs its own event loop in a thread
+    (``tandem-transport-loop``) and waits for each call with a timeout, raising
+    DeadlineExceeded when it passes. Handlers run on that loop thread."""
+
+    def __init__(self, config: TransportConfig, *, reply_topic: str | None = None,
+                 call_timeout_s: float = 10.0) -> None:
+        self.config = config
+        self.call_timeout_s = call_timeout_s
+        self._async = AsyncTransport(config, reply_topic=reply_topic)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def async_transport(self) -> AsyncTransport:
+        return self._async
+
+    @property
+    def connected(self) -> bool:
+        return self._async.connected
+
+    def connect(self) -> None:
+        if self._thread is not None:
+            raise FailedPrecondition("transport already connected (or closed)")
+        loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(started.set)
+            loop.run_forever()
+
+        self._loop = loop
+        self._thread = threading.Thread(target=run, name="tandem-transport-loop", daemon=True)
+        self._thread.start()
+        started.wait()
+        try:
+            self._call(self._async.connect(), self.config.connect_timeout_s + 1.0, "connect")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Disconnect and stop the loop thread (waits for it). Idempotent."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or loop.is_closed():
+            return
+        try:
+            if thread.is_alive():
+                self._call(self._async.close(), timeout, "close")
+        finally:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join(timeout)
+                if not thread.is_alive():
+                    loop.close()
+
+    def __enter__(self) -> Transport:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, coro: Coroutine[Any, Any, _T], timeout: float, what: str) -> _T:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            coro.close()
+            raise FailedPrecondition("transport is not connected (call connect()) or is closed")
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise DeadlineExceeded(f"transport {what} did not finish within {timeout:g}s") \
+                from None
+
+    def wait_connected(self, timeout: float) -> None:
+        self._call(self._async.wait_connected(timeout), timeout + 1.0, "wait_connected")
+
+    def publish(self, topic: str, payload: bytes, *, qos: int | None = None,
+                retain: bool = False, properties: PublishProperties | None = None) -> None:
+        self._call(self._async.publish(topic, payload, qos=qos, retain=retain,
+                                       properties=properties), self.call_timeout_s, "publish")
+
+    def publish_message(self, topic: str, message: Message, *, qos: int | None = None,
+                        retain: bool = False) -> None:
+        self._call(self._async.publish_message(topic, message, qos=qos, retain=retain),
+                   self.call_timeout_s, "publish")
+
+    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int | None = None) -> None:
+        """``handler`` runs on the transport's loop thread: it must not block."""
+        self._call(self._async.subscribe(topic_filter, handler, qos=qos),
+                   self.config.connect_timeout_s + 1.0, "subscribe")
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        self._call(self._async.unsubscribe(topic_filter), self.config.connect_timeout_s + 1.0,
+                   "unsubscribe")
+
+    def request(self, topic: str, request: InferenceRequest,
+                timeout: float | None = None) -> InferenceResponse:
+        if timeout is None:
+            timeout = request.budget_ms / 1000
+        # the core enforces ``timeout``; the extra second only guards against a stuck loop
+        return self._call(self._async.request(topic, request, timeout), timeout + 1.0,
+                          "request")
+
+    def serve(self, topic_filter: str, handler: RequestHandler, *,
+              qos: int | None = None) -> None:
+        self._call(self._async.serve(topic_filter, handler, qos=qos),
+                   self.config.connect_timeout_s + 1.0, "serve")
