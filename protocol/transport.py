@@ -128,6 +128,7 @@ class AsyncTransport:
         self._reply_subscribed: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
         self._ready = asyncio.Event()
+        self._listeners: list[Callable[[bool], None]] = []
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._reassembler = chunking.Reassembler(
             timeout_s=config.reassembly_timeout_s, max_total_bytes=config.max_message_bytes
@@ -180,6 +181,11 @@ class AsyncTransport:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    def add_connection_listener(self, listener: Callable[[bool], None]) -> None:
+        """Call ``listener(True)`` on this loop whenever a connection is ready (connected and
+        re-subscribed) and ``listener(False)`` whenever it is lost."""
+        self._listeners.append(listener)
 
     async def wait_connected(self, timeout: float) -> None:
         """Wait until connected and re-subscribed, or raise DeadlineExceeded."""
@@ -435,10 +441,15 @@ class AsyncTransport:
     def _connection_changed(self, connected: bool, reason: str) -> None:
         if connected:
             self._ready.set()
-            return
-        self._ready.clear()
-        self._fail_pending(Unavailable(f"broker {reason}; the response may be lost",
-                                       retryable=True))
+        else:
+            self._ready.clear()
+            self._fail_pending(Unavailable(f"broker {reason}; the response may be lost",
+                                           retryable=True))
+        for listener in list(self._listeners):
+            try:
+                listener(connected)
+            except Exception:
+                log.exception("connection listener %r failed", listener)
 
     def _fail_pending(self, error: TandemError) -> None:
         pending, self._pending = self._pending, {}
@@ -543,6 +554,10 @@ class Transport:
             future.cancel()
             raise DeadlineExceeded(f"transport {what} did not finish within {timeout:g}s") \
                 from None
+
+    def add_connection_listener(self, listener: Callable[[bool], None]) -> None:
+        """``listener(connected)`` runs on the transport's loop thread: it must not block."""
+        self._async.add_connection_listener(listener)
 
     def wait_connected(self, timeout: float) -> None:
         self._call(self._async.wait_connected(timeout), timeout + 1.0, "wait_connected")

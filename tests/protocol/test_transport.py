@@ -1,0 +1,439 @@
+"""The MQTT transport against a real mosquitto (no mocks of the broker).
+
+Every wait is on an event with a timeout; every test is bounded by pytest-timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import threading
+import time
+
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+from _broker import mosquitto_passwd_binary
+from paho.mqtt.enums import CallbackAPIVersion
+
+from protocol import codec
+from protocol.errors import (
+    DeadlineExceeded,
+    InternalError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from protocol.messages import InferenceRequest, InferenceResponse, new_request_id
+from protocol.tensors import Tensor
+from protocol.transport import (
+    CONTENT_TYPE,
+    AsyncTransport,
+    TlsConfig,
+    Transport,
+    TransportConfig,
+    topic_matches,
+)
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
+
+REQ = "tandem/v1/req/cam-01/model-a"
+REQ_FILTER = "tandem/v1/req/+/+"
+SLACK_S = 0.5  # scheduling slack on a loaded 2-core machine
+
+
+def make_request(budget_ms: int = 3000, payload: np.ndarray | None = None) -> InferenceRequest:
+    arr = np.arange(12, dtype=np.float32).reshape(3, 4) if payload is None else payload
+    return InferenceRequest(
+        id=new_request_id(), device_id="cam-01", model_digest="ab" * 32, cut_id=1,
+        budget_ms=budget_ms, tensors=(Tensor.from_array("x", arr),),
+    )
+
+
+def echo(request: InferenceRequest) -> InferenceResponse:
+    arr = request.tensors[0].to_array()
+    return InferenceResponse(id=request.id, outputs=(Tensor.from_array("y", arr * 2),),
+                             worker_id="echo")
+
+
+def config(broker, **kw) -> TransportConfig:
+    kw.setdefault("reconnect_min_s", 0.05)
+    kw.setdefault("reconnect_max_s", 0.5)
+    kw.setdefault("connect_timeout_s", 5.0)
+    return TransportConfig(host=broker.host, port=broker.port, **kw)
+
+
+class RawClient:
+    """A plain paho client for checking what is on the wire (test code may use paho)."""
+
+    def __init__(self, broker, protocol=paho.MQTTv5) -> None:
+        self.messages: list[paho.MQTTMessage] = []
+        self.got = threading.Event()
+        self._connected = threading.Event()
+        self.c = paho.Client(CallbackAPIVersion.VERSION2, protocol=protocol)
+        self.c.on_connect = lambda *a: self._connected.set()
+        self.c.on_message = self._on_message
+        self.c.connect(broker.host, broker.port)
+        self.c.loop_start()
+        assert self._connected.wait(5)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        self.messages.append(msg)
+        self.got.set()
+
+    def subscribe(self, topic_filter: str) -> None:
+        done = threading.Event()
+        self.c.on_subscribe = lambda *a: done.set()
+        self.c.subscribe(topic_filter, 1)
+        assert done.wait(5)
+
+    def publish(self, topic: str, payload: bytes, **kw) -> None:
+        self.c.publish(topic, payload, 1, **kw).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+# -- the broker fixture itself ----------------------------------------------------------------
+
+
+def test_broker_restarts_on_the_same_port(mosquitto):
+    port, pid = mosquitto.port, mosquitto.pid
+    mosquitto.kill()
+    assert not mosquitto.running
+    mosquitto.start()
+    assert mosquitto.running and mosquitto.port == port and mosquitto.pid != pid
+
+
+# -- request / response -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", [5, 311])
+def test_request_response(mosquitto, protocol):
+    with Transport(config(mosquitto, protocol=protocol)) as server, \
+            Transport(config(mosquitto, protocol=protocol)) as client:
+        server.serve(REQ_FILTER, echo)
+        for _ in range(3):
+            req = make_request()
+            resp = client.request(REQ, req, timeout=5)
+            assert resp.id == req.id and resp.worker_id == "echo"
+            np.testing.assert_array_equal(resp.outputs[0].to_array(),
+                                          req.tensors[0].to_array() * 2)
+
+
+def test_async_request_response_with_async_handler(mosquitto):
+    async def handler(request: InferenceRequest) -> InferenceResponse:
+        await asyncio.sleep(0)
+        return echo(request)
+
+    async def main() -> None:
+        async with AsyncTransport(config(mosquitto)) as server, \
+                AsyncTransport(config(mosquitto), reply_topic="custom/replies") as client:
+            await server.serve(REQ_FILTER, handler)
+            reqs = [make_request() for _ in range(20)]
+            resps = await asyncio.gather(*(client.request(REQ, r, timeout=5) for r in reqs))
+            assert [r.id for r in resps] == [r.id for r in reqs]
+
+    asyncio.run(main())
+
+
+def test_error_responses_raise_typed_errors(mosquitto):
+    def handler(request: InferenceRequest) -> InferenceResponse:
+        if request.cut_id == 1:
+            raise NotFound("no such model")
+        raise RuntimeError("boom")
+
+    with Transport(config(mosquitto)) as server, Transport(config(mosquitto)) as client:
+        server.serve(REQ_FILTER, handler)
+        with pytest.raises(NotFound, match="no such model"):
+            client.request(REQ, make_request(), timeout=5)
+        req = make_request()
+        other = InferenceRequest(id=req.id, device_id=req.device_id, model_digest="x",
+                                 cut_id=2, budget_ms=3000, tensors=())
+        with pytest.raises(InternalError, match="boom"):
+            client.request(REQ, other, timeout=5)
+
+
+def test_mqtt5_properties_on_the_wire(mosquitto):
+    raw = RawClient(mosquitto)
+    try:
+        raw.subscribe(REQ_FILTER)
+        with Transport(config(mosquitto)) as client:
+            req = make_request(budget_ms=2500)
+            t0 = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                client.request(REQ, req, timeout=0.5)  # nobody answers
+            assert time.monotonic() - t0 < 0.5 + SLACK_S
+        assert raw.got.wait(5)
+        msg = raw.messages[0]
+        props = msg.properties
+        assert props.ResponseTopic == "tandem/v1/resp/cam-01"
+        assert props.CorrelationData == req.id
+        # the broker forwards the remaining lifetime: ceil(2.5 s) = 3, maybe 2 a second later
+        assert props.MessageExpiryInterval in (math.ceil(2500 / 1000), math.ceil(2500 / 1000) - 1)
+        assert props.ContentType == CONTENT_TYPE == "application/x-tandem+msgpack"
+        decoded = codec.decode(msg.payload)
+        assert decoded.id == req.id and decoded.reply_topic == "tandem/v1/resp/cam-01"
+    finally:
+        raw.close()
+
+
+def test_serve_replies_with_correlation_data_to_the_response_topic(mosquitto):
+    raw = RawClient(mosquitto)
+    try:
+        raw.subscribe("raw/replies")
+        with Transport(config(mosquitto)) as server:
+            server.serve(REQ_FILTER, echo)
+            req = make_request()
+            props = paho.Properties(paho.PacketTypes.PUBLISH)
+            props.ResponseTopic = "raw/replies"
+            props.CorrelationData = b"corr-123"
+            # reply_topic left empty in the payload: the ResponseTopic property is used
+            raw.publish(REQ, codec.encode(req), properties=props)
+            assert raw.got.wait(5)
+        msg = raw.messages[0]
+        assert msg.properties.CorrelationData == b"corr-123"
+        resp = codec.decode(msg.payload)
+        assert isinstance(resp, InferenceResponse) and resp.id == req.id and resp.ok
+    finally:
+        raw.close()
+
+
+# -- chunking -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", [5, 311])
+def test_5mb_through_a_1mb_broker_is_chunked_and_bit_exact(mosquitto_factory, protocol):
+    broker = mosquitto_factory(max_packet_size=1 << 20)
+    payload = os.urandom(5 * 1024 * 1024)
+    with Transport(config(broker, protocol=protocol)) as sub, \
+            Transport(config(broker, protocol=protocol)) as pub:
+        got = threading.Event()
+        received: list[bytes] = []
+        sub.subscribe("bulk/data", lambda m: (received.append(m.payload), got.set()))
+        assert pub.async_transport.chunk_size() < 1 << 20
+        pub.publish("bulk/data", payload)
+        assert got.wait(20), "reassembled payload never arrived"
+        assert len(received) == 1 and received[0] == payload
+
+    # the premise: this broker really drops a single packet over 1 MB
+    raw = RawClient(broker)
+    try:
+        lost = threading.Event()
+        raw.c.on_disconnect = lambda *a: lost.set()
+        raw.c.publish("bulk/data", os.urandom(2 * 1024 * 1024), 1)
+        assert lost.wait(5)
+    finally:
+        raw.close()
+
+
+def test_large_request_response_round_trip(mosquitto_factory):
+    broker = mosquitto_factory(max_packet_size=1 << 20)
+    arr = np.random.default_rng(0).standard_normal((1024, 1024), dtype=np.float32)  # 4 MiB
+    with Transport(config(broker)) as server, Transport(config(broker)) as client:
+        server.serve(REQ_FILTER, echo)
+        resp = client.request(REQ, make_request(payload=arr), timeout=20)
+        np.testing.assert_array_equal(resp.outputs[0].to_array(), arr * 2)
+
+
+# -- failures -----------------------------------------------------------------------------------
+
+
+def test_timeout_without_responder_raises_deadline_exceeded(mosquitto):
+    with Transport(config(mosquitto)) as client:
+        for timeout in (0.3, 0.8):
+            t0 = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                client.request(REQ, make_request(), timeout=timeout)
+            elapsed = time.monotonic() - t0
+            assert timeout - 0.05 <= elapsed <= timeout + SLACK_S
+
+
+def test_budget_is_the_default_timeout(mosquitto):
+    with Transport(config(mosquitto)) as client:
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            client.request(REQ, make_request(budget_ms=400))
+        assert 0.35 <= time.monotonic() - t0 <= 0.4 + SLACK_S
+
+
+def test_malformed_payloads_do_not_kill_server_or_client(mosquitto):
+    raw = RawClient(mosquitto)
+    try:
+        with Transport(config(mosquitto)) as server, Transport(config(mosquitto)) as client:
+            server.serve(REQ_FILTER, echo)
+            assert client.request(REQ, make_request(), timeout=5).ok
+            for junk in (b"", b"\x00garbage", b"\xc1" * 100, os.urandom(4096),
+                         codec.encode(InferenceResponse(id=b"\x01" * 16))):
+                raw.publish(REQ, junk)
+                raw.publish("tandem/v1/resp/cam-01", junk)  # the client's reply topic
+            # duplicate and late responses for ids nobody waits for
+            raw.publish("tandem/v1/resp/cam-01",
+                        codec.encode(InferenceResponse(id=new_request_id())))
+            for _ in range(3):
+                req = make_request()
+                assert client.request(REQ, req, timeout=5).id == req.id
+    finally:
+        raw.close()
+
+
+def test_duplicate_responses_are_ignored(mosquitto):
+    raw = RawClient(mosquitto)
+    try:
+        raw.c.subscribe(REQ_FILTER, 1)
+
+        def reply_twice(client, userdata, msg):
+            req = codec.decode(msg.payload)
+            resp = codec.encode(InferenceResponse(id=req.id, worker_id="raw"))
+            client.publish(req.reply_topic, resp, 1)
+            client.publish(req.reply_topic, resp, 1)
+
+        raw.c.on_message = reply_twice
+        with Transport(config(mosquitto)) as client:
+            for _ in range(5):
+                req = make_request()
+                assert client.request(REQ, req, timeout=5).id == req.id
+    finally:
+        raw.close()
+
+
+def test_publish_while_disconnected_raises_unavailable_fast(mosquitto):
+    with Transport(config(mosquitto, reconnect_min_s=5.0, reconnect_max_s=5.0)) as client:
+        lost = threading.Event()
+        client.add_connection_listener(lambda up: None if up else lost.set())
+        mosquitto.kill()
+        assert lost.wait(5)
+        assert not client.connected
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable) as info:
+            client.publish("a/b", b"x")
+        assert info.value.retryable
+        with pytest.raises(Unavailable):
+            client.request(REQ, make_request(), timeout=3)
+        assert time.monotonic() - t0 < 0.5
+
+
+def test_connect_to_nothing_raises_unavailable(mosquitto_factory):
+    broker = mosquitto_factory(start=False)  # a free port nobody listens on
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable):
+        Transport(config(broker)).connect()
+    assert time.monotonic() - t0 < 5
+
+
+def test_broker_restart_mid_stream(mosquitto):
+    timeout = 2.0
+
+    async def main() -> None:
+        async with AsyncTransport(config(mosquitto)) as server, \
+                AsyncTransport(config(mosquitto)) as client:
+            await server.serve(REQ_FILTER, echo)
+            outcomes: list[tuple[str, float]] = []
+            stop = asyncio.Event()
+            first_ok = asyncio.Event()
+
+            async def stream() -> None:
+                while not stop.is_set():
+                    t0 = time.monotonic()
+                    try:
+                        await client.request(REQ, make_request(), timeout=timeout)
+                        outcomes.append(("ok", time.monotonic() - t0))
+                        first_ok.set()
+                    except Unavailable:
+                        outcomes.append(("unavailable", time.monotonic() - t0))
+                        await asyncio.sleep(0.01)  # the stream's pacing while the broker is gone
+                    except DeadlineExceeded:
+                        outcomes.append(("deadline", time.monotonic() - t0))
+
+            workers = [asyncio.create_task(stream()) for _ in range(4)]
+            await asyncio.wait_for(first_ok.wait(), 5)
+            await asyncio.get_running_loop().run_in_executor(None, mosquitto.kill)
+            n_before_restart = len(outcomes)
+            await asyncio.sleep(0.3)  # broker down for a while, requests keep coming
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*workers), timeout + SLACK_S)
+
+            kinds = {k for k, _ in outcomes}
+            assert "unavailable" in kinds, outcomes[-10:]
+            assert kinds <= {"ok", "unavailable"}, outcomes
+            assert max(e for _, e in outcomes) <= timeout + SLACK_S
+            assert n_before_restart > 0
+
+            await asyncio.get_running_loop().run_in_executor(None, mosquitto.start)
+            # both sides reconnect and re-subscribe by themselves (fresh broker: no session)
+            await client.wait_connected(10)
+            await server.wait_connected(10)
+            for _ in range(5):
+                req = make_request()
+                assert (await client.request(REQ, req, timeout=timeout)).id == req.id
+
+    asyncio.run(main())
+
+
+def test_pending_requests_fail_fast_when_the_connection_drops(mosquitto):
+    async def main() -> None:
+        async with AsyncTransport(config(mosquitto)) as client:
+            t0 = time.monotonic()
+            tasks = [asyncio.create_task(client.request(REQ, make_request(), timeout=5))
+                     for _ in range(3)]
+            await asyncio.sleep(0.1)  # let them be published; nobody answers
+            await asyncio.get_running_loop().run_in_executor(None, mosquitto.kill)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            assert all(isinstance(r, Unavailable) and r.retryable for r in results), results
+            assert time.monotonic() - t0 < 2.0  # well before the 5 s timeout
+
+    asyncio.run(main())
+
+
+# -- auth and TLS -------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(mosquitto_passwd_binary() is None, reason="mosquitto_passwd not installed")
+@pytest.mark.parametrize("protocol", [5, 311])
+def test_username_password(mosquitto_factory, protocol):
+    broker = mosquitto_factory(users={"alice": "s3cret"})
+    with Transport(config(broker, protocol=protocol, username="alice", password="s3cret")) as t:
+        assert t.connected
+    for user, pw in (("alice", "wrong"), ("mallory", "s3cret")):
+        t0 = time.monotonic()
+        with pytest.raises(PermissionDenied):
+            Transport(config(broker, protocol=protocol, username=user, password=pw)).connect()
+        assert time.monotonic() - t0 < 5
+    with pytest.raises(PermissionDenied):  # anonymous is off
+        Transport(config(broker, protocol=protocol)).connect()
+
+
+def test_tls(mosquitto_factory, tmp_path):
+    broker = mosquitto_factory(tls=True)
+    files = broker.tls_files
+    tls_cfg = dict(host=broker.host, port=broker.tls_port)
+    with Transport(TransportConfig(**tls_cfg, tls=TlsConfig(ca_file=str(files.ca_file)))) as a, \
+            Transport(TransportConfig(**tls_cfg, tls=TlsConfig(ca_file=str(files.ca_file)))) as b:
+        a.serve(REQ_FILTER, echo)
+        assert b.request(REQ, make_request(), timeout=5).ok
+    # a client that does not trust the broker's CA is refused with a typed error
+    from _broker import make_tls_files
+
+    other = make_tls_files(tmp_path / "other-ca")
+    with pytest.raises(PermissionDenied):
+        Transport(TransportConfig(**tls_cfg, tls=TlsConfig(ca_file=str(other.ca_file)))).connect()
+
+
+# -- pure helpers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("flt", "topic", "expected"), [
+    ("a/b", "a/b", True),
+    ("a/+", "a/b", True),
+    ("a/+", "a/b/c", False),
+    ("a/#", "a", True),
+    ("a/#", "a/b/c", True),
+    ("+/+/req/+", "x/y/req/z", True),
+    ("$share/g/tandem/v1/req/+/+", "tandem/v1/req/cam/m", True),
+    ("#", "$SYS/broker", False),
+    ("a/b", "a/c", False),
+])
+def test_topic_matches(flt, topic, expected):
+    assert topic_matches(flt, topic) is expected
