@@ -55,7 +55,10 @@ class InferenceRequest:
 
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
-    code: Code
+    """An error as a value on the wire. ``code`` is a plain int when a newer peer sent a code this
+    version does not know (codes never change meaning; see protocol.errors.error_from_wire)."""
+
+    code: Code | int
     message: str
     retryable: bool = False
 

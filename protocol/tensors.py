@@ -1,9 +1,321 @@
 """Tensors on the wire: (name, dtype code, shape, encoding, raw bytes) — never lists of numbers.
 
-OWNED BY the protocol-codec work: to be completed (dtype codes, encodings fp16/int8-affine, zstd,
-zero-copy decode). Public API that other modules rely on:
+A :class:`Tensor` holds the bytes exactly as they travel (see ``protocol/SPEC.md``, "Tensors"):
+little-endian, C order, after the optional lossy *encoding* (fp16 cast or int8 affine
+quantization) and the optional zstd *compression*. :meth:`Tensor.to_array` turns them back into
+a numpy array of the logical dtype.
 
-    Tensor.from_array(name, array, encoding=Encoding.RAW, compress=False) -> Tensor
-    tensor.to_array() -> numpy.ndarray   (decoded/dequantized to the logical dtype)
-    tensor.name, tensor.dtype (DType), tensor.shape (tuple[int, ...]), tensor.encoding
+Zero copy: :meth:`Tensor.from_array` keeps a read-only view of a C-contiguous little-endian
+array instead of copying it (do not mutate the array while the tensor is in use), and a tensor
+decoded from a frame is a view of the received buffer; ``to_array()`` of an uncompressed RAW
+tensor is then a read-only ``np.frombuffer`` view of that buffer.
+
+INT8_AFFINE (per tensor, deterministic; ``lo``, ``hi``, ``scale`` and ``zero_point`` are computed in
+float64 from the float32 extremes, ``q`` and the dequantized values in float32)::
+
+    lo = min(x.min(), 0);  hi = max(x.max(), 0)
+    scale = float32((hi - lo) / 255), or 1.0 when hi == lo   (the smallest positive float32
+            subnormal if the division underflows to 0)
+    zero_point = clip(round_half_even(-128 - lo / scale), -128, 127)
+    q = clip(round_half_even(x / scale) + zero_point, -128, 127)        as int8
+    dequant(q) = (float32(q) - zero_point) * float32(scale)             as float32
+
+Every finite ``x`` comes back within ``scale / 2`` (plus float32 rounding). Non-finite input is
+an :class:`~protocol.errors.InvalidArgument`.
 """
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from protocol.errors import InvalidArgument, MalformedMessage
+
+__all__ = ["DType", "Encoding", "Tensor"]
+
+
+class DType(enum.IntEnum):
+    """Logical element type of a tensor. Codes never change meaning; new types get new codes."""
+
+    FLOAT32 = 1
+    FLOAT16 = 2
+    BFLOAT16 = 3  # raw 16-bit patterns; numpy sees them as uint16
+    INT8 = 4
+    UINT8 = 5
+    INT32 = 6
+    INT64 = 7
+    BOOL = 8
+
+    @property
+    def itemsize(self) -> int:
+        return _ITEMSIZE[self]
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        """The little-endian numpy dtype of a RAW tensor of this type (uint16 for bfloat16)."""
+        return _NUMPY[self]
+
+
+class Encoding(enum.IntEnum):
+    """How a tensor's elements are stored on the wire. Codes never change meaning."""
+
+    RAW = 0  # the logical dtype's little-endian bytes
+    FP16 = 1  # a float32 tensor cast to float16 (decoded back to float32)
+    INT8_AFFINE = 2  # a float32 tensor quantized per tensor with (scale, zero_point)
+
+
+_NUMPY: dict[DType, np.dtype] = {
+    DType.FLOAT32: np.dtype("<f4"),
+    DType.FLOAT16: np.dtype("<f2"),
+    DType.BFLOAT16: np.dtype("<u2"),
+    DType.INT8: np.dtype("i1"),
+    DType.UINT8: np.dtype("u1"),
+    DType.INT32: np.dtype("<i4"),
+    DType.INT64: np.dtype("<i8"),
+    DType.BOOL: np.dtype("?"),
+}
+_ITEMSIZE = {d: nd.itemsize for d, nd in _NUMPY.items()}
+_FROM_NUMPY: dict[np.dtype, DType] = {nd.newbyteorder("="): d for d, nd in _NUMPY.items()}
+del _FROM_NUMPY[np.dtype("=u2")]  # uint16 is not a Tandem dtype; bfloat16 must be asked for
+_F32 = np.dtype("<f4")
+_F16 = np.dtype("<f2")
+_I8 = np.dtype("i1")
+_TINY = float(np.finfo(np.float32).smallest_subnormal)
+
+# storage item size per (dtype, encoding); only these combinations exist
+_STORAGE: dict[tuple[DType, Encoding], int] = {(d, Encoding.RAW): d.itemsize for d in DType}
+_STORAGE[(DType.FLOAT32, Encoding.FP16)] = 2
+_STORAGE[(DType.FLOAT32, Encoding.INT8_AFFINE)] = 1
+
+_ZSTD_LEVEL = 3
+
+
+def _readonly_bytes_view(buf: object) -> bytes | memoryview:
+    if isinstance(buf, bytes):
+        return buf
+    mv = memoryview(buf)  # type: ignore[arg-type]
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    return mv.toreadonly()
+
+
+def _zstd():
+    import zstandard  # light, but only needed when compression is used
+
+    return zstandard
+
+
+def _decompress(data: bytes | memoryview, expected: int) -> bytes:
+    """Decompress one zstd frame of exactly ``expected`` bytes; MalformedMessage otherwise.
+
+    The frame must declare its content size and it must equal ``expected`` (which the caller
+    has already checked against its limits), so nothing larger is ever allocated.
+    """
+    zstandard = _zstd()
+    try:
+        declared = zstandard.frame_content_size(data)
+        if declared != expected:
+            raise MalformedMessage(
+                f"zstd frame declares {declared} bytes, tensor needs {expected}"
+            )
+        dobj = zstandard.ZstdDecompressor().decompressobj(write_size=max(expected, 1))
+        out = dobj.decompress(data)
+        if not dobj.eof or dobj.unused_data or len(out) != expected:
+            raise MalformedMessage("zstd payload is not exactly one complete frame")
+        return out
+    except zstandard.ZstdError as exc:
+        raise MalformedMessage(f"bad zstd payload: {exc}") from exc
+
+
+def _quantize(x: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """INT8 affine quantization of a float32 array (formula in the module docstring)."""
+    if x.size and not np.isfinite(x).all():
+        raise InvalidArgument("INT8_AFFINE needs finite values (found NaN or inf)")
+    lo = min(float(x.min()), 0.0) if x.size else 0.0
+    hi = max(float(x.max()), 0.0) if x.size else 0.0
+    if hi == lo:
+        scale = 1.0
+    else:
+        scale = float(np.float32((hi - lo) / 255.0))
+        if scale == 0.0:
+            scale = _TINY
+    zero_point = int(np.clip(np.rint(-128.0 - lo / scale), -128, 127))
+    with np.errstate(over="ignore", invalid="ignore"):
+        q = np.rint(x / np.float32(scale)) + np.float32(zero_point)
+    q = np.clip(q, -128, 127).astype(_I8)
+    return q, scale, zero_point
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Tensor:
+    """One named tensor as it travels on the wire.
+
+    ``data`` is the wire payload (after encoding, and zstd-compressed if ``compressed``).
+    Build tensors with :meth:`from_array`; the constructor checks consistency and raises
+    :class:`~protocol.errors.InvalidArgument` on a mismatch.
+    """
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    data: bytes | memoryview
+    encoding: Encoding = Encoding.RAW
+    compressed: bool = False
+    scale: float = 1.0  # INT8_AFFINE only
+    zero_point: int = 0  # INT8_AFFINE only
+    _plain: bytes | memoryview | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise InvalidArgument(f"tensor name must be a str, not {type(self.name).__name__}")
+        try:
+            dtype = DType(self.dtype)
+            encoding = Encoding(self.encoding)
+        except ValueError as exc:
+            raise InvalidArgument(f"tensor {self.name!r}: {exc}") from exc
+        shape = tuple(self.shape)
+        for d in shape:
+            if type(d) is not int or d < 0:
+                raise InvalidArgument(f"tensor {self.name!r}: bad dimension {d!r} in {shape}")
+        item = _STORAGE.get((dtype, encoding))
+        if item is None:
+            raise InvalidArgument(
+                f"tensor {self.name!r}: encoding {encoding.name} needs a FLOAT32 tensor, "
+                f"not {dtype.name}"
+            )
+        if encoding is Encoding.INT8_AFFINE:
+            if not (math.isfinite(self.scale) and self.scale > 0):
+                raise InvalidArgument(f"tensor {self.name!r}: scale must be finite and > 0")
+            if type(self.zero_point) is not int or not -128 <= self.zero_point <= 127:
+                raise InvalidArgument(f"tensor {self.name!r}: zero_point must be in [-128, 127]")
+        try:
+            data = _readonly_bytes_view(self.data)
+        except TypeError as exc:
+            raise InvalidArgument(f"tensor {self.name!r}: data is not bytes-like") from exc
+        plain = self._plain
+        nbytes = math.prod(shape) * item
+        if not self.compressed:
+            if len(data) != nbytes:
+                raise InvalidArgument(
+                    f"tensor {self.name!r}: shape {shape} x {item} bytes = {nbytes} bytes, "
+                    f"data has {len(data)}"
+                )
+            plain = data
+        elif plain is not None and len(plain) != nbytes:
+            raise InvalidArgument(f"tensor {self.name!r}: decompressed size disagrees with shape")
+        object.__setattr__(self, "dtype", dtype)
+        object.__setattr__(self, "encoding", encoding)
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "data", data)
+        object.__setattr__(self, "compressed", bool(self.compressed))
+        object.__setattr__(self, "scale", float(self.scale))
+        object.__setattr__(self, "_plain", plain)
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_array(
+        cls,
+        name: str,
+        array: np.ndarray,
+        encoding: Encoding = Encoding.RAW,
+        compress: bool = False,
+        *,
+        dtype: DType | None = None,
+    ) -> Tensor:
+        """A tensor from a numpy array.
+
+        ``encoding`` FP16 and INT8_AFFINE apply to float32 arrays only. ``compress`` adds zstd
+        (level 3) on top. ``dtype=DType.BFLOAT16`` marks a uint16 array as bfloat16 bit
+        patterns (an ``ml_dtypes`` bfloat16 array is recognised by itself).
+        """
+        arr = np.asarray(array)
+        encoding = Encoding(encoding)
+        if arr.dtype.name == "bfloat16" and arr.dtype.itemsize == 2:
+            arr = arr.view(np.uint16)
+            dtype = DType.BFLOAT16 if dtype is None else dtype
+        if dtype is None:
+            found = _FROM_NUMPY.get(arr.dtype.newbyteorder("="))
+            if found is None:
+                raise InvalidArgument(
+                    f"tensor {name!r}: numpy dtype {arr.dtype} has no Tandem dtype "
+                    f"(supported: {', '.join(d.name.lower() for d in DType)})"
+                )
+            dtype = found
+        dtype = DType(dtype)
+        if arr.dtype.newbyteorder("=") != _NUMPY[dtype].newbyteorder("="):
+            raise InvalidArgument(f"tensor {name!r}: array dtype {arr.dtype} is not {dtype.name}")
+        if _STORAGE.get((dtype, encoding)) is None:
+            raise InvalidArgument(
+                f"tensor {name!r}: encoding {encoding.name} needs a FLOAT32 tensor, "
+                f"not {dtype.name}"
+            )
+        shape = tuple(int(d) for d in arr.shape)
+        scale, zero_point = 1.0, 0
+        if encoding is Encoding.RAW:
+            stored = np.ascontiguousarray(arr, dtype=_NUMPY[dtype])
+        elif encoding is Encoding.FP16:
+            with np.errstate(over="ignore"):
+                stored = np.ascontiguousarray(arr, dtype=_F16)
+        else:
+            x = np.ascontiguousarray(arr, dtype=_F32)
+            stored, scale, zero_point = _quantize(x)
+        plain = memoryview(stored.reshape(-1).view(np.uint8)).toreadonly()
+        data: bytes | memoryview = plain
+        if compress:
+            data = _zstd().ZstdCompressor(level=_ZSTD_LEVEL).compress(plain)
+        return cls(name, dtype, shape, data, encoding, bool(compress), scale, zero_point, plain)
+
+    # -- decoding -----------------------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored elements before compression (shape product x storage size)."""
+        return math.prod(self.shape) * _STORAGE[(self.dtype, self.encoding)]
+
+    def plain(self) -> bytes | memoryview:
+        """The stored elements, decompressed if needed (still fp16/int8 if so encoded)."""
+        plain = self._plain
+        if plain is None:
+            try:
+                plain = _decompress(self.data, self.nbytes)
+            except MalformedMessage as exc:
+                raise InvalidArgument(f"tensor {self.name!r}: {exc}") from exc
+            object.__setattr__(self, "_plain", plain)
+        return plain
+
+    def to_array(self) -> np.ndarray:
+        """The tensor as a numpy array of its logical dtype.
+
+        FP16 and INT8_AFFINE come back as float32 (INT8 dequantized); BFLOAT16 as uint16 bit
+        patterns. An uncompressed RAW tensor is a read-only view of the buffer it came from.
+        """
+        plain = self.plain()
+        if self.encoding is Encoding.RAW:
+            return np.frombuffer(plain, dtype=_NUMPY[self.dtype]).reshape(self.shape)
+        if self.encoding is Encoding.FP16:
+            return np.frombuffer(plain, dtype=_F16).astype(_F32).reshape(self.shape)
+        q = np.frombuffer(plain, dtype=_I8).astype(_F32)
+        q -= np.float32(self.zero_point)
+        q *= np.float32(self.scale)
+        return q.reshape(self.shape)
+
+    def __repr__(self) -> str:
+        extra = ""
+        if self.encoding is Encoding.INT8_AFFINE:
+            extra = f", scale={self.scale!r}, zero_point={self.zero_point}"
+        return (
+            f"Tensor(name={self.name!r}, dtype={self.dtype.name}, shape={self.shape}, "
+            f"encoding={self.encoding.name}, compressed={self.compressed}, "
+            f"wire_bytes={len(self.data)}{extra})"
+        )
+
+    def __reduce__(self):  # memoryviews do not pickle; ship the bytes
+        return (
+            Tensor,
+            (self.name, self.dtype, self.shape, bytes(self.data), self.encoding,
+             self.compressed, self.scale, self.zero_point),
+        )

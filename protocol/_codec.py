@@ -1,0 +1,697 @@
+"""The one encode/decode boundary of the wire (byte layout in ``protocol/SPEC.md``).
+
+No other module touches msgpack. A frame is a msgpack *envelope* ``[version, type, body]``
+followed by a *data section* holding the tensor payloads (and nothing else), each starting at an
+8-byte aligned offset from the start of the frame. Decoding is strict and never raises anything
+but a :class:`~protocol.errors.ProtocolError`: every foreign exception is translated here, in
+:func:`decode`, and chained with ``from``.
+
+Every message type is described once, by a schema (a tuple of :class:`_Field`); the same schema
+drives both directions, so encode and decode cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import msgpack
+import numpy as np
+
+from protocol.errors import (
+    Code,
+    InvalidArgument,
+    MalformedMessage,
+    MessageTooLarge,
+    ProtocolError,
+    TandemError,
+    VersionMismatch,
+)
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    Assignment,
+    CloudLoad,
+    DeviceStatus,
+    ErrorInfo,
+    InferenceRequest,
+    InferenceResponse,
+    Message,
+    Timings,
+)
+from protocol.tensors import _STORAGE, DType, Encoding, Tensor, _decompress
+
+__all__ = [
+    "CHUNK_PREFIX",
+    "DEFAULT_LIMITS",
+    "ChunkFrame",
+    "Compression",
+    "Limits",
+    "MessageType",
+    "decode",
+    "decode_chunk",
+    "encode",
+    "encode_chunk",
+    "is_chunk",
+]
+
+ALIGN = 8  # tensor payloads start at multiples of this many bytes from the frame start
+ID_LEN = 16
+_U32 = 2**32 - 1
+_U63 = 2**63 - 1
+_I64_MIN = -(2**63)
+_ZEROS = bytes(ALIGN)
+
+
+class MessageType(enum.IntEnum):
+    """Envelope type tags. Tags never change meaning; new types get new tags."""
+
+    INFERENCE_REQUEST = 1
+    INFERENCE_RESPONSE = 2
+    DEVICE_STATUS = 3
+    CLOUD_LOAD = 4
+    ASSIGNMENT = 5
+    CHUNK = 6  # one piece of a chunked frame (see protocol.chunking); not a Message
+
+
+class Compression(enum.IntEnum):
+    """Per-tensor compression codes."""
+
+    NONE = 0
+    ZSTD = 1
+
+
+CHUNK_PREFIX = bytes([0x93, PROTOCOL_VERSION, MessageType.CHUNK])
+"""First three bytes of every v1 chunk frame (fixarray(3), version 1, type 6)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a decoder accepts; everything is checked before anything of that size is allocated.
+
+    ``max_message_bytes`` bounds the frame and also the total decoded (decompressed) size of
+    all its tensors; ``max_tensor_bytes`` bounds one tensor's decoded size.
+    """
+
+    max_message_bytes: int = 256 * 2**20
+    max_header_bytes: int = 1 * 2**20  # the msgpack envelope (everything but tensor payloads)
+    max_tensors: int = 256
+    max_tensor_bytes: int = 256 * 2**20
+    max_rank: int = 8
+    max_dim: int = 2**31 - 1
+    max_string_len: int = 4096  # bytes of UTF-8
+    max_list_len: int = 4096  # entries of CloudLoad.tail_ms
+    max_fields: int = 64  # keys in one map
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise InvalidArgument(f"Limits.{name} must be an int >= 0, not {value!r}")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class _Bad(Exception):
+    """A schema violation; decode turns it into MalformedMessage, encode into InvalidArgument."""
+
+
+# -- field kinds: check a Python value (decoded or about to be encoded) ----------------------
+
+
+def _int_kind(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if type(v) is not int:
+            if isinstance(v, int) and not isinstance(v, bool):  # IntEnum and friends
+                v = int(v)
+            else:
+                raise _Bad(f"expected an integer, got {type(v).__name__}")
+        if not lo <= v <= hi:
+            raise _Bad(f"{v} is out of range [{lo}, {hi}]")
+        return v
+
+    return check
+
+
+def _str(v: Any) -> str:
+    if type(v) is not str:
+        raise _Bad(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _bool(v: Any) -> bool:
+    if type(v) is not bool:
+        raise _Bad(f"expected a bool, got {type(v).__name__}")
+    return v
+
+
+def _nonneg_float(v: Any) -> float:
+    if type(v) is not float:
+        if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool):
+            v = float(v)
+        else:
+            raise _Bad(f"expected a number, got {type(v).__name__}")
+    if not (math.isfinite(v) and v >= 0.0):
+        raise _Bad(f"expected a finite number >= 0, got {v!r}")
+    return v
+
+
+def _id(v: Any) -> bytes:
+    if type(v) is not bytes:
+        if isinstance(v, (bytearray, memoryview)):
+            v = bytes(v)
+        else:
+            raise _Bad(f"expected {ID_LEN} bytes (bin), got {type(v).__name__}")
+    if len(v) != ID_LEN:
+        raise _Bad(f"expected {ID_LEN} bytes, got {len(v)}")
+    return v
+
+
+_u32 = _int_kind(0, _U32)
+_u63 = _int_kind(0, _U63)
+_i64 = _int_kind(_I64_MIN, _U63)
+
+
+def _map(v: Any) -> dict:
+    if type(v) is not dict:
+        raise _Bad(f"expected a map, got {type(v).__name__}")
+    return v
+
+
+def _list(v: Any) -> list:
+    if type(v) is not list:
+        raise _Bad(f"expected an array, got {type(v).__name__}")
+    return v
+
+
+_REQUIRED = object()
+
+
+class _Field(NamedTuple):
+    key: str  # map key on the wire == attribute name of the message class
+    check: Callable[[Any], Any]  # scalar check, or None for the special kinds below
+    default: Any = _REQUIRED  # a value, a zero-argument factory (callable), or _REQUIRED
+
+
+def _get(body: dict, f: _Field) -> Any:
+    """The checked value of a field from a decoded map (defaults for absent optional keys)."""
+    if f.key not in body:
+        if f.default is _REQUIRED:
+            raise _Bad(f"missing field {f.key!r}")
+        return f.default() if callable(f.default) else f.default
+    try:
+        return f.check(body[f.key])
+    except _Bad as exc:
+        raise _Bad(f"field {f.key!r}: {exc}") from None
+
+
+def _put(out: dict, msg: Any, f: _Field) -> None:
+    try:
+        out[f.key] = f.check(getattr(msg, f.key))
+    except _Bad as exc:
+        raise _Bad(f"field {f.key!r}: {exc}") from None
+
+
+# -- tensors ----------------------------------------------------------------------------------
+# A tensor map carries the metadata; its payload sits in the data section (see SPEC.md).
+
+_T_NAME = _Field("name", _str)
+_T_DTYPE = _Field("dtype", _u32)
+_T_SHAPE = _Field("shape", _list)
+_T_ENCODING = _Field("encoding", _u32, int(Encoding.RAW))
+_T_COMPRESSION = _Field("compression", _u32, int(Compression.NONE))
+_T_SIZE = _Field("size", _u63)
+_T_SCALE = _Field("scale", _nonneg_float)
+_T_ZERO_POINT = _Field("zero_point", _int_kind(-128, 127))
+
+
+def _tensors_enc(tensors: Any) -> list[Tensor]:
+    if not isinstance(tensors, tuple):
+        raise _Bad(f"expected a tuple of Tensor, got {type(tensors).__name__}")
+    for t in tensors:
+        if not isinstance(t, Tensor):
+            raise _Bad(f"expected a Tensor, got {type(t).__name__}")
+    return list(tensors)
+
+
+class _DecodeCtx:
+    """State of one decode: the frame, where the data section has got to, limits, totals."""
+
+    __slots__ = ("frame", "limits", "pos", "total")
+
+    def __init__(self, frame: memoryview, pos: int, limits: Limits) -> None:
+        self.frame = frame
+        self.pos = pos
+        self.limits = limits
+        self.total = 0  # decoded bytes of all tensors so far
+
+    def tensors(self, v: Any) -> tuple[Tensor, ...]:
+        items = _list(v)
+        if len(items) > self.limits.max_tensors:
+            raise MessageTooLarge(f"{len(items)} tensors (limit {self.limits.max_tensors})")
+        return tuple(self.tensor(m) for m in items)
+
+    def tensor(self, m: Any) -> Tensor:
+        lim = self.limits
+        m = _map(m)
+        name = _get(m, _T_NAME)
+        try:
+            dtype = DType(_get(m, _T_DTYPE))
+        except ValueError:
+            raise _Bad(f"tensor {name!r}: unknown dtype code {m['dtype']}") from None
+        try:
+            encoding = Encoding(_get(m, _T_ENCODING))
+        except ValueError:
+            raise _Bad(f"tensor {name!r}: unknown encoding code {m['encoding']}") from None
+        try:
+            compression = Compression(_get(m, _T_COMPRESSION))
+        except ValueError:
+            raise _Bad(f"tensor {name!r}: unknown compression code {m['compression']}") from None
+        item = _STORAGE.get((dtype, encoding))
+        if item is None:
+            raise _Bad(f"tensor {name!r}: encoding {encoding.name} is not defined for {dtype.name}")
+        shape = _get(m, _T_SHAPE)
+        if len(shape) > lim.max_rank:
+            raise MessageTooLarge(f"tensor {name!r}: rank {len(shape)} (limit {lim.max_rank})")
+        nbytes = item
+        for d in shape:
+            if type(d) is not int or d < 0:
+                raise _Bad(f"tensor {name!r}: bad dimension {d!r}")
+            if d > lim.max_dim:
+                raise MessageTooLarge(f"tensor {name!r}: dimension {d} (limit {lim.max_dim})")
+            nbytes *= d
+        if nbytes > lim.max_tensor_bytes:
+            raise MessageTooLarge(
+                f"tensor {name!r}: {nbytes} bytes decoded (limit {lim.max_tensor_bytes})"
+            )
+        self.total += nbytes
+        if self.total > lim.max_message_bytes:
+            raise MessageTooLarge(f"tensors decode to over {lim.max_message_bytes} bytes")
+        size = _get(m, _T_SIZE)
+        compressed = compression is Compression.ZSTD
+        if not compressed and size != nbytes:
+            raise _Bad(
+                f"tensor {name!r}: shape {tuple(shape)} needs {nbytes} bytes, size says {size}"
+            )
+        scale, zero_point = 1.0, 0
+        if encoding is Encoding.INT8_AFFINE:
+            scale = _get(m, _T_SCALE)
+            if scale == 0.0:
+                raise _Bad(f"tensor {name!r}: scale must be > 0")
+            zero_point = _get(m, _T_ZERO_POINT)
+        # the payload: zero padding to the next aligned offset, then `size` bytes
+        frame, pos = self.frame, self.pos
+        pad = -pos % ALIGN
+        end = pos + pad + size
+        if end > len(frame):
+            raise _Bad(f"tensor {name!r}: payload runs past the end of the frame (truncated?)")
+        if pad and frame[pos : pos + pad] != _ZEROS[:pad]:
+            raise _Bad("non-zero padding in the data section")
+        data = frame[pos + pad : end]
+        self.pos = end
+        plain = _decompress(data, nbytes) if compressed else data
+        if dtype is DType.BOOL and nbytes and np.frombuffer(plain, np.uint8).max() > 1:
+            raise _Bad(f"tensor {name!r}: bool payload holds bytes other than 0 and 1")
+        return Tensor(name, dtype, tuple(shape), data, encoding, compressed, scale, zero_point,
+                      plain)
+
+
+# -- nested records ---------------------------------------------------------------------------
+
+_ERROR_FIELDS = (
+    _Field("code", _int_kind(1, _U32)),
+    _Field("message", _str),
+    _Field("retryable", _bool, False),
+)
+_TIMINGS_FIELDS = (_Field("queue_ms", _nonneg_float, 0.0), _Field("compute_ms", _nonneg_float, 0.0))
+
+
+def _error_dec(v: Any) -> ErrorInfo | None:
+    if v is None:
+        return None
+    m = _map(v)
+    code, message, retryable = (_get(m, f) for f in _ERROR_FIELDS)
+    if code in Code._value2member_map_:
+        code = Code(code)  # else a newer peer's code, kept as a plain int
+    return ErrorInfo(code, message, retryable)
+
+
+def _error_enc(v: Any) -> dict | None:
+    if v is None:
+        return None
+    if not isinstance(v, ErrorInfo):
+        raise _Bad(f"expected ErrorInfo or None, got {type(v).__name__}")
+    out: dict[str, Any] = {}
+    for f in _ERROR_FIELDS:
+        _put(out, v, f)
+    return out
+
+
+def _timings_dec(v: Any) -> Timings:
+    m = _map(v)
+    return Timings(*(_get(m, f) for f in _TIMINGS_FIELDS))
+
+
+def _timings_enc(v: Any) -> dict:
+    if not isinstance(v, Timings):
+        raise _Bad(f"expected Timings, got {type(v).__name__}")
+    out: dict[str, Any] = {}
+    for f in _TIMINGS_FIELDS:
+        _put(out, v, f)
+    return out
+
+
+def _tail_ms(v: Any) -> tuple[tuple[str, int, float], ...]:
+    """CloudLoad.tail_ms: [[model_digest: str, cut_id: uint, ms: float >= 0], ...]."""
+    if isinstance(v, tuple):
+        v = list(v)
+    out = []
+    for e in _list(v):
+        if isinstance(e, tuple):
+            e = list(e)
+        if type(e) is not list or len(e) != 3:
+            raise _Bad("tail_ms entries are [model_digest, cut_id, ms]")
+        out.append((_str(e[0]), _u32(e[1]), _nonneg_float(e[2])))
+    return tuple(out)
+
+
+# -- message schemas --------------------------------------------------------------------------
+# Keys are the dataclass field names; required fields are the ones without a default.
+
+_TENSORS = "tensors"  # special kinds, handled by the frame-level code
+_OUTPUTS = "outputs"
+
+_SCHEMAS: dict[MessageType, tuple[type, tuple[_Field, ...]]] = {
+    MessageType.INFERENCE_REQUEST: (InferenceRequest, (
+        _Field("id", _id),
+        _Field("device_id", _str),
+        _Field("model_digest", _str),
+        _Field("cut_id", _u32),
+        _Field("budget_ms", _u63),
+        _Field("priority", _i64, 0),
+        _Field("reply_topic", _str, ""),
+        _Field("sent_at_ms", _u63, 0),
+        _Field(_TENSORS, None),
+    )),
+    MessageType.INFERENCE_RESPONSE: (InferenceResponse, (
+        _Field("id", _id),
+        _Field("error", _error_dec, None),
+        _Field("timings", _timings_dec, Timings),
+        _Field("worker_id", _str, ""),
+        _Field(_OUTPUTS, None, ()),
+    )),
+    MessageType.DEVICE_STATUS: (DeviceStatus, (
+        _Field("device_id", _str),
+        _Field("state", _str),
+        _Field("timestamp_ms", _u63),
+        _Field("bundle_digest", _str, ""),
+        _Field("uplink_bps", _nonneg_float, 0.0),
+        _Field("rtt_ms", _nonneg_float, 0.0),
+        _Field("queue_depth", _u63, 0),
+    )),
+    MessageType.CLOUD_LOAD: (CloudLoad, (
+        _Field("worker_id", _str),
+        _Field("timestamp_ms", _u63),
+        _Field("queue_depth", _u63, 0),
+        _Field("inflight", _u63, 0),
+        _Field("queue_ms", _nonneg_float, 0.0),
+        _Field("tail_ms", _tail_ms, ()),
+    )),
+    MessageType.ASSIGNMENT: (Assignment, (
+        _Field("device_id", _str),
+        _Field("model_name", _str),
+        _Field("bundle_digest", _str),
+        _Field("bundle_uri", _str, ""),
+        _Field("issued_at_ms", _u63, 0),
+    )),
+}
+_TYPE_OF: dict[type, MessageType] = {cls: t for t, (cls, _) in _SCHEMAS.items()}
+_ENCODERS: dict[str, Callable[[Any], Any]] = {
+    "error": _error_enc,
+    "timings": _timings_enc,
+}
+
+
+# -- encode -----------------------------------------------------------------------------------
+
+
+def encode(msg: Message) -> bytes:
+    """The frame for ``msg``. Raises InvalidArgument if the message breaks the schema."""
+    try:
+        mtype = _TYPE_OF[type(msg)]
+    except KeyError:
+        raise InvalidArgument(f"not a protocol message: {type(msg).__name__}") from None
+    if msg.version != PROTOCOL_VERSION:
+        raise InvalidArgument(
+            f"this codec writes protocol version {PROTOCOL_VERSION}, message says {msg.version}"
+        )
+    if type(msg) is InferenceResponse and msg.error is not None and msg.outputs:
+        raise InvalidArgument("a response carries outputs or an error, not both")
+    body: dict[str, Any] = {}
+    tensors: list[Tensor] = []
+    try:
+        for f in _SCHEMAS[mtype][1]:
+            if f.check is None:  # the tensor list
+                tensors = _tensors_enc(getattr(msg, f.key))
+                body[f.key] = [_tensor_map(t) for t in tensors]
+            elif f.key in _ENCODERS:
+                body[f.key] = _ENCODERS[f.key](getattr(msg, f.key))
+            else:
+                _put(body, msg, f)
+        header = msgpack.packb([PROTOCOL_VERSION, int(mtype), body], use_bin_type=True)
+    except _Bad as exc:
+        raise InvalidArgument(f"{type(msg).__name__}: {exc}") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # msgpack's own complaints
+        raise InvalidArgument(f"{type(msg).__name__} cannot be encoded: {exc}") from exc
+    if not tensors:
+        return header
+    parts: list[bytes | memoryview] = [header]
+    pos = len(header)
+    for t in tensors:
+        pad = -pos % ALIGN
+        if pad:
+            parts.append(_ZEROS[:pad])
+        parts.append(t.data)
+        pos += pad + len(t.data)
+    return b"".join(parts)  # one copy of each payload, into an exactly sized bytes
+
+
+def _tensor_map(t: Tensor) -> dict[str, Any]:
+    m: dict[str, Any] = {
+        "name": t.name,
+        "dtype": int(t.dtype),
+        "shape": list(t.shape),
+        "encoding": int(t.encoding),
+        "compression": int(Compression.ZSTD if t.compressed else Compression.NONE),
+        "size": len(t.data),
+    }
+    if t.encoding is Encoding.INT8_AFFINE:
+        m["scale"] = t.scale
+        m["zero_point"] = t.zero_point
+    return m
+
+
+# -- decode -----------------------------------------------------------------------------------
+
+
+def _pairs(pairs: list[tuple[Any, Any]]) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise _Bad("duplicate key in a map")
+    return d
+
+
+def _as_view(data: Any) -> memoryview:
+    if isinstance(data, bytes):
+        return memoryview(data)
+    if isinstance(data, (bytearray, memoryview)):
+        mv = memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        return mv.toreadonly()
+    raise MalformedMessage(f"a frame is bytes, bytearray or memoryview, not {type(data).__name__}")
+
+
+def _read_envelope(mv: memoryview, limits: Limits) -> tuple[Any, int]:
+    """Parse the msgpack envelope at the start of ``mv``; returns it and where it ends.
+
+    Only the envelope is copied into msgpack's buffer (fed in growing pieces, up to
+    ``max_header_bytes``); the data section is never read here.
+    """
+    n = len(mv)
+    if n == 0:
+        raise MalformedMessage("empty frame")
+    if n > limits.max_message_bytes:
+        raise MessageTooLarge(f"frame of {n} bytes (limit {limits.max_message_bytes})")
+    cap = min(n, limits.max_header_bytes)
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        strict_map_key=True,
+        use_list=True,
+        object_pairs_hook=_pairs,
+        max_buffer_size=max(cap, 1),
+        max_str_len=limits.max_string_len,
+        max_bin_len=limits.max_string_len,  # only ids are bin in an envelope
+        max_array_len=max(limits.max_tensors, limits.max_list_len, limits.max_rank, 3) + 1,
+        max_map_len=limits.max_fields,
+        max_ext_len=0,
+    )
+    fed, step = 0, 4096
+    while True:
+        end = min(cap, fed + step)
+        unpacker.feed(mv[fed:end])
+        fed, step = end, step * 4
+        try:
+            obj = unpacker.unpack()
+        except ValueError as exc:
+            if "exceeds max_" in str(exc):  # msgpack's own length limits
+                raise MessageTooLarge(f"envelope over limits: {exc}") from exc
+            raise
+        except msgpack.OutOfData:
+            if fed >= n:
+                raise MalformedMessage(f"truncated frame ({n} bytes)") from None
+            if fed >= cap:
+                raise MessageTooLarge(
+                    f"envelope longer than {limits.max_header_bytes} bytes"
+                ) from None
+            continue
+        return obj, unpacker.tell()
+
+
+def _check_version(obj: Any) -> tuple[int, Any]:
+    if type(obj) is not list or not obj:
+        raise MalformedMessage("a frame starts with the envelope array [version, type, body]")
+    version = obj[0]
+    if type(version) is not int:
+        raise MalformedMessage(f"protocol version must be an integer, got {type(version).__name__}")
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(
+            f"frame has protocol version {version}; this peer speaks {PROTOCOL_VERSION}"
+        )
+    if len(obj) != 3:
+        raise MalformedMessage(f"envelope has {len(obj)} elements, expected 3")
+    mtype = obj[1]
+    if type(mtype) is not int:
+        raise MalformedMessage(f"message type must be an integer, got {type(mtype).__name__}")
+    return mtype, obj[2]
+
+
+def _decode(data: Any, limits: Limits) -> Message:
+    mv = _as_view(data)
+    obj, pos = _read_envelope(mv, limits)
+    mtype, body = _check_version(obj)
+    if mtype == MessageType.CHUNK:
+        raise MalformedMessage("this is a chunk frame: feed it to a chunking.Reassembler")
+    try:
+        cls, schema = _SCHEMAS[MessageType(mtype)]
+    except (ValueError, KeyError):
+        raise MalformedMessage(f"unknown message type {mtype}") from None
+    body = _map(body)
+    ctx = _DecodeCtx(mv, pos, limits)
+    kwargs: dict[str, Any] = {}
+    for f in schema:  # unknown keys are ignored (schema evolution, see SPEC.md)
+        if f.check is not None:
+            kwargs[f.key] = _get(body, f)
+        elif f.key in body:
+            kwargs[f.key] = ctx.tensors(body[f.key])
+        elif f.default is _REQUIRED:
+            raise _Bad(f"missing field {f.key!r}")
+    if ctx.pos != len(mv):
+        raise MalformedMessage(f"{len(mv) - ctx.pos} unexpected bytes after the last payload")
+    if cls is InferenceResponse and kwargs.get("error") is not None and kwargs.get(_OUTPUTS):
+        raise MalformedMessage("a response carries outputs or an error, not both")
+    return cls(**kwargs, version=PROTOCOL_VERSION)
+
+
+def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """The message in a frame. Raises only ProtocolError subclasses.
+
+    MalformedMessage (INVALID_ARGUMENT) for anything that breaks the spec, MessageTooLarge
+    (PAYLOAD_TOO_LARGE) for anything over ``limits``, VersionMismatch (UNSUPPORTED_VERSION) for
+    another protocol major version. RAW tensors in the result are views of ``data``.
+    """
+    try:
+        return _decode(data, limits)
+    except ProtocolError:
+        raise
+    except _Bad as exc:
+        raise MalformedMessage(str(exc)) from None
+    except TandemError as exc:
+        raise MalformedMessage(str(exc)) from exc
+    except Exception as exc:  # the boundary: msgpack, zstd, numpy, unicode, recursion, ...
+        raise MalformedMessage(f"undecodable frame: {type(exc).__name__}: {exc}") from exc
+
+
+# -- chunk frames (used by protocol.chunking) ---------------------------------------------------
+
+
+class ChunkFrame(NamedTuple):
+    message_id: bytes  # 16 bytes, shared by all chunks of one payload
+    index: int  # 0 .. count-1
+    count: int
+    total: int  # bytes of the whole payload
+    offset: int  # where this chunk's data goes in the payload
+    data: memoryview
+
+
+_CHUNK_FIELDS = (
+    _Field("id", _id),
+    _Field("index", _u32),
+    _Field("count", _u32),
+    _Field("total", _u63),
+    _Field("offset", _u63),
+)
+
+
+_CHUNK_LIMITS = Limits(max_message_bytes=_U63, max_header_bytes=4096)
+
+
+def is_chunk(data: bytes | bytearray | memoryview) -> bool:
+    """Whether a payload is a chunk frame (by its first three bytes)."""
+    return bytes(data[:3]) == CHUNK_PREFIX
+
+
+def encode_chunk(
+    message_id: bytes, index: int, count: int, total: int, offset: int,
+    data: bytes | memoryview,
+) -> bytes:
+    body = {"id": message_id, "index": index, "count": count, "total": total, "offset": offset}
+    header = msgpack.packb([PROTOCOL_VERSION, int(MessageType.CHUNK), body], use_bin_type=True)
+    return b"".join((header, data))
+
+
+def chunk_overhead(message_id: bytes, total: int) -> int:
+    """An upper bound on the envelope size of any chunk of a ``total``-byte payload."""
+    return len(encode_chunk(message_id, total, total, total, total, b""))
+
+
+def decode_chunk(data: bytes | bytearray | memoryview) -> ChunkFrame:
+    """Parse a chunk frame; MalformedMessage if it is not a consistent one."""
+    try:
+        mv = _as_view(data)
+        obj, pos = _read_envelope(mv, _CHUNK_LIMITS)
+        mtype, body = _check_version(obj)
+        if mtype != MessageType.CHUNK:
+            raise MalformedMessage(f"not a chunk frame (message type {mtype})")
+        body = _map(body)
+        mid, index, count, total, offset = (_get(body, f) for f in _CHUNK_FIELDS)
+        chunk = mv[pos:]
+        if not index < count:
+            raise _Bad(f"chunk index {index} of {count}")
+        if offset + len(chunk) > total:
+            raise _Bad(f"chunk [{offset}, {offset + len(chunk)}) past the payload's {total} bytes")
+        if total and not chunk:
+            raise _Bad("empty chunk")
+        if count > max(total, 1):
+            raise _Bad(f"{count} chunks for {total} bytes")
+        return ChunkFrame(mid, index, count, total, offset, chunk)
+    except ProtocolError:
+        raise
+    except _Bad as exc:
+        raise MalformedMessage(f"chunk frame: {exc}") from None
+    except Exception as exc:
+        raise MalformedMessage(f"undecodable chunk frame: {type(exc).__name__}: {exc}") from exc
+

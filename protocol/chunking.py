@@ -1,0 +1,211 @@
+"""Split frames bigger than a broker's packet limit into chunk frames, and put them back together.
+
+    for part in split(frame, max_size=1_000_000):      # sender, before publish
+        publish(part)
+    frame = reassembler.feed(payload)                    # receiver, on every payload
+    if frame is not None:
+        msg = codec.decode(frame)
+
+A chunk frame is an ordinary envelope with message type ``CHUNK`` (its first three bytes are
+:data:`CHUNK_PREFIX`), so :meth:`Reassembler.feed` can pass whole messages through untouched.
+Byte layout in ``protocol/SPEC.md`` ("Chunk frames").
+
+Memory is bounded: a set that declares more than ``max_total_bytes`` is refused before anything
+is stored; when pending sets together would hold more than ``max_total_bytes``, or there are more
+than ``max_pending_sets``, the oldest sets are dropped; a set not complete ``timeout_s`` after its
+first chunk arrived is dropped (on :meth:`Reassembler.expire` and on every :meth:`feed`). A lost
+chunk therefore costs its set, never the receiver's memory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from protocol._codec import (
+    CHUNK_PREFIX,
+    ID_LEN,
+    chunk_overhead,
+    decode_chunk,
+    encode_chunk,
+    is_chunk,
+)
+from protocol.errors import InvalidArgument, MalformedMessage, MessageTooLarge
+
+__all__ = ["CHUNK_PREFIX", "Reassembler", "is_chunk", "split"]
+
+Buffer = bytes | bytearray | memoryview
+
+
+def split(payload: bytes, max_size: int, message_id: bytes | None = None) -> list[bytes]:
+    """``[payload]`` itself if it fits in ``max_size`` bytes, else chunk frames of at most
+    ``max_size`` bytes each (envelope included), in order.
+
+    ``message_id`` (16 bytes; random if None) names the set; use the request id to make
+    retransmissions of one request reassemble as one set.
+    """
+    if type(max_size) is not int or max_size <= 0:
+        raise InvalidArgument(f"max_size must be a positive int, not {max_size!r}")
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"payload must be bytes-like, not {type(payload).__name__}")
+    n = len(payload)
+    if n <= max_size:
+        return [payload]
+    mid = os.urandom(ID_LEN) if message_id is None else bytes(message_id)
+    if len(mid) != ID_LEN:
+        raise InvalidArgument(f"message_id must be {ID_LEN} bytes, not {len(mid)}")
+    room = max_size - chunk_overhead(mid, n)
+    if room < 1:
+        raise InvalidArgument(f"max_size {max_size} leaves no room for data after the header")
+    count = -(-n // room)
+    mv = memoryview(payload).cast("B") if isinstance(payload, memoryview) else memoryview(payload)
+    return [
+        encode_chunk(mid, i, count, n, i * room, mv[i * room : (i + 1) * room])
+        for i in range(count)
+    ]
+
+
+class _Set:
+    __slots__ = ("count", "deadline", "held", "parts", "total")
+
+    def __init__(self, count: int, total: int, deadline: float) -> None:
+        self.count = count
+        self.total = total
+        self.deadline = deadline
+        self.parts: dict[int, tuple[int, Buffer]] = {}  # index -> (offset, data)
+        self.held = 0  # bytes of memory this set keeps alive
+
+
+class Reassembler:
+    """Collects chunk frames into whole frames. Not thread-safe: feed it from one thread.
+
+    ``clock`` (seconds, monotonic) is injectable for tests.
+    """
+
+    def __init__(
+        self,
+        timeout_s: float = 30.0,
+        max_total_bytes: int = 256 * 2**20,
+        max_pending_sets: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not timeout_s > 0:
+            raise InvalidArgument(f"timeout_s must be > 0, not {timeout_s!r}")
+        if max_total_bytes < 1 or max_pending_sets < 1:
+            raise InvalidArgument("max_total_bytes and max_pending_sets must be >= 1")
+        self.timeout_s = float(timeout_s)
+        self.max_total_bytes = int(max_total_bytes)
+        self.max_pending_sets = int(max_pending_sets)
+        self._clock = clock
+        self._sets: OrderedDict[bytes, _Set] = OrderedDict()  # oldest first == first to expire
+        self._done: OrderedDict[bytes, float] = OrderedDict()  # recently completed id -> until
+        self._pending_bytes = 0
+        self.completed = 0
+        self.expired = 0  # sets dropped by the timeout
+        self.evicted = 0  # sets dropped to stay under max_total_bytes / max_pending_sets
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes held by incomplete sets (chunk frames kept alive)."""
+        return self._pending_bytes
+
+    @property
+    def pending_sets(self) -> int:
+        return len(self._sets)
+
+    def expire(self) -> int:
+        """Drop the sets whose timeout has passed; returns how many were dropped."""
+        now = self._clock()
+        dropped = 0
+        while self._sets:
+            mid, s = next(iter(self._sets.items()))
+            if s.deadline > now:
+                break
+            self._drop(mid)
+            dropped += 1
+        self.expired += dropped
+        while self._done and next(iter(self._done.values())) <= now:
+            self._done.popitem(last=False)
+        return dropped
+
+    def feed(self, payload: Buffer) -> Buffer | None:
+        """A whole frame: ``payload`` itself if it is not a chunk, the reassembled frame when this
+        chunk completes its set, else None. Raises MalformedMessage for an inconsistent chunk
+        (its set is dropped) and MessageTooLarge for a set over ``max_total_bytes``."""
+        if not is_chunk(payload):
+            return payload
+        self.expire()
+        f = decode_chunk(payload)
+        if f.total > self.max_total_bytes:
+            raise MessageTooLarge(
+                f"chunked frame of {f.total} bytes (limit {self.max_total_bytes})"
+            )
+        if f.message_id in self._done:
+            return None  # a late duplicate of a set already delivered
+        s = self._sets.get(f.message_id)
+        if s is None:
+            while len(self._sets) >= self.max_pending_sets:
+                self._evict_oldest()
+            s = _Set(f.count, f.total, self._clock() + self.timeout_s)
+            self._sets[f.message_id] = s
+        elif f.count != s.count or f.total != s.total:
+            self._drop(f.message_id)
+            raise MalformedMessage(
+                f"chunk says {f.count} chunks / {f.total} bytes, its set said "
+                f"{s.count} / {s.total}"
+            )
+        prev = s.parts.get(f.index)
+        if prev is not None:
+            if prev[0] != f.offset or len(prev[1]) != len(f.data):
+                self._drop(f.message_id)
+                raise MalformedMessage(f"two different chunks with index {f.index}")
+            return None  # a duplicate (QoS 1 redelivery): harmless
+        if isinstance(payload, bytes):
+            data: Buffer = f.data  # a view: keeps the (immutable) frame alive
+            held = len(payload)
+        else:
+            data = bytes(f.data)  # the caller may reuse a mutable buffer
+            held = len(data)
+        while self._pending_bytes + held > self.max_total_bytes and len(self._sets) > 1:
+            self._evict_oldest(keep=f.message_id)
+        if self._pending_bytes + held > self.max_total_bytes:
+            self._drop(f.message_id)
+            raise MessageTooLarge(f"chunked frame needs over {self.max_total_bytes} bytes")
+        s.parts[f.index] = (f.offset, data)
+        s.held += held
+        self._pending_bytes += held
+        if len(s.parts) < s.count:
+            return None
+        return self._complete(f.message_id, s)
+
+    def _complete(self, mid: bytes, s: _Set) -> bytes:
+        self._drop(mid)
+        pieces = []
+        pos = 0
+        for i in range(s.count):
+            offset, data = s.parts[i]
+            if offset != pos:
+                raise MalformedMessage(f"chunk {i} starts at {offset}, expected {pos}")
+            pieces.append(data)
+            pos += len(data)
+        if pos != s.total:
+            raise MalformedMessage(f"chunks hold {pos} bytes, the set declared {s.total}")
+        self.completed += 1
+        self._done[mid] = self._clock() + self.timeout_s
+        while len(self._done) > 4 * self.max_pending_sets:
+            self._done.popitem(last=False)
+        return b"".join(pieces)
+
+    def _drop(self, mid: bytes) -> None:
+        s = self._sets.pop(mid)
+        self._pending_bytes -= s.held
+        s.parts.clear()
+
+    def _evict_oldest(self, keep: bytes | None = None) -> None:
+        for mid in self._sets:
+            if mid != keep:
+                self._drop(mid)
+                self.evicted += 1
+                return

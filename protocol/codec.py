@@ -1,0 +1,13 @@
+"""Encode and decode protocol messages (the byte layout is in ``protocol/SPEC.md``).
+
+    frame = encode(msg)                       # bytes: msgpack envelope + aligned tensor payloads
+    msg = decode(frame, limits=DEFAULT_LIMITS)  # strict; raises only ProtocolError subclasses
+
+Schema evolution: a newer v1 peer may add map keys; this decoder ignores keys it does not know,
+and fills fields a peer did not send from their defaults. A different protocol major version is
+a :class:`~protocol.errors.VersionMismatch`.
+"""
+
+from protocol._codec import DEFAULT_LIMITS, Compression, Limits, MessageType, decode, encode
+
+__all__ = ["DEFAULT_LIMITS", "Compression", "Limits", "MessageType", "decode", "encode"]
