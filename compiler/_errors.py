@@ -8,7 +8,8 @@ Tree (each class subclasses the wire code it carries)::
     │       ├── InvalidModelError     not ONNX, fails the checker, has a cycle, bad cut, ...
     │       └── SampleError           sample inputs (.npz or dicts) do not match the model
     ├── NotFound
-    │   └── ModelLoadError            the model file or one of its external data files is missing
+    │   ├── ModelLoadError            the model file or one of its external data files is missing
+    │   └── SampleFileNotFound        a sample-input (.npz) file is missing
     ├── FailedPrecondition
     │   └── RuntimeCheckError         ONNX Runtime could not load or run a part
     │       └── UnsupportedOperator   ... because an operator is not implemented there
@@ -31,6 +32,7 @@ __all__ = [
     "ModelLoadError",
     "RuntimeCheckError",
     "SampleError",
+    "SampleFileNotFound",
     "UnsupportedOperator",
 ]
 
@@ -49,6 +51,10 @@ class SampleError(CompileError):
 
 class ModelLoadError(NotFound):
     """The model file, or an external data file it references, does not exist."""
+
+
+class SampleFileNotFound(NotFound):
+    """A sample-input file (.npz) does not exist."""
 
 
 class RuntimeCheckError(FailedPrecondition):

@@ -45,6 +45,7 @@ __all__ = [
     "analyze",
     "dtype_size",
     "implicit_inputs",
+    "input_specs",
     "load_model",
 ]
 
@@ -76,7 +77,6 @@ _DTYPE_SIZE = {
     22: 1,  # INT4
 }
 _FLOAT_TYPES = frozenset({1, 10, 11, 16})
-
 
 
 def _ops(text: str) -> frozenset[str]:
@@ -322,6 +322,20 @@ def _spec_from_type(name: str, type_proto: Any) -> TensorSpec | None:
         else:
             dims.append("?")
     return TensorSpec(name, tt.elem_type, tuple(dims))
+
+
+def input_specs(model: ModelProto) -> dict[str, TensorSpec]:
+    """Specs of the graph inputs that are not initializers, in declaration order."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        spec = _spec_from_type(vi.name, vi.type)
+        if spec is None:
+            raise InvalidModelError(f"graph input {vi.name!r} is not a tensor")
+        specs[vi.name] = spec
+    return specs
 
 
 def _infer(model: ModelProto) -> ModelProto:

@@ -120,23 +120,33 @@ def cnn_chain(seed: int = 0) -> onnx.ModelProto:
     )
 
 
-def _res_block(b: _Builder, x: str, c: int) -> str:
+def _res_block(b: _Builder, x: str, c: int, branch_scale: float | None = None) -> str:
     y = b.conv(x, c, c)
     y = b.op("Relu", [y])
-    y = b.conv(y, c, c)
+    if branch_scale is None:
+        y = b.conv(y, c, c)
+    else:  # damp the residual branch so deep stacks keep activations O(1)
+        w = b.weight((c, c, 3, 3), branch_scale / np.sqrt(9 * c))
+        y = b.op("Conv", [y, w, b.weight((c,), 0.01)], kernel_shape=[3, 3], pads=[1] * 4)
     y = b.op("Add", [x, y])
     return b.op("Relu", [y])
 
 
-def residual(seed: int = 0, blocks: int = 2, channels: int = 8) -> onnx.ModelProto:
-    """Stem Conv/Relu, ``blocks`` x [Conv, Relu, Conv, Add(skip), Relu], GAP, Flatten, Gemm."""
+def residual(seed: int = 0, channels: int = 8) -> onnx.ModelProto:
+    """Input [1,3,16,16]: stem Conv(s2)/Relu, block, Conv(s2)/Relu, block, GAP, Flatten, Gemm.
+
+    A block is [Conv, Relu, Conv, Add(skip), Relu]; activations shrink (2048 B after the stem,
+    1024 B after the second stride-2 conv), so cuts after the downsampling convs beat cut 0.
+    """
     b = _Builder(seed)
-    x = b.op("Relu", [b.conv("input", 3, channels)])
-    for _ in range(blocks):
-        x = _res_block(b, x, channels)
+    x = b.op("Relu", [b.conv("input", 3, channels, stride=2)])  # [1,8,8,8]
+    x = _res_block(b, x, channels)
+    x = b.op("Relu", [b.conv(x, channels, 2 * channels, stride=2)])  # [1,16,4,4]
+    x = _res_block(b, x, 2 * channels)
     x = b.op("GlobalAveragePool", [x])
     x = b.op("Flatten", [x], axis=1)
-    b.op("Gemm", [x, b.weight((10, channels)), b.weight((10,), 0.1)], out="logits", transB=1)
+    b.op("Gemm", [x, b.weight((10, 2 * channels)), b.weight((10,), 0.1)], out="logits",
+         transB=1)
     return b.model(
         "residual",
         [helper.make_tensor_value_info("input", F, [1, 3, 16, 16])],
@@ -186,10 +196,14 @@ def unet(seed: int = 0) -> onnx.ModelProto:
 
 
 def multi_io(seed: int = 0) -> onnx.ModelProto:
-    """Inputs image [1,3,16,16] and meta [1,4]; outputs logits [1,5] and features [1,8,16,16]."""
+    """Inputs image [1,3,16,16] and meta [1,4]; outputs logits [1,5] and features [1,4,8,8].
+
+    ``meta`` is read only near the end and ``features`` (a graph output) early, so interior
+    cuts carry both a raw input and a head-produced graph output.
+    """
     b = _Builder(seed)
-    feat = b.op("Relu", [b.conv("image", 3, 8)], out="features")
-    x = b.op("Relu", [b.conv(feat, 8, 8)])
+    feat = b.op("Relu", [b.conv("image", 3, 4, stride=2)], out="features")  # [1,4,8,8]
+    x = b.op("Relu", [b.conv(feat, 4, 8, stride=2)])  # [1,8,4,4]
     x = b.op("GlobalAveragePool", [x])
     x = b.op("Flatten", [x], axis=1)  # [1,8]
     m = b.op("Gemm", ["meta", b.weight((8, 4)), b.weight((8,), 0.1)], transB=1)
@@ -201,7 +215,7 @@ def multi_io(seed: int = 0) -> onnx.ModelProto:
         [helper.make_tensor_value_info("image", F, [1, 3, 16, 16]),
          helper.make_tensor_value_info("meta", F, [1, 4])],
         [helper.make_tensor_value_info("logits", F, [1, 5]),
-         helper.make_tensor_value_info("features", F, [1, 8, 16, 16])],
+         helper.make_tensor_value_info("features", F, [1, 4, 8, 8])],
     )
 
 
@@ -249,17 +263,18 @@ def _transformer_block(b: _Builder, x: str, d: int, tokens: int, heads: int) -> 
 def big_model(n_nodes: int = 700, seed: int = 0) -> onnx.ModelProto:
     """About ``n_nodes`` nodes: residual CNN blocks then transformer blocks, on small tensors.
 
-    Input ``input`` [1,3,16,16], output ``logits`` [1,10]. 30% of the nodes are conv blocks
+    Input ``input`` [1,3,32,32], output ``logits`` [1,10]. 30% of the nodes are conv blocks
     (5 nodes each), the rest transformer blocks (25 nodes each).
     """
     c, side = 16, 8
     b = _Builder(seed)
-    x = b.op("Relu", [b.conv("input", 3, c, stride=2)])  # [1,16,8,8]
-    fixed = 2 + 2 + 3  # stem, to-tokens, classifier head
+    x = b.op("Relu", [b.conv("input", 3, c, stride=2)])  # [1,16,16,16]
+    fixed = 2 + 2 + 3 + 3  # stem, downsampling conv, to-tokens, classifier head
     conv_blocks = max(1, int(0.3 * n_nodes) // 5)
     tf_blocks = max(1, (n_nodes - fixed - 5 * conv_blocks) // 25)
     for _ in range(conv_blocks):
-        x = _res_block(b, x, c)
+        x = _res_block(b, x, c, branch_scale=0.2)
+    x = b.op("Relu", [b.conv(x, c, c, stride=2)])  # [1,16,8,8]
     tokens = side * side
     x = b.op("Reshape", [x, b.constant(np.array([1, c, tokens], np.int64))])
     x = b.op("Transpose", [x], perm=[0, 2, 1])  # [1, 64, 16]
@@ -270,7 +285,7 @@ def big_model(n_nodes: int = 700, seed: int = 0) -> onnx.ModelProto:
     b.op("Add", [x, b.weight((10,), 0.1)], out="logits")
     return b.model(
         "big_model",
-        [helper.make_tensor_value_info("input", F, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("input", F, [1, 3, 32, 32])],
         [helper.make_tensor_value_info("logits", F, [1, 10])],
     )
 
