@@ -1,0 +1,672 @@
+"""The bundle manifest: frozen dataclasses, strict validation, one JSON boundary.
+
+Every dataclass validates its fields when constructed (so the compiler learns of a mistake where
+it makes it) and :meth:`Manifest.from_json` names the full path of a bad field
+(``cuts[1].frontier[0].shape[2]``). Unknown keys are ignored (forward compatibility within a
+schema major version, as msgspec does); a ``schema_version`` this reader does not know is refused.
+See ``protocol/BUNDLE.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from protocol._bundle_errors import BundleNotFound, BundleVersionError, ManifestError
+
+__all__ = [
+    "DTYPES",
+    "ENCODINGS",
+    "MANIFEST_NAME",
+    "RESERVED_NAMES",
+    "SCHEMA_VERSION",
+    "SIGNATURE_NAME",
+    "Artifact",
+    "CutSpec",
+    "EncodingCheck",
+    "FileEntry",
+    "Manifest",
+    "TensorSpec",
+    "Verification",
+    "path_problem",
+    "utc_now",
+]
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"
+RESERVED_NAMES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})
+
+#: Element types a TensorSpec may name (numpy / ONNX names).
+DTYPES = frozenset(
+    {
+        "bool",
+        "int4", "int8", "int16", "int32", "int64",
+        "uint4", "uint8", "uint16", "uint32", "uint64",
+        "float16", "bfloat16", "float32", "float64",
+        "float8e4m3fn", "float8e4m3fnuz", "float8e5m2", "float8e5m2fnuz",
+        "complex64", "complex128",
+        "string",
+    }
+)  # fmt: skip
+
+#: Lossy frontier encodings this version knows (a manifest may name others; readers skip them).
+ENCODINGS = ("fp16", "int8")
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_MAX_PATH = 1024
+_MAX_SEGMENT = 255
+
+
+def utc_now() -> str:
+    """The current time as ISO 8601 UTC with a ``Z`` suffix, to the second."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def path_problem(path: object) -> str | None:
+    """Why ``path`` is not a safe relative POSIX path inside a bundle, or None if it is.
+
+    Rules: a non-empty str of at most 1024 characters; ``/`` separators only (no ``\\``);
+    not absolute; no empty, ``.`` or ``..`` segment; no ``:`` (drive letters, NTFS streams);
+    no control characters; each segment at most 255 characters.
+    """
+    if not isinstance(path, str):
+        return f"expected a path string, got {type(path).__name__}"
+    if not path:
+        return "empty path"
+    if len(path) > _MAX_PATH:
+        return f"path longer than {_MAX_PATH} characters"
+    if any(ord(c) < 0x20 or c == "\x7f" for c in path):
+        return f"{path!r}: control character in path"
+    if "\\" in path:
+        return f"{path!r}: backslash in path (use '/')"
+    if ":" in path:
+        return f"{path!r}: ':' in path"
+    if path.startswith("/"):
+        return f"{path!r}: absolute path"
+    for segment in path.split("/"):
+        if segment in ("", ".", ".."):
+            return f"{path!r}: empty, '.' or '..' segment"
+        if len(segment) > _MAX_SEGMENT:
+            return f"{path!r}: segment longer than {_MAX_SEGMENT} characters"
+    return None
+
+
+# --- field validators (raise ManifestError naming the field) --------------------------------
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _str(value: object, name: str, *, empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise ManifestError(name, f"expected str, got {_type_name(value)}")
+    if not empty and not value:
+        raise ManifestError(name, "must not be empty")
+    return value
+
+
+def _opt_path(value: object, name: str) -> str | None:
+    if value is None:
+        return None
+    return _path(value, name)
+
+
+def _path(value: object, name: str) -> str:
+    _str(value, name)
+    problem = path_problem(value)
+    if problem:
+        raise ManifestError(name, problem)
+    return value  # type: ignore[return-value]
+
+
+def _int(value: object, name: str, *, minimum: int | None = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ManifestError(name, f"expected int, got {_type_name(value)}")
+    if minimum is not None and value < minimum:
+        raise ManifestError(name, f"must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ManifestError(name, f"expected float, got {_type_name(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ManifestError(name, f"must be finite, got {value}")
+    if value < 0:
+        raise ManifestError(name, f"must be >= 0, got {value}")
+    return value
+
+
+def _bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ManifestError(name, f"expected bool, got {_type_name(value)}")
+    return value
+
+
+def _sha256(value: object, name: str) -> str:
+    _str(value, name)
+    if not _SHA256.fullmatch(value):  # type: ignore[arg-type]
+        raise ManifestError(name, "expected 64 lowercase hex digits (sha256)")
+    return value  # type: ignore[return-value]
+
+
+def _timestamp(value: object, name: str) -> str:
+    _str(value, name)
+    text = value[:-1] + "+00:00" if value.endswith("Z") else value  # type: ignore[union-attr]
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ManifestError(name, f"{value!r} is not an ISO 8601 timestamp") from None
+    if parsed.utcoffset() is None or parsed.utcoffset().total_seconds() != 0:
+        raise ManifestError(name, f"{value!r} is not UTC (end it with 'Z' or '+00:00')")
+    return value  # type: ignore[return-value]
+
+
+def _tuple(value: object, name: str, item: type) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise ManifestError(name, f"expected a list, got {_type_name(value)}")
+    for i, element in enumerate(value):
+        if not isinstance(element, item):
+            raise ManifestError(
+                f"{name}[{i}]", f"expected {item.__name__}, got {_type_name(element)}"
+            )
+    return tuple(value)
+
+
+def _float_map(value: object, name: str) -> dict[str, float]:
+    if not isinstance(value, Mapping):
+        raise ManifestError(name, f"expected an object, got {_type_name(value)}")
+    out = {}
+    for key, number in value.items():
+        _str(key, f"{name} key")
+        out[key] = _float(number, f"{name}[{key!r}]")
+    return out
+
+
+def _json_map(value: object, name: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ManifestError(name, f"expected an object, got {_type_name(value)}")
+    for key in value:
+        _str(key, f"{name} key", empty=True)
+    try:
+        return json.loads(json.dumps(dict(value), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(name, f"not JSON-serializable ({exc})") from None
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    object.__setattr__(obj, name, value)
+
+
+# --- decoding helpers -------------------------------------------------------------------------
+
+
+_MISSING = object()
+
+
+def _obj(value: object, name: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ManifestError(name, f"expected an object, got {_type_name(value)}")
+    return value
+
+
+def _list(value: object, name: str) -> list:
+    if not isinstance(value, list):
+        raise ManifestError(name, f"expected a list, got {_type_name(value)}")
+    return value
+
+
+def _join(parent: str, child: str) -> str:
+    return f"{parent}.{child}" if parent else child
+
+
+def _build(cls: type, data: object, path: str, convert: dict[str, Callable[[Any, str], Any]]):
+    """Build ``cls`` from a JSON object; ``convert`` turns nested values into dataclasses."""
+    data = _obj(data, path or "manifest")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        value = data.get(f.name, _MISSING)
+        if value is _MISSING:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ManifestError(_join(path, f.name), "missing required field")
+            continue
+        if f.name in convert:
+            value = convert[f.name](value, _join(path, f.name))
+        kwargs[f.name] = value
+    try:
+        return cls(**kwargs)
+    except ManifestError as exc:
+        raise exc.under(path) if path else exc from None
+
+
+def _many(cls: type) -> Callable[[Any, str], tuple]:
+    def convert(value: object, path: str) -> tuple:
+        return tuple(cls._from_dict(v, f"{path}[{i}]") for i, v in enumerate(_list(value, path)))
+
+    return convert
+
+
+# --- the schema -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorSpec:
+    """A named tensor: element type and shape (``str`` dims are symbolic, e.g. ``"batch"``)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def __post_init__(self) -> None:
+        _str(self.name, "name")
+        _str(self.dtype, "dtype")
+        if self.dtype not in DTYPES:
+            raise ManifestError("dtype", f"unknown dtype {self.dtype!r}")
+        shape = _tuple(self.shape, "shape", object)
+        for i, dim in enumerate(shape):
+            if isinstance(dim, str):
+                _str(dim, f"shape[{i}]")
+            else:
+                _int(dim, f"shape[{i}]")
+        _set(self, "shape", shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def _from_dict(cls, data: object, path: str) -> TensorSpec:
+        return _build(cls, data, path, {"shape": lambda v, p: tuple(_list(v, p))})
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncodingCheck:
+    """Accuracy of one lossy frontier encoding measured by the compiler for one cut."""
+
+    encoding: str  # "fp16" | "int8" (per-tensor affine)
+    max_abs_err: float
+    max_rel_err: float
+    tolerance: float  # the bound the errors were checked against
+    passed: bool
+
+    def __post_init__(self) -> None:
+        _str(self.encoding, "encoding")
+        for name in ("max_abs_err", "max_rel_err", "tolerance"):
+            _set(self, name, _float(getattr(self, name), name))
+        _bool(self.passed, "passed")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def _from_dict(cls, data: object, path: str) -> EncodingCheck:
+        return _build(cls, data, path, {})
+
+
+def _encodings(value: object, path: str) -> dict[str, EncodingCheck]:
+    data = _obj(value, path)
+    return {k: EncodingCheck._from_dict(v, f"{path}[{k!r}]") for k, v in data.items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Verification:
+    """head∘tail == full, checked by the compiler on ``samples`` inputs; errors per output."""
+
+    samples: int = 0
+    max_abs_err: dict[str, float] = field(default_factory=dict)
+    max_rel_err: dict[str, float] = field(default_factory=dict)
+    passed: bool = False
+    encodings: dict[str, EncodingCheck] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _int(self.samples, "samples")
+        _set(self, "max_abs_err", _float_map(self.max_abs_err, "max_abs_err"))
+        _set(self, "max_rel_err", _float_map(self.max_rel_err, "max_rel_err"))
+        _bool(self.passed, "passed")
+        if not isinstance(self.encodings, Mapping):
+            raise ManifestError(
+                "encodings", f"expected an object, got {_type_name(self.encodings)}"
+            )
+        for key, check in self.encodings.items():
+            if not isinstance(check, EncodingCheck):
+                raise ManifestError(
+                    f"encodings[{key!r}]", f"expected EncodingCheck, got {_type_name(check)}"
+                )
+            if key != check.encoding:
+                raise ManifestError(
+                    f"encodings[{key!r}].encoding", f"{check.encoding!r} does not match its key"
+                )
+        _set(self, "encodings", dict(self.encodings))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "max_abs_err": dict(self.max_abs_err),
+            "max_rel_err": dict(self.max_rel_err),
+            "passed": self.passed,
+            "encodings": {k: v.to_dict() for k, v in self.encodings.items()},
+        }
+
+    @classmethod
+    def _from_dict(cls, data: object, path: str) -> Verification:
+        return _build(cls, data, path, {"encodings": _encodings})
+
+
+@dataclass(frozen=True, kw_only=True)
+class CutSpec:
+    """One split point. ``head_part`` runs on the device, ``tail_part`` on the cloud.
+
+    Cut 0 (cloud-only) has no head; the full-local cut has no tail; never both missing.
+    ``frontier_bytes`` is the frontier's size in fp32 at batch 1.
+    """
+
+    id: int
+    position: int
+    frontier: tuple[TensorSpec, ...]
+    frontier_bytes: int
+    head_flops: int
+    tail_flops: int
+    head_part: str | None
+    tail_part: str | None
+    verification: Verification
+
+    def __post_init__(self) -> None:
+        _int(self.id, "id")
+        _int(self.position, "position")
+        _set(self, "frontier", _tuple(self.frontier, "frontier", TensorSpec))
+        _int(self.frontier_bytes, "frontier_bytes")
+        _int(self.head_flops, "head_flops")
+        _int(self.tail_flops, "tail_flops")
+        _opt_path(self.head_part, "head_part")
+        _opt_path(self.tail_part, "tail_part")
+        if self.head_part is None and self.tail_part is None:
+            raise ManifestError("tail_part", "a cut needs a head_part, a tail_part or both")
+        if not isinstance(self.verification, Verification):
+            raise ManifestError(
+                "verification", f"expected Verification, got {_type_name(self.verification)}"
+            )
+
+    @property
+    def cloud_only(self) -> bool:
+        return self.head_part is None
+
+    @property
+    def local_only(self) -> bool:
+        return self.tail_part is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "position": self.position,
+            "frontier": [t.to_dict() for t in self.frontier],
+            "frontier_bytes": self.frontier_bytes,
+            "head_flops": self.head_flops,
+            "tail_flops": self.tail_flops,
+            "head_part": self.head_part,
+            "tail_part": self.tail_part,
+            "verification": self.verification.to_dict(),
+        }
+
+    @classmethod
+    def _from_dict(cls, data: object, path: str) -> CutSpec:
+        return _build(
+            cls,
+            data,
+            path,
+            {"frontier": _many(TensorSpec), "verification": Verification._from_dict},
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileEntry:
+    """A file of the bundle: relative POSIX path, sha256 (hex) and size in bytes."""
+
+    path: str
+    sha256: str
+    size: int
+
+    def __post_init__(self) -> None:
+        _path(self.path, "path")
+        if self.path in RESERVED_NAMES:
+            raise ManifestError("path", f"{self.path!r} is reserved")
+        _sha256(self.sha256, "sha256")
+        _int(self.size, "size")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def _from_dict(cls, data: object, path: str) -> FileEntry:
+        return _build(cls, data, path, {})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Artifact:
+    """A part lowered for one target (an ORT-optimized model, a TensorRT engine, ...)."""
+
+    part: str  # bundle path of the source part ONNX
+    target: str  # "onnxruntime" | "tensorrt" | ...
+    path: str  # bundle path of the artifact itself
+    precision: str = "fp32"
+    device_profile: str = ""  # profile name it was built for; "" = any device
+    builder: str = ""  # e.g. "onnxruntime 1.32 optimized level=extended"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _path(self.part, "part")
+        _str(self.target, "target")
+        _path(self.path, "path")
+        _str(self.precision, "precision")
+        _str(self.device_profile, "device_profile", empty=True)
+        _str(self.builder, "builder", empty=True)
+        _set(self, "extra", _json_map(self.extra, "extra"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def _from_dict(cls, data: object, path: str) -> Artifact:
+        return _build(cls, data, path, {})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """What a bundle holds. ``files`` covers every file but manifest.json and manifest.sig."""
+
+    model_name: str
+    model_version: str
+    source_digest: str  # sha256 hex of the source ONNX (the wire's ``model_digest``)
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    cuts: tuple[CutSpec, ...] = ()
+    files: tuple[FileEntry, ...] = ()
+    artifacts: tuple[Artifact, ...] = ()
+    created_at: str = field(default_factory=utc_now)
+    tool_version: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _int(self.schema_version, "schema_version")
+        if self.schema_version != SCHEMA_VERSION:
+            raise BundleVersionError(
+                f"schema_version {self.schema_version} is not supported "
+                f"(this Tandem reads {SCHEMA_VERSION})"
+            )
+        _str(self.model_name, "model_name")
+        _str(self.model_version, "model_version")
+        _sha256(self.source_digest, "source_digest")
+        _timestamp(self.created_at, "created_at")
+        for name, item in (
+            ("inputs", TensorSpec),
+            ("outputs", TensorSpec),
+            ("cuts", CutSpec),
+            ("files", FileEntry),
+            ("artifacts", Artifact),
+        ):
+            _set(self, name, _tuple(getattr(self, name), name, item))
+        _str(self.tool_version, "tool_version", empty=True)
+        _set(self, "extra", _json_map(self.extra, "extra"))
+        _unique([t.name for t in self.inputs], "inputs", "name")
+        _unique([t.name for t in self.outputs], "outputs", "name")
+        _unique([c.id for c in self.cuts], "cuts", "id")
+        _unique([f.path for f in self.files], "files", "path")
+        paths = {f.path for f in self.files}
+        for i, entry in enumerate(self.files):
+            parts = entry.path.split("/")
+            for n in range(1, len(parts)):
+                if "/".join(parts[:n]) in paths:
+                    raise ManifestError(
+                        f"files[{i}].path", f"{entry.path!r} is under another file's path"
+                    )
+
+    # --- queries the edge daemon, the cloud and the fleet tools need ---------------------------
+
+    def cut(self, cut_id: int) -> CutSpec:
+        """The cut with this id, or :class:`BundleNotFound`."""
+        for cut in self.cuts:
+            if cut.id == cut_id:
+                return cut
+        known = ", ".join(str(c.id) for c in self.cuts) or "none"
+        raise BundleNotFound(f"cut {cut_id} is not in model {self.model_name!r} (cuts: {known})")
+
+    def allowed_encodings(self, cut_id: int) -> tuple[str, ...]:
+        """Lossy encodings verified for this cut's frontier, in :data:`ENCODINGS` order.
+
+        Empty when the cut's own verification did not pass. Sending the frontier in its own
+        dtype (no lossy encoding) is always allowed for a cut whose verification passed.
+        Encodings this version does not know are left out.
+        """
+        verification = self.cut(cut_id).verification
+        if not verification.passed:
+            return ()
+        checks = verification.encodings
+        return tuple(e for e in ENCODINGS if e in checks and checks[e].passed)
+
+    def file(self, path: str) -> FileEntry:
+        """The entry for a bundle path, or :class:`BundleNotFound`."""
+        for entry in self.files:
+            if entry.path == path:
+                return entry
+        raise BundleNotFound(f"{path!r} is not a file of bundle {self.model_name!r}")
+
+    def artifacts_for(
+        self, part: str, *, target: str | None = None, device_profile: str | None = None
+    ) -> tuple[Artifact, ...]:
+        """Artifacts lowered from ``part``, optionally only for one target / device profile."""
+        return tuple(
+            a
+            for a in self.artifacts
+            if a.part == part
+            and (target is None or a.target == target)
+            and (device_profile is None or a.device_profile in ("", device_profile))
+        )
+
+    def check_references(self) -> None:
+        """Every part and artifact path named by cuts and artifacts is listed in ``files``."""
+        paths = {f.path for f in self.files}
+        for i, cut in enumerate(self.cuts):
+            for name in ("head_part", "tail_part"):
+                ref = getattr(cut, name)
+                if ref is not None and ref not in paths:
+                    raise ManifestError(f"cuts[{i}].{name}", f"{ref!r} is not in files")
+        for i, artifact in enumerate(self.artifacts):
+            for name in ("part", "path"):
+                ref = getattr(artifact, name)
+                if ref not in paths:
+                    raise ManifestError(f"artifacts[{i}].{name}", f"{ref!r} is not in files")
+
+    # --- the one JSON boundary ------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "source_digest": self.source_digest,
+            "created_at": self.created_at,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "cuts": [c.to_dict() for c in self.cuts],
+            "files": [f.to_dict() for f in self.files],
+            "artifacts": [a.to_dict() for a in self.artifacts],
+            "tool_version": self.tool_version,
+            "extra": dict(self.extra),
+        }
+
+    def to_json(self) -> str:
+        """Deterministic JSON text: sorted keys, 2-space indent, UTF-8 safe, trailing newline."""
+        return (
+            json.dumps(
+                self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False
+            )
+            + "\n"
+        )
+
+    def to_bytes(self) -> bytes:
+        """The exact bytes written as manifest.json (and signed)."""
+        return self.to_json().encode("utf-8")
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        """Parse and validate; errors are :class:`ManifestError` naming the field, or
+        :class:`BundleVersionError` for an unknown ``schema_version``."""
+        if isinstance(text, (bytes, bytearray, memoryview)):
+            try:
+                text = bytes(text).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ManifestError("", f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        try:
+            data = json.loads(text, parse_constant=_reject_constant)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(
+                "", f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+            ) from None
+        except ValueError as exc:
+            raise ManifestError("", str(exc)) from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: object) -> Manifest:
+        data = _obj(data, "manifest")
+        version = data.get("schema_version", _MISSING)
+        if version is _MISSING:
+            raise ManifestError("schema_version", "missing required field")
+        _int(version, "schema_version")
+        if version != SCHEMA_VERSION:
+            raise BundleVersionError(
+                f"manifest schema_version {version} is not supported "
+                f"(this Tandem reads {SCHEMA_VERSION}); upgrade tandem-rt"
+            )
+        return _build(
+            cls,
+            data,
+            "",
+            {
+                "inputs": _many(TensorSpec),
+                "outputs": _many(TensorSpec),
+                "cuts": _many(CutSpec),
+                "files": _many(FileEntry),
+                "artifacts": _many(Artifact),
+            },
+        )
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"non-finite number {name} is not allowed")
+
+
+def _unique(values: list, name: str, key: str) -> None:
+    seen = set()
+    for i, value in enumerate(values):
+        if value in seen:
+            raise ManifestError(f"{name}[{i}].{key}", f"duplicate {key} {value!r}")
+        seen.add(value)
