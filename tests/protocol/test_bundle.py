@@ -685,7 +685,7 @@ def _info(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfi
     ("member", "needle"),
     [
         (_info("../evil"), "unsafe path"),
-        (_info("/tmp/evil-abs"), "unsafe path"),
+        (_info("ABSOLUTE"), "unsafe path"),  # becomes an absolute path under tmp_path
         (_info("parts/../../evil"), "unsafe path"),
         (_info("evil", tarfile.SYMTYPE, "/etc/passwd"), "symbolic link"),
         (_info("evil", tarfile.LNKTYPE, "manifest.json"), "hard link"),
@@ -695,6 +695,8 @@ def _info(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfi
     ],
 )
 def test_malicious_archives_are_refused(tmp_path: Path, bundle_dir: Path, member, needle):
+    if member.name == "ABSOLUTE":
+        member = _info(str(tmp_path / "evil-abs"))
     members = [(_info("manifest.json"), (bundle_dir / "manifest.json").read_bytes())]
     members += [(_info(rel), data) for rel, data in FILES.items()]
     members.insert(1, (member, b"payload"))
@@ -705,7 +707,7 @@ def test_malicious_archives_are_refused(tmp_path: Path, bundle_dir: Path, member
     with pytest.raises(BundleIntegrityError, match=needle):
         load_bundle(archive)
     assert not out.exists()
-    assert not (tmp_path / "evil").exists() and not Path("/tmp/evil-abs").exists()
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "evil-abs").exists()
     assert _leftovers(tmp_path) == []
 
 
