@@ -218,6 +218,8 @@ def _put(out: dict, msg: Any, f: _Field) -> None:
 # -- tensors ----------------------------------------------------------------------------------
 # A tensor map carries the metadata; its payload sits in the data section (see SPEC.md).
 
+_DTYPES = {int(d): d for d in DType}
+_ENCODINGS = {int(e): e for e in Encoding}
 _T_NAME = _Field("name", _str)
 _T_DTYPE = _Field("dtype", _u32)
 _T_SHAPE = _Field("shape", _list)
@@ -258,18 +260,18 @@ class _DecodeCtx:
         lim = self.limits
         m = _map(m)
         name = _get(m, _T_NAME)
-        try:
-            dtype = DType(_get(m, _T_DTYPE))
-        except ValueError:
-            raise _Bad(f"tensor {name!r}: unknown dtype code {m['dtype']}") from None
-        try:
-            encoding = Encoding(_get(m, _T_ENCODING))
-        except ValueError:
-            raise _Bad(f"tensor {name!r}: unknown encoding code {m['encoding']}") from None
-        try:
-            compression = Compression(_get(m, _T_COMPRESSION))
-        except ValueError:
-            raise _Bad(f"tensor {name!r}: unknown compression code {m['compression']}") from None
+        code = _get(m, _T_DTYPE)
+        dtype = _DTYPES.get(code)
+        if dtype is None:
+            raise _Bad(f"tensor {name!r}: unknown dtype code {code}")
+        code = _get(m, _T_ENCODING)
+        encoding = _ENCODINGS.get(code)
+        if encoding is None:
+            raise _Bad(f"tensor {name!r}: unknown encoding code {code}")
+        code = _get(m, _T_COMPRESSION)
+        if code not in (Compression.NONE, Compression.ZSTD):
+            raise _Bad(f"tensor {name!r}: unknown compression code {code}")
+        compressed = code == Compression.ZSTD
         item = _STORAGE.get((dtype, encoding))
         if item is None:
             raise _Bad(f"tensor {name!r}: encoding {encoding.name} is not defined for {dtype.name}")
@@ -291,7 +293,6 @@ class _DecodeCtx:
         if self.total > lim.max_message_bytes:
             raise MessageTooLarge(f"tensors decode to over {lim.max_message_bytes} bytes")
         size = _get(m, _T_SIZE)
-        compressed = compression is Compression.ZSTD
         if not compressed and size != nbytes:
             raise _Bad(
                 f"tensor {name!r}: shape {tuple(shape)} needs {nbytes} bytes, size says {size}"
@@ -315,8 +316,9 @@ class _DecodeCtx:
         plain = _decompress(data, nbytes) if compressed else data
         if dtype is DType.BOOL and nbytes and np.frombuffer(plain, np.uint8).max() > 1:
             raise _Bad(f"tensor {name!r}: bool payload holds bytes other than 0 and 1")
-        return Tensor(name, dtype, tuple(shape), data, encoding, compressed, scale, zero_point,
-                      plain)
+        return Tensor._trusted(
+            name, dtype, tuple(shape), data, encoding, compressed, scale, zero_point, plain
+        )
 
 
 # -- nested records ---------------------------------------------------------------------------

@@ -181,7 +181,8 @@ class Reassembler:
         return self._complete(f.message_id, s)
 
     def _complete(self, mid: bytes, s: _Set) -> bytes:
-        self._drop(mid)
+        del self._sets[mid]
+        self._pending_bytes -= s.held
         pieces = []
         pos = 0
         for i in range(s.count):

@@ -172,8 +172,8 @@ class Tensor:
         if not isinstance(self.name, str):
             raise InvalidArgument(f"tensor name must be a str, not {type(self.name).__name__}")
         try:
-            dtype = DType(self.dtype)
-            encoding = Encoding(self.encoding)
+            dtype = self.dtype if type(self.dtype) is DType else DType(self.dtype)
+            encoding = self.encoding if type(self.encoding) is Encoding else Encoding(self.encoding)
         except ValueError as exc:
             raise InvalidArgument(f"tensor {self.name!r}: {exc}") from exc
         shape = tuple(self.shape)
@@ -215,6 +215,22 @@ class Tensor:
         object.__setattr__(self, "_plain", plain)
 
     # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def _trusted(
+        cls, name: str, dtype: DType, shape: tuple[int, ...], data: bytes | memoryview,
+        encoding: Encoding, compressed: bool, scale: float, zero_point: int,
+        plain: bytes | memoryview | None,
+    ) -> Tensor:
+        """Build without re-checking: for the codec, which has checked every field already."""
+        self = object.__new__(cls)
+        for attr, value in (
+            ("name", name), ("dtype", dtype), ("shape", shape), ("data", data),
+            ("encoding", encoding), ("compressed", compressed), ("scale", scale),
+            ("zero_point", zero_point), ("_plain", plain),
+        ):
+            object.__setattr__(self, attr, value)
+        return self
 
     @classmethod
     def from_array(
