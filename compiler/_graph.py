@@ -208,7 +208,8 @@ def dtype_size(dtype: int) -> int:
 
 
 def load_model(path_or_proto: str | os.PathLike[str] | bytes | ModelProto) -> ModelProto:
-    """Load a model from a path, serialized bytes, or a ``ModelProto`` (returned as is).
+    """Load a model from a path, serialized bytes, or a ``ModelProto`` (returned as is: its
+    external data, if any, must already be loaded).
 
     External data is loaded from next to the model file. Raises :class:`ModelLoadError`
     (NOT_FOUND) for a missing model or external data file and :class:`InvalidModelError`
@@ -358,7 +359,6 @@ def analyze(model: ModelProto, *, batch: int = 1, infer_shapes: bool = True) -> 
         raise InvalidModelError(f"batch must be >= 1, got {batch}")
     inferred = _infer(model) if infer_shapes else model
     graph = inferred.graph
-    onnx = require("onnx")
 
     tensors: dict[str, TensorSpec] = {}
     for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
@@ -406,7 +406,7 @@ def analyze(model: ModelProto, *, batch: int = 1, infer_shapes: bool = True) -> 
             )
         if is_const:
             constants.update(outs)
-        flops = _node_flops(proto, ins, outs, tensors, batch, onnx)
+        flops = _node_flops(proto, ins, outs, tensors, batch)
         param = sum(init_bytes.get(n, 0) for n in ins)
         if proto.op_type == "Constant":
             param = sum(tensors[o].nbytes(batch) for o in outs if o in tensors)
@@ -502,7 +502,6 @@ def _node_flops(
     outs: tuple[str, ...],
     tensors: Mapping[str, TensorSpec],
     batch: int,
-    onnx: Any,
 ) -> int:
     op = proto.op_type
     if proto.domain not in ("", "ai.onnx", "com.microsoft"):
