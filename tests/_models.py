@@ -236,7 +236,7 @@ def dynamic_batch(seed: int = 0) -> onnx.ModelProto:
 
 
 def _transformer_block(b: _Builder, x: str, d: int, tokens: int, heads: int) -> str:
-    """Pre-LN attention + MLP on x [1, tokens, d]; 21 nodes (Constants included)."""
+    """Pre-LN attention + MLP on x [1, tokens, d]; 26 nodes (Constants included)."""
     hd = d // heads
     ln = b.op("LayerNormalization", [x, b.const_init(np.ones(d, np.float32)),
                                      b.const_init(np.zeros(d, np.float32))], axis=-1)
@@ -264,14 +264,14 @@ def big_model(n_nodes: int = 700, seed: int = 0) -> onnx.ModelProto:
     """About ``n_nodes`` nodes: residual CNN blocks then transformer blocks, on small tensors.
 
     Input ``input`` [1,3,32,32], output ``logits`` [1,10]. 30% of the nodes are conv blocks
-    (5 nodes each), the rest transformer blocks (25 nodes each).
+    (5 nodes each), the rest transformer blocks (26 nodes each); conv blocks fill the remainder.
     """
     c, side = 16, 8
     b = _Builder(seed)
     x = b.op("Relu", [b.conv("input", 3, c, stride=2)])  # [1,16,16,16]
     fixed = 2 + 2 + 3 + 3  # stem, downsampling conv, to-tokens, classifier head
-    conv_blocks = max(1, int(0.3 * n_nodes) // 5)
-    tf_blocks = max(1, (n_nodes - fixed - 5 * conv_blocks) // 25)
+    tf_blocks = max(1, (n_nodes - fixed - int(0.3 * n_nodes)) // 26)
+    conv_blocks = max(1, (n_nodes - fixed - 26 * tf_blocks) // 5)
     for _ in range(conv_blocks):
         x = _res_block(b, x, c, branch_scale=0.2)
     x = b.op("Relu", [b.conv(x, c, c, stride=2)])  # [1,16,8,8]
