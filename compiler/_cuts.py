@@ -84,7 +84,8 @@ def boundary_frontiers(info: GraphInfo, max_frontier: int) -> Iterator[Cut]:
     """Every interior boundary (1..N-1) whose frontier has 1..``max_frontier`` tensors.
 
     One incremental pass; each yielded :class:`Cut` carries the exact frontier for that
-    boundary of ``info``'s order.
+    boundary of ``info``'s order. Boundaries where a tensor without an inferred dtype or rank
+    would cross are skipped (its size is unknown and a part could not declare it).
     """
     compute = info.compute_nodes
     n = len(compute)
@@ -110,13 +111,21 @@ def boundary_frontiers(info: GraphInfo, max_frontier: int) -> Iterator[Cut]:
         if name in position and pos < n:
             expire[pos].append(name)
 
+    # A tensor shape inference could not type (no dtype or rank) has no honest byte count and
+    # cannot be declared as a part's input/output: boundaries where one is live are skipped.
+    untyped = {
+        name for name in position
+        if not info.spec(name).dtype or info.spec(name).shape is None
+    }
     live: dict[str, int] = {}
     live_bytes = 0
+    live_untyped = 0
     for name in info.inputs:
         if name in last:
             size = info.nbytes(name)
             live[name] = size
             live_bytes += size
+            live_untyped += name in untyped
     flops_before = 0
     total = sum(node.flops for node in compute)
     for b in range(1, n):
@@ -127,11 +136,13 @@ def boundary_frontiers(info: GraphInfo, max_frontier: int) -> Iterator[Cut]:
                 size = info.nbytes(out)
                 live[out] = size
                 live_bytes += size
+                live_untyped += out in untyped
         for name in expire[b - 1]:
             size = live.pop(name, None)
             if size is not None:
                 live_bytes -= size
-        if 1 <= len(live) <= max_frontier:
+                live_untyped -= name in untyped
+        if 1 <= len(live) <= max_frontier and not live_untyped:
             yield Cut(
                 id=b,
                 position=b,

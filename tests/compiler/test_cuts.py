@@ -168,3 +168,19 @@ def test_sweep_is_fast_on_big_model():
     every = list(boundary_frontiers(info, max_frontier=2))
     assert time.perf_counter() - start < 0.5
     assert len(every) > 300 and 3 <= len(cuts) <= 8
+
+
+def test_boundaries_with_untyped_tensors_are_skipped():
+    from onnx import helper
+
+    vi = helper.make_tensor_value_info
+    nodes = [helper.make_node("Relu", ["x"], ["a"]),
+             helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Relu", ["b"], ["y"])]
+    graph = helper.make_graph(nodes, "untyped", [vi("x", 1, [1, 4])], [vi("y", 1, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    typed = {c.position for c in boundary_frontiers(analyze(model), 2)}
+    assert typed == {1, 2}
+    info = analyze(model, infer_shapes=False)  # no value_info: a and b are untyped
+    assert list(boundary_frontiers(info, 2)) == []
+    assert [c.position for c in find_cuts(info)] == [0, 3]
