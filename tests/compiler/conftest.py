@@ -1,0 +1,15 @@
+"""Compiler test fixtures: the TensorRT/pycuda fakes shared with tests/devices."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.devices import fake_tensorrt
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    """Fake ``tensorrt``/``pycuda.driver`` in sys.modules (see tests/devices/fake_tensorrt.py)."""
+    fake_tensorrt.install(monkeypatch)
+    yield fake_tensorrt
+    fake_tensorrt.check_clean()
