@@ -15,8 +15,10 @@ Levels and portability (ONNX Runtime "Graph Optimizations" documentation):
   provider, not in other ONNX consumers (TensorRT's parser, onnx.checker with strict domains).
 - ``all``: adds layout optimizations (e.g. NCHWc) chosen for the CPU the model is optimized on;
   the docs warn that an offline-optimized model should be run with the same options and on
-  hardware compatible with the machine that saved it. Use it only when the build host is the
-  target (or of the same CPU kind).
+  hardware compatible with the machine that saved it (paraphrased from memory of the ORT "Graph
+  Optimizations" page, not re-read; Hugging Face Optimum's maintainers say the same: above level
+  1 "the optimized graph might be hardware dependent", huggingface/optimum#137). Use it only
+  when the build host is the target (or of the same CPU kind).
 Parts for TensorRT targets are not lowered here: TensorRT parses the plain ONNX part.
 """
 
