@@ -457,7 +457,10 @@ def encode(msg: Message) -> bytes:
     try:
         for f in _SCHEMAS[mtype][1]:
             if f.check is None:  # the tensor list
-                tensors = _tensors_enc(getattr(msg, f.key))
+                try:
+                    tensors = _tensors_enc(getattr(msg, f.key))
+                except _Bad as exc:
+                    raise _Bad(f"field {f.key!r}: {exc}") from None
                 body[f.key] = [_tensor_map(t) for t in tensors]
             elif f.key in _ENCODERS:
                 body[f.key] = _ENCODERS[f.key](getattr(msg, f.key))
@@ -539,7 +542,7 @@ def _read_envelope(mv: memoryview, limits: Limits) -> tuple[Any, int]:
         max_bin_len=limits.max_string_len,  # only ids are bin in an envelope
         max_array_len=max(limits.max_tensors, limits.max_list_len, limits.max_rank, 3) + 1,
         max_map_len=limits.max_fields,
-        max_ext_len=0,
+        max_ext_len=0,  # no ext types in v1 (this also refuses msgpack timestamps)
     )
     fed, step = 0, 4096
     while True:
@@ -549,7 +552,7 @@ def _read_envelope(mv: memoryview, limits: Limits) -> tuple[Any, int]:
         try:
             obj = unpacker.unpack()
         except ValueError as exc:
-            if "exceeds max_" in str(exc):  # msgpack's own length limits
+            if "exceeds max_" in str(exc) and "max_ext_len" not in str(exc):  # msgpack's limits
                 raise MessageTooLarge(f"envelope over limits: {exc}") from exc
             raise
         except msgpack.OutOfData:

@@ -18,7 +18,8 @@ float64 from the float32 extremes, ``q`` and the dequantized values in float32):
             subnormal if the division underflows to 0)
     zero_point = clip(round_half_even(-128 - lo / scale), -128, 127)
     q = clip(round_half_even(x / scale) + zero_point, -128, 127)        as int8
-    dequant(q) = (float32(q) - zero_point) * float32(scale)             as float32
+    dequant(q) = (float32(q) - zero_point) * float32(scale)             as float32, clamped
+                 to the finite float32 range (only matters within 1 ulp of its top)
 
 Every finite ``x`` comes back within ``scale / 2`` (plus float32 rounding). Non-finite input is
 an :class:`~protocol.errors.InvalidArgument`.
@@ -84,6 +85,7 @@ _F32 = np.dtype("<f4")
 _F16 = np.dtype("<f2")
 _I8 = np.dtype("i1")
 _TINY = float(np.finfo(np.float32).smallest_subnormal)
+_F32_MAX = float(np.finfo(np.float32).max)
 
 # storage item size per (dtype, encoding); only these combinations exist
 _STORAGE: dict[tuple[DType, Encoding], int] = {(d, Encoding.RAW): d.itemsize for d in DType}
@@ -316,7 +318,12 @@ class Tensor:
             return np.frombuffer(plain, dtype=_F16).astype(_F32).reshape(self.shape)
         q = np.frombuffer(plain, dtype=_I8).astype(_F32)
         q -= np.float32(self.zero_point)
-        q *= np.float32(self.scale)
+        if self.scale * 256 < _F32_MAX:
+            q *= np.float32(self.scale)
+        else:  # near the top of the float32 range 255 * scale can round past it: clamp
+            with np.errstate(over="ignore"):
+                q *= np.float32(self.scale)
+            np.clip(q, -_F32_MAX, _F32_MAX, out=q)
         return q.reshape(self.shape)
 
     def __repr__(self) -> str:
@@ -328,6 +335,10 @@ class Tensor:
             f"encoding={self.encoding.name}, compressed={self.compressed}, "
             f"wire_bytes={len(self.data)}{extra})"
         )
+
+    def __hash__(self) -> int:  # consistent with ==, without hashing (or pinning) the payload
+        return hash((self.name, self.dtype, self.shape, self.encoding, self.compressed,
+                     len(self.data)))
 
     def __reduce__(self):  # memoryviews do not pickle; ship the bytes
         return (

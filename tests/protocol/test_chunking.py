@@ -1,0 +1,209 @@
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol import chunking
+from protocol._codec import encode_chunk
+from protocol.chunking import CHUNK_PREFIX, Reassembler, is_chunk, split
+from protocol.codec import decode, encode
+from protocol.errors import Code, InvalidArgument, MalformedMessage, MessageTooLarge
+from protocol.messages import DeviceStatus, InferenceRequest
+from protocol.tensors import Tensor
+
+MID = b"\x01" * 16
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def big_frame(n_floats: int = 3 * 2**20 // 4) -> bytes:
+    arr = np.random.default_rng(7).random(n_floats, dtype=np.float32)
+    return encode(InferenceRequest(bytes(16), "cam", "d", 1, 100, (Tensor.from_array("x", arr),)))
+
+
+def test_public_surface():
+    assert set(chunking.__all__) == {"CHUNK_PREFIX", "Reassembler", "is_chunk", "split"}
+
+
+def test_small_payload_is_returned_unchanged():
+    payload = encode(DeviceStatus("d", "online", 1))
+    parts = split(payload, 1024)
+    assert parts == [payload] and parts[0] is payload
+    r = Reassembler()
+    assert r.feed(payload) is payload
+    assert r.pending_bytes == 0
+
+
+def test_big_payload_split_and_reassembled_in_order():
+    payload = big_frame()
+    parts = split(payload, 2**20)
+    assert len(parts) == 4
+    assert all(len(p) <= 2**20 and is_chunk(p) and p[:3] == CHUNK_PREFIX for p in parts)
+    assert not is_chunk(payload)
+    r = Reassembler()
+    out = [r.feed(p) for p in parts]
+    assert out[:-1] == [None] * 3
+    assert out[-1] == payload
+    assert decode(out[-1]).tensors[0].to_array().nbytes == 3 * 2**20
+    assert r.pending_bytes == 0 and r.pending_sets == 0 and r.completed == 1
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(0, 5000), max_size=st.integers(100, 700), seed=st.integers(0, 2**32 - 1))
+def test_any_order_with_duplicates_reassembles(n, max_size, seed):
+    rng = random.Random(seed)
+    payload = rng.randbytes(n)
+    parts = split(payload, max_size)
+    assert all(len(p) <= max_size for p in parts)
+    if n <= max_size:
+        assert parts == [payload]
+        return
+    feed = parts + rng.sample(parts, k=min(3, len(parts)))  # duplicates
+    rng.shuffle(feed)
+    r = Reassembler()
+    results = [r.feed(p) for p in feed]
+    done = [x for x in results if x is not None]
+    assert done == [payload]  # exactly once, late duplicates ignored
+    assert r.pending_bytes == 0 and r.pending_sets == 0
+
+
+def test_interleaved_sets():
+    a, b = os.urandom(5000), os.urandom(7000)
+    pa, pb = split(a, 500), split(b, 500)
+    r = Reassembler()
+    got = []
+    for x, y in zip(pa, pb, strict=False):
+        got += [r.feed(x), r.feed(y)]
+    got += [r.feed(y) for y in pb[len(pa):]]
+    assert [g for g in got if g is not None] == [a, b]
+
+
+def test_mutable_buffers_are_copied_not_aliased():
+    payload = os.urandom(3000)
+    parts = [bytearray(p) for p in split(payload, 1000)]
+    r = Reassembler()
+    for p in parts[:-1]:
+        assert r.feed(p) is None
+        p[-1] ^= 0xFF  # the caller reuses its buffer
+    assert r.feed(parts[-1]) == payload
+
+
+def test_incomplete_set_expires_and_frees_its_memory():
+    clock = FakeClock()
+    r = Reassembler(timeout_s=5.0, clock=clock)
+    parts = split(os.urandom(10_000), 1000)
+    for p in parts[:-1]:
+        r.feed(p)
+    assert r.pending_sets == 1 and r.pending_bytes >= 9000
+    clock.now += 4.9
+    assert r.expire() == 0 and r.pending_sets == 1
+    clock.now += 0.2
+    assert r.expire() == 1
+    assert r.pending_bytes == 0 and r.pending_sets == 0 and r.expired == 1
+    # the last chunk alone now starts a new set instead of completing the old one
+    assert r.feed(parts[-1]) is None
+    assert r.pending_sets == 1
+
+
+def test_expiry_also_happens_on_feed():
+    clock = FakeClock()
+    r = Reassembler(timeout_s=1.0, clock=clock)
+    r.feed(split(os.urandom(3000), 1000)[0])
+    assert r.pending_bytes > 0
+    clock.now += 2
+    other = encode(DeviceStatus("d", "online", 1))
+    r.feed(split(os.urandom(3000), 1000)[0])  # a chunk of another set triggers the sweep
+    assert r.pending_sets == 1 and r.expired == 1
+    assert r.feed(other) is other
+
+
+def test_declared_total_over_limit_is_refused_before_storing():
+    r = Reassembler(max_total_bytes=10_000)
+    chunk = encode_chunk(MID, 0, 2, 10**12, 0, b"x" * 100)
+    with pytest.raises(MessageTooLarge) as info:
+        r.feed(chunk)
+    assert info.value.code is Code.PAYLOAD_TOO_LARGE
+    assert r.pending_bytes == 0 and r.pending_sets == 0
+
+
+def test_oldest_sets_are_evicted_to_stay_under_the_limits():
+    r = Reassembler(max_total_bytes=5000, max_pending_sets=2)
+    firsts = [split(os.urandom(4000), 1000)[0] for _ in range(3)]
+    for p in firsts:
+        r.feed(p)
+    assert r.pending_sets == 2 and r.evicted == 1
+    big = split(os.urandom(4900), 1000)
+    for p in big[:4]:
+        r.feed(p)
+    assert r.pending_bytes <= 5000
+    assert r.evicted >= 2
+
+
+@pytest.mark.parametrize("second, match", [
+    (encode_chunk(MID, 1, 3, 300, 100, b"y" * 100), "3 chunks"),
+    (encode_chunk(MID, 1, 2, 301, 100, b"y" * 100), "301 bytes"),
+    (encode_chunk(MID, 0, 2, 300, 5, b"y" * 100), "index 0"),
+])
+def test_inconsistent_chunks_are_malformed_and_drop_the_set(second, match):
+    r = Reassembler()
+    r.feed(encode_chunk(MID, 0, 2, 300, 0, b"x" * 100))
+    with pytest.raises(MalformedMessage, match=match):
+        r.feed(second)
+    assert r.pending_bytes == 0 and r.pending_sets == 0
+
+
+def test_chunks_that_do_not_tile_the_payload_are_malformed():
+    r = Reassembler()
+    r.feed(encode_chunk(MID, 0, 2, 20, 0, b"a" * 10))
+    with pytest.raises(MalformedMessage, match="starts at 5"):
+        r.feed(encode_chunk(MID, 1, 2, 20, 5, b"b" * 10))
+    r.feed(encode_chunk(MID, 0, 2, 20, 0, b"a" * 5))
+    with pytest.raises(MalformedMessage, match="declared 20"):
+        r.feed(encode_chunk(MID, 1, 2, 20, 5, b"b" * 10))
+    assert r.pending_bytes == 0
+
+
+@pytest.mark.parametrize("chunk, match", [
+    (encode_chunk(MID, 2, 2, 100, 0, b"x"), "index 2 of 2"),
+    (encode_chunk(MID, 0, 2, 100, 95, b"x" * 10), "past the payload"),
+    (encode_chunk(MID, 0, 2, 100, 0, b""), "empty chunk"),
+    (encode_chunk(MID, 0, 5, 3, 0, b"x"), "5 chunks for 3 bytes"),
+    (encode_chunk(b"short", 0, 2, 100, 0, b"x"), "16 bytes"),
+    (CHUNK_PREFIX + b"\x80", "missing field"),
+    (CHUNK_PREFIX, "truncated"),
+])
+def test_malformed_chunk_frames(chunk, match):
+    with pytest.raises(MalformedMessage, match=match):
+        Reassembler().feed(chunk)
+
+
+def test_split_arguments_are_checked():
+    with pytest.raises(InvalidArgument):
+        split(b"x" * 100, 0)
+    with pytest.raises(InvalidArgument, match="no room"):
+        split(b"x" * 100, 40)
+    with pytest.raises(InvalidArgument, match="16 bytes"):
+        split(b"x" * 1000, 100, b"short")
+    with pytest.raises(InvalidArgument):
+        split("text", 100)
+
+
+def test_split_uses_the_given_id_so_retries_form_one_set():
+    payload = os.urandom(2500)
+    a = split(payload, 1000, MID)
+    b = split(payload, 1000, MID)
+    assert a == b
+    r = Reassembler()
+    assert r.feed(a[0]) is None and r.feed(b[1]) is None
+    assert r.feed(a[2]) == payload

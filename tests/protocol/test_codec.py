@@ -1,0 +1,465 @@
+from __future__ import annotations
+
+import math
+
+import msgpack
+import numpy as np
+import pytest
+import zstandard
+from _protocol_strategies import (
+    assignments,
+    error_responses,
+    frame,
+    loads,
+    ok_responses,
+    request_body,
+    requests,
+    statuses,
+)
+from hypothesis import given, settings
+
+from protocol import codec
+from protocol.codec import DEFAULT_LIMITS, Limits, MessageType, decode, encode
+from protocol.errors import (
+    Code,
+    InvalidArgument,
+    MalformedMessage,
+    MessageTooLarge,
+    ProtocolError,
+    VersionMismatch,
+)
+from protocol.messages import (
+    CloudLoad,
+    DeviceStatus,
+    ErrorInfo,
+    InferenceRequest,
+    InferenceResponse,
+    Timings,
+)
+from protocol.tensors import DType, Encoding, Tensor
+
+RID = bytes(range(16))
+
+
+def request(*tensors: Tensor, **kw) -> InferenceRequest:
+    return InferenceRequest(RID, "cam-01", "d" * 64, 1, 100, tuple(tensors), **kw)
+
+
+def malformed(data, match: str | None = None, limits: Limits = DEFAULT_LIMITS):
+    with pytest.raises(MalformedMessage, match=match) as info:
+        decode(data, limits)
+    assert info.value.code is Code.INVALID_ARGUMENT
+    return info.value
+
+
+def too_large(data, match: str | None = None, limits: Limits = DEFAULT_LIMITS):
+    with pytest.raises(MessageTooLarge, match=match) as info:
+        decode(data, limits)
+    assert info.value.code is Code.PAYLOAD_TOO_LARGE
+    return info.value
+
+
+def test_public_surface():
+    assert set(codec.__all__) == {"DEFAULT_LIMITS", "Compression", "Limits", "MessageType",
+                                  "decode", "encode"}
+    assert {t.name: int(t) for t in MessageType} == {
+        "INFERENCE_REQUEST": 1, "INFERENCE_RESPONSE": 2, "DEVICE_STATUS": 3, "CLOUD_LOAD": 4,
+        "ASSIGNMENT": 5, "CHUNK": 6,
+    }
+
+
+# -- property round trips: every message type, every dtype and encoding, with/without zstd --
+
+
+@pytest.mark.parametrize("strategy", [requests, ok_responses, error_responses, statuses, loads,
+                                      assignments],
+                         ids=["request", "response_ok", "response_error", "status", "load",
+                              "assignment"])
+@settings(max_examples=60, deadline=None)
+@given(data=__import__("hypothesis").strategies.data())
+def test_round_trip_every_message_type(strategy, data):
+    msg = data.draw(strategy)
+    frame_bytes = encode(msg)
+    assert isinstance(frame_bytes, bytes)
+    back = decode(frame_bytes)
+    assert type(back) is type(msg)
+    assert back == msg
+    assert encode(back) == frame_bytes  # canonical: re-encoding is byte-identical
+    for mine, theirs in zip(getattr(back, "tensors", ()) or getattr(back, "outputs", ()),
+                            getattr(msg, "tensors", ()) or getattr(msg, "outputs", ()),
+                            strict=True):
+        np.testing.assert_array_equal(mine.to_array(), theirs.to_array())
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_decode_accepts_bytes_bytearray_memoryview(kind):
+    msg = request(Tensor.from_array("x", np.arange(5, dtype=np.int64)))
+    assert decode(kind(encode(msg))) == msg
+
+
+def test_tensor_payloads_are_8_byte_aligned_and_in_order():
+    ts = [Tensor.from_array(f"t{i}", np.arange(i + 1, dtype=np.int8)) for i in range(4)]
+    data = encode(request(*ts))
+    out = decode(data).tensors
+    base = np.frombuffer(data, np.uint8).ctypes.data
+    for t in out:
+        arr = t.to_array()
+        assert (arr.ctypes.data - base) % 8 == 0
+    assert [t.to_array().tolist() for t in out] == [list(range(i + 1)) for i in range(4)]
+
+
+def test_decode_of_raw_tensor_does_not_copy():
+    arr = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    data = encode(request(Tensor.from_array("x", arr)))
+    out = decode(data).tensors[0].to_array()
+    np.testing.assert_array_equal(out, arr)
+    assert np.shares_memory(out, np.frombuffer(data, np.uint8))
+    assert not out.flags.writeable
+    # a mutable input buffer is still exposed read-only
+    buf = bytearray(data)
+    view = decode(buf).tensors[0].to_array()
+    assert np.shares_memory(view, np.frombuffer(buf, np.uint8))
+    assert not view.flags.writeable
+
+
+def test_unknown_keys_are_ignored_everywhere():
+    body = request_body(future="x", layout=[1, 2])
+    body["trace"] = {"nested": [1, 2, 3]}
+    msg = decode(frame(body, payloads=(np.array([1, 2], "<f4").tobytes(),)))
+    assert msg.tensors[0].to_array().tolist() == [1.0, 2.0]
+    resp = {"id": RID, "error": {"code": 6, "message": "m", "retryable": True, "hint": 1},
+            "timings": {"queue_ms": 1, "compute_ms": 2.5, "gpu_ms": 3.0}, "zone": "eu"}
+    out = decode(frame(resp, mtype=2))
+    assert out.error == ErrorInfo(Code.UNAVAILABLE, "m", True)
+    assert out.timings == Timings(1.0, 2.5)
+
+
+def test_absent_optional_fields_take_their_defaults():
+    out = decode(frame({"id": RID}, mtype=2))
+    assert out == InferenceResponse(RID)
+    st = decode(frame({"device_id": "d", "state": "online", "timestamp_ms": 5}, mtype=3))
+    assert st == DeviceStatus("d", "online", 5)
+
+
+# -- encode refuses messages that break the schema --------------------------------------------
+
+
+@pytest.mark.parametrize("msg, match", [
+    (InferenceRequest(b"short", "d", "m", 0, 1, ()), "16 bytes"),
+    (InferenceRequest(RID, "d", "m", -1, 1, ()), "cut_id"),
+    (InferenceRequest(RID, "d", "m", 0, -5, ()), "budget_ms"),
+    (InferenceRequest(RID, 5, "m", 0, 1, ()), "device_id"),
+    (InferenceRequest(RID, "d", "m", 0, 1, [1, 2]), "tensors"),
+    (InferenceRequest(RID, "d", "m", 0, 1, (), version=2), "version"),
+    (InferenceResponse(RID, timings=Timings(math.nan)), "queue_ms"),
+    (InferenceResponse(RID, outputs=(Tensor.from_array("x", np.zeros(1, np.int8)),),
+                       error=ErrorInfo(Code.INTERNAL, "x")), "not both"),
+    (CloudLoad("w", 1, tail_ms=(("d", 1),)), "tail_ms"),
+    (DeviceStatus("d", "online", 1, rtt_ms=-1.0), "rtt_ms"),
+    ("not a message", "not a protocol message"),
+])
+def test_encode_rejects_invalid_messages(msg, match):
+    with pytest.raises(InvalidArgument, match=match):
+        encode(msg)
+
+
+# -- strict decoding: one test per class of malformed input ----------------------------------
+
+
+def test_empty_frame():
+    malformed(b"", "empty")
+
+
+def test_truncated_envelope():
+    data = encode(request(Tensor.from_array("x", np.arange(4, dtype=np.float32))))
+    for cut in (1, 2, 10, 60):
+        malformed(data[:cut], "truncated")
+
+
+def test_truncated_payload():
+    data = encode(request(Tensor.from_array("x", np.arange(4, dtype=np.float32))))
+    malformed(data[:-1], "past the end")
+
+
+def test_trailing_bytes_after_the_last_payload():
+    data = encode(request(Tensor.from_array("x", np.arange(4, dtype=np.float32))))
+    malformed(data + b"\0", "unexpected bytes")
+    malformed(encode(DeviceStatus("d", "online", 1)) + b"x", "unexpected bytes")
+
+
+def test_not_an_envelope():
+    malformed(msgpack.packb(5), "envelope")
+    malformed(msgpack.packb({"v": 1}), "envelope")
+    malformed(msgpack.packb([1, 1]), "elements")
+    malformed(msgpack.packb([1, 1, {}, 4]), "elements")
+    malformed(b"\xc1", "undecodable")  # msgpack's never-used byte
+
+
+def test_non_integer_version_or_type():
+    malformed(msgpack.packb(["1", 1, {}]), "version")
+    malformed(msgpack.packb([1.0, 1, {}]), "version")
+    malformed(msgpack.packb([1, "request", {}]), "type")
+
+
+@pytest.mark.parametrize("version", [0, 2, 3, 255, 2**40])
+def test_other_versions_are_version_mismatch(version):
+    with pytest.raises(VersionMismatch) as info:
+        decode(frame({"whatever": 1}, version=version))
+    assert info.value.code is Code.UNSUPPORTED_VERSION
+    # decided by the first element alone, whatever follows
+    with pytest.raises(VersionMismatch):
+        decode(msgpack.packb([version, "new", "layout", 4]))
+
+
+def test_unknown_message_type():
+    malformed(frame({}, mtype=99), "unknown message type 99")
+    malformed(frame({}, mtype=0), "unknown message type")
+
+
+def test_chunk_frame_is_not_a_message():
+    malformed(frame({}, mtype=6), "chunk")
+
+
+def test_body_not_a_map():
+    malformed(frame([1, 2, 3]), "map")
+
+
+def test_missing_required_field():
+    body = request_body()
+    del body["budget_ms"]
+    malformed(frame(body, payloads=(bytes(8),)), "missing field 'budget_ms'")
+    body = request_body()
+    del body["tensors"][0]["size"]
+    malformed(frame(body, payloads=(bytes(8),)), "missing field 'size'")
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("id", "0123456789abcdef", "id"),
+    ("device_id", 7, "device_id"),
+    ("model_digest", b"bytes", "model_digest"),
+    ("cut_id", -1, "cut_id"),
+    ("cut_id", 2**32, "cut_id"),
+    ("cut_id", 1.0, "cut_id"),
+    ("budget_ms", math.nan, "budget_ms"),
+    ("budget_ms", -1, "budget_ms"),
+    ("budget_ms", True, "budget_ms"),
+    ("priority", None, "priority"),
+    ("reply_topic", ["a"], "reply_topic"),
+    ("tensors", {"x": 1}, "array"),
+])
+def test_wrong_field_types(key, value, match):
+    body = request_body()
+    body[key] = value
+    malformed(frame(body, payloads=(bytes(8),)), match)
+
+
+@pytest.mark.parametrize("n", [0, 15, 17, 32])
+def test_bad_id_length(n):
+    body = request_body()
+    body["id"] = bytes(n)
+    malformed(frame(body, payloads=(bytes(8),)), "16 bytes")
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -1.0, "1"])
+def test_bad_durations(value):
+    malformed(frame({"id": RID, "timings": {"queue_ms": value}}, mtype=2), "queue_ms")
+    malformed(frame({"worker_id": "w", "timestamp_ms": 1, "queue_ms": value}, mtype=4),
+              "queue_ms")
+
+
+def test_bad_nested_records():
+    malformed(frame({"id": RID, "error": "boom"}, mtype=2), "error")
+    malformed(frame({"id": RID, "error": {"code": 0, "message": "m"}}, mtype=2), "code")
+    malformed(frame({"id": RID, "error": {"code": 1}}, mtype=2), "message")
+    malformed(frame({"worker_id": "w", "timestamp_ms": 1, "tail_ms": [["d", 1]]}, mtype=4),
+              "tail_ms")
+
+
+def test_error_and_outputs_together():
+    body = {"id": RID, "error": {"code": 1, "message": "m"},
+            "outputs": request_body()["tensors"]}
+    malformed(frame(body, mtype=2, payloads=(bytes(8),)), "not both")
+
+
+def test_duplicate_map_key():
+    # {"id": ..., "id": ...} written by hand: msgpack's packer cannot produce it
+    entry = msgpack.packb("device_id") + msgpack.packb("a")
+    raw = b"\x93\x01\x03" + b"\x83" + entry + entry + msgpack.packb("state") + msgpack.packb("x")
+    malformed(raw, "duplicate")
+
+
+def test_invalid_utf8():
+    raw = b"\x93\x01\x03\x83" + msgpack.packb("device_id") + b"\xa2\xff\xfe"
+    raw += msgpack.packb("state") + msgpack.packb("x")
+    raw += msgpack.packb("timestamp_ms") + msgpack.packb(1)
+    err = malformed(raw)
+    assert isinstance(err.__cause__, UnicodeDecodeError)
+
+
+def test_ext_types_are_refused():
+    body = request_body()
+    body["device_id"] = msgpack.ExtType(5, b"x")
+    malformed(frame(body, payloads=(bytes(8),)))
+    ts = msgpack.Timestamp(1, 0)  # ext -1
+    malformed(msgpack.packb([1, 3, {"device_id": "d", "state": "s", "timestamp_ms": ts}]))
+
+
+def test_unknown_dtype_code():
+    malformed(frame(request_body(dtype=99), payloads=(bytes(8),)), "unknown dtype code 99")
+    malformed(frame(request_body(dtype=0), payloads=(bytes(8),)), "unknown dtype")
+
+
+def test_unknown_encoding_code():
+    malformed(frame(request_body(encoding=7), payloads=(bytes(8),)), "unknown encoding code 7")
+
+
+def test_unknown_compression_code():
+    malformed(frame(request_body(compression=2), payloads=(bytes(8),)), "compression")
+
+
+def test_encoding_not_defined_for_dtype():
+    malformed(frame(request_body(dtype=6, encoding=1, size=4), payloads=(bytes(4),)),
+              "FP16 is not defined for INT32")
+
+
+def test_shape_disagrees_with_byte_count():
+    malformed(frame(request_body(shape=[3]), payloads=(bytes(8),)), "needs 12 bytes")
+    malformed(frame(request_body(size=12), payloads=(bytes(12),)), "needs 8 bytes")
+
+
+@pytest.mark.parametrize("dims", [[-1], [2, -3], [1.5], ["2"], [None], [True]])
+def test_bad_dimensions(dims):
+    malformed(frame(request_body(shape=dims), payloads=(bytes(8),)), "dimension")
+
+
+def test_non_zero_padding():
+    body = request_body()
+    head = msgpack.packb([1, 1, body], use_bin_type=True)
+    pad = -len(head) % 8
+    assert pad, "test needs an envelope length that is not a multiple of 8"
+    malformed(head + b"\x01" * pad + bytes(8), "padding")
+
+
+def test_bool_payload_must_hold_0_or_1():
+    body = request_body(dtype=8, shape=[3], size=3)
+    malformed(frame(body, payloads=(b"\x00\x01\x02",)), "bool")
+    assert decode(frame(body, payloads=(b"\x00\x01\x01",))).tensors[0].to_array().tolist() == [
+        False, True, True]
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({}, "scale"),
+    ({"scale": 0.0, "zero_point": 0}, "scale"),
+    ({"scale": -1.0, "zero_point": 0}, "scale"),
+    ({"scale": math.nan, "zero_point": 0}, "scale"),
+    ({"scale": math.inf, "zero_point": 0}, "scale"),
+    ({"scale": 1.0}, "zero_point"),
+    ({"scale": 1.0, "zero_point": 128}, "zero_point"),
+    ({"scale": 1.0, "zero_point": 0.5}, "zero_point"),
+])
+def test_bad_int8_parameters(extra, match):
+    body = request_body(encoding=2, size=2, **extra)
+    malformed(frame(body, payloads=(bytes(2),)), match)
+
+
+def _zstd_tensor_frame(payload: bytes, shape: list[int]) -> bytes:
+    body = request_body(shape=shape, compression=1, size=len(payload))
+    return frame(body, payloads=(payload,))
+
+
+def test_zstd_garbage_and_mismatches():
+    good = zstandard.ZstdCompressor().compress(np.arange(4, dtype="<f4").tobytes())
+    assert decode(_zstd_tensor_frame(good, [4])).tensors[0].to_array().tolist() == [0, 1, 2, 3]
+    malformed(_zstd_tensor_frame(b"definitely not zstd", [4]), "zstd")
+    malformed(_zstd_tensor_frame(good, [5]), "declares 16 bytes, tensor needs 20")
+    malformed(_zstd_tensor_frame(good + b"junk", [4]), "exactly one")
+    malformed(_zstd_tensor_frame(good + good, [4]), "exactly one")
+    malformed(_zstd_tensor_frame(good[:-3], [4]), "zstd")
+    no_size = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(16))
+    malformed(_zstd_tensor_frame(no_size, [4]), "declares")
+
+
+def test_zstd_bomb_is_refused_before_decompressing():
+    bomb = zstandard.ZstdCompressor(level=19).compress(bytes(64 * 2**20))
+    assert len(bomb) < 64 * 1024
+    limits = Limits(max_tensor_bytes=2**20)
+    too_large(_zstd_tensor_frame(bomb, [16 * 2**20]), "limit 1048576", limits=limits)
+    # a small declared shape with a big content size: refused by the declared-size check
+    malformed(_zstd_tensor_frame(bomb, [4]), "declares")
+
+
+def test_declared_sizes_over_limits_are_refused_before_allocating():
+    huge = request_body(shape=[2**31 - 1] * 8, size=0)
+    too_large(frame(huge), "decoded")
+    too_large(frame(request_body(shape=[2**31])), "dimension")
+    too_large(frame(request_body(shape=[1] * 9)), "rank 9")
+    small = Limits(max_tensor_bytes=4)
+    too_large(frame(request_body(), payloads=(bytes(8),)), "limit 4", limits=small)
+
+
+def test_total_decoded_bytes_over_limit():
+    ts = [Tensor.from_array(f"t{i}", np.zeros(400, np.uint8), compress=True) for i in range(3)]
+    data = encode(request(*ts))
+    assert len(data) < 1000
+    too_large(data, "decode to over 1000", limits=Limits(max_message_bytes=1000,
+                                                         max_tensor_bytes=400))
+
+
+def test_frame_over_max_message_bytes():
+    data = encode(request(Tensor.from_array("x", np.zeros(1000, np.uint8))))
+    too_large(data, "frame of", limits=Limits(max_message_bytes=500))
+
+
+def test_envelope_over_max_header_bytes():
+    data = encode(request(reply_topic="r" * 3000))
+    too_large(data, "envelope", limits=Limits(max_header_bytes=1000))
+
+
+def test_string_over_max_string_len():
+    data = encode(request(reply_topic="r" * 300))
+    too_large(data, "max_str_len", limits=Limits(max_string_len=100))
+
+
+def test_too_many_tensors():
+    data = encode(request(*(Tensor.from_array(str(i), np.zeros(1, np.int8)) for i in range(5))))
+    too_large(data, "5 tensors", limits=Limits(max_tensors=4))
+    too_large(data, limits=Limits(max_tensors=2, max_list_len=2))  # msgpack's array limit
+
+
+def test_too_many_map_keys():
+    body = request_body()
+    body.update({f"k{i}": i for i in range(100)})
+    too_large(frame(body, payloads=(bytes(8),)), "max_map_len")
+
+
+def test_deep_nesting():
+    malformed(b"\x93\x01\x01" + b"\x91" * 100_000 + b"\x01")
+
+
+@pytest.mark.parametrize("data", ["a string", 12, None, [1, 2]])
+def test_not_a_buffer(data):
+    malformed(data, "bytes")
+
+
+def test_only_protocol_errors_escape():
+    assert issubclass(MalformedMessage, ProtocolError)
+    assert issubclass(MessageTooLarge, ProtocolError)
+    assert issubclass(VersionMismatch, ProtocolError)
+
+
+def test_limits_validate_themselves():
+    with pytest.raises(InvalidArgument):
+        Limits(max_tensors=-1)
+    with pytest.raises(InvalidArgument):
+        Limits(max_rank=2.5)
+
+
+def test_round_trip_of_a_big_tensor_is_exact():
+    arr = np.random.default_rng(1).standard_normal((512, 1024), dtype=np.float32)
+    msg = request(Tensor.from_array("x", arr), Tensor.from_array("y", arr, Encoding.FP16),
+                  Tensor.from_array("z", arr, Encoding.INT8_AFFINE, compress=True))
+    x, y, z = decode(encode(msg)).tensors
+    np.testing.assert_array_equal(x.to_array(), arr)
+    np.testing.assert_allclose(y.to_array(), arr, rtol=2**-11, atol=2**-24)
+    assert np.abs(z.to_array() - arr).max() <= z.scale / 2 + 1e-6
+    assert z.dtype is DType.FLOAT32

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import pytest
+
+from protocol import topics
+from protocol.errors import Code, InvalidArgument
+from protocol.topics import (
+    MAX_ID_LEN,
+    assign_topic,
+    load_topic,
+    parse_assign_topic,
+    parse_load_topic,
+    parse_request_topic,
+    parse_response_topic,
+    parse_status_topic,
+    request_filter,
+    request_topic,
+    response_topic,
+    status_topic,
+    validate_id,
+)
+
+
+def test_topics_are_the_ones_in_the_design():
+    assert request_topic("cam-01", "resnet50") == "tandem/v1/req/cam-01/resnet50"
+    assert response_topic("cam-01") == "tandem/v1/resp/cam-01"
+    assert status_topic("cam-01") == "tandem/v1/status/cam-01"
+    assert load_topic("w-3") == "tandem/v1/cloud/w-3/load"
+    assert assign_topic("cam-01") == "tandem/v1/assign/cam-01"
+    assert request_filter() == "tandem/v1/req/+/+"
+    assert request_filter(None) == "tandem/v1/req/+/+"
+    assert request_filter("workers") == "$share/workers/tandem/v1/req/+/+"
+
+
+def test_parsers_invert_the_builders():
+    assert parse_request_topic(request_topic("cam-01", "m.v2")) == ("cam-01", "m.v2")
+    assert parse_request_topic(b"tandem/v1/req/d/m") == ("d", "m")
+    assert parse_response_topic(response_topic("d")) == "d"
+    assert parse_status_topic(status_topic("d")) == "d"
+    assert parse_load_topic(load_topic("w")) == "w"
+    assert parse_assign_topic(assign_topic("d")) == "d"
+    assert parse_request_topic(request_topic("kamera-ü", "模型")) == ("kamera-ü", "模型")
+
+
+@pytest.mark.parametrize("topic", [
+    "tandem/v1/req/cam-01",
+    "tandem/v1/req/cam-01/m/extra",
+    "tandem/v2/req/cam-01/m",
+    "tandem/v1/resp/cam-01/m",
+    "tandem/v1/req//m",
+    "tandem/v1/req/+/m",
+    "tandem/v1/req/$sys/m",
+    "",
+    b"tandem/v1/req/\xff/m",
+    42,
+])
+def test_parse_request_topic_rejects_others(topic):
+    with pytest.raises(InvalidArgument) as info:
+        parse_request_topic(topic)
+    assert info.value.code is Code.INVALID_ARGUMENT
+
+
+def test_parse_load_topic_needs_the_load_suffix():
+    with pytest.raises(InvalidArgument):
+        parse_load_topic("tandem/v1/cloud/w/status")
+
+
+@pytest.mark.parametrize("bad", [
+    "", "a/b", "a+b", "a#", "+", "#", "a\x00b", "\x00", "$SYS", "$share", "a\nb", "a\x7fb",
+    "x" * (MAX_ID_LEN + 1), "é" * (MAX_ID_LEN // 2 + 1), "\udcff", b"\xff\xfe", None, 5,
+])
+def test_validate_id_rejects(bad):
+    with pytest.raises(InvalidArgument, match="my_id"):
+        validate_id(bad, "my_id")
+
+
+@pytest.mark.parametrize("good", ["cam-01", "a", "x" * MAX_ID_LEN, "é" * (MAX_ID_LEN // 2),
+                                  "a$b", "a b", "Jetson_Orin.nano"])
+def test_validate_id_accepts(good):
+    assert validate_id(good) == good
+
+
+def test_builders_validate_their_ids():
+    for build in (response_topic, status_topic, load_topic, assign_topic):
+        with pytest.raises(InvalidArgument):
+            build("a/b")
+    with pytest.raises(InvalidArgument, match="model"):
+        request_topic("cam", "m/x")
+    with pytest.raises(InvalidArgument, match="shared_group"):
+        request_filter("g+")
+
+
+def test_public_surface():
+    assert "validate_id" in topics.__all__ and "request_filter" in topics.__all__
+    assert all(hasattr(topics, name) for name in topics.__all__)
