@@ -1,3 +1,17 @@
-"""Hardware and fleet: device profiles, device detection, execution backends, fleet registry."""
+"""Hardware and fleet: device profiles (data), local detection, and execution backends behind
+one contract (ONNX Runtime; TensorRT + pycuda). Backends load their runtime on ``activate``."""
 
-__all__: list[str] = []
+from devices.backends import Backend, TensorMeta
+from devices.detect import Detection, detect, detect_profile
+from devices.profiles import Profile, get_profile, load_profiles
+
+__all__ = [
+    "Backend",
+    "Detection",
+    "Profile",
+    "TensorMeta",
+    "detect",
+    "detect_profile",
+    "get_profile",
+    "load_profiles",
+]

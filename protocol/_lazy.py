@@ -7,7 +7,7 @@ from types import ModuleType
 
 from protocol.errors import MissingDependency
 
-__all__ = ["require"]
+__all__ = ["lazy_module", "require"]
 
 _EXTRA_FOR = {
     "onnx": "cpu",
@@ -28,3 +28,22 @@ def require(module: str, extra: str | None = None) -> ModuleType:
         raise MissingDependency(
             f"{module} is not installed: pip install 'tandem-rt[{extra}]' ({exc})"
         ) from exc
+
+
+class _LazyModule:
+    """Stands in for a module and imports it (via :func:`require`) on first attribute use."""
+
+    def __init__(self, name: str, extra: str | None) -> None:
+        self._name = name
+        self._extra = extra
+
+    def __getattr__(self, attr: str):
+        return getattr(require(self._name, self._extra), attr)
+
+    def __repr__(self) -> str:
+        return f"<lazy module {self._name!r}>"
+
+
+def lazy_module(name: str, extra: str | None = None) -> ModuleType:
+    """A module object that imports ``name`` when an attribute is first read."""
+    return _LazyModule(name, extra)  # type: ignore[return-value]

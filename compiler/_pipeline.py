@@ -1,0 +1,470 @@
+"""``BundleFromOnnx``: the whole compile, as one step composed of the smaller ones.
+
+    load → analyze → find cuts → extract head/tail per cut → verify (raw, fp16, int8)
+         → lower each part per target → write the bundle (atomically, optionally signed)
+
+Targets:
+
+- ``onnxruntime`` (alias ``cpu``): every part optimized ahead of time by ONNX Runtime
+  (:class:`~compiler._ort.OrtOptimizedFromOnnx`) and loaded later without re-optimizing.
+- a device profile id (``tandem devices`` lists them): CPU profiles lower like ``onnxruntime``;
+  GPU and Jetson profiles get TensorRT engines (:class:`~compiler._tensorrt.EngineFromOnnx`).
+  Engines only run on the TensorRT version and GPU they were built with, so with
+  ``engines="auto"`` they are built here only when TensorRT is importable *and* this machine's
+  GPU has the profile's compute capability; otherwise the artifact records the build recipe
+  (precision, workspace, DLA, shape profile) and the device builds it into its engine cache on
+  first use (DESIGN.md: "built on the device … into an engine cache"). ``engines="build"``
+  insists on building here and fails if it cannot.
+
+A cut whose verification fails is dropped with a warning; a model left with no interior cut is
+an error (``NoValidCut``). Nothing is written unless everything succeeded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from compiler._cuts import Cut, find_cuts
+from compiler._errors import CompileError
+from compiler._extract import extract
+from compiler._graph import GraphInfo, analyze, load_model
+from compiler._graph import TensorSpec as GraphTensorSpec
+from compiler._verify import CutVerification, Verifier, load_samples
+from protocol._lazy import require
+from protocol.errors import FailedPrecondition, InvalidArgument, NotFound
+
+if TYPE_CHECKING:  # pragma: no cover
+    from onnx import ModelProto
+
+    from devices.profiles import Profile
+    from protocol.bundle import Manifest
+
+__all__ = [
+    "BundleFromOnnx",
+    "CompileOptions",
+    "CompileResult",
+    "NoValidCut",
+    "resolve_targets",
+]
+
+TOOL_VERSION = "tandem-rt 0.1.0"
+_ONNX_DTYPE_NAMES = {
+    1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
+    9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16",
+    21: "uint4", 22: "int4",
+}
+_PROTO_LIMIT = 1_800_000_000  # protobuf's 2 GiB cap, with margin: larger parts use external data
+
+
+class NoValidCut(CompileError):
+    """No interior split point survived discovery and verification."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One lowering target: ``backend`` is "onnxruntime" or "tensorrt"."""
+
+    name: str
+    backend: str
+    profile: Profile | None = None
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    targets: tuple[str, ...] = ("onnxruntime",)
+    max_cuts: int = 8
+    max_frontier: int = 2
+    samples: Path | None = None  # .npz of real inputs; seeded random otherwise
+    n_samples: int = 2
+    seed: int = 0
+    batch: int = 1  # value of symbolic dims for costs and random samples
+    sign_key: Path | None = None
+    key_password: bytes | None = None
+    model_name: str | None = None
+    model_version: str = "1"
+    precision: str = "fp16"  # TensorRT precision: fp32 | fp16 | int8
+    ort_level: str = "extended"
+    engines: str = "auto"  # auto | build | defer
+    max_batch: int = 8  # TensorRT optimization profile max for a dynamic leading dim
+    overwrite: bool = False
+    threads: int = 1
+
+
+@dataclass
+class CutReport:
+    """What the summary table shows about one kept cut."""
+
+    cut: Cut
+    verification: CutVerification
+    frontier: tuple[GraphTensorSpec, ...]
+    bytes_by_encoding: dict[str, int]
+
+
+@dataclass
+class CompileResult:
+    manifest: Manifest
+    out_dir: Path
+    cuts: list[CutReport]
+    dropped: list[tuple[Cut, str]] = field(default_factory=list)
+    total_flops: int = 0
+    n_nodes: int = 0
+
+
+Progress = Callable[[str, int, int], None]  # (stage description, done, total)
+
+
+def resolve_targets(names: Sequence[str]) -> list[Target]:
+    """Validate target names before any work: ``onnxruntime``/``cpu`` or a profile id."""
+    from devices.profiles import get_profile
+
+    if not names:
+        raise InvalidArgument("no target given (use -t onnxruntime or -t <device profile>)")
+    targets: list[Target] = []
+    for name in dict.fromkeys(names):
+        if name in ("onnxruntime", "cpu", "ort"):
+            targets.append(Target("onnxruntime", "onnxruntime"))
+            continue
+        try:
+            profile = get_profile(name)
+        except NotFound as exc:
+            raise InvalidArgument(f"unknown target {name!r}: {exc}") from None
+        targets.append(Target(name, profile.default_backend, profile))
+    return targets
+
+
+def _dtype_name(code: int) -> str:
+    try:
+        return _ONNX_DTYPE_NAMES[code]
+    except KeyError:
+        raise CompileError(f"tensor element type {code} cannot be described in a bundle") from None
+
+
+def _spec(t: GraphTensorSpec):
+    from protocol.bundle import TensorSpec
+
+    shape = t.shape if t.shape is not None else ()
+    return TensorSpec(name=t.name, dtype=_dtype_name(t.dtype), shape=tuple(shape))
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 1e300
+
+
+def _bytes_by_encoding(specs: Sequence[GraphTensorSpec], batch: int) -> dict[str, int]:
+    raw = sum(s.nbytes(batch) for s in specs)
+    fp32 = sum(s.nbytes(batch) for s in specs if s.dtype == 1)
+    return {"raw": raw, "fp16": raw - fp32 // 2, "int8": raw - (fp32 * 3) // 4}
+
+
+def _source_digest(path: Path) -> str:
+    """sha256 of the model file followed by its external data files (sorted by location)."""
+    onnx = require("onnx")
+    skeleton = onnx.load(str(path), load_external_data=False)  # locations, not the weights
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    locations = sorted({
+        entry.value
+        for init in skeleton.graph.initializer
+        for entry in init.external_data
+        if entry.key == "location"
+    })
+    for loc in locations:
+        with open(path.parent / loc, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _save(model: ModelProto, path: Path) -> None:
+    onnx = require("onnx")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if model.ByteSize() > _PROTO_LIMIT:
+        onnx.save_model(model, str(path), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=path.name + ".data")
+    else:
+        onnx.save_model(model, str(path))
+
+
+class BundleFromOnnx:
+    """Callable step: compile ``model_path`` into a bundle at ``out_dir``; returns a
+    :class:`CompileResult`. Construction validates the options and does nothing else."""
+
+    def __init__(self, model_path: str | os.PathLike, out_dir: str | os.PathLike,
+                 options: CompileOptions = CompileOptions(),
+                 progress: Progress | None = None) -> None:
+        if options.max_cuts < 2:
+            raise InvalidArgument("--max-cuts must be at least 2 (cut 0 and all-local)")
+        if options.max_frontier < 1:
+            raise InvalidArgument("--max-frontier must be at least 1")
+        if options.engines not in ("auto", "build", "defer"):
+            raise InvalidArgument(f"engines must be auto, build or defer, not {options.engines!r}")
+        if options.precision not in ("fp32", "fp16", "int8"):
+            raise InvalidArgument(f"unknown precision {options.precision!r}")
+        self.model_path = Path(model_path)
+        self.out_dir = Path(out_dir)
+        self.options = options
+        self.progress = progress or (lambda stage, done, total: None)
+
+    def __call__(self) -> CompileResult:
+        opts = self.options
+        targets = resolve_targets(opts.targets)
+        if self.out_dir.exists() and not opts.overwrite:
+            raise FailedPrecondition(f"{self.out_dir} already exists (use --overwrite)")
+        if not self.model_path.is_file():
+            raise NotFound(f"no model file at {self.model_path}")
+        self.progress("loading model", 0, 1)
+        model = load_model(self.model_path)
+        info = analyze(model, batch=opts.batch)
+        cuts = find_cuts(info, max_frontier=opts.max_frontier, max_cuts=opts.max_cuts)
+        samples = load_samples(opts.samples, model) if opts.samples is not None else None
+        verifier = Verifier(model, samples, seed=opts.seed, n_samples=opts.n_samples,
+                            batch=opts.batch, intra_op_threads=opts.threads)
+        with tempfile.TemporaryDirectory(prefix="tandem-compile-") as scratch:
+            work = Path(scratch)
+            full_rel = "parts/full.onnx"
+            _save(model, work / full_rel)
+            kept, dropped, parts = self._split(model, info, cuts, verifier, work)
+            interior = [r for r in kept if 0 < r.cut.position < len(info.compute_nodes)]
+            if not interior:
+                reasons = "; ".join(f"cut {c.id}: {why}" for c, why in dropped) or (
+                    f"no boundary has a frontier of at most {opts.max_frontier} tensor(s)")
+                raise NoValidCut(f"{self.model_path.name}: no valid split point ({reasons}); "
+                                 "try a larger --max-frontier")
+            artifacts = self._lower(targets, sorted(parts), work, verifier)
+            manifest = self._manifest(model, info, kept, artifacts)
+            self.progress("writing bundle", 0, 1)
+            manifest = self._write(manifest, work, parts, artifacts)
+        self.progress("writing bundle", 1, 1)
+        return CompileResult(manifest, self.out_dir, kept, dropped, info.total_flops,
+                             len(info.compute_nodes))
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def _split(self, model, info: GraphInfo, cuts: list[Cut], verifier: Verifier, work: Path):
+        """Extract and verify every cut; returns (kept reports, dropped, part paths)."""
+        kept: list[CutReport] = []
+        dropped: list[tuple[Cut, str]] = []
+        parts: set[str] = {"parts/full.onnx"}
+        n = len(info.compute_nodes)
+        for i, cut in enumerate(cuts):
+            self.progress("extracting and verifying cuts", i, len(cuts))
+            try:
+                head, tail = extract(model, info, cut)
+            except CompileError as exc:
+                dropped.append((cut, str(exc)))
+                warnings.warn(f"dropping cut {cut.id}: {exc}", stacklevel=2)
+                continue
+            result = verifier.verify(head, tail, cut_id=cut.id)
+            if not result.passed:
+                why = result.error or _worst(result)
+                dropped.append((cut, f"verification failed: {why}"))
+                warnings.warn(f"dropping cut {cut.id}: verification failed: {why}",
+                              stacklevel=2)
+                continue
+            if 0 < cut.position < n:
+                _save(head, work / f"parts/cut{cut.id}.head.onnx")
+                _save(tail, work / f"parts/cut{cut.id}.tail.onnx")
+                parts.update({f"parts/cut{cut.id}.head.onnx", f"parts/cut{cut.id}.tail.onnx"})
+            frontier = tuple(info.spec(t) for t in cut.frontier)
+            kept.append(CutReport(cut, result, frontier,
+                                  _bytes_by_encoding(frontier, self.options.batch)))
+        self.progress("extracting and verifying cuts", len(cuts), len(cuts))
+        return kept, dropped, parts
+
+    def _lower(self, targets: list[Target], parts: list[str], work: Path,
+               verifier: Verifier) -> list:
+        from compiler._ort import OrtOptimizedFromOnnx
+        from protocol.bundle import Artifact
+
+        artifacts: list[Artifact] = []
+        ort = require("onnxruntime")
+        for target in targets:
+            if target.backend == "onnxruntime":
+                profile_id = target.profile.id if target.profile else ""
+                for i, part in enumerate(parts):
+                    self.progress(f"lowering for {target.name}", i, len(parts))
+                    rel = f"ort/{Path(part).name}"
+                    if not (work / rel).exists():
+                        OrtOptimizedFromOnnx(work / part, work / rel, self.options.ort_level)()
+                    artifacts.append(Artifact(
+                        part=part, target="onnxruntime", path=rel, precision="fp32",
+                        device_profile=profile_id,
+                        builder=f"onnxruntime {ort.__version__} optimized "
+                                f"level={self.options.ort_level}",
+                    ))
+            else:
+                artifacts.extend(self._lower_tensorrt(target, parts, work, verifier))
+            self.progress(f"lowering for {target.name}", len(parts), len(parts))
+        return artifacts
+
+    def _lower_tensorrt(self, target: Target, parts: list[str], work: Path,
+                        verifier: Verifier) -> list:
+        from compiler._tensorrt import EngineFromOnnx, shape_profile_id
+        from protocol.bundle import Artifact
+
+        profile = target.profile
+        assert profile is not None
+        build_here = self._can_build_engines(profile)
+        out = []
+        for i, part in enumerate(parts):
+            self.progress(f"lowering for {target.name}", i, len(parts))
+            shapes = _dynamic_shapes(work / part, self.options.max_batch)
+            recipe = {
+                "workspace_mb": profile.workspace_mb,
+                "shapes": {k: [list(s) for s in v] for k, v in shapes.items()},
+                "shape_profile": shape_profile_id(shapes),
+                "compute_capability": profile.compute_capability,
+            }
+            if not build_here:
+                # Deferred: the device builds the engine from the ONNX part into its cache.
+                out.append(Artifact(
+                    part=part, target="tensorrt", path=part, precision=self.options.precision,
+                    device_profile=profile.id, builder="deferred: built on the device",
+                    extra={**recipe, "build": "on-device"},
+                ))
+                continue
+            trt = require("tensorrt", "tensorrt")
+            calibration = None
+            if self.options.precision == "int8":
+                calibration = _part_feeds(work, part, verifier)
+            engine = EngineFromOnnx(work / part, profile, self.options.precision, shapes or None,
+                                    calibration)()
+            rel = f"trt/{profile.id}/{Path(part).stem}.{self.options.precision}.engine"
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            (work / rel).write_bytes(engine)
+            out.append(Artifact(
+                part=part, target="tensorrt", path=rel, precision=self.options.precision,
+                device_profile=profile.id, builder=f"tensorrt {trt.__version__}",
+                extra={**recipe, "build": "prebuilt", "tensorrt_version": trt.__version__},
+            ))
+        return out
+
+    def _can_build_engines(self, profile: Profile) -> bool:
+        mode = self.options.engines
+        if mode == "defer":
+            return False
+        if mode == "build":
+            require("tensorrt", "tensorrt")
+            return True
+        try:
+            require("tensorrt", "tensorrt")
+        except FailedPrecondition:
+            return False
+        from devices.detect import detect_profile
+
+        local = detect_profile()
+        return local.compute_capability == profile.compute_capability
+
+    def _manifest(self, model, info: GraphInfo, kept: list[CutReport], artifacts) -> Manifest:
+        from protocol.bundle import CutSpec, EncodingCheck, Manifest, Verification
+
+        n = len(info.compute_nodes)
+        cut_specs = []
+        for report in kept:
+            cut, v = report.cut, report.verification
+            raw = v.raw
+            encodings = {
+                name: EncodingCheck(
+                    encoding=name, max_abs_err=_finite(chk.max_abs_err),
+                    max_rel_err=_finite(chk.max_rel_err), tolerance=chk.tolerance.atol,
+                    passed=chk.within_tolerance,
+                )
+                for name, chk in v.encodings.items()
+            }
+            cut_specs.append(CutSpec(
+                id=cut.id, position=cut.position,
+                frontier=tuple(_spec(t) for t in report.frontier),
+                frontier_bytes=cut.frontier_bytes, head_flops=cut.head_flops,
+                tail_flops=cut.tail_flops,
+                head_part=None if cut.position == 0 else (
+                    "parts/full.onnx" if cut.position >= n else f"parts/cut{cut.id}.head.onnx"),
+                tail_part=None if cut.position >= n else (
+                    "parts/full.onnx" if cut.position == 0 else f"parts/cut{cut.id}.tail.onnx"),
+                verification=Verification(
+                    samples=v.n_samples,
+                    max_abs_err={k: _finite(e.max_abs) for k, e in raw.outputs.items()},
+                    max_rel_err={k: _finite(e.max_rel) for k, e in raw.outputs.items()},
+                    passed=v.passed, encodings=encodings,
+                ),
+            ))
+        return Manifest(
+            model_name=self.options.model_name or self.model_path.stem,
+            model_version=self.options.model_version,
+            source_digest=_source_digest(self.model_path),
+            inputs=tuple(_spec(info.spec(t)) for t in info.inputs),
+            outputs=tuple(_spec(info.spec(t)) for t in info.outputs),
+            cuts=tuple(cut_specs),
+            artifacts=tuple(artifacts),
+            tool_version=TOOL_VERSION,
+            extra={"total_flops": info.total_flops, "nodes": n, "batch": self.options.batch,
+                   "opset": info.opset},
+        )
+
+    def _write(self, manifest: Manifest, work: Path, parts: set[str], artifacts) -> Manifest:
+        from protocol.bundle import BundleWriter
+
+        files = sorted(set(parts) | {a.path for a in artifacts})
+        with BundleWriter(self.out_dir, overwrite=self.options.overwrite) as writer:
+            for rel in files:
+                writer.add_file(rel, work / rel)
+                data = work / (rel + ".data")
+                if data.exists():
+                    writer.add_file(rel + ".data", data)
+            return writer.finish(manifest, self.options.sign_key,
+                                 password=self.options.key_password)
+
+
+def _worst(v: CutVerification) -> str:
+    if v.raw is None:
+        return "could not run"
+    bad = {k: e for k, e in v.raw.outputs.items() if not e.within_tolerance}
+    return ", ".join(f"{k}: max abs err {e.max_abs:.3g}" for k, e in bad.items()) or "unknown"
+
+
+def _dynamic_shapes(part: Path, max_batch: int) -> dict:
+    """(min, opt, max) shapes for inputs whose only symbolic dim is the leading (batch) one."""
+    onnx = require("onnx")
+    model = onnx.load(str(part), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    shapes = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if not dims or dims[0].HasField("dim_value"):
+            continue
+        rest = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
+        if any(d is None for d in rest):
+            raise CompileError(f"{part.name}: input {inp.name} has symbolic dims beyond the "
+                               "batch dimension; TensorRT needs concrete shape profiles")
+        opt = max(1, max_batch // 2)
+        shapes[inp.name] = ((1, *rest), (opt, *rest), (max_batch, *rest))
+    return shapes
+
+
+def _part_feeds(work: Path, part: str, verifier: Verifier) -> list[dict]:
+    """Calibration inputs of a part: the verifier's samples pushed through the head of that
+    part's cut (tails) or taken as they are (heads and the full model)."""
+    ort = require("onnxruntime")
+    name = Path(part).name
+    if ".tail." not in name:
+        return [dict(s) for s in verifier.samples]
+    head = work / "parts" / name.replace(".tail.", ".head.")
+    sess = ort.InferenceSession(str(head), providers=["CPUExecutionProvider"])
+    outs = [o.name for o in sess.get_outputs()]
+    feeds = []
+    for s in verifier.samples:
+        values = dict(zip(outs, sess.run(outs, {i.name: s[i.name] for i in sess.get_inputs()}),
+                          strict=True))
+        feeds.append({**s, **values})
+    return feeds

@@ -1,0 +1,187 @@
+"""The whole compile: every test model becomes a bundle whose lowered parts reproduce the model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from _models import (
+    big_model,
+    cnn_chain,
+    dynamic_batch,
+    multi_io,
+    random_inputs,
+    residual,
+    save,
+    unet,
+    with_external_data,
+)
+
+from compiler import BundleFromOnnx, CompileOptions, NoValidCut
+from devices.backends import OnnxRuntimeBackend
+from protocol.bundle import load_bundle
+from protocol.errors import FailedPrecondition, InvalidArgument
+from protocol.tensors import Encoding, Tensor
+
+BUILDERS = {
+    "cnn_chain": cnn_chain,
+    "residual": residual,
+    "unet": unet,
+    "multi_io": multi_io,
+    "dynamic_batch": dynamic_batch,
+}
+
+
+def _run(bundle, rel: str, feeds: dict) -> dict:
+    with OnnxRuntimeBackend(bundle.path_of(rel), optimized=True) as backend:
+        names = {m.name for m in backend.inputs}
+        return backend.infer({k: v for k, v in feeds.items() if k in names})
+
+
+def _ort_artifact(manifest, part: str) -> str:
+    (art,) = manifest.artifacts_for(part, target="onnxruntime")
+    return art.path
+
+
+def _check_bundle_reproduces(bundle, model, batch: int = 1) -> None:
+    """Run every cut's lowered head then tail and compare with the full model, within the
+    tolerance the manifest recorded, for raw and for each allowed encoding."""
+    m = bundle.manifest
+    x = random_inputs(model, seed=123, batch=batch)
+    full = _run(bundle, _ort_artifact(m, "parts/full.onnx"), x)
+    assert m.cuts, "a bundle without cuts"
+    for cut in m.cuts:
+        crossing = dict(x)
+        if cut.head_part:
+            crossing.update(_run(bundle, _ort_artifact(m, cut.head_part), x))
+        if not cut.tail_part:
+            got = crossing
+            for name, ref in full.items():
+                np.testing.assert_allclose(got[name], ref, rtol=1e-5, atol=1e-5)
+            continue
+        frontier = {t.name: crossing[t.name] for t in cut.frontier}
+        got = _run(bundle, _ort_artifact(m, cut.tail_part), frontier)
+        for name, ref in full.items():
+            atol = 1e-4 * max(1, np.abs(ref).max())
+            np.testing.assert_allclose(got[name], ref, rtol=1e-3, atol=atol)
+        for enc in m.allowed_encodings(cut.id):
+            check = cut.verification.encodings[enc]
+            wire = Encoding.FP16 if enc == "fp16" else Encoding.INT8_AFFINE
+            coded = {
+                k: Tensor.from_array(k, v, encoding=wire).to_array() if v.dtype == np.float32
+                else v for k, v in frontier.items()
+            }
+            got = _run(bundle, _ort_artifact(m, cut.tail_part), coded)
+            for name, ref in full.items():
+                err = np.abs(got[name].astype(np.float64) - ref).max()
+                # new inputs, so allow the recorded worst case with margin
+                bound = max(4 * check.max_abs_err, check.tolerance * max(1, np.abs(ref).max()))
+                assert err <= bound
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_every_test_model_compiles_to_a_bundle_that_reproduces_it(name, tmp_path):
+    model = BUILDERS[name]()
+    src = save(model, tmp_path / f"{name}.onnx")
+    result = BundleFromOnnx(src, tmp_path / "bundle", CompileOptions(targets=("onnxruntime",)))()
+    assert any(0 < r.cut.id < result.n_nodes for r in result.cuts)
+    with load_bundle(tmp_path / "bundle") as bundle:
+        assert bundle.manifest.source_digest == result.manifest.source_digest
+        assert [c.id for c in bundle.manifest.cuts] == [r.cut.id for r in result.cuts]
+        _check_bundle_reproduces(bundle, model)
+
+
+def test_dynamic_batch_bundle_runs_at_batch_four(tmp_path):
+    model = dynamic_batch()
+    src = save(model, tmp_path / "m.onnx")
+    BundleFromOnnx(src, tmp_path / "b", CompileOptions(targets=("onnxruntime",)))()
+    with load_bundle(tmp_path / "b") as bundle:
+        assert bundle.manifest.inputs[0].shape[0] == "N"
+        _check_bundle_reproduces(bundle, model, batch=4)
+
+
+def test_external_data_model_compiles(tmp_path):
+    src = with_external_data(tmp_path / "src")
+    result = BundleFromOnnx(src, tmp_path / "b", CompileOptions(targets=("onnxruntime",)))()
+    with load_bundle(tmp_path / "b") as bundle:
+        _check_bundle_reproduces(bundle, onnx.load(str(src)))
+    # the digest covers the weights: changing the external data changes it
+    data = src.parent / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 0x01
+    data.write_bytes(bytes(raw))
+    again = BundleFromOnnx(src, tmp_path / "b2", CompileOptions(targets=("onnxruntime",)))()
+    assert again.manifest.source_digest != result.manifest.source_digest
+
+
+def test_max_cuts_and_pareto_in_the_manifest(tmp_path):
+    src = save(big_model(), tmp_path / "big.onnx")
+    result = BundleFromOnnx(src, tmp_path / "b", CompileOptions(targets=("onnxruntime",),
+                                                                max_cuts=5))()
+    cuts = result.manifest.cuts
+    assert 3 <= len(cuts) <= 5
+    assert cuts[0].head_part is None and cuts[-1].tail_part is None
+    interior = cuts[1:-1]
+    # more edge work buys fewer bytes, never more
+    for a, b in zip(interior, interior[1:], strict=False):
+        assert a.head_flops < b.head_flops and a.frontier_bytes > b.frontier_bytes
+    assert all(c.frontier_bytes < cuts[0].frontier_bytes for c in interior)
+
+
+def test_tensorrt_target_without_tensorrt_defers_engines_to_the_device(tmp_path):
+    src = save(residual(), tmp_path / "m.onnx")
+    result = BundleFromOnnx(src, tmp_path / "b", CompileOptions(
+        targets=("onnxruntime", "jetson-orin-nano-8gb")))()
+    trt = [a for a in result.manifest.artifacts if a.target == "tensorrt"]
+    assert trt and all(a.extra["build"] == "on-device" for a in trt)
+    assert all(a.path == a.part and a.device_profile == "jetson-orin-nano-8gb" for a in trt)
+    from devices.profiles import get_profile
+
+    expected = get_profile("jetson-orin-nano-8gb").workspace_mb
+    assert {a.extra["workspace_mb"] for a in trt} == {expected}
+
+
+def test_tensorrt_engines_built_with_the_fake(fake_trt, tmp_path):
+    src = save(dynamic_batch(), tmp_path / "m.onnx")
+    result = BundleFromOnnx(src, tmp_path / "b", CompileOptions(
+        targets=("cloud-t4",), engines="build", precision="fp16", max_batch=8))()
+    engines = [a for a in result.manifest.artifacts if a.target == "tensorrt"]
+    assert engines and all(a.path.endswith(".fp16.engine") for a in engines)
+    profiles = [triple for a in engines for triple in a.extra["shapes"].values()]
+    assert profiles, "a dynamic-batch model must get optimization profiles"
+    assert all(lo[0] == 1 and hi[0] == 8 for lo, _, hi in profiles)
+    with load_bundle(tmp_path / "b") as bundle:
+        for a in engines:
+            assert bundle.read(a.path)  # digests verified, engine bytes present
+
+
+def test_unknown_target_fails_before_any_work(tmp_path):
+    src = save(cnn_chain(), tmp_path / "m.onnx")
+    with pytest.raises(InvalidArgument, match="unknown target 'jetson-nope'"):
+        BundleFromOnnx(src, tmp_path / "b", CompileOptions(targets=("jetson-nope",)))()
+    assert not (tmp_path / "b").exists()
+
+
+def test_single_node_model_has_no_valid_cut(tmp_path):
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    src = save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]),
+               tmp_path / "m.onnx")
+    with pytest.raises(NoValidCut, match="no valid split point"):
+        BundleFromOnnx(src, tmp_path / "b", CompileOptions())()
+    assert not (tmp_path / "b").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path):
+    src = save(cnn_chain(), tmp_path / "m.onnx")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "keep").write_text("x")
+    with pytest.raises(FailedPrecondition, match="already exists"):
+        BundleFromOnnx(src, tmp_path / "b", CompileOptions())()
+    assert (tmp_path / "b" / "keep").exists()
+    BundleFromOnnx(src, tmp_path / "b", CompileOptions(overwrite=True))()
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["model_name"] == "m"
