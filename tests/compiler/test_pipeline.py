@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -125,7 +126,7 @@ def test_max_cuts_and_pareto_in_the_manifest(tmp_path):
     assert cuts[0].head_part is None and cuts[-1].tail_part is None
     interior = cuts[1:-1]
     # more edge work buys fewer bytes, never more
-    for a, b in zip(interior, interior[1:], strict=False):
+    for a, b in itertools.pairwise(interior):
         assert a.head_flops < b.head_flops and a.frontier_bytes > b.frontier_bytes
     assert all(c.frontier_bytes < cuts[0].frontier_bytes for c in interior)
 
