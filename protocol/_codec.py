@@ -63,6 +63,7 @@ _U32 = 2**32 - 1
 _U63 = 2**63 - 1
 _I64_MIN = -(2**63)
 _ZEROS = bytes(ALIGN)
+_FIRST_FEED = 4096  # envelope bytes handed to msgpack first (then x4 while it needs more)
 
 
 class MessageType(enum.IntEnum):
@@ -538,13 +539,14 @@ def _read_envelope(mv: memoryview, limits: Limits) -> tuple[Any, int]:
         use_list=True,
         object_pairs_hook=_pairs,
         max_buffer_size=max(cap, 1),
+        read_size=min(max(cap, 1), _FIRST_FEED),  # else msgpack mallocs max_buffer_size upfront
         max_str_len=limits.max_string_len,
         max_bin_len=limits.max_string_len,  # only ids are bin in an envelope
         max_array_len=max(limits.max_tensors, limits.max_list_len, limits.max_rank, 3) + 1,
         max_map_len=limits.max_fields,
         max_ext_len=0,  # no ext types in v1 (this also refuses msgpack timestamps)
     )
-    fed, step = 0, 4096
+    fed, step = 0, _FIRST_FEED
     while True:
         end = min(cap, fed + step)
         unpacker.feed(mv[fed:end])
