@@ -94,6 +94,9 @@ class CompileOptions:
     ort_level: str = "extended"
     engines: str = "auto"  # auto | build | defer
     max_batch: int = 8  # TensorRT optimization profile max for a dynamic leading dim
+    timing_cache: Path | None = None  # TensorRT timing cache, loaded and saved back
+    version_compatible: bool = False  # TensorRT >= 8.6 version-compatible engines
+    dla_core: int | None = None  # DLA core (with GPU fallback) on profiles that have DLA
     overwrite: bool = False
     threads: int = 1
 
@@ -315,6 +318,7 @@ class BundleFromOnnx:
         profile = target.profile
         assert profile is not None
         build_here = self._can_build_engines(profile)
+        dla_core = self.options.dla_core if profile.has_dla else None
         out = []
         for i, part in enumerate(parts):
             self.progress(f"lowering for {target.name}", i, len(parts))
@@ -324,6 +328,8 @@ class BundleFromOnnx:
                 "shapes": {k: [list(s) for s in v] for k, v in shapes.items()},
                 "shape_profile": shape_profile_id(shapes),
                 "compute_capability": profile.compute_capability,
+                "version_compatible": self.options.version_compatible,
+                "dla_core": dla_core,
             }
             if not build_here:
                 # Deferred: the device builds the engine from the ONNX part into its cache.
@@ -337,8 +343,11 @@ class BundleFromOnnx:
             calibration = None
             if self.options.precision == "int8":
                 calibration = _part_feeds(work, part, verifier)
-            engine = EngineFromOnnx(work / part, profile, self.options.precision, shapes or None,
-                                    calibration)()
+            engine = EngineFromOnnx(
+                work / part, profile, self.options.precision, shapes or None, calibration,
+                timing_cache=self.options.timing_cache,
+                version_compatible=self.options.version_compatible, dla_core=dla_core,
+            )()
             rel = f"trt/{profile.id}/{Path(part).stem}.{self.options.precision}.engine"
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             (work / rel).write_bytes(engine)

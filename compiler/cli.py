@@ -49,6 +49,12 @@ def _err(e: float | None) -> str:
               show_default=True, help="TensorRT engine precision")
 @click.option("--engines", type=click.Choice(["auto", "build", "defer"]), default="auto",
               show_default=True, help="build TensorRT engines here, or defer to the device")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
+              help="TensorRT timing cache file (reused and updated)")
+@click.option("--version-compatible", is_flag=True,
+              help="TensorRT version-compatible engines (TensorRT >= 8.6)")
+@click.option("--dla-core", type=click.IntRange(0, 1),
+              help="run TensorRT parts on this DLA core (GPU fallback) where the profile has DLA")
 @click.option("--name", "model_name", help="model name (default: file name)")
 @click.option("--version", "model_version", default="1", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="seed of the random samples")
@@ -56,7 +62,9 @@ def _err(e: float | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: int,
                     max_frontier: int, samples: Path | None, sign_key: Path | None,
-                    precision: str, engines: str, model_name: str | None, model_version: str,
+                    precision: str, engines: str, timing_cache: Path | None,
+                    version_compatible: bool, dla_core: int | None, model_name: str | None,
+                    model_version: str,
                     seed: int, overwrite: bool, as_json: bool) -> None:
     """Cut MODEL (ONNX) at good split points, verify and lower the parts, write a bundle."""
     from protocol._lazy import require
@@ -75,7 +83,8 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
         raise click.UsageError(f"{out} already exists (use --overwrite)")
     options = CompileOptions(
         targets=targets, max_cuts=max_cuts, max_frontier=max_frontier, samples=samples,
-        sign_key=sign_key, precision=precision, engines=engines, model_name=model_name,
+        sign_key=sign_key, precision=precision, engines=engines, timing_cache=timing_cache,
+        version_compatible=version_compatible, dla_core=dla_core, model_name=model_name,
         model_version=model_version, seed=seed, overwrite=overwrite,
     )
     err = Console(stderr=True)

@@ -186,3 +186,18 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
     assert (tmp_path / "b" / "keep").exists()
     BundleFromOnnx(src, tmp_path / "b", CompileOptions(overwrite=True))()
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["model_name"] == "m"
+
+
+def test_tensorrt_build_options_reach_the_builder(fake_trt, tmp_path):
+    fake_trt.FAKE_NUM_DLA_CORES = 2  # an AGX Orin has two
+    src = save(residual(), tmp_path / "m.onnx")
+    cache = tmp_path / "timing.cache"
+    result = BundleFromOnnx(src, tmp_path / "b", CompileOptions(
+        targets=("jetson-agx-orin-64gb",), engines="build", precision="fp16",
+        timing_cache=cache, version_compatible=True, dla_core=1))()
+    engines = [a for a in result.manifest.artifacts if a.target == "tensorrt"]
+    assert engines and all(a.extra["dla_core"] == 1 and a.extra["version_compatible"]
+                           for a in engines)
+    assert cache.exists() and cache.stat().st_size > 0
+    builds = fake_trt.BUILDS[-len(engines):]
+    assert all(b["device_type"] == "DLA" and b["dla_core"] == 1 for b in builds)
