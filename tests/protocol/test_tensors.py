@@ -205,3 +205,11 @@ def test_equality_hash_pickle_and_repr():
                                                     Encoding.INT8_AFFINE, compress=True)))
     np.testing.assert_allclose(c.to_array(), np.ones(3), atol=c.scale)
     assert "INT8_AFFINE" in repr(c) and "q" in repr(c)
+
+
+def test_public_surface():
+    from protocol import tensors
+
+    assert tensors.__all__ == ["DType", "Encoding", "Tensor"]
+    t = Tensor.from_array("x", np.zeros((2, 3), np.float32))
+    assert (t.name, t.dtype, t.shape, t.encoding) == ("x", DType.FLOAT32, (2, 3), Encoding.RAW)
