@@ -1,12 +1,24 @@
 """Tandem's wire: messages, tensor encoding, chunking, topics, errors, the MQTT transport and
-the bundle format. Imports no other package of ours and nothing heavy (no onnx, no TensorRT)."""
+the bundle format. Imports no other package of ours and nothing heavy (no onnx, no TensorRT).
 
+The transport (paho-mqtt) and the bundle format (cryptography, zstandard on use) load on first
+access of one of their names, so ``import protocol`` stays cheap for every CLI start.
+"""
+
+from __future__ import annotations
+
+import importlib as _importlib
+
+from protocol.chunking import Reassembler, split
+from protocol.codec import DEFAULT_LIMITS, Limits, MessageType, decode, encode
 from protocol.errors import (
     Code,
     DeadlineExceeded,
     FailedPrecondition,
     InternalError,
     InvalidArgument,
+    MalformedMessage,
+    MessageTooLarge,
     MissingDependency,
     NotFound,
     PayloadTooLarge,
@@ -16,21 +28,91 @@ from protocol.errors import (
     TandemError,
     Unavailable,
     UnsupportedVersion,
+    VersionMismatch,
+    error_from_wire,
 )
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    Assignment,
+    CloudLoad,
+    DeviceStatus,
+    ErrorInfo,
+    InferenceRequest,
+    InferenceResponse,
+    Timings,
+    new_request_id,
+)
+from protocol.tensors import DType, Encoding, Tensor
+
+_LAZY = {
+    "AsyncTransport": "protocol.transport",
+    "Transport": "protocol.transport",
+    "TransportConfig": "protocol.transport",
+    "TlsConfig": "protocol.transport",
+    "Bundle": "protocol.bundle",
+    "BundleWriter": "protocol.bundle",
+    "Manifest": "protocol.bundle",
+    "load_bundle": "protocol.bundle",
+    "BundleError": "protocol.bundle",
+    "BundleIntegrityError": "protocol.bundle",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'protocol' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
+    "DEFAULT_LIMITS",
+    "PROTOCOL_VERSION",
+    "Assignment",
+    "AsyncTransport",
+    "Bundle",
+    "BundleError",
+    "BundleIntegrityError",
+    "BundleWriter",
+    "CloudLoad",
     "Code",
+    "DType",
     "DeadlineExceeded",
+    "DeviceStatus",
+    "Encoding",
+    "ErrorInfo",
     "FailedPrecondition",
+    "InferenceRequest",
+    "InferenceResponse",
     "InternalError",
     "InvalidArgument",
+    "Limits",
+    "MalformedMessage",
+    "Manifest",
+    "MessageTooLarge",
+    "MessageType",
     "MissingDependency",
     "NotFound",
     "PayloadTooLarge",
     "PermissionDenied",
     "ProtocolError",
+    "Reassembler",
     "ResourceExhausted",
     "TandemError",
+    "Tensor",
+    "Timings",
+    "TlsConfig",
+    "Transport",
+    "TransportConfig",
     "Unavailable",
     "UnsupportedVersion",
+    "VersionMismatch",
+    "decode",
+    "encode",
+    "error_from_wire",
+    "load_bundle",
+    "new_request_id",
+    "split",
 ]
