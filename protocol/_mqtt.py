@@ -1,32 +1,40 @@
 """Private wrapper around paho-mqtt v2: the ONE place paho is imported and its errors translated.
 
-:class:`MqttClient` owns a paho client and its network thread (``loop_start``). It keeps its own
-subscription table and re-subscribes on every CONNACK (it does not rely on the broker session),
-turns TCP_NODELAY on for every socket paho opens, and reports through three callbacks, all called
-on paho's network thread:
+:class:`MqttClient` drives a paho client from an asyncio event loop — no paho network thread.
+paho's external-loop interface is used: the socket is registered with ``loop.add_reader`` /
+``add_writer`` (``loop_read`` / ``loop_write``), a timer runs ``loop_misc`` (keepalive), and only
+the blocking TCP/TLS connect runs in an executor thread. Every callback therefore runs on the
+loop thread, and a message costs no thread hop between the socket and its handler (a network
+thread handing messages over with ``call_soon_threadsafe`` doubled the round-trip time on a
+2-core machine).
+
+The client keeps its own subscription table and re-subscribes on every CONNACK (it does not rely
+on the broker session), reconnects with exponential backoff, turns TCP_NODELAY on for every
+socket paho opens, and reports through callbacks (all on the loop thread):
 
 * ``on_message(IncomingMessage)`` for every PUBLISH received;
 * ``on_connection(connected: bool, reason: str)``: True once a connection is *ready* (CONNACK
   received and the subscription table re-subscribed), False when it is lost;
 * a SUBACK completion per :meth:`MqttClient.subscribe` call.
 
-Callers (``protocol.transport``) hand these over to their event loop. Nothing of paho — classes,
-return codes, exceptions — leaves this module: failures are :mod:`protocol.errors` exceptions,
-chained with ``from`` to the paho/OS error that caused them.
+Nothing of paho — classes, return codes, exceptions — leaves this module: failures are
+:mod:`protocol.errors` exceptions, chained with ``from`` to the paho/OS error that caused them.
+Not thread-safe: call it from its loop's thread only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
 import socket
 import ssl
-import threading
-import time
+import struct
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -154,6 +162,46 @@ class IncomingMessage:
     message_expiry_s: int | None = None
 
 
+class _PackedProperties:
+    """PUBLISH properties packed once by us: paho's ``Properties`` spends tens of µs per message
+    in attribute bookkeeping; paho only calls ``pack()`` on what it is given."""
+
+    __slots__ = ("_packed",)
+
+    def __init__(self, p: PublishProperties) -> None:
+        out = bytearray()
+        if p.message_expiry_s is not None:  # 0x02, four byte integer
+            out += b"\x02" + struct.pack(">I", max(1, math.ceil(p.message_expiry_s)))
+        if p.content_type:  # 0x03, UTF-8 string
+            out += b"\x03" + _str16(p.content_type.encode())
+        if p.response_topic:  # 0x08, UTF-8 string
+            out += b"\x08" + _str16(p.response_topic.encode())
+        if p.correlation_data is not None:  # 0x09, binary data
+            out += b"\x09" + _str16(bytes(p.correlation_data))
+        self._packed = _varint(len(out)) + bytes(out)
+
+    def pack(self) -> bytes:
+        return self._packed
+
+    def __str__(self) -> str:
+        return f"[packed properties, {len(self._packed)} bytes]"
+
+
+def _str16(b: bytes) -> bytes:
+    if len(b) > 0xFFFF:
+        raise InvalidArgument(f"MQTT property value of {len(b)} bytes (limit 65535)")
+    return struct.pack(">H", len(b)) + b
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
 def _reason_value(rc: object) -> int:
     if isinstance(rc, ReasonCode):
         return rc.value
@@ -197,28 +245,37 @@ SubackCallback = Callable[["TandemError | None"], None]
 
 
 class MqttClient:
-    """A paho client on its own network thread, with our subscription table and our errors."""
+    """A paho client driven by an asyncio loop, with our subscription table and our errors."""
 
     def __init__(
         self,
         config: TransportConfig,
+        loop: asyncio.AbstractEventLoop,
         *,
         on_message: Callable[[IncomingMessage], None],
         on_connection: Callable[[bool, str], None],
     ) -> None:
         self.config = config
         self.client_id = config.client_id or f"tandem-{uuid.uuid4().hex[:16]}"
+        self._loop = loop
         self._on_message_cb = on_message
         self._on_connection_cb = on_connection
-        self._lock = threading.Lock()
         self._subscriptions: dict[str, int] = {}  # filter → qos, replayed on every CONNACK
         self._suback: dict[int, SubackCallback] = {}
         self._unsuback: dict[int, Callable[[], None]] = {}
         self._connected = False
         self._closing = False
-        self._first_connack = threading.Event()
-        self._first_error: TandemError | None = None
+        self._first: asyncio.Future[TandemError | None] | None = None
         self._resub_mid: int | None = None
+        self._sock: Any = None  # the socket registered with the loop
+        self._writer = False
+        self._flush_pending = False
+        self._in_paho = False  # inside paho's loop_read/loop_write/loop_misc: never re-enter
+        self._misc_timer: asyncio.TimerHandle | None = None
+        self._reconnect_timer: asyncio.TimerHandle | None = None
+        self._reconnect_task: asyncio.Future | None = None
+        self._reconnect_delay = config.reconnect_min_s
+        self._socket_closed = asyncio.Event()
         self.broker_max_packet: int | None = None  # from CONNACK (MQTT 5)
         self.v5 = config.protocol == 5
         # a random client id can never resume a session: start clean rather than leak one
@@ -233,14 +290,14 @@ class MqttClient:
             "callback_api_version": CallbackAPIVersion.VERSION2,
             "client_id": self.client_id,
             "protocol": paho.MQTTv5 if self.v5 else paho.MQTTv311,
-            "reconnect_on_failure": True,
+            "reconnect_on_failure": False,  # we reconnect ourselves, with backoff
         }
         if not self.v5:
             kwargs["clean_session"] = self.clean_start
         client = paho.Client(**kwargs)
         client.connect_timeout = c.connect_timeout_s
-        client.reconnect_delay_set(c.reconnect_min_s, c.reconnect_max_s)  # type: ignore[arg-type]
         client.max_inflight_messages_set(100)
+        client.suppress_exceptions = True  # a bug in a callback must not unwind paho's reader
         if c.username is not None:
             client.username_pw_set(c.username, c.password)
         if c.tls is not None:
@@ -257,6 +314,9 @@ class MqttClient:
         if c.will is not None:
             client.will_set(c.will.topic, c.will.payload, c.will.qos, c.will.retain)
         client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -264,68 +324,203 @@ class MqttClient:
         client.on_unsubscribe = self._on_unsubscribe
         return client
 
-    # -- lifecycle (called from any thread except paho's) --------------------------------------
+    # -- lifecycle -----------------------------------------------------------------------------
 
     @property
     def connected(self) -> bool:
         return self._connected
 
-    def connect(self) -> None:
+    async def connect(self) -> None:
         """Open the connection and wait until it is ready: CONNACK received and every filter
-        already in the table re-subscribed (blocking, at most ``connect_timeout_s``).
+        already in the table re-subscribed (at most ``connect_timeout_s``).
 
         Raises Unavailable (unreachable, timed out), PermissionDenied (credentials, TLS
         certificate) or InvalidArgument. After success, lost connections are re-established in
         the background with exponential backoff until :meth:`close`.
         """
         c = self.config
-        props = None
-        if self.v5:
-            props = Properties(PacketTypes.CONNECT)
-            if c.session_expiry_s:
-                props.SessionExpiryInterval = int(c.session_expiry_s)
-        deadline = time.monotonic() + c.connect_timeout_s
+        self._first = self._loop.create_future()
         try:
+            await asyncio.wait_for(self._open(first=True), c.connect_timeout_s)
+            err = await asyncio.wait_for(asyncio.shield(self._first), c.connect_timeout_s)
+        except asyncio.TimeoutError:
+            await self.close()
+            raise Unavailable(
+                f"no CONNACK from {c.host}:{c.port} within {c.connect_timeout_s:g}s") from None
+        except BaseException:
+            await self.close()
+            raise
+        if err is not None:
+            await self.close()
+            raise err
+        self._schedule_misc()
+
+    async def _open(self, *, first: bool) -> None:
+        """TCP (+TLS) connect and CONNECT in an executor thread, then hand the socket to the
+        loop. Raises our errors."""
+        c = self.config
+        if first:
+            props = None
             if self.v5:
-                self._client.connect(c.host, c.port, c.keepalive, clean_start=self.clean_start,
-                                     properties=props)
-            else:
-                self._client.connect(c.host, c.port, c.keepalive)
+                props = Properties(PacketTypes.CONNECT)
+                if c.session_expiry_s:
+                    props.SessionExpiryInterval = int(c.session_expiry_s)
+            kwargs = {"clean_start": self.clean_start, "properties": props} if self.v5 else {}
+            call = lambda: self._client.connect(c.host, c.port, c.keepalive, **kwargs)  # noqa: E731
+        else:
+            call = self._client.reconnect
+        try:
+            await self._loop.run_in_executor(None, call)
         except Exception as exc:
             raise translate(exc, f"connect to {c.host}:{c.port}") from exc
-        self._client.loop_start()
-        if not self._first_connack.wait(max(0.0, deadline - time.monotonic())):
-            self.close()
-            raise Unavailable(f"no CONNACK from {c.host}:{c.port} within {c.connect_timeout_s}s")
-        if self._first_error is not None:
-            self.close()
-            raise self._first_error
+        if self._closing:
+            self._drop_socket()
+            raise Unavailable("transport closed while connecting")
+        self._attach()
 
-    def close(self) -> None:
-        """DISCONNECT, stop the network thread and wait for it. Idempotent."""
+    async def close(self) -> None:
+        """DISCONNECT (when connected), unregister the socket, stop the timers. Idempotent."""
+        if self._closing and self._sock is None:
+            return
         self._closing = True
-        with contextlib.suppress(Exception):
-            self._client.disconnect()
-        self._client.loop_stop()
+        for timer in (self._misc_timer, self._reconnect_timer):
+            if timer is not None:
+                timer.cancel()
+        if self._reconnect_task is not None and not self._reconnect_task.done():
+            with contextlib.suppress(BaseException):
+                await self._reconnect_task
+        if self._sock is not None and self._connected:
+            self._socket_closed.clear()
+            self._client.disconnect()  # paho closes the socket once DISCONNECT is written
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._socket_closed.wait(), 2.0)
+        self._drop_socket()
         self._connected = False
+
+    def _drop_socket(self) -> None:
         sock = self._client.socket()
-        if sock is not None:  # loop_stop leaves the socket when the thread never ran it
+        self._detach()
+        if sock is not None:
             with contextlib.suppress(OSError):
                 sock.close()
+
+    # -- the socket on the loop ----------------------------------------------------------------
+
+    def _attach(self) -> None:
+        sock = self._client.socket()
+        if sock is None:
+            return
+        self._sock = sock
+        self._loop.add_reader(sock, self._readable)
+        if self._client.want_write():
+            self._flush()
+
+    def _detach(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        with contextlib.suppress(ValueError, OSError):  # fd already closed
+            self._loop.remove_reader(sock)
+            if self._writer:
+                self._loop.remove_writer(sock)
+        self._writer = False
+        self._socket_closed.set()
+
+    def _add_writer(self) -> None:
+        if self._sock is not None and not self._writer:
+            self._writer = True
+            self._loop.add_writer(self._sock, self._writable)
+
+    def _remove_writer(self) -> None:
+        if self._writer:
+            self._writer = False
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_writer(self._sock)
+
+    def _readable(self) -> None:
+        client = self._client
+        self._in_paho = True
+        try:
+            client.loop_read()
+            sock = client.socket()
+            # TLS: records already decrypted wait in the SSL object, invisible to the selector
+            while sock is not None and sock is self._sock and hasattr(sock, "pending") \
+                    and sock.pending() > 0:
+                client.loop_read()
+                sock = client.socket()
+        finally:
+            self._in_paho = False
+
+    def _flush(self) -> None:
+        """Write what paho has queued; only a socket that is full waits for ``add_writer``."""
+        self._flush_pending = False
+        if self._sock is None or self._writer:
+            return
+        self._in_paho = True
+        try:
+            self._client.loop_write()
+        finally:
+            self._in_paho = False
+        if self._sock is not None and self._client.want_write():
+            self._add_writer()
+
+    def _writable(self) -> None:
+        self._in_paho = True
+        try:
+            self._client.loop_write()
+        finally:
+            self._in_paho = False
+        if not self._client.want_write():
+            self._remove_writer()
+
+    def _schedule_misc(self) -> None:
+        if not self._closing:
+            self._misc_timer = self._loop.call_later(1.0, self._misc)
+
+    def _misc(self) -> None:
+        if self._sock is not None:
+            self._in_paho = True
+            try:
+                self._client.loop_misc()  # PINGREQ, keepalive timeout → on_disconnect
+            finally:
+                self._in_paho = False
+        self._schedule_misc()
+
+    def _schedule_reconnect(self) -> None:
+        if self._closing or self._reconnect_timer is not None:
+            return
+        delay = self._reconnect_delay
+        self._reconnect_delay = min(delay * 2, self.config.reconnect_max_s)
+        self._reconnect_timer = self._loop.call_later(delay, self._start_reconnect)
+
+    def _start_reconnect(self) -> None:
+        self._reconnect_timer = None
+        if self._closing or self._sock is not None:
+            return
+        self._reconnect_task = asyncio.ensure_future(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        try:
+            await self._open(first=False)
+        except TandemError as exc:
+            log.info("MQTT reconnect to %s:%s failed: %s", self.config.host, self.config.port,
+                     exc)
+            self._schedule_reconnect()
 
     # -- operations ----------------------------------------------------------------------------
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False,
                 props: PublishProperties | None = None) -> None:
-        """Queue a PUBLISH (non-blocking). Raises Unavailable at once while disconnected.
+        """Queue a PUBLISH (non-blocking; written when the socket is writable). Raises
+        Unavailable at once while disconnected.
 
-        A publish that races a connection loss may still be delivered after the reconnect
-        (QoS 1 is at-least-once anyway)."""
+        A QoS 1 publish queued just before a connection loss is re-sent by paho after the
+        reconnect (at-least-once), so the peer may still see it."""
         if not self._connected:
             raise Unavailable(f"not connected to the broker; cannot publish to {topic!r}")
-        properties = self._publish_properties(props) if (self.v5 and props) else None
+        properties = _PackedProperties(props) if (self.v5 and props) else None
         try:
-            info = self._client.publish(topic, payload, qos, retain, properties)
+            info = self._client.publish(topic, payload, qos, retain, properties)  # type: ignore[arg-type]
         except ValueError as exc:
             if len(payload) > MAX_MQTT_PAYLOAD:
                 raise PayloadTooLarge(f"{len(payload)} bytes exceed the MQTT limit") from exc
@@ -335,97 +530,119 @@ class MqttClient:
             raise Unavailable(f"connection lost while publishing to {topic!r}")
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise Unavailable(f"publish to {topic!r} failed: {paho.error_string(rc)}")
+        if not self._in_paho:
+            self._flush()  # write now rather than one loop iteration later
 
-    @staticmethod
-    def _publish_properties(p: PublishProperties) -> Properties:
-        props = Properties(PacketTypes.PUBLISH)
-        if p.response_topic:
-            props.ResponseTopic = p.response_topic
-        if p.correlation_data is not None:
-            props.CorrelationData = p.correlation_data
-        if p.message_expiry_s is not None:
-            props.MessageExpiryInterval = max(1, math.ceil(p.message_expiry_s))
-        if p.content_type:
-            props.ContentType = p.content_type
-        return props
 
     def subscribe(self, topic_filter: str, qos: int, on_done: SubackCallback) -> None:
         """Add to the table (kept across reconnects) and, when connected, send SUBSCRIBE;
-        ``on_done(None | error)`` runs on paho's thread when the SUBACK arrives. While
-        disconnected ``on_done(None)`` runs at once: the filter is sent on the next CONNACK."""
-        with self._lock:
-            self._subscriptions[topic_filter] = qos
-            if not self._connected:
-                on_done(None)
-                return
-            try:
-                rc, mid = self._client.subscribe(topic_filter, qos)
-            except ValueError as exc:
-                del self._subscriptions[topic_filter]
-                raise InvalidArgument(f"bad topic filter {topic_filter!r}: {exc}") from exc
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-                on_done(None)  # lost the connection just now: replayed on the next CONNACK
-                return
-            self._suback[mid] = on_done
+        ``on_done(None | error)`` runs when the SUBACK arrives. While disconnected
+        ``on_done(None)`` runs at once: the filter is sent on the next CONNACK."""
+        self._subscriptions[topic_filter] = qos
+        if not self._connected:
+            on_done(None)
+            return
+        try:
+            rc, mid = self._client.subscribe(topic_filter, qos)
+        except ValueError as exc:
+            del self._subscriptions[topic_filter]
+            raise InvalidArgument(f"bad topic filter {topic_filter!r}: {exc}") from exc
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            on_done(None)  # lost the connection just now: replayed on the next CONNACK
+            return
+        self._suback[mid] = on_done
 
     def unsubscribe(self, topic_filter: str, on_done: Callable[[], None]) -> None:
-        with self._lock:
-            if self._subscriptions.pop(topic_filter, None) is None or not self._connected:
-                on_done()
-                return
-            rc, mid = self._client.unsubscribe(topic_filter)
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-                on_done()
-                return
-            self._unsuback[mid] = on_done
+        if self._subscriptions.pop(topic_filter, None) is None or not self._connected:
+            on_done()
+            return
+        rc, mid = self._client.unsubscribe(topic_filter)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            on_done()
+            return
+        self._unsuback[mid] = on_done
 
-    # -- paho callbacks (network thread) ---------------------------------------------------------
+    # -- paho callbacks ----------------------------------------------------------------------------
+
+    def _in_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` on the loop thread (paho calls some socket callbacks from the connect
+        executor thread)."""
+        if _running_loop() is self._loop:
+            fn(*args)
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)
 
     def _on_socket_open(self, client, userdata, sock) -> None:
         _set_nodelay(sock)
+
+    def _on_socket_close(self, client, userdata, sock) -> None:
+        self._in_loop(self._detach_if, sock)
+
+    def _detach_if(self, sock) -> None:
+        if sock is self._sock:
+            self._detach()
+
+    def _on_register_write(self, client, userdata, sock) -> None:
+        self._in_loop(self._want_write, sock)
+
+    def _want_write(self, sock) -> None:
+        """paho queued a packet: write it on the next loop iteration (batching whatever else is
+        queued until then), unless a flush or the writer is already on it."""
+        if sock is not self._sock or self._writer or self._flush_pending:
+            return
+        self._flush_pending = True
+        self._loop.call_soon(self._flush)
+
+    def _on_unregister_write(self, client, userdata, sock) -> None:
+        pass  # _flush and _writable decide from want_write() themselves
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             err = _connect_error(reason_code)
             log.warning("MQTT connect to %s:%s refused: %s", self.config.host,
                         self.config.port, err)
-            if not self._first_connack.is_set():
-                self._first_error = err
-                self._first_connack.set()
+            self._resolve_first(err)
             return
+        self._reconnect_delay = self.config.reconnect_min_s
         if self.v5 and properties is not None:
             self.broker_max_packet = getattr(properties, "MaximumPacketSize", None)
-        with self._lock:
-            self._connected = True
-            # Our table, not the broker session, decides what we are subscribed to: replay it
-            # in one SUBSCRIBE; "ready" is reported when its SUBACK arrives.
-            self._resub_mid = None
-            if self._subscriptions:
-                _rc, mid = client.subscribe(list(self._subscriptions.items()))
-                self._resub_mid = mid
-            pending = list(self._suback.values())
-            self._suback.clear()
+        self._connected = True
+        # Our table, not the broker session, decides what we are subscribed to: replay it in
+        # one SUBSCRIBE; "ready" is reported when its SUBACK arrives.
+        self._resub_mid = None
+        if self._subscriptions:
+            _rc, mid = client.subscribe(list(self._subscriptions.items()))
+            self._resub_mid = mid
+        pending = list(self._suback.values())
+        self._suback.clear()
         for cb in pending:  # SUBSCRIBEs lost with the old connection were just re-sent
-            cb(None)
+            self._safe(cb, None)
         if self._resub_mid is None:
             self._ready()
 
     def _ready(self) -> None:
-        self._first_connack.set()
+        self._resolve_first(None)
         self._safe(self._on_connection_cb, True, "connected")
+
+    def _resolve_first(self, err: TandemError | None) -> None:
+        if self._first is not None and not self._first.done():
+            self._first.set_result(err)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self._connected
         self._connected = False
-        if not self._first_connack.is_set():
-            self._first_error = Unavailable(f"connection closed before CONNACK: {reason_code}")
-            self._first_connack.set()
+        self._resolve_first(Unavailable(f"connection closed before CONNACK: {reason_code}"))
+        if self._closing:
+            if was_connected:
+                self._safe(self._on_connection_cb, False, "closed")
+            return
         if was_connected:
-            reason = "closed" if self._closing else f"connection lost: {reason_code}"
-            if not self._closing:
-                log.warning("MQTT %s:%s %s; reconnecting", self.config.host, self.config.port,
-                            reason)
+            reason = f"connection lost: {reason_code}"
+            log.warning("MQTT %s:%s %s; reconnecting", self.config.host, self.config.port,
+                        reason)
             self._safe(self._on_connection_cb, False, reason)
+        if self._first is not None and self._first.done() and self._first.result() is None:
+            self._schedule_reconnect()  # only once the first connect has succeeded
 
     def _on_message(self, client, userdata, msg) -> None:
         props = msg.properties if self.v5 else None
@@ -442,11 +659,10 @@ class MqttClient:
         self._safe(self._on_message_cb, incoming)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        with self._lock:
-            cb = self._suback.pop(mid, None)
-            resubscribed = mid == self._resub_mid and self._resub_mid is not None
-            if resubscribed:
-                self._resub_mid = None
+        cb = self._suback.pop(mid, None)
+        resubscribed = self._resub_mid is not None and mid == self._resub_mid
+        if resubscribed:
+            self._resub_mid = None
         err = None
         for rc in reason_codes:
             value = _reason_value(rc)
@@ -460,16 +676,21 @@ class MqttClient:
             self._ready()
 
     def _on_unsubscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        with self._lock:
-            cb = self._unsuback.pop(mid, None)
+        cb = self._unsuback.pop(mid, None)
         if cb is not None:
             self._safe(cb)
 
     @staticmethod
     def _safe(fn, *args) -> None:
-        """Never let a callback's exception into paho's thread (it would stop the loop)."""
+        """Never let a callback's exception unwind into paho's packet handling."""
         try:
             fn(*args)
         except Exception:
             log.exception("transport callback %r failed", fn)
 
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -6,8 +6,8 @@ Two layers, written once in asyncio (``AsyncTransport``) with a thin synchronous
 * **bytes**: ``publish(topic, payload)`` / ``subscribe(filter, handler)``. Payloads over the chunk
   size are split with :func:`protocol.chunking.split`; everything received passes through one
   :class:`protocol.chunking.Reassembler` before a handler sees it. Handlers may be sync or async;
-  they run on the transport's event loop (paho's network thread hands each message over with
-  ``call_soon_threadsafe``), so a sync handler must not block.
+  they run on the transport's event loop (paho is driven by that loop, no network thread), so a sync
+  handler must not block.
 * **requests**: ``request(topic, InferenceRequest, timeout)`` → ``InferenceResponse`` and
   ``serve(filter, handler)`` for the answering side.
 
@@ -155,9 +155,9 @@ class AsyncTransport:
             raise FailedPrecondition("transport already connected (or closed)")
         self._loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
-        self._mqtt = MqttClient(self.config, on_message=self._on_raw_message,
-                                on_connection=self._on_connection)
-        await self._loop.run_in_executor(None, self._mqtt.connect)
+        self._mqtt = MqttClient(self.config, self._loop, on_message=self._on_raw_message,
+                                on_connection=self._connection_changed)
+        await self._mqtt.connect()
 
     async def close(self) -> None:
         """Disconnect, fail pending requests with Unavailable, stop every thread. Idempotent."""
@@ -166,7 +166,7 @@ class AsyncTransport:
         self._closed = True
         self._fail_pending(Unavailable("transport closed", retryable=True))
         if self._mqtt is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._mqtt.close)
+            await self._mqtt.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -219,7 +219,7 @@ class AsyncTransport:
         properties: PublishProperties | None = None,
     ) -> None:
         """Send ``payload`` (chunked when larger than :meth:`chunk_size`). Returns once handed
-        to the network thread; raises Unavailable at once while disconnected."""
+        to the MQTT client; raises Unavailable at once while disconnected."""
         self._publish_now(topic, payload, qos, retain, properties)
 
     def _publish_now(self, topic, payload, qos, retain, properties) -> None:
@@ -228,6 +228,8 @@ class AsyncTransport:
         if len(payload) > self.config.max_message_bytes:
             raise InvalidArgument(f"payload of {len(payload)} bytes exceeds max_message_bytes "
                                   f"({self.config.max_message_bytes})")
+        # a fresh chunk-set id per publish: a retried request (same request id) must not look
+        # like a duplicate of a set the receiver already completed
         pieces = chunking.split(payload, self.chunk_size())
         if len(pieces) > 1 and retain:
             raise InvalidArgument("a retained message must fit in one chunk")
@@ -245,10 +247,8 @@ class AsyncTransport:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[TandemError | None] = loop.create_future()
 
-        def on_done(err: TandemError | None) -> None:
-            loop.call_soon_threadsafe(_set_result_if_pending, done, err)
-
-        mqtt.subscribe(topic_filter, self.config.qos if qos is None else qos, on_done)
+        mqtt.subscribe(topic_filter, self.config.qos if qos is None else qos,
+                       lambda err: _set_result_if_pending(done, err))
         try:
             err = await asyncio.wait_for(done, self.config.connect_timeout_s)
         except asyncio.TimeoutError:
@@ -266,8 +266,7 @@ class AsyncTransport:
         self._reply_subscribed.discard(topic_filter)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        mqtt.unsubscribe(topic_filter, lambda: loop.call_soon_threadsafe(
-            _set_result_if_pending, done, None))
+        mqtt.unsubscribe(topic_filter, lambda: _set_result_if_pending(done, None))
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(done, self.config.connect_timeout_s)
 
@@ -291,40 +290,42 @@ class AsyncTransport:
             timeout = request.budget_ms / 1000
         if timeout <= 0:
             raise DeadlineExceeded("request budget already spent")
-        try:
-            response = await asyncio.wait_for(self._request(topic, request), timeout)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(
-                f"no response to request {request.id.hex()} on {topic!r} within {timeout:g}s"
-            ) from None
-        if response.error is not None:
-            e = response.error
-            raise error_from_wire(int(e.code), e.message, e.retryable)
-        return response
-
-    async def _request(self, topic: str, request: InferenceRequest) -> InferenceResponse:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         reply = request.reply_topic or self.reply_topic or topics.response_topic(
             request.device_id)
         if reply != request.reply_topic:
             request = dataclasses.replace(request, reply_topic=reply)
         if reply not in self._reply_subscribed:
-            await self.subscribe(reply, self._on_response)
+            try:
+                await asyncio.wait_for(self.subscribe(reply, self._on_response), timeout)
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(f"could not subscribe to {reply!r} within "
+                                       f"{timeout:g}s") from None
             self._reply_subscribed.add(reply)
         if request.id in self._pending:
             raise InvalidArgument(f"request {request.id.hex()} is already pending")
         payload = codec.encode(request)
-        future: asyncio.Future[InferenceResponse] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[InferenceResponse] = loop.create_future()
         self._pending[request.id] = future
+        # a timer on the future itself (no wait_for task per request: this is the hot path)
+        timer = loop.call_at(deadline, _expire, future, DeadlineExceeded(
+            f"no response to request {request.id.hex()} on {topic!r} within {timeout:g}s"))
         try:
             self._publish_now(topic, payload, None, False, PublishProperties(
                 response_topic=reply,
                 correlation_data=request.id,
                 message_expiry_s=max(1, math.ceil(request.budget_ms / 1000)),
             ))
-            return await future
+            response = await future
         finally:
+            timer.cancel()
             if self._pending.get(request.id) is future:
                 del self._pending[request.id]
+        if response.error is not None:
+            e = response.error
+            raise error_from_wire(int(e.code), e.message, e.retryable)
+        return response
 
     def _on_response(self, msg: IncomingMessage) -> None:
         try:
@@ -390,8 +391,9 @@ class AsyncTransport:
             log.exception("request handler failed on %s", request.id.hex())
             response = _error_response(request, InternalError(f"{type(exc).__name__}: {exc}"))
         try:
+            # only the correlation data: each MQTT 5 property costs the receiver's paho time
             self._publish_now(reply, codec.encode(response), None, False, PublishProperties(
-                correlation_data=msg.correlation_data or request.id))
+                correlation_data=msg.correlation_data or request.id, content_type=None))
         except TandemError as exc:
             log.warning("could not send the response to %s: %s", request.id.hex(), exc)
 
@@ -401,7 +403,7 @@ class AsyncTransport:
                 max_workers=4, thread_name_prefix="tandem-transport-worker")
         return self._executor
 
-    # -- from paho's network thread ------------------------------------------------------------
+    # -- from the MQTT client (on the loop) -----------------------------------------------------
 
     def _on_raw_message(self, msg: IncomingMessage) -> None:
         try:
@@ -412,19 +414,8 @@ class AsyncTransport:
         if payload is None:
             return
         if payload is not msg.payload:
-            msg = dataclasses.replace(msg, payload=payload)
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # loop closing under us
-                loop.call_soon_threadsafe(self._dispatch, msg)
-
-    def _on_connection(self, connected: bool, reason: str) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._connection_changed, connected, reason)
-
-    # -- on the loop ---------------------------------------------------------------------------
+            msg = dataclasses.replace(msg, payload=bytes(payload))
+        self._dispatch(msg)
 
     def _dispatch(self, msg: IncomingMessage) -> None:
         for topic_filter, handler in list(self._handlers.items()):
@@ -466,6 +457,11 @@ class AsyncTransport:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("transport task failed", exc_info=task.exception())
+
+
+def _expire(future: asyncio.Future, error: TandemError) -> None:
+    if not future.done():
+        future.set_exception(error)
 
 
 def _set_result_if_pending(future: asyncio.Future, value: object) -> None:

@@ -1,0 +1,321 @@
+"""Transport benchmark: our request/response vs a raw paho echo, and small-message throughput.
+
+Both sides run through one mosquitto that this module starts itself (127.0.0.1, a free port,
+``set_tcp_nodelay true``, no packet limit) and stops at the end:
+
+* ``rtt_<size>``: a sync :class:`protocol.transport.Transport` ``request`` answered by another
+  Transport's ``serve`` (our codec and our transport on both ends; the echo returns the request's
+  tensor) vs ``raw_paho_echo_<size>``: a raw paho client publishes the same number of bytes and a
+  raw paho echo client publishes them back from its ``on_message``. MQTT 5, QoS 1, TCP_NODELAY on
+  every socket, interleaved A B A B. Target: ratio <= 1.25.
+* ``rtt_vs_rpc_<size>``: the same figure against ``raw_paho_rpc_echo_<size>``, a raw paho echo
+  that sets the MQTT 5 properties our protocol requires (paho parses each received property in
+  Python, which costs the raw echo itself ~20 % at 1 KB). Reported, no target.
+* ``throughput_200B``: 200-byte QoS 1 publishes from one client to another, our AsyncTransport vs
+  raw paho, messages/s from the first publish to the last delivery (bounded in time; reported).
+
+    python -m benchmarks._transport_bench [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from benchmarks._common import Result, interleaved, print_table, stats
+from protocol.messages import InferenceRequest, InferenceResponse, new_request_id
+from protocol.tensors import Tensor
+from protocol.transport import AsyncTransport, Transport, TransportConfig
+
+__all__ = ["NOTES", "run"]
+
+SIZES = {"1KB": 1024, "100KB": 100 * 1024, "1MB": 1024 * 1024}
+TARGET_RATIO = 1.25
+THROUGHPUT_MSG_BYTES = 200
+THROUGHPUT_TIME_LIMIT_S = 30.0
+
+
+def _broker_module():
+    """tests/_broker.py (the same mosquitto helper the tests use), loaded by path."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "_broker.py"
+    spec = importlib.util.spec_from_file_location("_tandem_bench_broker", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _mosquitto_version(binary: str) -> str:
+    try:
+        out = subprocess.run([binary, "-h"], capture_output=True, text=True, timeout=5)
+        return (out.stdout or out.stderr).splitlines()[0].strip()
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "mosquitto (version unknown)"
+
+
+NOTES = (
+    "mosquitto on 127.0.0.1 started by the benchmark (set_tcp_nodelay true, persistence off, "
+    "max_queued_messages 100000); "
+    "MQTT 5, QoS 1, TCP_NODELAY on all client sockets; ours = sync Transport.request + "
+    "Transport.serve (async echo handler) with the msgpack codec, chunks of 256 KiB; "
+    "baseline = raw paho-mqtt 2.x publish + raw paho echo client; interleaved A/B."
+)
+
+
+# -- raw paho ---------------------------------------------------------------------------------
+
+
+def _nodelay(client, userdata, sock) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _raw_client(port: int, on_message=None) -> paho.Client:
+    c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    c.on_socket_open = _nodelay
+    c.max_inflight_messages_set(100)
+    connected = threading.Event()
+    c.on_connect = lambda *a: connected.set()
+    if on_message is not None:
+        c.on_message = on_message
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    if not connected.wait(10):
+        raise RuntimeError("raw paho client could not connect")
+    return c
+
+
+def _raw_subscribe(c: paho.Client, topic: str) -> None:
+    done = threading.Event()
+    c.on_subscribe = lambda *a: done.set()
+    c.subscribe(topic, 1)
+    if not done.wait(10):
+        raise RuntimeError("no SUBACK")
+
+
+def _close_raw(c: paho.Client) -> None:
+    c.disconnect()
+    c.loop_stop()
+
+
+class RawEcho:
+    """Raw paho on both ends: requester publishes, echo client republishes from on_message.
+
+    ``rpc=True`` sets the MQTT 5 properties our protocol sets (ResponseTopic, CorrelationData,
+    MessageExpiryInterval, ContentType on the request; CorrelationData on the reply), as a paho
+    RPC client would (paho's examples/server_rpc_math.py)."""
+
+    def __init__(self, port: int, *, rpc: bool = False) -> None:
+        self.rpc = rpc
+        self.topic = f"bench/{'rpc' if rpc else 'raw'}"
+
+        def echo(client, userdata, msg):
+            props = None
+            if rpc:
+                props = Properties(PacketTypes.PUBLISH)
+                props.CorrelationData = msg.properties.CorrelationData
+            client.publish(f"{self.topic}/resp", msg.payload, 1, properties=props)
+
+        self._got = threading.Event()
+        self._reply: bytes | None = None
+
+        def on_reply(client, userdata, msg):
+            self._reply = msg.payload
+            self._got.set()
+
+        self.echo = _raw_client(port, echo)
+        _raw_subscribe(self.echo, f"{self.topic}/req")
+        self.req = _raw_client(port, on_reply)
+        _raw_subscribe(self.req, f"{self.topic}/resp")
+
+    def round_trip(self, payload: bytes) -> None:
+        self._got.clear()
+        props = None
+        if self.rpc:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = f"{self.topic}/resp"
+            props.CorrelationData = os.urandom(16)
+            props.MessageExpiryInterval = 10
+            props.ContentType = "application/x-tandem+msgpack"
+        self.req.publish(f"{self.topic}/req", payload, 1, properties=props)
+        if not self._got.wait(10):
+            raise RuntimeError("raw paho echo: no reply within 10 s")
+        assert self._reply is not None and len(self._reply) == len(payload)
+
+    def close(self) -> None:
+        _close_raw(self.req)
+        _close_raw(self.echo)
+
+
+# -- ours -------------------------------------------------------------------------------------
+
+
+async def _echo(request: InferenceRequest) -> InferenceResponse:
+    return InferenceResponse(id=request.id, outputs=request.tensors, worker_id="bench")
+
+
+class OursEcho:
+    def __init__(self, port: int) -> None:
+        cfg = TransportConfig(port=port)
+        self.server = Transport(cfg)
+        self.client = Transport(cfg)
+        self.server.connect()
+        self.client.connect()
+        self.server.serve("tandem/v1/req/+/+", _echo)
+
+    def round_trip(self, tensor: Tensor) -> None:
+        req = InferenceRequest(id=new_request_id(), device_id="bench", model_digest="0" * 64,
+                               cut_id=1, budget_ms=10_000, tensors=(tensor,))
+        resp = self.client.request("tandem/v1/req/bench/m", req, timeout=10)
+        assert len(resp.outputs) == 1
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.close()
+
+
+def _rtt(port: int, quick: bool) -> list[Result]:
+    results: list[Result] = []
+    raw = RawEcho(port)
+    rpc = RawEcho(port, rpc=True)
+    ours = OursEcho(port)
+    try:
+        for label, size in SIZES.items():
+            payload = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+            tensor = Tensor.from_array("x", payload)
+            raw_bytes = payload.tobytes()
+            repeats = 30 if quick else (300 if size <= 100 * 1024 else 60)
+            samples = interleaved({
+                "ours": lambda t=tensor: ours.round_trip(t),
+                "raw": lambda b=raw_bytes: raw.round_trip(b),
+                "rpc": lambda b=raw_bytes: rpc.round_trip(b),
+            }, repeats=repeats, warmup=10)
+            s_ours, s_raw, s_rpc = (stats(samples[k]) for k in ("ours", "raw", "rpc"))
+            ratio = s_ours.median / s_raw.median
+            results.append(Result(
+                metric=f"rtt_{label}", value=s_ours.median * 1e3, unit="ms",
+                baseline=f"raw_paho_echo_{label}", baseline_value=s_raw.median * 1e3,
+                target=f"ratio <= {TARGET_RATIO}", met=ratio <= TARGET_RATIO,
+                p99=s_ours.p99 * 1e3, min=s_ours.min * 1e3, max=s_ours.max * 1e3, n=s_ours.n,
+                notes=(f"raw p99 {s_raw.p99 * 1e3:.3f} ms, min {s_raw.min * 1e3:.3f}, "
+                       f"max {s_raw.max * 1e3:.3f}"),
+            ))
+            results.append(Result(
+                metric=f"rtt_vs_rpc_{label}", value=s_ours.median * 1e3, unit="ms",
+                baseline=f"raw_paho_rpc_echo_{label}", baseline_value=s_rpc.median * 1e3,
+                p99=s_ours.p99 * 1e3, min=s_ours.min * 1e3, max=s_ours.max * 1e3, n=s_ours.n,
+                notes=("baseline sets the same MQTT 5 properties as ours (ResponseTopic, "
+                       "CorrelationData, MessageExpiry, ContentType; CorrelationData on the "
+                       f"reply); its p99 {s_rpc.p99 * 1e3:.3f} ms"),
+            ))
+    finally:
+        ours.close()
+        rpc.close()
+        raw.close()
+    return results
+
+
+# -- throughput -------------------------------------------------------------------------------
+
+
+def _raw_throughput(port: int, n: int) -> tuple[int, float]:
+    done = threading.Event()
+    count = [0]
+
+    def on_message(client, userdata, msg):
+        count[0] += 1
+        if count[0] >= n:
+            done.set()
+
+    sub = _raw_client(port, on_message)
+    pub = _raw_client(port)
+    try:
+        _raw_subscribe(sub, "bench/tp/raw")
+        payload = b"\x5a" * THROUGHPUT_MSG_BYTES
+        t0 = time.perf_counter()
+        for _ in range(n):
+            pub.publish("bench/tp/raw", payload, 1)
+        done.wait(THROUGHPUT_TIME_LIMIT_S)
+        return count[0], time.perf_counter() - t0
+    finally:
+        _close_raw(pub)
+        _close_raw(sub)
+
+
+async def _ours_throughput_async(port: int, n: int) -> tuple[int, float]:
+    cfg = TransportConfig(port=port)
+    done = asyncio.Event()
+    count = [0]
+
+    def on_message(msg) -> None:
+        count[0] += 1
+        if count[0] >= n:
+            done.set()
+
+    async with AsyncTransport(cfg) as sub, AsyncTransport(cfg) as pub:
+        await sub.subscribe("bench/tp/ours", on_message)
+        payload = b"\x5a" * THROUGHPUT_MSG_BYTES
+        t0 = time.perf_counter()
+        for i in range(n):
+            await pub.publish("bench/tp/ours", payload)
+            if i % 256 == 0:
+                await asyncio.sleep(0)  # let deliveries in while publishing
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(done.wait(), THROUGHPUT_TIME_LIMIT_S)
+        return count[0], time.perf_counter() - t0
+
+
+def _throughput(port: int, quick: bool) -> list[Result]:
+    n = 2000 if quick else 5000
+    ours_rates, raw_rates = [], []
+    for _ in range(2 if quick else 3):  # interleaved rounds
+        got, secs = asyncio.run(_ours_throughput_async(port, n))
+        ours_rates.append(got / secs)
+        got, secs = _raw_throughput(port, n)
+        raw_rates.append(got / secs)
+    ours_s, raw_s = stats(ours_rates), stats(raw_rates)
+    return [Result(
+        metric=f"throughput_{THROUGHPUT_MSG_BYTES}B", value=ours_s.median, unit="msg/s",
+        baseline=f"raw_paho_throughput_{THROUGHPUT_MSG_BYTES}B", baseline_value=raw_s.median,
+        min=ours_s.min, max=ours_s.max, n=ours_s.n,
+        notes=f"{n} QoS 1 publishes per round, publisher to subscriber through mosquitto",
+    )]
+
+
+def run(quick: bool = False) -> list[Result]:
+    """Start a mosquitto, measure, stop it. Returns the results (see the module docstring)."""
+    broker_mod = _broker_module()
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-") as tmp:
+        # a deep broker queue: the throughput runs measure the clients, not mosquitto dropping
+        # QoS 1 messages past its default 1000 queued per client
+        broker = broker_mod.Mosquitto(Path(tmp), extra_config="max_queued_messages 100000")
+        global NOTES
+        NOTES = f"{NOTES} Broker: {_mosquitto_version(broker.binary)}."
+        with broker:
+            return [*_rtt(broker.port, quick), *_throughput(broker.port, quick)]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    print_table("transport: request/response vs raw paho echo (QoS 1, mosquitto)",
+                run(quick=args.quick))
+    print(NOTES)
