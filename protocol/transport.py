@@ -524,6 +524,8 @@ class Transport:
         try:
             if thread.is_alive():
                 self._call(self._async.close(), timeout, "close")
+                # the connect/reconnect executor threads end with the transport
+                self._call(loop.shutdown_default_executor(), timeout, "close")
         finally:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(loop.stop)
