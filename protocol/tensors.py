@@ -14,8 +14,8 @@ INT8_AFFINE (per tensor, deterministic; ``lo``, ``hi``, ``scale`` and ``zero_poi
 float64 from the float32 extremes, ``q`` and the dequantized values in float32)::
 
     lo = min(x.min(), 0);  hi = max(x.max(), 0)
-    scale = float32((hi - lo) / 255), or 1.0 when hi == lo   (the smallest positive float32
-            subnormal if the division underflows to 0)
+    scale = float32((hi - lo) / 255), or 1.0 when hi == lo, and at least the smallest
+            normal float32 (a subnormal scale would lose the precision the bound needs)
     zero_point = clip(round_half_even(-128 - lo / scale), -128, 127)
     q = clip(round_half_even(x / scale) + zero_point, -128, 127)        as int8
     dequant(q) = (float32(q) - zero_point) * float32(scale)             as float32, clamped
@@ -84,7 +84,7 @@ del _FROM_NUMPY[np.dtype("=u2")]  # uint16 is not a Tandem dtype; bfloat16 must 
 _F32 = np.dtype("<f4")
 _F16 = np.dtype("<f2")
 _I8 = np.dtype("i1")
-_TINY = float(np.finfo(np.float32).smallest_subnormal)
+_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32
 _F32_MAX = float(np.finfo(np.float32).max)
 
 # storage item size per (dtype, encoding); only these combinations exist
@@ -141,9 +141,7 @@ def _quantize(x: np.ndarray) -> tuple[np.ndarray, float, int]:
     if hi == lo:
         scale = 1.0
     else:
-        scale = float(np.float32((hi - lo) / 255.0))
-        if scale == 0.0:
-            scale = _TINY
+        scale = max(float(np.float32((hi - lo) / 255.0)), _TINY)
     zero_point = int(np.clip(np.rint(-128.0 - lo / scale), -128, 127))
     with np.errstate(over="ignore", invalid="ignore"):
         q = np.rint(x / np.float32(scale)) + np.float32(zero_point)

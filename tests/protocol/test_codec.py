@@ -6,7 +6,7 @@ import msgpack
 import numpy as np
 import pytest
 import zstandard
-from _protocol_strategies import (
+from tests.protocol._protocol_strategies import (
     assignments,
     error_responses,
     frame,

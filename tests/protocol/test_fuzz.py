@@ -9,7 +9,7 @@ import time
 import msgpack
 import numpy as np
 import pytest
-from _protocol_strategies import frame, request_body
+from tests.protocol._protocol_strategies import frame, request_body
 
 from protocol.chunking import Reassembler, split
 from protocol.codec import Limits, decode, encode

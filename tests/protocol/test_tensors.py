@@ -213,3 +213,13 @@ def test_public_surface():
     assert tensors.__all__ == ["DType", "Encoding", "Tensor"]
     t = Tensor.from_array("x", np.zeros((2, 3), np.float32))
     assert (t.name, t.dtype, t.shape, t.encoding) == ("x", DType.FLOAT32, (2, 3), Encoding.RAW)
+
+
+@pytest.mark.parametrize("value", [2.1249e-41, -1e-45, 1e-38])
+def test_int8_of_subnormal_values_stays_within_half_a_step(value):
+    # hypothesis found this: a subnormal scale loses the precision the error bound relies on
+    arr = np.array([value, 0.0], np.float32)
+    t = Tensor.from_array("t", arr, Encoding.INT8_AFFINE)
+    assert t.scale >= np.finfo(np.float32).tiny
+    err = np.abs(t.to_array().astype(np.float64) - arr.astype(np.float64))
+    assert (err <= t.scale / 2).all()
