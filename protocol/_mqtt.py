@@ -63,6 +63,8 @@ __all__ = [
 log = logging.getLogger("protocol.transport")
 
 MAX_MQTT_PAYLOAD = 268_435_455  # protocol limit of a packet's remaining length
+DEFAULT_MAX_PAYLOAD_V5 = 16 * 1024 * 1024  # capped by the broker's announced Maximum Packet Size
+DEFAULT_MAX_PAYLOAD_V311 = 1024 * 1024 - 1024  # no announcement on 3.1.1: fits a 1 MB broker cap
 CONTENT_TYPE = "application/x-tandem+msgpack"
 
 # CONNACK / SUBACK reason codes that mean "your credentials or ACL say no" (MQTT 5 values;
@@ -99,7 +101,15 @@ class TransportConfig:
     in the payload). ``clean_start=False`` with ``session_expiry_s > 0`` and a stable
     ``client_id`` asks the broker for a persistent session (MQTT 3.1.1: ``clean_session``).
     Payloads larger than ``max_payload_bytes`` are chunked (also capped by the broker's Maximum
-    Packet Size when it announces one).
+    Packet Size when it announces one). ``None`` (default) picks by protocol:
+
+    * MQTT 5: :data:`DEFAULT_MAX_PAYLOAD_V5` (16 MiB). Brokers with a smaller cap announce it in
+      CONNACK (Maximum Packet Size: EMQX's default ``max_packet_size`` is 1 MB; mosquitto's
+      default is the protocol maximum, 256 MB) and chunks are capped to it, so a 1 MB tensor
+      travels as one PUBLISH wherever the broker allows it (chunking costs copies and packets).
+    * MQTT 3.1.1: :data:`DEFAULT_MAX_PAYLOAD_V311` (1 MiB - 1 KiB): 3.1.1 has no way to announce
+      a cap, and a broker drops the connection on a packet over its cap; this fits EMQX's default.
+      Set it lower for brokers with smaller caps (e.g. AWS IoT Core: 128 KB).
     """
 
     host: str = "127.0.0.1"
@@ -114,7 +124,7 @@ class TransportConfig:
     session_expiry_s: int = 0
     reconnect_min_s: float = 0.1
     reconnect_max_s: float = 10.0
-    max_payload_bytes: int = 256 * 1024
+    max_payload_bytes: int | None = None  # None: by protocol, see above
     connect_timeout_s: float = 5.0
     qos: int = 1
     will: Will | None = None
@@ -126,7 +136,8 @@ class TransportConfig:
             raise InvalidArgument(f"protocol must be 5 or 311, not {self.protocol!r}")
         if self.qos not in (0, 1, 2):
             raise InvalidArgument(f"qos must be 0, 1 or 2, not {self.qos!r}")
-        if not 1024 <= self.max_payload_bytes <= MAX_MQTT_PAYLOAD:
+        if self.max_payload_bytes is not None and \
+                not 1024 <= self.max_payload_bytes <= MAX_MQTT_PAYLOAD:
             raise InvalidArgument(f"max_payload_bytes out of range: {self.max_payload_bytes}")
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
             raise InvalidArgument("need 0 < reconnect_min_s <= reconnect_max_s")
@@ -200,6 +211,126 @@ def _varint(n: int) -> bytes:
         out.append(byte | (0x80 if n else 0))
         if not n:
             return bytes(out)
+
+
+class _InProps:
+    """The PUBLISH properties Tandem reads, decoded by :func:`_decode_publish_v5`."""
+
+    __slots__ = ("ContentType", "CorrelationData", "MessageExpiryInterval", "ResponseTopic")
+
+    def __init__(self) -> None:
+        self.ContentType: str | None = None
+        self.CorrelationData: bytes | None = None
+        self.MessageExpiryInterval: int | None = None
+        self.ResponseTopic: str | None = None
+
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 21:
+            raise ValueError("variable byte integer longer than 4 bytes")
+
+
+def _decode_publish_v5(packet: bytes | bytearray, qos: int) -> tuple[bytes, int, _InProps, bytes]:
+    """(topic, packet id, properties, payload) of an MQTT 5 PUBLISH variable header + payload.
+
+    paho's own decoding builds a ``Properties`` object (tens of µs) and slices the remaining
+    packet once per property and twice more for topic and packet id: five properties on a 1 MB
+    request cost ~7 copies of the payload. Here the payload is copied once (to immutable bytes).
+    Raises ValueError / IndexError / struct.error on a malformed packet."""
+    buf = memoryview(packet)
+    (tlen,) = _U16.unpack_from(buf, 0)
+    pos = 2 + tlen
+    topic = bytes(buf[2:pos])
+    mid = 0
+    if qos:
+        (mid,) = _U16.unpack_from(buf, pos)
+        pos += 2
+    plen, pos = _read_varint(buf, pos)
+    end = pos + plen
+    if end > len(buf):
+        raise ValueError("properties run past the packet")
+    props = _InProps()
+    while pos < end:
+        ident = buf[pos]
+        pos += 1
+        if ident in (0x03, 0x08, 0x09):  # content type, response topic, correlation data
+            (n,) = _U16.unpack_from(buf, pos)
+            value = bytes(buf[pos + 2 : pos + 2 + n])
+            pos += 2 + n
+            if ident == 0x03:
+                props.ContentType = value.decode()
+            elif ident == 0x08:
+                props.ResponseTopic = value.decode()
+            else:
+                props.CorrelationData = value
+        elif ident == 0x02:  # message expiry interval
+            (props.MessageExpiryInterval,) = _U32.unpack_from(buf, pos)
+            pos += 4
+        elif ident == 0x01:  # payload format indicator
+            pos += 1
+        elif ident == 0x23:  # topic alias
+            pos += 2
+        elif ident == 0x0B:  # subscription identifier
+            _, pos = _read_varint(buf, pos)
+        elif ident == 0x26:  # user property: two strings
+            for _ in range(2):
+                (n,) = _U16.unpack_from(buf, pos)
+                pos += 2 + n
+        else:
+            raise ValueError(f"property 0x{ident:02x} not allowed on PUBLISH")
+    if pos != end:
+        raise ValueError("properties length mismatch")
+    return topic, mid, props, bytes(buf[end:])
+
+
+class _PahoClient(paho.Client):
+    """paho's client with a cheaper MQTT 5 PUBLISH decoder (see :func:`_decode_publish_v5`).
+
+    Only QoS 0/1 PUBLISHes on MQTT 5 with a topic take this path; everything else (QoS 2,
+    MQTT 3.1.1, topic aliases, anything that fails to parse) goes to paho's own handler,
+    which raises its own errors for malformed packets."""
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        packet = self._in_packet
+        header = packet["command"]
+        qos = (header & 0x06) >> 1
+        if self._protocol != paho.MQTTv5 or qos == 2:
+            return super()._handle_publish()
+        try:
+            topic, mid, props, payload = _decode_publish_v5(packet["packet"], qos)
+        except (ValueError, IndexError, struct.error, UnicodeDecodeError):
+            return super()._handle_publish()
+        if not topic:  # a topic alias only: let paho deal with it
+            return super()._handle_publish()
+        message = paho.MQTTMessage(mid=mid, topic=topic)
+        message.dup = bool(header & 0x08)
+        message.qos = qos
+        message.retain = bool(header & 0x01)
+        message.properties = props  # type: ignore[assignment]
+        message.payload = payload
+        message.timestamp = paho.time_func()
+        self._handle_on_message(message)
+        if qos == 0 or self._manual_ack:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return self._send_puback(mid)
+
+
+# the fast path relies on paho 2.x internals; any other layout gets the stock client
+_FAST_PUBLISH = all(hasattr(paho.Client, name) for name in (
+    "_handle_publish", "_handle_on_message", "_send_puback")) and hasattr(paho, "time_func") \
+    and hasattr(paho, "MQTTMessage")
 
 
 def _reason_value(rc: object) -> int:
@@ -294,7 +425,7 @@ class MqttClient:
         }
         if not self.v5:
             kwargs["clean_session"] = self.clean_start
-        client = paho.Client(**kwargs)
+        client = (_PahoClient if _FAST_PUBLISH else paho.Client)(**kwargs)
         client.connect_timeout = c.connect_timeout_s
         client.max_inflight_messages_set(100)
         client.suppress_exceptions = True  # a bug in a callback must not unwind paho's reader
@@ -329,6 +460,13 @@ class MqttClient:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def max_payload_bytes(self) -> int:
+        """The configured chunk size, or the protocol's default (see :class:`TransportConfig`)."""
+        if self.config.max_payload_bytes is not None:
+            return self.config.max_payload_bytes
+        return DEFAULT_MAX_PAYLOAD_V5 if self.v5 else DEFAULT_MAX_PAYLOAD_V311
 
     async def connect(self) -> None:
         """Open the connection and wait until it is ready: CONNACK received and every filter

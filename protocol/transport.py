@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 from protocol import chunking, codec, topics
 from protocol._mqtt import (
     CONTENT_TYPE,
+    DEFAULT_MAX_PAYLOAD_V311,
     IncomingMessage,
     MqttClient,
     PublishProperties,
@@ -203,8 +204,11 @@ class AsyncTransport:
 
     def chunk_size(self) -> int:
         """Largest payload sent as one PUBLISH (config, capped by the broker's packet limit)."""
-        size = self.config.max_payload_bytes
-        broker_max = self._mqtt.broker_max_packet if self._mqtt else None
+        mqtt = self._mqtt
+        if mqtt is None:
+            return self.config.max_payload_bytes or DEFAULT_MAX_PAYLOAD_V311
+        size = mqtt.max_payload_bytes
+        broker_max = mqtt.broker_max_packet
         if broker_max:
             size = min(size, max(1024, broker_max - _PACKET_OVERHEAD))
         return size
