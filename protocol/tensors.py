@@ -138,10 +138,7 @@ def _quantize(x: np.ndarray) -> tuple[np.ndarray, float, int]:
         raise InvalidArgument("INT8_AFFINE needs finite values (found NaN or inf)")
     lo = min(float(x.min()), 0.0) if x.size else 0.0
     hi = max(float(x.max()), 0.0) if x.size else 0.0
-    if hi == lo:
-        scale = 1.0
-    else:
-        scale = max(float(np.float32((hi - lo) / 255.0)), _TINY)
+    scale = 1.0 if hi == lo else max(float(np.float32((hi - lo) / 255.0)), _TINY)
     zero_point = int(np.clip(np.rint(-128.0 - lo / scale), -128, 127))
     with np.errstate(over="ignore", invalid="ignore"):
         q = np.rint(x / np.float32(scale)) + np.float32(zero_point)

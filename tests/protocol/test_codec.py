@@ -6,16 +6,6 @@ import msgpack
 import numpy as np
 import pytest
 import zstandard
-from tests.protocol._protocol_strategies import (
-    assignments,
-    error_responses,
-    frame,
-    loads,
-    ok_responses,
-    request_body,
-    requests,
-    statuses,
-)
 from hypothesis import given, settings
 
 from protocol import codec
@@ -37,6 +27,16 @@ from protocol.messages import (
     Timings,
 )
 from protocol.tensors import DType, Encoding, Tensor
+from tests.protocol._protocol_strategies import (
+    assignments,
+    error_responses,
+    frame,
+    loads,
+    ok_responses,
+    request_body,
+    requests,
+    statuses,
+)
 
 RID = bytes(range(16))
 

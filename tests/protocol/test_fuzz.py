@@ -9,7 +9,6 @@ import time
 import msgpack
 import numpy as np
 import pytest
-from tests.protocol._protocol_strategies import frame, request_body
 
 from protocol.chunking import Reassembler, split
 from protocol.codec import Limits, decode, encode
@@ -24,6 +23,7 @@ from protocol.messages import (
     Timings,
 )
 from protocol.tensors import DType, Encoding, Tensor
+from tests.protocol._protocol_strategies import frame, request_body
 
 RID = bytes(range(16))
 SEED = 20240611
