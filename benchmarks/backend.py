@@ -67,12 +67,12 @@ def run_case(name: str, width: int, depth: int, batch: int, repeats: int) -> lis
     budget = 0.05 * s_raw.median + 50e-6
     us = 1e6
     return [
-        Result(f"{name}: raw InferenceSession.run median", s_raw.median * us, "us",
+        Result(f"ort_session_run_{name}", s_raw.median * us, "us",
                p99=s_raw.p99 * us, min=s_raw.min * us, max=s_raw.max * us, n=s_raw.n),
-        Result(f"{name}: OnnxRuntimeBackend.infer median", s_ours.median * us, "us",
-               baseline="raw", baseline_value=s_raw.median * us, p99=s_ours.p99 * us,
-               min=s_ours.min * us, max=s_ours.max * us, n=s_ours.n),
-        Result(f"{name}: overhead (median ours - median raw)", overhead * us, "us",
+        Result(f"backend_infer_{name}", s_ours.median * us, "us",
+               baseline=f"ort_session_run_{name}", baseline_value=s_raw.median * us,
+               p99=s_ours.p99 * us, min=s_ours.min * us, max=s_ours.max * us, n=s_ours.n),
+        Result(f"backend_overhead_{name}", overhead * us, "us",
                target=f"<= 5% + 50us = {budget * us:.1f} us", met=overhead <= budget,
                notes=f"MatMul+Relu x{depth}, width {width}, batch {batch}, 1 intra-op "
                "thread, interleaved, CPU only"),
