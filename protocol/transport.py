@@ -331,6 +331,28 @@ class AsyncTransport:
             raise error_from_wire(int(e.code), e.message, e.retryable)
         return response
 
+    def _start_request(self, topic: str, request_id: bytes, payload: bytes,
+                       props: PublishProperties, waiter: _SyncWaiter) -> None:
+        """On the loop, for :meth:`Transport.request`'s fast path: register and publish."""
+        try:
+            if request_id in self._pending:
+                raise InvalidArgument(f"request {request_id.hex()} is already pending")
+            self._client()
+            self._pending[request_id] = waiter  # type: ignore[assignment]
+            try:
+                self._publish_now(topic, payload, None, False, props)
+            except BaseException:
+                self._forget_pending(request_id, waiter)
+                raise
+        except TandemError as exc:
+            waiter.set_exception(exc)
+        except Exception as exc:
+            waiter.set_exception(InternalError(f"{type(exc).__name__}: {exc}"))
+
+    def _forget_pending(self, request_id: bytes, waiter: object) -> None:
+        if self._pending.get(request_id) is waiter:
+            del self._pending[request_id]
+
     def _on_response(self, msg: IncomingMessage) -> None:
         try:
             response = codec.decode(msg.payload)
@@ -463,6 +485,35 @@ class AsyncTransport:
             log.error("transport task failed", exc_info=task.exception())
 
 
+class _SyncWaiter:
+    """A pending request's slot for a thread that is not the loop's: the part of the
+    ``asyncio.Future`` interface ``_on_response`` / ``_fail_pending`` use, on a bare lock."""
+
+    __slots__ = ("_lock", "error", "value")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.value: InferenceResponse | None = None
+        self.error: TandemError | None = None
+
+    def done(self) -> bool:
+        return self.value is not None or self.error is not None
+
+    def set_result(self, value: InferenceResponse) -> None:
+        if not self.done():
+            self.value = value
+            self._lock.release()
+
+    def set_exception(self, error: TandemError) -> None:
+        if not self.done():
+            self.error = error
+            self._lock.release()
+
+    def wait(self, timeout: float) -> bool:
+        return self._lock.acquire(timeout=timeout)
+
+
 def _expire(future: asyncio.Future, error: TandemError) -> None:
     if not future.done():
         future.set_exception(error)
@@ -585,11 +636,46 @@ class Transport:
 
     def request(self, topic: str, request: InferenceRequest,
                 timeout: float | None = None) -> InferenceResponse:
+        """Same contract as :meth:`AsyncTransport.request`.
+
+        Once the reply topic is subscribed, a request takes a fast path: it is encoded in the
+        caller's thread, handed to the loop with one ``call_soon_threadsafe`` (register + publish,
+        no task, no coroutine) and the caller waits on a lock that the response releases — one
+        wake-up each way, like a raw paho client with its network thread."""
         if timeout is None:
             timeout = request.budget_ms / 1000
-        # the core enforces ``timeout``; the extra second only guards against a stuck loop
-        return self._call(self._async.request(topic, request, timeout), timeout + 1.0,
-                          "request")
+        core, loop = self._async, self._loop
+        reply = request.reply_topic or core.reply_topic or topics.response_topic(
+            request.device_id)
+        if timeout <= 0 or loop is None or reply not in core._reply_subscribed:
+            # the core enforces ``timeout``; the extra second only guards against a stuck loop
+            return self._call(core.request(topic, request, timeout), max(timeout, 0) + 1.0,
+                              "request")
+        if reply != request.reply_topic:
+            request = dataclasses.replace(request, reply_topic=reply)
+        payload = codec.encode(request)
+        props = PublishProperties(response_topic=reply, correlation_data=request.id,
+                                  message_expiry_s=max(1, math.ceil(request.budget_ms / 1000)))
+        waiter = _SyncWaiter()
+        try:
+            loop.call_soon_threadsafe(core._start_request, topic, request.id, payload, props,
+                                      waiter)
+        except RuntimeError:  # loop closed
+            raise FailedPrecondition("transport is not connected (call connect()) or is "
+                                     "closed") from None
+        if not waiter.wait(timeout):
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(core._forget_pending, request.id, waiter)
+            raise DeadlineExceeded(
+                f"no response to request {request.id.hex()} on {topic!r} within {timeout:g}s")
+        if waiter.error is not None:
+            raise waiter.error
+        response = waiter.value
+        assert response is not None
+        if response.error is not None:
+            e = response.error
+            raise error_from_wire(int(e.code), e.message, e.retryable)
+        return response
 
     def serve(self, topic_filter: str, handler: RequestHandler, *,
               qos: int | None = None) -> None:
