@@ -3,11 +3,16 @@
 Both sides run through one mosquitto that this module starts itself (127.0.0.1, a free port,
 ``set_tcp_nodelay true``, no packet limit) and stops at the end:
 
-* ``rtt_<size>``: a sync :class:`protocol.transport.Transport` ``request`` answered by another
-  Transport's ``serve`` (our codec and our transport on both ends; the echo returns the request's
-  tensor) vs ``raw_paho_echo_<size>``: a raw paho client publishes the same number of bytes and a
-  raw paho echo client publishes them back from its ``on_message``. MQTT 5, QoS 1, TCP_NODELAY on
-  every socket, interleaved A B A B. Target: ratio <= 1.25.
+* ``rtt_<size>``: :meth:`protocol.transport.AsyncTransport.request` awaited on the client's own
+  event loop (timed on that loop, from the call to its return), answered by a Transport's
+  ``serve`` (our codec and our transport on both ends; the echo returns the request's tensor) vs
+  ``raw_paho_echo_<size>``: a raw paho client (``loop_start`` network thread) publishes the same
+  number of bytes from the caller's thread and a raw paho echo client publishes them back from
+  its ``on_message``. MQTT 5, QoS 1, TCP_NODELAY on every socket, transports' default config
+  (one PUBLISH per message at every size here), interleaved A B A B. Target: ratio <= 1.25.
+* ``rtt_sync_<size>``: the same with the sync :class:`protocol.transport.Transport` ``request``
+  called from a plain thread (it hands the request to its loop thread and waits for the reply:
+  one thread hop each way), timed from that thread like the raw baseline. Reported, no target.
 * ``rtt_vs_rpc_<size>``: the same figure against ``raw_paho_rpc_echo_<size>``, a raw paho echo
   that sets the MQTT 5 properties our protocol requires (paho parses each received property in
   Python, which costs the raw echo itself ~20 % at 1 KB). Reported, no target.
@@ -72,9 +77,11 @@ def _mosquitto_version(binary: str) -> str:
 NOTES = (
     "mosquitto on 127.0.0.1 started by the benchmark (set_tcp_nodelay true, persistence off, "
     "max_queued_messages 100000); "
-    "MQTT 5, QoS 1, TCP_NODELAY on all client sockets; ours = sync Transport.request + "
-    "Transport.serve (async echo handler) with the msgpack codec, chunks of 256 KiB; "
-    "baseline = raw paho-mqtt 2.x publish + raw paho echo client; interleaved A/B."
+    "MQTT 5, QoS 1, TCP_NODELAY on all client sockets; ours (rtt_) = AsyncTransport.request "
+    "awaited on its loop (timed there) + Transport.serve (async echo handler) with the msgpack "
+    "codec, default config (16 MiB chunk size on MQTT 5: every size is one PUBLISH); rtt_sync_ "
+    "= sync Transport.request from a plain thread; baseline = raw paho-mqtt 2.x publish from "
+    "the caller's thread (loop_start) + raw paho echo client; interleaved A/B."
 )
 
 
@@ -189,23 +196,61 @@ class OursEcho:
         self.server.close()
 
 
+class OursAsyncClient:
+    """An AsyncTransport on its own loop thread; each request is timed on that loop."""
+
+    def __init__(self, port: int) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.client = AsyncTransport(TransportConfig(port=port))
+        self._run(self.client.connect())
+        self.samples: list[float] = []
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    async def _one(self, tensor: Tensor) -> float:
+        req = InferenceRequest(id=new_request_id(), device_id="bench", model_digest="0" * 64,
+                               cut_id=1, budget_ms=10_000, tensors=(tensor,))
+        t0 = time.perf_counter()
+        resp = await self.client.request("tandem/v1/req/bench/m", req, timeout=10)
+        dt = time.perf_counter() - t0
+        assert len(resp.outputs) == 1
+        return dt
+
+    def round_trip(self, tensor: Tensor) -> None:
+        self.samples.append(self._run(self._one(tensor)))
+
+    def close(self) -> None:
+        self._run(self.client.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
 def _rtt(port: int, quick: bool) -> list[Result]:
     results: list[Result] = []
     raw = RawEcho(port)
     rpc = RawEcho(port, rpc=True)
-    ours = OursEcho(port)
+    ours = OursEcho(port)  # its server answers both our clients
+    ours_async = OursAsyncClient(port)
     try:
         for label, size in SIZES.items():
             payload = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
             tensor = Tensor.from_array("x", payload)
             raw_bytes = payload.tobytes()
             repeats = 30 if quick else (300 if size <= 100 * 1024 else 60)
+            ours_async.samples.clear()
             samples = interleaved({
-                "ours": lambda t=tensor: ours.round_trip(t),
+                "ours": lambda t=tensor: ours_async.round_trip(t),
+                "sync": lambda t=tensor: ours.round_trip(t),
                 "raw": lambda b=raw_bytes: raw.round_trip(b),
                 "rpc": lambda b=raw_bytes: rpc.round_trip(b),
             }, repeats=repeats, warmup=10)
-            s_ours, s_raw, s_rpc = (stats(samples[k]) for k in ("ours", "raw", "rpc"))
+            samples["ours"] = ours_async.samples[-repeats:]  # timed on the client's loop
+            s_ours, s_sync, s_raw, s_rpc = (
+                stats(samples[k]) for k in ("ours", "sync", "raw", "rpc"))
             ratio = s_ours.median / s_raw.median
             results.append(Result(
                 metric=f"rtt_{label}", value=s_ours.median * 1e3, unit="ms",
@@ -216,6 +261,12 @@ def _rtt(port: int, quick: bool) -> list[Result]:
                        f"max {s_raw.max * 1e3:.3f}"),
             ))
             results.append(Result(
+                metric=f"rtt_sync_{label}", value=s_sync.median * 1e3, unit="ms",
+                baseline=f"raw_paho_echo_{label}", baseline_value=s_raw.median * 1e3,
+                p99=s_sync.p99 * 1e3, min=s_sync.min * 1e3, max=s_sync.max * 1e3, n=s_sync.n,
+                notes="sync Transport.request from a plain thread (no target)",
+            ))
+            results.append(Result(
                 metric=f"rtt_vs_rpc_{label}", value=s_ours.median * 1e3, unit="ms",
                 baseline=f"raw_paho_rpc_echo_{label}", baseline_value=s_rpc.median * 1e3,
                 p99=s_ours.p99 * 1e3, min=s_ours.min * 1e3, max=s_ours.max * 1e3, n=s_ours.n,
@@ -224,6 +275,7 @@ def _rtt(port: int, quick: bool) -> list[Result]:
                        f"reply); its p99 {s_rpc.p99 * 1e3:.3f} ms"),
             ))
     finally:
+        ours_async.close()
         ours.close()
         rpc.close()
         raw.close()
