@@ -302,6 +302,14 @@ class _PahoClient(paho.Client):
     MQTT 3.1.1, topic aliases, anything that fails to parse) goes to paho's own handler,
     which raises its own errors for malformed packets."""
 
+    def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                      info: Any = None) -> MQTTErrorCode:
+        # paho sends ``packet[pos:]`` after every partial write: a copy of the rest of the
+        # packet each time; a memoryview slices without copying (large packets only)
+        if len(packet) > 65536:
+            packet = memoryview(packet)  # type: ignore[assignment]
+        return super()._packet_queue(command, packet, mid, qos, info)
+
     def _handle_publish(self) -> MQTTErrorCode:
         packet = self._in_packet
         header = packet["command"]
@@ -329,8 +337,8 @@ class _PahoClient(paho.Client):
 
 # the fast path relies on paho 2.x internals; any other layout gets the stock client
 _FAST_PUBLISH = all(hasattr(paho.Client, name) for name in (
-    "_handle_publish", "_handle_on_message", "_send_puback")) and hasattr(paho, "time_func") \
-    and hasattr(paho, "MQTTMessage")
+    "_handle_publish", "_handle_on_message", "_send_puback", "_packet_queue")) \
+    and hasattr(paho, "time_func") and hasattr(paho, "MQTTMessage")
 
 
 def _reason_value(rc: object) -> int:
