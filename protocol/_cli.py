@@ -95,27 +95,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-@click.command(name="bench")
+@click.command(name="bench", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write results JSON")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_command(name: str, json_path: str | None, args: tuple[str, ...]) -> None:
-    """Run benchmark NAME (python -m benchmarks.NAME from a source checkout)."""
+def bench_command(name: str, args: tuple[str, ...]) -> None:
+    """Run benchmark NAME from a source checkout (python -m benchmarks.NAME ARGS...).
+
+    Benchmarks: protocol, compile, backend. ARGS go to the benchmark (--quick, --json PATH).
+    """
     import importlib
     import re
+    from pathlib import Path
 
-    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise click.BadParameter(f"not a benchmark name: {name!r}")
+    if (Path.cwd() / "benchmarks" / "__init__.py").is_file() and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(f"benchmarks.{name}")
     except ModuleNotFoundError as exc:
         raise click.ClickException(
-            f"no benchmark {name!r} (benchmarks run from a source checkout: {exc})"
+            f"no benchmark {name!r} ({exc}; benchmarks run from the root of a source checkout)"
         ) from exc
-    extra = ["--json", json_path] if json_path else []
-    rc = module.main([*extra, *args])
+    if not hasattr(module, "main"):
+        raise click.ClickException(f"benchmarks.{name} is not a runnable benchmark")
+    rc = module.main(list(args))
     if rc:
-        sys.exit(rc)
+        raise click.exceptions.Exit(rc)
 
 
 if __name__ == "__main__":

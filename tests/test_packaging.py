@@ -123,3 +123,13 @@ def test_command_needing_missing_extra_names_the_extra(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "tandem-rt[cpu]" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_runs_a_benchmark_from_the_checkout_and_refuses_unknown(tmp_path, monkeypatch,
+                                                                        capsys):
+    from protocol._cli import main
+
+    monkeypatch.chdir(ROOT)
+    assert main(["bench", "no_such_bench"]) == 1
+    assert "no benchmark 'no_such_bench'" in capsys.readouterr().err
+    assert main(["bench", "_common"]) == 2  # private modules are not benchmarks
