@@ -295,6 +295,10 @@ def _decode_publish_v5(packet: bytes | bytearray, qos: int) -> tuple[bytes, int,
     return topic, mid, props, bytes(buf[end:])
 
 
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+_PUBACK_NO_PROPS = Properties(PacketTypes.PUBACK)
+
+
 class _PahoClient(paho.Client):
     """paho's client with a cheaper MQTT 5 PUBLISH decoder (see :func:`_decode_publish_v5`).
 
@@ -309,6 +313,18 @@ class _PahoClient(paho.Client):
         if len(packet) > 65536:
             packet = memoryview(packet)  # type: ignore[assignment]
         return super()._packet_queue(command, packet, mid, qos, info)
+
+    def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
+        # a plain success PUBACK (just the packet id) is what a broker sends almost always:
+        # skip paho's ReasonCode + Properties objects for it (we set no on_publish callback)
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or len(packet) != 2 or self.on_publish is not None:
+            return super()._handle_pubackcomp(cmd)
+        (mid,) = _U16.unpack_from(packet, 0)
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, _PUBACK_SUCCESS, _PUBACK_NO_PROPS)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _handle_publish(self) -> MQTTErrorCode:
         packet = self._in_packet
@@ -337,7 +353,8 @@ class _PahoClient(paho.Client):
 
 # the fast path relies on paho 2.x internals; any other layout gets the stock client
 _FAST_PUBLISH = all(hasattr(paho.Client, name) for name in (
-    "_handle_publish", "_handle_on_message", "_send_puback", "_packet_queue")) \
+    "_handle_publish", "_handle_on_message", "_send_puback", "_packet_queue",
+    "_handle_pubackcomp", "_do_on_publish")) \
     and hasattr(paho, "time_func") and hasattr(paho, "MQTTMessage")
 
 

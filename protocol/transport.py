@@ -391,7 +391,7 @@ class AsyncTransport:
             if not isinstance(request, InferenceRequest):
                 log.warning("dropped %s on request topic %s", type(request).__name__, msg.topic)
                 return
-            self._spawn(self._answer(msg, request, handler, is_async))
+            self._run_inline(self._answer(msg, request, handler, is_async))
 
         await self.subscribe(topic_filter, on_request, qos=qos)
 
@@ -474,6 +474,20 @@ class AsyncTransport:
             if not future.done():
                 future.set_exception(error)
 
+    def _run_inline(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` now, on this loop, up to its first real suspension; only a coroutine
+        that does suspend (a sync handler in the worker pool, an async handler that awaits
+        I/O) costs a task, which takes over from where it stopped. An async handler that
+        answers without suspending costs no task and no extra loop iteration."""
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return
+        except Exception:
+            log.exception("transport task failed")
+            return
+        self._spawn(_resume(coro, yielded))
+
     def _spawn(self, awaitable: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(awaitable)
         self._tasks.add(task)
@@ -483,6 +497,38 @@ class AsyncTransport:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("transport task failed", exc_info=task.exception())
+
+
+class _Suspend:
+    """Awaiting it yields ``value`` (what a coroutine yielded to its task) to the current task,
+    and returns what the task sends back."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return (yield self.value)
+
+
+async def _resume(coro: Coroutine[Any, Any, _T], yielded: Any) -> _T:
+    """Drive ``coro`` (already started by :meth:`AsyncTransport._run_inline`, suspended on
+    ``yielded``) to its end inside the current task: sent values and thrown exceptions
+    (cancellation included) are forwarded to it."""
+    while True:
+        try:
+            sent = await _Suspend(yielded)
+        except BaseException as exc:
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+            continue
+        try:
+            yielded = coro.send(sent)
+        except StopIteration as stop:
+            return stop.value
 
 
 class _SyncWaiter:
