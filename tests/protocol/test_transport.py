@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import struct
 import threading
 import time
 
@@ -437,3 +438,113 @@ def test_tls(mosquitto_factory, tmp_path):
 ])
 def test_topic_matches(flt, topic, expected):
     assert topic_matches(flt, topic) is expected
+
+
+# -- fast paths ---------------------------------------------------------------------------------
+
+
+def _publish_packet(topic: bytes, mid: int, props: bytes, payload: bytes) -> bytearray:
+    """The variable header + payload of an MQTT 5 QoS 1 PUBLISH (what paho hands a decoder)."""
+    assert len(props) < 128
+    return bytearray(len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big")
+                     + bytes([len(props)]) + props + payload)
+
+
+def test_our_publish_decoder_agrees_with_paho():
+    from paho.mqtt import _packet
+    from paho.mqtt.enums import MQTTProtocolVersion
+
+    from protocol._mqtt import _decode_publish_v5
+
+    def s16(b: bytes) -> bytes:
+        return len(b).to_bytes(2, "big") + b
+
+    props = (b"\x01\x00" + b"\x02\x00\x00\x00\x07" + b"\x03" + s16(b"application/x")
+             + b"\x08" + s16(b"reply/here") + b"\x09" + s16(b"\x00corr\xff")
+             + b"\x26" + s16(b"k") + s16(b"v") + b"\x0b\x81\x01")
+    for payload in (b"", b"abc", os.urandom(70_000)):
+        packet = _publish_packet(b"a/b", 7, props, payload)
+        topic, mid, ours, data = _decode_publish_v5(packet, 1)
+        theirs = _packet.decode_publish(0x32, bytes(packet), MQTTProtocolVersion.MQTTv5)
+        assert (topic, mid, data) == (theirs.topic, theirs.mid, theirs.payload)
+        for name in ("ContentType", "ResponseTopic", "CorrelationData",
+                     "MessageExpiryInterval"):
+            assert getattr(ours, name) == getattr(theirs.properties, name)
+    no_props = _publish_packet(b"t", 1, b"", b"xyz")
+    _topic, _mid, ours, data = _decode_publish_v5(no_props, 1)
+    assert data == b"xyz" and ours.ResponseTopic is None and ours.CorrelationData is None
+    for bad in (_publish_packet(b"t", 1, b"\x7f\x00", b""),  # not a PUBLISH property
+                _publish_packet(b"t", 1, b"\x08\x00\x09ab", b""),  # string past the end
+                bytearray(b"\x00\x09ab")):  # topic past the end
+        with pytest.raises((ValueError, IndexError, struct.error)):
+            _decode_publish_v5(bad, 1)
+
+
+@pytest.mark.parametrize("protocol", [5, 311])
+def test_default_chunk_size_by_protocol(mosquitto, protocol):
+    with Transport(config(mosquitto, protocol=protocol)) as t:
+        size = t.async_transport.chunk_size()
+    if protocol == 5:  # mosquitto announces no Maximum Packet Size here: 1 MB is one PUBLISH
+        assert size == 16 * 1024 * 1024
+    else:  # 3.1.1 cannot learn the broker's cap: stay under a 1 MB one (EMQX's default)
+        assert 1 << 19 < size < 1 << 20
+
+
+def test_sync_fast_path_fails_fast_when_the_connection_drops(mosquitto):
+    with Transport(config(mosquitto)) as server, Transport(config(mosquitto)) as client:
+        server.serve(REQ_FILTER, echo)
+        assert client.request(REQ, make_request(), timeout=5).ok  # reply topic subscribed
+        errors: list[BaseException] = []
+
+        def silent_request() -> None:
+            try:
+                client.request("nobody/answers", make_request(), timeout=5)
+            except BaseException as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=silent_request)
+        t0 = time.monotonic()
+        worker.start()
+        time.sleep(0.2)
+        mosquitto.kill()
+        worker.join(5)
+        assert len(errors) == 1 and isinstance(errors[0], Unavailable), errors
+        assert errors[0].retryable and time.monotonic() - t0 < 2.0
+        with pytest.raises(Unavailable):  # still down: refused at once, not after 3 s
+            client.request(REQ, make_request(), timeout=3)
+        assert time.monotonic() - t0 < 2.5
+
+
+def test_handlers_that_suspend_and_handlers_cancelled_on_close(mosquitto):
+    never = threading.Event()
+
+    async def handler(request: InferenceRequest) -> InferenceResponse:
+        if request.cut_id == 2:  # suspends forever: cancelled by close()
+            while not never.is_set():
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)
+        if request.cut_id == 3:
+            raise NotFound("after a suspension")
+        return echo(request)
+
+    async def main() -> None:
+        server = AsyncTransport(config(mosquitto))
+        await server.connect()
+        async with AsyncTransport(config(mosquitto)) as client:
+            await server.serve(REQ_FILTER, handler)
+            assert (await client.request(REQ, make_request(), timeout=5)).ok
+            req = make_request()
+            with pytest.raises(NotFound, match="after a suspension"):
+                await client.request(REQ, InferenceRequest(
+                    id=req.id, device_id=req.device_id, model_digest="x", cut_id=3,
+                    budget_ms=3000, tensors=()), timeout=5)
+            with pytest.raises(DeadlineExceeded):
+                await client.request(REQ, InferenceRequest(
+                    id=new_request_id(), device_id=req.device_id, model_digest="x", cut_id=2,
+                    budget_ms=3000, tensors=()), timeout=0.3)
+            assert server._tasks  # the stuck handler is still running ...
+            t0 = time.monotonic()
+            await server.close()  # ... and close() cancels it
+            assert not server._tasks and time.monotonic() - t0 < 3
+
+    asyncio.run(main())
