@@ -91,10 +91,15 @@ def _build(
     for tensor in (*inputs, *outputs):
         if tensor not in info.tensors or not info.tensors[tensor].dtype:
             raise CompileError(f"tensor {tensor!r} has no inferred type; cannot cut there")
+    part_inputs = [_value_info(info.tensors[t]) for t in inputs]
+    if model.ir_version < 4:  # IR <= 3 lists every initializer among the graph inputs too
+        declared = {vi.name: vi for vi in graph.input}
+        part_inputs += [declared[t.name] for t in initializers
+                        if t.name in declared and t.name not in inputs]
     part_graph = onnx.helper.make_graph(
         nodes,
         name,
-        [_value_info(info.tensors[t]) for t in inputs],
+        part_inputs,
         [_value_info(info.tensors[t]) for t in outputs],
         initializer=initializers,
         sparse_initializer=sparse,

@@ -44,6 +44,7 @@ __all__ = [
     "TensorSpec",
     "analyze",
     "dtype_size",
+    "external_data_files",
     "implicit_inputs",
     "input_specs",
     "load_model",
@@ -257,6 +258,27 @@ def load_model(path_or_proto: str | os.PathLike[str] | bytes | ModelProto) -> Mo
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelLoadError(f"{path}: cannot read external data: {exc}") from exc
     return model
+
+
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external data files a model file refers to (any tensor, subgraphs included),
+    sorted and without duplicates. Reads the model without its weights."""
+    onnx = require("onnx")
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError) as exc:
+        raise InvalidModelError(f"{path} is not an ONNX model: {exc}") from exc
+    locations = {
+        entry.value
+        for tensor in _all_tensors(model.graph)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return [path.parent / loc for loc in sorted(locations)]
 
 
 def _check_is_model(model: ModelProto, what: str) -> None:

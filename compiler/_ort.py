@@ -28,6 +28,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from compiler._graph import external_data_files
 from protocol._lazy import require
 from protocol.errors import InternalError, InvalidArgument, NotFound
 
@@ -63,6 +64,13 @@ class OrtOptimizedFromOnnx:
             so = ort.SessionOptions()
             so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[self.level])
             so.optimized_model_filepath = tmp
+            if external_data_files(self.src_path):
+                # keep big weights out of the protobuf (2 GiB cap): <dst name>.data beside it
+                so.add_session_config_entry(
+                    "session.optimized_model_external_initializers_file_name",
+                    self.dst_path.name + ".data")
+                so.add_session_config_entry(
+                    "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
             try:
                 ort.InferenceSession(str(self.src_path), so, providers=["CPUExecutionProvider"])
             except Exception as exc:  # the ONNX Runtime boundary for this step

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from compiler._cuts import Cut, find_cuts
+from compiler._cuts import Cut, boundary_frontiers, find_cuts
 from compiler._errors import CompileError
 from compiler._extract import extract
-from compiler._graph import GraphInfo, analyze, load_model
+from compiler._graph import GraphInfo, analyze, external_data_files, load_model
 from compiler._graph import TensorSpec as GraphTensorSpec
 from compiler._verify import CutVerification, Verifier, load_samples
 from protocol._lazy import require
@@ -169,21 +169,10 @@ def _bytes_by_encoding(specs: Sequence[GraphTensorSpec], batch: int) -> dict[str
 
 def _source_digest(path: Path) -> str:
     """sha256 of the model file followed by its external data files (sorted by location)."""
-    onnx = require("onnx")
-    skeleton = onnx.load(str(path), load_external_data=False)  # locations, not the weights
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    locations = sorted({
-        entry.value
-        for init in skeleton.graph.initializer
-        for entry in init.external_data
-        if entry.key == "location"
-    })
-    for loc in locations:
-        with open(path.parent / loc, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
+    for file in (path, *external_data_files(path)):
+        with open(file, "rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
 
@@ -192,7 +181,9 @@ def _save(model: ModelProto, path: Path) -> None:
     onnx = require("onnx")
     path.parent.mkdir(parents=True, exist_ok=True)
     if model.ByteSize() > _PROTO_LIMIT:
-        onnx.save_model(model, str(path), save_as_external_data=True,
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # saving with external data strips the weights from the proto
+        onnx.save_model(copy, str(path), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=path.name + ".data")
     else:
         onnx.save_model(model, str(path))
@@ -237,12 +228,7 @@ class BundleFromOnnx:
             full_rel = "parts/full.onnx"
             _save(model, work / full_rel)
             kept, dropped, parts = self._split(model, info, cuts, verifier, work)
-            interior = [r for r in kept if 0 < r.cut.position < len(info.compute_nodes)]
-            if not interior:
-                reasons = "; ".join(f"cut {c.id}: {why}" for c, why in dropped) or (
-                    f"no boundary has a frontier of at most {opts.max_frontier} tensor(s)")
-                raise NoValidCut(f"{self.model_path.name}: no valid split point ({reasons}); "
-                                 "try a larger --max-frontier")
+            self._check_interior(info, cuts, kept, dropped)
             artifacts = self._lower(targets, sorted(parts), work, verifier)
             manifest = self._manifest(model, info, kept, artifacts)
             self.progress("writing bundle", 0, 1)
@@ -252,6 +238,30 @@ class BundleFromOnnx:
                              len(info.compute_nodes))
 
     # -- steps ------------------------------------------------------------------------------
+
+    def _check_interior(self, info: GraphInfo, cuts: list[Cut], kept: list[CutReport],
+                        dropped: list[tuple[Cut, str]]) -> None:
+        """No interior cut left: an error when none exists or all failed verification; a
+        warning when every one sends more than the raw input (cut 0 dominates: the bundle still
+        offers cloud-only and all-local, the offload decision an edge needs)."""
+        n = len(info.compute_nodes)
+        if any(0 < r.cut.position < n for r in kept):
+            return
+        name = self.model_path.name
+        failed = [(c, why) for c, why in dropped if 0 < c.position < n]
+        if failed:
+            reasons = "; ".join(f"cut {c.id}: {why}" for c, why in failed)
+            raise NoValidCut(f"{name}: no valid split point (every candidate failed: {reasons})")
+        k = self.options.max_frontier
+        candidates = [c for c in boundary_frontiers(info, k) if 0 < c.position < n]
+        if not candidates:
+            raise NoValidCut(f"{name}: no valid split point (no boundary between two nodes has a "
+                             f"frontier of at most {k} tensor(s)); try a larger --max-frontier")
+        smallest = min(c.frontier_bytes for c in candidates)
+        warnings.warn(
+            f"{name}: all {len(candidates)} split points send more than the raw input "
+            f"({smallest} vs {cuts[0].frontier_bytes} bytes); the bundle offers cut 0 "
+            "(cloud-only) and all-local", stacklevel=3)
 
     def _split(self, model, info: GraphInfo, cuts: list[Cut], verifier: Verifier, work: Path):
         """Extract and verify every cut; returns (kept reports, dropped, part paths)."""
@@ -322,11 +332,17 @@ class BundleFromOnnx:
         out = []
         for i, part in enumerate(parts):
             self.progress(f"lowering for {target.name}", i, len(parts))
-            shapes = _dynamic_shapes(work / part, self.options.max_batch)
+            shapes, unresolved = _dynamic_shapes(work / part, self.options.max_batch)
+            if unresolved and build_here:
+                raise CompileError(
+                    f"{Path(part).name}: inputs {sorted(unresolved)} have symbolic dims beyond "
+                    "the batch dimension; TensorRT needs concrete shape profiles (build on the "
+                    "device with --engines defer)")
             recipe = {
                 "workspace_mb": profile.workspace_mb,
                 "shapes": {k: [list(s) for s in v] for k, v in shapes.items()},
                 "shape_profile": shape_profile_id(shapes),
+                "unresolved_dims": unresolved,
                 "compute_capability": profile.compute_capability,
                 "version_compatible": self.options.version_compatible,
                 "dla_core": dla_core,
@@ -440,25 +456,28 @@ def _worst(v: CutVerification) -> str:
     return ", ".join(f"{k}: max abs err {e.max_abs:.3g}" for k, e in bad.items()) or "unknown"
 
 
-def _dynamic_shapes(part: Path, max_batch: int) -> dict:
-    """(min, opt, max) shapes for inputs whose only symbolic dim is the leading (batch) one."""
+def _dynamic_shapes(part: Path, max_batch: int) -> tuple[dict, dict]:
+    """(min, opt, max) shapes for inputs whose only symbolic dim is the leading (batch) one,
+    and the inputs with other symbolic dims (a shape profile for those needs real sizes, which
+    only the device or the user knows): ``(shapes, unresolved)``."""
     onnx = require("onnx")
     model = onnx.load(str(part), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
-    shapes = {}
+    shapes, unresolved = {}, {}
     for inp in model.graph.input:
         if inp.name in inits:
             continue
         dims = inp.type.tensor_type.shape.dim
-        if not dims or dims[0].HasField("dim_value"):
+        if not dims or all(d.HasField("dim_value") for d in dims):
             continue
         rest = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
-        if any(d is None for d in rest):
-            raise CompileError(f"{part.name}: input {inp.name} has symbolic dims beyond the "
-                               "batch dimension; TensorRT needs concrete shape profiles")
+        if dims[0].HasField("dim_value") or any(d is None for d in rest):
+            unresolved[inp.name] = [d.dim_value if d.HasField("dim_value") else
+                                    (d.dim_param or "?") for d in dims]
+            continue
         opt = max(1, max_batch // 2)
         shapes[inp.name] = ((1, *rest), (opt, *rest), (max_batch, *rest))
-    return shapes
+    return shapes, unresolved
 
 
 def _part_feeds(work: Path, part: str, verifier: Verifier) -> list[dict]:

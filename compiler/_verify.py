@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from compiler._errors import (
 )
 from compiler._graph import TensorSpec, input_specs
 from protocol._lazy import require
+from protocol.errors import TandemError
 
 if TYPE_CHECKING:  # pragma: no cover
     from onnx import ModelProto
@@ -75,8 +77,8 @@ class Tolerance:
         r = ref.astype(np.float64)
         g = got.astype(np.float64)
         finite = np.isfinite(r)
-        if not np.array_equal(finite, np.isfinite(g)) or not np.array_equal(r[~finite],
-                                                                             g[~finite]):
+        if not np.array_equal(finite, np.isfinite(g)) or not np.array_equal(
+                r[~finite], g[~finite], equal_nan=True):
             return False
         if not finite.any():
             return True
@@ -279,9 +281,13 @@ def load_samples(
     if not path.is_file():
         raise SampleFileNotFound(f"sample file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, Mapping):  # a .npy: one unnamed array
+            raise SampleError(f"{path} holds a single array; give an .npz of named inputs "
+                              "(numpy.savez(path, <input name>=array, ...))")
+        with loaded as npz:
             arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise SampleError(f"{path} is not a readable .npz file: {exc}") from exc
     if not isinstance(arrays, dict) or not arrays:
         raise SampleError(f"{path} holds no arrays")
@@ -418,13 +424,22 @@ class Verifier:
             raise RuntimeCheckError(f"{tail.what} does not produce outputs {missing}")
         results: dict[str, list[dict[str, np.ndarray]]] = {"raw": []}
         encoded: dict[str, tuple[str, ...]] = {}
+        unencodable: set[str] = set()
         for values in crossing:
             feeds = {name: values[name] for name in tail.inputs if name in values}
             results["raw"].append(tail.run(feeds))
             for enc in self.tolerances:
-                coded = {k: _encode(k, v, enc) for k, v in feeds.items()}
                 encoded[enc] = tuple(k for k, v in feeds.items() if v.dtype == np.float32)
+                if enc in unencodable:
+                    continue
+                try:
+                    coded = {k: _encode(k, v, enc) for k, v in feeds.items()}
+                except TandemError:  # e.g. int8 of a tensor holding inf: not usable here
+                    unencodable.add(enc)
+                    continue
                 results.setdefault(enc, []).append(tail.run(coded))
+        for enc in unencodable:  # recorded as failed (infinite error), never silently skipped
+            results[enc] = [{} for _ in crossing]
         return results, encoded
 
     def _check(

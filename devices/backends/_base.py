@@ -212,17 +212,23 @@ class Backend:
             return results  # type: ignore[return-value]
         limit = self._max_batch_impl()
         first = self._inputs[0].name
-        chunk: list[int] = []
-        rows = 0
+        # Only requests that agree on every non-leading dim can be stacked together.
+        groups: dict[tuple, list[int]] = {}
         for i in valid:
-            n = requests[i][first].shape[0]
-            if chunk and limit is not None and rows + n > limit:
+            key = tuple(requests[i][t.name].shape[1:] for t in self._inputs)
+            groups.setdefault(key, []).append(i)
+        for members in groups.values():
+            chunk: list[int] = []
+            rows = 0
+            for i in members:
+                n = requests[i][first].shape[0]
+                if chunk and limit is not None and rows + n > limit:
+                    self._run_chunk(requests, chunk, results)
+                    chunk, rows = [], 0
+                chunk.append(i)
+                rows += n
+            if chunk:
                 self._run_chunk(requests, chunk, results)
-                chunk, rows = [], 0
-            chunk.append(i)
-            rows += n
-        if chunk:
-            self._run_chunk(requests, chunk, results)
         return results  # type: ignore[return-value]
 
     def _one(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | TandemError:

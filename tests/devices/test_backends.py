@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 
 from devices.backends import Backend, TensorMeta
@@ -162,3 +163,20 @@ def test_load_errors_are_translated(tmp_path):
 def test_backend_hooks_are_abstract():
     with pytest.raises(NotImplementedError):
         Backend().activate()
+
+
+def test_infer_batch_groups_requests_that_differ_beyond_the_leading_dim(monkeypatch):
+    # ("N", "S") input: requests with different S cannot share a batch, yet each is served
+    relu = onnx_small._model(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])],
+        [onnx_small._vi("x", ["N", "S"])], [onnx_small._vi("y", ["N", "S"])])
+    reqs = [{"x": np.full((1, 3), -1.0, np.float32)}, {"x": np.ones((2, 5), np.float32)},
+            {"x": np.ones((1, 3), np.float32)}]
+    with OnnxRuntimeBackend(relu) as backend:
+        calls = []
+        real = backend._infer_impl
+        monkeypatch.setattr(backend, "_infer_impl", lambda f: calls.append(f) or real(f))
+        outs = backend.infer_batch(reqs)
+    assert sorted(c["x"].shape for c in calls) == [(2, 3), (2, 5)]
+    for req, out in zip(reqs, outs, strict=True):
+        np.testing.assert_array_equal(out["y"], np.maximum(req["x"], 0))
