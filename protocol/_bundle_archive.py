@@ -148,6 +148,27 @@ def pack(
     return archive_path
 
 
+MAX_EXTENDED_HEADER = 64 * 1024  # PAX / GNU long-name headers: names, not payloads
+_EXTENDED_TYPES = frozenset({tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                             tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK})
+
+
+class _OversizedHeader(tarfile.ReadError):
+    pass
+
+
+class _SafeTarInfo(tarfile.TarInfo):
+    """tarfile reads a PAX or GNU long-name header's whole payload into memory before any of
+    our checks run; refuse a huge one first (a 24 KB zstd archive can declare gigabytes)."""
+
+    def _proc_member(self, tar):
+        if self.type in _EXTENDED_TYPES and self.size > MAX_EXTENDED_HEADER:
+            raise _OversizedHeader(
+                f"extended header {self.name!r} declares {self.size} bytes "
+                f"(over {MAX_EXTENDED_HEADER})")
+        return super()._proc_member(tar)
+
+
 @contextlib.contextmanager
 def _open_tar(archive: Path) -> Iterator[tarfile.TarFile]:
     try:
@@ -165,7 +186,8 @@ def _open_tar(archive: Path) -> Iterator[tarfile.TarFile]:
         elif magic[:2] == _GZIP_MAGIC:
             stream = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
         try:
-            tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|"))
+            tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|",
+                                                   tarinfo=_SafeTarInfo))
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise BundleError(f"{archive}: not a bundle archive ({exc})") from None
         yield tar

@@ -125,7 +125,7 @@ def _check_content(label: str, entry: FileEntry, size: int, digest) -> None:
 def _lstat(path: Path) -> os.stat_result | None:
     try:
         return path.lstat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 

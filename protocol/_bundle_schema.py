@@ -119,6 +119,15 @@ def _opt_path(value: object, name: str) -> str | None:
     return _path(value, name)
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup!r} (the wire decoder refuses these too)")
+    return data
+
+
 def _path(value: object, name: str) -> str:
     _str(value, name)
     problem = path_problem(value)
@@ -199,7 +208,7 @@ def _json_map(value: object, name: str) -> dict[str, Any]:
         _str(key, f"{name} key", empty=True)
     try:
         return json.loads(json.dumps(dict(value), allow_nan=False))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ManifestError(name, f"not JSON-serializable ({exc})") from None
 
 
@@ -435,7 +444,7 @@ class FileEntry:
 
     def __post_init__(self) -> None:
         _path(self.path, "path")
-        if self.path in RESERVED_NAMES:
+        if self.path in RESERVED_NAMES or self.path.split("/", 1)[0] in RESERVED_NAMES:
             raise ManifestError("path", f"{self.path!r} is reserved")
         _sha256(self.sha256, "sha256")
         _int(self.size, "size")
@@ -625,7 +634,10 @@ class Manifest:
             except UnicodeDecodeError as exc:
                 raise ManifestError("", f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
         try:
-            data = json.loads(text, parse_constant=_reject_constant)
+            data = json.loads(text, parse_constant=_reject_constant,
+                              object_pairs_hook=_unique_keys)
+        except RecursionError:
+            raise ManifestError("", "nested too deeply") from None
         except json.JSONDecodeError as exc:
             raise ManifestError(
                 "", f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"

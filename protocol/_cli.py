@@ -69,7 +69,8 @@ def cli() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; never lets a traceback reach the user unless TANDEM_DEBUG=1."""
     try:
-        cli.main(args=argv, prog_name="tandem", standalone_mode=False)
+        # without standalone mode click returns an Exit's code instead of raising it
+        rv = cli.main(args=argv, prog_name="tandem", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             err=True,
         )
         return EXIT_INTERNAL
-    return 0
+    return rv if isinstance(rv, int) else 0
 
 
 @click.command(name="bench", context_settings={"ignore_unknown_options": True})

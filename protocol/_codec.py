@@ -116,6 +116,10 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+_F32_TINY = float(np.finfo(np.float32).tiny)
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 class _Bad(Exception):
     """A schema violation; decode turns it into MalformedMessage, encode into InvalidArgument."""
 
@@ -301,8 +305,8 @@ class _DecodeCtx:
         scale, zero_point = 1.0, 0
         if encoding is Encoding.INT8_AFFINE:
             scale = _get(m, _T_SCALE)
-            if scale == 0.0:
-                raise _Bad(f"tensor {name!r}: scale must be > 0")
+            if not _F32_TINY <= scale <= _F32_MAX:
+                raise _Bad(f"tensor {name!r}: scale {scale!r} is not a normal float32 > 0")
             zero_point = _get(m, _T_ZERO_POINT)
         # the payload: zero padding to the next aligned offset, then `size` bytes
         frame, pos = self.frame, self.pos
@@ -441,8 +445,47 @@ _ENCODERS: dict[str, Callable[[Any], Any]] = {
 # -- encode -----------------------------------------------------------------------------------
 
 
-def encode(msg: Message) -> bytes:
-    """The frame for ``msg``. Raises InvalidArgument if the message breaks the schema."""
+def _over_limits(value: Any, lim: Limits, depth: int = 0) -> str | None:
+    """What in an encoded body a reader with ``lim`` would refuse (strings, lists), or None."""
+    if isinstance(value, str):
+        if len(value) > lim.max_string_len or (
+                len(value) * 4 > lim.max_string_len
+                and len(value.encode("utf-8", "surrogatepass")) > lim.max_string_len):
+            return f"a string of over {lim.max_string_len} bytes"
+    elif isinstance(value, dict):
+        if len(value) > lim.max_fields:
+            return f"a map of over {lim.max_fields} keys"
+        for v in value.values():
+            if (why := _over_limits(v, lim, depth + 1)) is not None:
+                return why
+    elif isinstance(value, list | tuple):
+        if len(value) > lim.max_list_len and depth == 1:
+            return f"a list of over {lim.max_list_len} entries"
+        for v in value:
+            if (why := _over_limits(v, lim, depth + 1)) is not None:
+                return why
+    return None
+
+
+def _check_tensors(tensors: list[Tensor], lim: Limits) -> None:
+    if len(tensors) > lim.max_tensors:
+        raise MessageTooLarge(f"{len(tensors)} tensors (readers accept {lim.max_tensors})")
+    total = 0
+    for t in tensors:
+        if len(t.shape) > lim.max_rank or any(d > lim.max_dim for d in t.shape):
+            raise InvalidArgument(f"tensor {t.name!r}: shape {t.shape} is over the limits "
+                                  f"(rank {lim.max_rank}, dim {lim.max_dim})")
+        total += t.nbytes
+        if t.nbytes > lim.max_tensor_bytes or total > lim.max_message_bytes:
+            raise MessageTooLarge(f"tensor {t.name!r}: {t.nbytes} bytes is over what readers "
+                                  f"accept ({lim.max_tensor_bytes} per tensor, "
+                                  f"{lim.max_message_bytes} per message)")
+
+
+def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """The frame for ``msg``. Raises InvalidArgument if the message breaks the schema, and
+    MessageTooLarge/InvalidArgument if a reader with ``limits`` would refuse it: we never emit
+    bytes our own decoder rejects."""
     try:
         mtype = _TYPE_OF[type(msg)]
     except KeyError:
@@ -467,7 +510,14 @@ def encode(msg: Message) -> bytes:
                 body[f.key] = _ENCODERS[f.key](getattr(msg, f.key))
             else:
                 _put(body, msg, f)
+        why = _over_limits(body, limits)
+        if why is not None:
+            raise _Bad(f"holds {why} (readers refuse it)")
+        _check_tensors(tensors, limits)
         header = msgpack.packb([PROTOCOL_VERSION, int(mtype), body], use_bin_type=True)
+        if len(header) > limits.max_header_bytes:
+            raise MessageTooLarge(f"{type(msg).__name__}: envelope of {len(header)} bytes "
+                                  f"(readers accept {limits.max_header_bytes})")
     except _Bad as exc:
         raise InvalidArgument(f"{type(msg).__name__}: {exc}") from None
     except (ValueError, TypeError, OverflowError) as exc:  # msgpack's own complaints
@@ -532,6 +582,7 @@ def _read_envelope(mv: memoryview, limits: Limits) -> tuple[Any, int]:
         raise MalformedMessage("empty frame")
     if n > limits.max_message_bytes:
         raise MessageTooLarge(f"frame of {n} bytes (limit {limits.max_message_bytes})")
+    _peek_version(mv)
     cap = min(n, limits.max_header_bytes)
     unpacker = msgpack.Unpacker(
         raw=False,
@@ -566,6 +617,21 @@ def _read_envelope(mv: memoryview, limits: Limits) -> tuple[Any, int]:
                 ) from None
             continue
         return obj, unpacker.tell()
+
+
+def _peek_version(mv: memoryview) -> None:
+    """Another major version is UNSUPPORTED_VERSION "without looking further" (SPEC §1): read
+    only the array header and the first element, before the body is parsed under v1 limits."""
+    peek = msgpack.Unpacker(max_buffer_size=64, read_size=64)
+    peek.feed(mv[:16])
+    try:
+        peek.read_array_header()
+        version = peek.unpack()
+    except Exception:  # not even that: the full parse says what is wrong
+        return
+    if type(version) is int and version != PROTOCOL_VERSION:
+        raise VersionMismatch(
+            f"frame has protocol version {version}; this peer speaks {PROTOCOL_VERSION}")
 
 
 def _check_version(obj: Any) -> tuple[int, Any]:

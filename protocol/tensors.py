@@ -184,8 +184,10 @@ class Tensor:
                 f"not {dtype.name}"
             )
         if encoding is Encoding.INT8_AFFINE:
-            if not (math.isfinite(self.scale) and self.scale > 0):
-                raise InvalidArgument(f"tensor {self.name!r}: scale must be finite and > 0")
+            if not _TINY <= self.scale <= _F32_MAX:  # a normal float32, or dequant breaks
+                raise InvalidArgument(
+                    f"tensor {self.name!r}: scale must be a normal float32 in "
+                    f"[{_TINY:g}, {_F32_MAX:g}], not {self.scale!r}")
             if type(self.zero_point) is not int or not -128 <= self.zero_point <= 127:
                 raise InvalidArgument(f"tensor {self.name!r}: zero_point must be in [-128, 127]")
         try:
@@ -203,6 +205,17 @@ class Tensor:
             plain = data
         elif plain is not None and len(plain) != nbytes:
             raise InvalidArgument(f"tensor {self.name!r}: decompressed size disagrees with shape")
+        elif plain is None:  # compressed bytes from outside: the frame must declare our size
+            try:
+                declared = _zstd().frame_content_size(data)
+            except Exception as exc:  # zstandard.ZstdError: not a zstd frame
+                raise InvalidArgument(f"tensor {self.name!r}: not a zstd frame: {exc}") from exc
+            if declared != nbytes:
+                raise InvalidArgument(f"tensor {self.name!r}: zstd frame declares {declared} "
+                                      f"bytes, shape {shape} needs {nbytes}")
+        if dtype is DType.BOOL and plain is not None and len(plain) and \
+                np.frombuffer(plain, np.uint8).max() > 1:
+            raise InvalidArgument(f"tensor {self.name!r}: bool bytes must be 0 or 1")
         object.__setattr__(self, "dtype", dtype)
         object.__setattr__(self, "encoding", encoding)
         object.__setattr__(self, "shape", shape)

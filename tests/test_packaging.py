@@ -133,3 +133,16 @@ def test_bench_runs_a_benchmark_from_the_checkout_and_refuses_unknown(tmp_path, 
     assert main(["bench", "no_such_bench"]) == 1
     assert "no benchmark 'no_such_bench'" in capsys.readouterr().err
     assert main(["bench", "_common"]) == 2  # private modules are not benchmarks
+
+
+def test_a_failing_benchmark_fails_the_command(tmp_path, monkeypatch):
+    from protocol._cli import main
+
+    pkg = tmp_path / "benchmarks"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "failing.py").write_text("def main(argv):\n    return 3\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "benchmarks", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["bench", "failing"]) == 3

@@ -763,3 +763,30 @@ def test_importing_the_bundle_module_does_not_load_cryptography():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "False"]
+
+
+# -- found in review ----------------------------------------------------------------------------
+
+
+def test_oversized_pax_header_is_refused_before_it_is_read(tmp_path):
+    import tarfile as _tarfile
+
+    header = _tarfile.TarInfo("././@PaxHeader")
+    header.type = _tarfile.XHDTYPE
+    header.size = 1 << 30  # declared 1 GiB; tarfile would read it all into memory
+    archive = tmp_path / "bomb.tar"
+    archive.write_bytes(header.tobuf(format=_tarfile.USTAR_FORMAT) + bytes(4096))
+    with pytest.raises(BundleError, match="extended header"):
+        load_bundle(archive)
+
+
+def test_manifest_paths_below_reserved_names_are_refused():
+    with pytest.raises(ManifestError, match="reserved"):
+        FileEntry(path="manifest.json/x", sha256="0" * 64, size=1)
+
+
+def test_duplicate_keys_and_deep_nesting_in_manifest_json():
+    with pytest.raises(ManifestError, match="duplicate key 'model_name'"):
+        Manifest.from_json('{"model_name": "evil", "model_name": "m"}')
+    with pytest.raises(ManifestError, match="nested too deeply"):
+        Manifest.from_json('{"extra": ' + "[" * 100_000 + "]" * 100_000 + "}")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from protocol import chunking
 from protocol._codec import encode_chunk
-from protocol.chunking import CHUNK_PREFIX, Reassembler, is_chunk, split
+from protocol.chunking import CHUNK_COST, CHUNK_PREFIX, Reassembler, is_chunk, split
 from protocol.codec import decode, encode
 from protocol.errors import Code, InvalidArgument, MalformedMessage, MessageTooLarge
 from protocol.messages import DeviceStatus, InferenceRequest
@@ -33,7 +33,8 @@ def big_frame(n_floats: int = 3 * 2**20 // 4) -> bytes:
 
 
 def test_public_surface():
-    assert set(chunking.__all__) == {"CHUNK_PREFIX", "Reassembler", "is_chunk", "split"}
+    assert set(chunking.__all__) == {"CHUNK_COST", "CHUNK_PREFIX", "Reassembler", "is_chunk",
+                                     "split"}
 
 
 def test_small_payload_is_returned_unchanged():
@@ -138,7 +139,7 @@ def test_declared_total_over_limit_is_refused_before_storing():
 
 
 def test_oldest_sets_are_evicted_to_stay_under_the_limits():
-    r = Reassembler(max_total_bytes=5000, max_pending_sets=2)
+    r = Reassembler(max_total_bytes=8000, max_pending_sets=2)  # chunks cost data + CHUNK_COST
     firsts = [split(os.urandom(4000), 1000)[0] for _ in range(3)]
     for p in firsts:
         r.feed(p)
@@ -146,7 +147,7 @@ def test_oldest_sets_are_evicted_to_stay_under_the_limits():
     big = split(os.urandom(4900), 1000)
     for p in big[:4]:
         r.feed(p)
-    assert r.pending_bytes <= 5000
+    assert r.pending_bytes <= 8000
     assert r.evicted >= 2
 
 
@@ -207,3 +208,45 @@ def test_split_uses_the_given_id_so_retries_form_one_set():
     r = Reassembler()
     assert r.feed(a[0]) is None and r.feed(b[1]) is None
     assert r.feed(a[2]) == payload
+
+
+def test_tiny_chunks_are_charged_their_real_cost():
+    # 1-byte chunks: the per-chunk bookkeeping, not the data, is what costs memory
+    payload = os.urandom(3000)
+    mid = os.urandom(16)
+    chunks = [encode_chunk(mid, i, 3000, 3000, i, payload[i:i + 1]) for i in range(3000)]
+    r = Reassembler(max_total_bytes=4 << 20)
+    for c in chunks[:100]:
+        r.feed(c)
+    assert r.pending_bytes == 100 * (1 + CHUNK_COST)
+    tight = Reassembler(max_total_bytes=100_000)  # 3000 bytes of data, but 3000 chunks
+    with pytest.raises(MessageTooLarge, match="3000 chunks"):
+        tight.feed(chunks[0])
+    assert tight.pending_sets == 0
+
+
+def test_a_set_that_fits_its_declared_budget_completes():
+    payload = os.urandom(1000)
+    parts = split(payload, 300)
+    budget = len(payload) + len(parts) * CHUNK_COST
+    r = Reassembler(max_total_bytes=budget)
+    out = [r.feed(p) for p in parts]
+    assert out[-1] == payload and r.pending_bytes == 0
+
+
+def test_split_counts_bytes_of_any_memoryview():
+    arr = np.arange(1000, dtype=np.float32)
+    parts = split(memoryview(arr), 1500)
+    r = Reassembler()
+    out = [r.feed(p) for p in parts]
+    assert out[-1] == arr.tobytes()
+    assert len(split(memoryview(arr[:300]), 1500)) == 1  # 1200 bytes fit
+
+
+def test_expiry_runs_on_every_feed_even_for_whole_messages():
+    now = [0.0]
+    r = Reassembler(timeout_s=1.0, clock=lambda: now[0])
+    r.feed(split(os.urandom(1000), 300)[0])
+    now[0] = 5.0
+    r.feed(encode(DeviceStatus("d", "online", 1)))
+    assert r.pending_sets == 0 and r.pending_bytes == 0 and r.expired == 1

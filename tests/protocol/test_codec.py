@@ -463,3 +463,44 @@ def test_round_trip_of_a_big_tensor_is_exact():
     np.testing.assert_allclose(y.to_array(), arr, rtol=2**-11, atol=2**-24)
     assert np.abs(z.to_array() - arr).max() <= z.scale / 2 + 1e-6
     assert z.dtype is DType.FLOAT32
+
+
+# -- found in review: never emit what we refuse; versions first ---------------------------------
+
+
+def test_encode_refuses_what_a_default_reader_refuses():
+    with pytest.raises(InvalidArgument, match="string of over 4096"):
+        encode(DeviceStatus("x" * 5000, "online", 1))
+    many = tuple(Tensor.from_array(f"t{i}", np.zeros(1, np.float32)) for i in range(257))
+    with pytest.raises(MessageTooLarge, match="257 tensors"):
+        encode(request(*many))
+    deep = Tensor.from_array("deep", np.zeros((1,) * 9, np.float32))
+    with pytest.raises(InvalidArgument, match="rank"):
+        encode(request(deep))
+    loads_ = tuple(("d", 1, 1.0) for _ in range(4097))
+    with pytest.raises(InvalidArgument, match="list of over 4096"):
+        encode(CloudLoad("w", 1, tail_ms=loads_))
+    # and a reader with larger limits gets what it allows
+    big = Limits(max_string_len=10_000)
+    assert decode(encode(DeviceStatus("x" * 5000, "online", 1), big), big).device_id == "x" * 5000
+
+
+def test_decoded_int8_scale_must_be_a_normal_float32():
+    t = Tensor.from_array("q", np.array([0.5, -1.0], np.float32), Encoding.INT8_AFFINE)
+    good = encode(request(t))
+    packed = msgpack.packb(t.scale)
+    assert good.count(packed) == 1
+    for bad in (1e300, 1e-300):
+        frame_ = good.replace(packed, msgpack.packb(bad))
+        with pytest.raises(MalformedMessage, match="normal float32"):
+            decode(frame_)
+
+
+@pytest.mark.parametrize("body", [
+    {"x": msgpack.ExtType(5, b"ab")},  # ext types v1 forbids
+    {str(i): i for i in range(100)},  # more keys than v1 allows
+    "x" * 10_000,  # a longer string than v1 allows
+])
+def test_another_major_version_is_reported_before_the_body_is_parsed(body):
+    with pytest.raises(VersionMismatch, match="version 2"):
+        decode(msgpack.packb([2, 1, body]))

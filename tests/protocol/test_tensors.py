@@ -191,9 +191,25 @@ def test_constructor_checks_consistency():
 
 
 def test_bad_zstd_payload_of_a_hand_built_tensor_is_invalid_argument():
-    t = Tensor("x", DType.FLOAT32, (2,), b"not zstd", compressed=True)
+    # refused when built, so encode can never emit a frame the decoder rejects
     with pytest.raises(InvalidArgument, match="zstd"):
-        t.to_array()
+        Tensor("x", DType.FLOAT32, (2,), b"not zstd", compressed=True)
+    good = Tensor.from_array("x", np.arange(3, dtype=np.float32), compress=True)
+    with pytest.raises(InvalidArgument, match="declares 12 bytes"):
+        Tensor("x", DType.FLOAT32, (4,), good.data, compressed=True)
+
+
+def test_bool_bytes_other_than_0_and_1_are_refused():
+    with pytest.raises(InvalidArgument, match="0 or 1"):
+        Tensor("b", DType.BOOL, (2,), b"\x00\x02")
+    with pytest.raises(InvalidArgument, match="0 or 1"):
+        Tensor.from_array("b", np.frombuffer(b"\x05\x01", np.bool_))
+
+
+@pytest.mark.parametrize("scale", [1e300, 1e-300, 0.0, float("nan")])
+def test_int8_scale_must_be_a_normal_float32(scale):
+    with pytest.raises(InvalidArgument, match="scale"):
+        Tensor("q", DType.FLOAT32, (1,), b"\x01", Encoding.INT8_AFFINE, scale=scale)
 
 
 def test_equality_hash_pickle_and_repr():
