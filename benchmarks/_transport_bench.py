@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import importlib.util
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -235,6 +236,17 @@ class OursAsyncClient:
         self.loop.close()
 
 
+def _counting_faults(out: list[int], fn):
+    """``fn`` that also appends the process's minor page faults during each call to ``out``."""
+
+    def run() -> None:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn()
+        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+    return run
+
+
 def _rtt(port: int, quick: bool) -> list[Result]:
     results: list[Result] = []
     raw = RawEcho(port)
@@ -248,12 +260,14 @@ def _rtt(port: int, quick: bool) -> list[Result]:
             raw_bytes = payload.tobytes()
             repeats = 30 if quick else (300 if size <= 100 * 1024 else 60)
             ours_async.samples.clear()
+            faults: dict[str, list[int]] = {"ours": [], "raw": []}
             samples = interleaved({
-                "ours": lambda t=tensor: ours_async.round_trip(t),
+                "ours": _counting_faults(faults["ours"], lambda t=tensor: ours_async.round_trip(t)),
                 "sync": lambda t=tensor: ours.round_trip(t),
-                "raw": lambda b=raw_bytes: raw.round_trip(b),
+                "raw": _counting_faults(faults["raw"], lambda b=raw_bytes: raw.round_trip(b)),
                 "rpc": lambda b=raw_bytes: rpc.round_trip(b),
             }, repeats=repeats, warmup=10)
+            f_ours, f_raw = (stats(faults[k][-repeats:]).median for k in ("ours", "raw"))
             samples["ours"] = ours_async.samples[-repeats:]  # timed on the client's loop
             s_ours, s_sync, s_raw, s_rpc = (
                 stats(samples[k]) for k in ("ours", "sync", "raw", "rpc"))
@@ -264,7 +278,8 @@ def _rtt(port: int, quick: bool) -> list[Result]:
                 target=f"ratio <= {TARGET_RATIO}", met=ratio <= TARGET_RATIO,
                 p99=s_ours.p99 * 1e3, min=s_ours.min * 1e3, max=s_ours.max * 1e3, n=s_ours.n,
                 notes=(f"raw p99 {s_raw.p99 * 1e3:.3f} ms, min {s_raw.min * 1e3:.3f}, "
-                       f"max {s_raw.max * 1e3:.3f}"),
+                       f"max {s_raw.max * 1e3:.3f}; minor page faults per round trip "
+                       f"(whole process, both ends): ours {f_ours:.0f}, raw {f_raw:.0f}"),
             ))
             results.append(Result(
                 metric=f"rtt_sync_{label}", value=s_sync.median * 1e3, unit="ms",
