@@ -486,6 +486,19 @@ def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> bytes:
     """The frame for ``msg``. Raises InvalidArgument if the message breaks the schema, and
     MessageTooLarge/InvalidArgument if a reader with ``limits`` would refuse it: we never emit
     bytes our own decoder rejects."""
+    parts, _ = encode_parts(msg, limits)
+    if len(parts) == 1:
+        return parts[0]  # type: ignore[return-value]  # the envelope alone: already bytes
+    return b"".join(parts)  # one copy of each payload, into an exactly sized bytes
+
+
+def encode_parts(msg: Message, limits: Limits = DEFAULT_LIMITS
+                 ) -> tuple[list[bytes | memoryview], int]:
+    """The frame for ``msg`` as pieces to be written one after another, and its total length:
+    the msgpack envelope (bytes), then per tensor a zero pad (when needed for alignment) and
+    the tensor's data (a view of it, not a copy). ``b"".join(parts)`` is :func:`encode`'s
+    frame, byte for byte; same checks and errors. The views are valid as long as the
+    message's tensors are (do not mutate their buffers until the parts are written)."""
     try:
         mtype = _TYPE_OF[type(msg)]
     except KeyError:
@@ -522,8 +535,6 @@ def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> bytes:
         raise InvalidArgument(f"{type(msg).__name__}: {exc}") from None
     except (ValueError, TypeError, OverflowError) as exc:  # msgpack's own complaints
         raise InvalidArgument(f"{type(msg).__name__} cannot be encoded: {exc}") from exc
-    if not tensors:
-        return header
     parts: list[bytes | memoryview] = [header]
     pos = len(header)
     for t in tensors:
@@ -532,7 +543,7 @@ def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> bytes:
             parts.append(_ZEROS[:pad])
         parts.append(t.data)
         pos += pad + len(t.data)
-    return b"".join(parts)  # one copy of each payload, into an exactly sized bytes
+    return parts, pos
 
 
 def _tensor_map(t: Tensor) -> dict[str, Any]:

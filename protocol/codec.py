@@ -1,6 +1,7 @@
 """Encode and decode protocol messages (the byte layout is in ``protocol/SPEC.md``).
 
     frame = encode(msg)                       # bytes: msgpack envelope + aligned tensor payloads
+    parts, n = encode_parts(msg)              # the same frame as pieces (views of the tensors)
     msg = decode(frame, limits=DEFAULT_LIMITS)  # strict; raises only ProtocolError subclasses
 
 Schema evolution: a newer v1 peer may add map keys; this decoder ignores keys it does not know,
@@ -8,6 +9,22 @@ and fills fields a peer did not send from their defaults. A different protocol m
 a :class:`~protocol.errors.VersionMismatch`.
 """
 
-from protocol._codec import DEFAULT_LIMITS, Compression, Limits, MessageType, decode, encode
+from protocol._codec import (
+    DEFAULT_LIMITS,
+    Compression,
+    Limits,
+    MessageType,
+    decode,
+    encode,
+    encode_parts,
+)
 
-__all__ = ["DEFAULT_LIMITS", "Compression", "Limits", "MessageType", "decode", "encode"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "Compression",
+    "Limits",
+    "MessageType",
+    "decode",
+    "encode",
+    "encode_parts",
+]

@@ -61,7 +61,7 @@ def too_large(data, match: str | None = None, limits: Limits = DEFAULT_LIMITS):
 
 def test_public_surface():
     assert set(codec.__all__) == {"DEFAULT_LIMITS", "Compression", "Limits", "MessageType",
-                                  "decode", "encode"}
+                                  "decode", "encode", "encode_parts"}
     assert {t.name: int(t) for t in MessageType} == {
         "INFERENCE_REQUEST": 1, "INFERENCE_RESPONSE": 2, "DEVICE_STATUS": 3, "CLOUD_LOAD": 4,
         "ASSIGNMENT": 5, "CHUNK": 6,
@@ -89,6 +89,51 @@ def test_round_trip_every_message_type(strategy, data):
                             getattr(msg, "tensors", ()) or getattr(msg, "outputs", ()),
                             strict=True):
         np.testing.assert_array_equal(mine.to_array(), theirs.to_array())
+
+
+@pytest.mark.parametrize("strategy", [requests, ok_responses, error_responses, statuses, loads,
+                                      assignments],
+                         ids=["request", "response_ok", "response_error", "status", "load",
+                              "assignment"])
+@settings(max_examples=60, deadline=None)
+@given(data=__import__("hypothesis").strategies.data())
+def test_encode_parts_joins_to_encode(strategy, data):
+    msg = data.draw(strategy)
+    parts, total = codec.encode_parts(msg)
+    assert isinstance(parts[0], bytes)
+    assert b"".join(parts) == encode(msg)
+    assert total == sum(memoryview(p).nbytes for p in parts)
+
+
+_GOLDEN = __import__("pathlib").Path(__file__).resolve().parent / "golden"
+
+
+@pytest.mark.parametrize("path", sorted(p for p in _GOLDEN.glob("*.bin")
+                                        if not p.name.startswith(("chunk_", "version_"))),
+                         ids=lambda p: p.stem)
+def test_encode_parts_of_golden_messages(path):
+    golden = path.read_bytes()
+    msg = decode(golden)
+    parts, total = codec.encode_parts(msg)
+    frame = encode(msg)
+    assert b"".join(parts) == frame and total == len(frame)
+    if path.stem not in ("request_future_keys",):  # canonical files re-encode byte-exact
+        assert frame == golden
+
+
+def test_encode_parts_views_tensor_data_without_copying():
+    data = np.arange(1000, dtype=np.float32)
+    msg = request(Tensor.from_array("x", data), Tensor.from_array("y", data[:3]))
+    parts, total = codec.encode_parts(msg)
+    assert total == len(encode(msg))
+    views = [p for p in parts if isinstance(p, memoryview)]
+    assert views and all(v.nbytes in (4000, 12) for v in views)
+    assert all(len(p) < 8 for p in parts[1:] if isinstance(p, bytes))  # only pads are bytes
+
+
+def test_encode_parts_checks_like_encode():
+    with pytest.raises(InvalidArgument):
+        codec.encode_parts(object())  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
