@@ -38,6 +38,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -52,6 +53,7 @@ from protocol.errors import (
 
 __all__ = [
     "MAX_MQTT_PAYLOAD",
+    "Frame",
     "IncomingMessage",
     "MqttClient",
     "PublishProperties",
@@ -161,10 +163,13 @@ class PublishProperties:
 class IncomingMessage:
     """A PUBLISH as received (after chunk reassembly when it reaches a handler).
 
-    The MQTT 5 fields are None on MQTT 3.1.1 or when the sender did not set them."""
+    The MQTT 5 fields are None on MQTT 3.1.1 or when the sender did not set them. From the
+    MQTT client, a payload of 64 KiB or more is a read-only memoryview of its own packet buffer
+    (not copied); the transport hands its subscribers' handlers bytes (see
+    ``protocol.transport``)."""
 
     topic: str
-    payload: bytes
+    payload: bytes | memoryview
     qos: int = 0
     retain: bool = False
     response_topic: str | None = None
@@ -228,6 +233,62 @@ class _InProps:
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 
+# received payloads this large are handed on as views of their packet, not copied (see
+# _decode_publish_v5); smaller ones become bytes (a copy costs less than a view's bookkeeping)
+_VIEW_MIN = 64 * 1024
+_PUBLISH = 0x30
+
+
+class Frame(bytearray):
+    """An outgoing PUBLISH built in place: the fixed header, topic, room for the packet id and
+    the MQTT 5 properties, then the payload, in ONE buffer that paho queues and writes as it is
+    (see :meth:`MqttClient.frame`). The payload is copied into it once, from the pieces
+    :func:`protocol.codec.encode_parts` returns: no intermediate frame, no second copy into a
+    packet. Only the command byte (DUP flag) and the packet id are written later, by
+    :meth:`_PahoClient._send_publish` (again on a resend after a reconnect)."""
+
+    __slots__ = ("head", "mid_at", "props", "qos", "topic")
+
+    head: int  # bytes before the payload
+    mid_at: int  # where the packet id goes (-1: QoS 0, none)
+    props: PublishProperties | None
+    qos: int
+    topic: str
+
+    def payload(self) -> memoryview:
+        """The payload part (a view; for the stock paho client's fallback)."""
+        return memoryview(self)[self.head:]
+
+
+def _build_frame(topic: str, parts: list[bytes | memoryview] | tuple[bytes | memoryview, ...],
+                 total: int, qos: int, props: PublishProperties | None, v5: bool) -> Frame:
+    topic_bytes = topic.encode()
+    packed = (_PackedProperties(props).pack() if props else b"\x00") if v5 else b""
+    var = 2 + len(topic_bytes) + (2 if qos else 0) + len(packed)
+    remaining = var + total
+    if remaining > MAX_MQTT_PAYLOAD:
+        raise PayloadTooLarge(f"{total} bytes exceed the MQTT limit")
+    if len(topic_bytes) > 0xFFFF:
+        raise InvalidArgument(f"topic of {len(topic_bytes)} bytes (limit 65535)")
+    fixed = bytes((_PUBLISH,)) + _varint(remaining)
+    head = len(fixed) + var
+    frame = Frame(head + total)  # zero-filled; every byte is written below or in _send_publish
+    frame.head, frame.qos, frame.props, frame.topic = head, qos, props, topic
+    pos = len(fixed) + 2 + len(topic_bytes)
+    frame[: pos] = fixed + _U16.pack(len(topic_bytes)) + topic_bytes
+    frame.mid_at = pos if qos else -1
+    if qos:
+        pos += 2
+    frame[pos:head] = packed
+    pos = head
+    for part in parts:
+        n = len(part)
+        frame[pos : pos + n] = part
+        pos += n
+    if pos != head + total:
+        raise InvalidArgument(f"frame parts hold {pos - head} bytes, not {total}")
+    return frame
+
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
     value = shift = 0
@@ -242,14 +303,17 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
             raise ValueError("variable byte integer longer than 4 bytes")
 
 
-def _decode_publish_v5(packet: bytes | bytearray, qos: int) -> tuple[bytes, int, _InProps, bytes]:
+def _decode_publish_v5(packet: bytes | bytearray, qos: int
+                       ) -> tuple[bytes, int, _InProps, bytes | memoryview]:
     """(topic, packet id, properties, payload) of an MQTT 5 PUBLISH variable header + payload.
 
     paho's own decoding builds a ``Properties`` object (tens of µs) and slices the remaining
     packet once per property and twice more for topic and packet id: five properties on a 1 MB
-    request cost ~7 copies of the payload. Here the payload is copied once (to immutable bytes).
-    Raises ValueError / IndexError / struct.error on a malformed packet."""
-    buf = memoryview(packet)
+    request cost ~7 copies of the payload. Here a payload of :data:`_VIEW_MIN` bytes or more is
+    not copied at all: it is a read-only view of ``packet`` (which :meth:`_PahoClient._packet_read`
+    allocates afresh for every packet and never reuses or resizes), smaller ones are copied once
+    to immutable bytes. Raises ValueError / IndexError / struct.error on a malformed packet."""
+    buf = memoryview(packet).toreadonly()
     (tlen,) = _U16.unpack_from(buf, 0)
     pos = 2 + tlen
     topic = bytes(buf[2:pos])
@@ -292,6 +356,8 @@ def _decode_publish_v5(packet: bytes | bytearray, qos: int) -> tuple[bytes, int,
             raise ValueError(f"property 0x{ident:02x} not allowed on PUBLISH")
     if pos != end:
         raise ValueError("properties length mismatch")
+    if len(buf) - end >= _VIEW_MIN:
+        return topic, mid, props, buf[end:]
     return topic, mid, props, bytes(buf[end:])
 
 
@@ -313,6 +379,116 @@ class _PahoClient(paho.Client):
         if len(packet) > 65536:
             packet = memoryview(packet)  # type: ignore[assignment]
         return super()._packet_queue(command, packet, mid, qos, info)
+
+    def _send_publish(self, mid: int, topic: bytes, payload: Any = b"", qos: int = 0,
+                      retain: bool = False, dup: bool = False, info: Any = None,
+                      properties: Any = None) -> MQTTErrorCode:
+        if type(payload) is not Frame:
+            return super()._send_publish(mid, topic, payload, qos, retain, dup, info, properties)
+        # a Frame already holds topic, properties and payload: fill in flags and packet id and
+        # queue the buffer itself (paho keeps it as the message's payload until the PUBACK, and
+        # calls this again with dup=True to resend it after a reconnect)
+        if self._sock is None:
+            return MQTTErrorCode.MQTT_ERR_NO_CONN
+        if qos != payload.qos:
+            raise ValueError(f"frame built for QoS {payload.qos}, published with QoS {qos}")
+        payload[0] = _PUBLISH | ((dup & 0x1) << 3) | (qos << 1) | (1 if retain else 0)
+        if payload.mid_at >= 0:
+            _U16.pack_into(payload, payload.mid_at, mid)
+        return self._packet_queue(_PUBLISH, payload, mid, qos, info)
+
+    def _sock_recv_into(self, view: memoryview) -> int:
+        """``_sock_recv`` (same error mapping) reading into ``view``."""
+        if self._sock is None:
+            raise ConnectionError("self._sock is None")
+        try:
+            return self._sock.recv_into(view)
+        except ssl.SSLWantReadError as err:
+            raise BlockingIOError() from err
+        except ssl.SSLWantWriteError as err:
+            self._call_socket_register_write()
+            raise BlockingIOError() from err
+        except AttributeError as err:
+            raise ConnectionError() from err
+
+    def _packet_read(self) -> MQTTErrorCode:
+        """paho's ``_packet_read`` (same states, same errors), except that a packet's body is
+        read with ``recv_into`` straight into ONE bytearray of its remaining length, allocated
+        afresh per packet. paho reads it with ``recv(remaining)`` (a buffer of the whole
+        remaining size per call, shrunk to what arrived) and appends each piece to a growing
+        bytearray: for a 1 MB PUBLISH, several 1 MB allocations, reallocations and copies.
+        The buffer is never reused or resized, so a payload handed on as a view of it (see
+        :func:`_decode_publish_v5`) stays valid as long as someone holds that view."""
+        if not hasattr(self._sock, "recv_into"):  # e.g. paho's websocket wrapper
+            return super()._packet_read()
+        p = self._in_packet
+        if p["command"] == 0:
+            try:
+                command = self._sock_recv(1)
+            except BlockingIOError:
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+            except OSError:
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            if len(command) == 0:
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            p["command"] = command[0]
+        if p["have_remaining"] == 0:
+            while True:
+                try:
+                    byte = self._sock_recv(1)
+                except BlockingIOError:
+                    return MQTTErrorCode.MQTT_ERR_AGAIN
+                except OSError:
+                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
+                if len(byte) == 0:
+                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
+                value = byte[0]
+                p["remaining_count"].append(value)
+                if len(p["remaining_count"]) > 4:
+                    return MQTTErrorCode.MQTT_ERR_PROTOCOL
+                p["remaining_length"] += (value & 127) * p["remaining_mult"]
+                p["remaining_mult"] *= 128
+                if (value & 128) == 0:
+                    break
+            p["have_remaining"] = 1
+            p["to_process"] = p["remaining_length"]
+            p["packet"] = bytearray(p["remaining_length"])
+        count = 100  # as paho: do not get stuck on one huge packet
+        while p["to_process"] > 0:
+            start = p["remaining_length"] - p["to_process"]
+            try:
+                with memoryview(p["packet"]) as view:
+                    n = self._sock_recv_into(view[start:])
+            except BlockingIOError:
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+            except OSError:
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            if n == 0:
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            p["to_process"] -= n
+            with self._msgtime_mutex:
+                self._last_bytes_received = paho.time_func()
+            count -= 1
+            if count == 0:
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+        p["pos"] = 0
+        try:
+            rc = self._packet_handle()
+        except MalformedPacket:
+            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._in_packet = {
+            "command": 0,
+            "have_remaining": 0,
+            "remaining_count": [],
+            "remaining_mult": 1,
+            "remaining_length": 0,
+            "packet": bytearray(b""),
+            "to_process": 0,
+            "pos": 0,
+        }
+        with self._msgtime_mutex:
+            self._last_bytes_received = paho.time_func()
+        return rc
 
     def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
         # a plain success PUBACK (just the packet id) is what a broker sends almost always:
@@ -354,7 +530,8 @@ class _PahoClient(paho.Client):
 # the fast path relies on paho 2.x internals; any other layout gets the stock client
 _FAST_PUBLISH = all(hasattr(paho.Client, name) for name in (
     "_handle_publish", "_handle_on_message", "_send_puback", "_packet_queue",
-    "_handle_pubackcomp", "_do_on_publish")) \
+    "_handle_pubackcomp", "_do_on_publish", "_send_publish", "_packet_read", "_packet_handle",
+    "_sock_recv", "_call_socket_register_write")) \
     and hasattr(paho, "time_func") and hasattr(paho, "MQTTMessage")
 
 
@@ -688,14 +865,38 @@ class MqttClient:
             if len(payload) > MAX_MQTT_PAYLOAD:
                 raise PayloadTooLarge(f"{len(payload)} bytes exceed the MQTT limit") from exc
             raise InvalidArgument(f"cannot publish to {topic!r}: {exc}") from exc
-        rc = info.rc
+        self._published(info.rc, topic)
+
+    def frame(self, topic: str, parts: list[bytes | memoryview] | tuple[bytes | memoryview, ...],
+              total: int, qos: int, props: PublishProperties | None = None) -> Frame:
+        """Build the PUBLISH for a payload given as pieces (``total`` bytes in all, e.g. from
+        :func:`protocol.codec.encode_parts`), copying each piece once, into the packet itself;
+        send it with :meth:`publish_frame`. Touches no client state: any thread may call it
+        (the sync transport builds frames in the caller's thread). Raises PayloadTooLarge /
+        InvalidArgument."""
+        return _build_frame(topic, parts, total, qos, props, self.v5)
+
+    def publish_frame(self, frame: Frame, retain: bool = False) -> None:
+        """:meth:`publish` for a :class:`Frame` (its topic, QoS and properties); paho keeps it,
+        as the message's payload, until its PUBACK and writes it without another copy."""
+        if type(self._client) is not _PahoClient:  # the stock client: it builds the packet
+            self.publish(frame.topic, bytes(frame.payload()), frame.qos, retain, frame.props)
+            return
+        if not self._connected:
+            raise Unavailable(f"not connected to the broker; cannot publish to {frame.topic!r}")
+        try:
+            info = self._client.publish(frame.topic, frame, frame.qos, retain)
+        except ValueError as exc:
+            raise InvalidArgument(f"cannot publish to {frame.topic!r}: {exc}") from exc
+        self._published(info.rc, frame.topic)
+
+    def _published(self, rc: MQTTErrorCode, topic: str) -> None:
         if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
             raise Unavailable(f"connection lost while publishing to {topic!r}")
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise Unavailable(f"publish to {topic!r} failed: {paho.error_string(rc)}")
         if not self._in_paho:
             self._flush()  # write now rather than one loop iteration later
-
 
     def subscribe(self, topic_filter: str, qos: int, on_done: SubackCallback) -> None:
         """Add to the table (kept across reconnects) and, when connected, send SUBSCRIBE;

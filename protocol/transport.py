@@ -50,6 +50,7 @@ from protocol import chunking, codec, topics
 from protocol._mqtt import (
     CONTENT_TYPE,
     DEFAULT_MAX_PAYLOAD_V311,
+    Frame,
     IncomingMessage,
     MqttClient,
     PublishProperties,
@@ -89,10 +90,17 @@ Handler = Callable[[IncomingMessage], "Awaitable[None] | None"]
 RequestHandler = Callable[[InferenceRequest], "Awaitable[InferenceResponse] | InferenceResponse"]
 
 _T = TypeVar("_T")
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 # Room left in a packet for the fixed header, topic and properties when the broker announces a
 # Maximum Packet Size (MQTT 5): the chunk size is capped at that size minus this.
 _PACKET_OVERHEAD = 1024
+
+
+def _takes_views(fn: _F) -> _F:
+    """Mark one of our own handlers as accepting a payload that is a view (see _dispatch)."""
+    fn._tandem_takes_views = True  # type: ignore[attr-defined]
+    return fn
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
@@ -240,6 +248,27 @@ class AsyncTransport:
         for piece in pieces:
             mqtt.publish(topic, piece, qos, retain, properties)
 
+    def _frame(self, topic: str, message: Message, qos: int | None,
+               properties: PublishProperties | None) -> Frame | bytes:
+        """``message`` encoded for :meth:`_send`: a :class:`Frame` (the PUBLISH packet built
+        around the encoded message, each tensor copied once, straight into it) when it travels
+        as one PUBLISH, else the encoded bytes (to be chunked). Raises InvalidArgument (the
+        codec's checks) and FailedPrecondition. Safe from any thread."""
+        parts, total = codec.encode_parts(message)
+        mqtt = self._client()
+        if total > self.chunk_size() or total > self.config.max_message_bytes:
+            return b"".join(parts)
+        return mqtt.frame(topic, parts, total, self.config.qos if qos is None else qos,
+                          properties)
+
+    def _send(self, topic: str, payload: Frame | bytes, qos: int | None, retain: bool,
+              properties: PublishProperties | None) -> None:
+        """Publish what :meth:`_frame` built (on the loop)."""
+        if type(payload) is Frame:
+            self._client().publish_frame(payload, retain)
+        else:
+            self._publish_now(topic, payload, qos, retain, properties)
+
     async def subscribe(self, topic_filter: str, handler: Handler, *,
                         qos: int | None = None) -> None:
         """Call ``handler(IncomingMessage)`` (sync or async, on this loop) for every message
@@ -279,8 +308,8 @@ class AsyncTransport:
     async def publish_message(self, topic: str, message: Message, *, qos: int | None = None,
                               retain: bool = False) -> None:
         """Encode a protocol message (``protocol.codec``) and publish it."""
-        await self.publish(topic, codec.encode(message), qos=qos, retain=retain,
-                           properties=PublishProperties())
+        props = PublishProperties()
+        self._send(topic, self._frame(topic, message, qos, props), qos, retain, props)
 
     async def request(self, topic: str, request: InferenceRequest,
                       timeout: float | None = None) -> InferenceResponse:
@@ -309,18 +338,17 @@ class AsyncTransport:
             self._reply_subscribed.add(reply)
         if request.id in self._pending:
             raise InvalidArgument(f"request {request.id.hex()} is already pending")
-        payload = codec.encode(request)
+        props = PublishProperties(response_topic=reply, correlation_data=request.id,
+                                  message_expiry_s=max(1, math.ceil(request.budget_ms / 1000)))
+        payload = self._frame(topic, request, None, props)
         future: asyncio.Future[InferenceResponse] = loop.create_future()
         self._pending[request.id] = future
         # a timer on the future itself (no wait_for task per request: this is the hot path)
         timer = loop.call_at(deadline, _expire, future, DeadlineExceeded(
             f"no response to request {request.id.hex()} on {topic!r} within {timeout:g}s"))
         try:
-            self._publish_now(topic, payload, None, False, PublishProperties(
-                response_topic=reply,
-                correlation_data=request.id,
-                message_expiry_s=max(1, math.ceil(request.budget_ms / 1000)),
-            ))
+            self._send(topic, payload, None, False, props)
+            del payload  # paho holds the packet until its PUBACK; we need it no longer
             response = await future
         finally:
             timer.cancel()
@@ -331,7 +359,7 @@ class AsyncTransport:
             raise error_from_wire(int(e.code), e.message, e.retryable)
         return response
 
-    def _start_request(self, topic: str, request_id: bytes, payload: bytes,
+    def _start_request(self, topic: str, request_id: bytes, payload: Frame | bytes,
                        props: PublishProperties, waiter: _SyncWaiter) -> None:
         """On the loop, for :meth:`Transport.request`'s fast path: register and publish."""
         try:
@@ -340,7 +368,7 @@ class AsyncTransport:
             self._client()
             self._pending[request_id] = waiter  # type: ignore[assignment]
             try:
-                self._publish_now(topic, payload, None, False, props)
+                self._send(topic, payload, None, False, props)
             except BaseException:
                 self._forget_pending(request_id, waiter)
                 raise
@@ -353,6 +381,7 @@ class AsyncTransport:
         if self._pending.get(request_id) is waiter:
             del self._pending[request_id]
 
+    @_takes_views
     def _on_response(self, msg: IncomingMessage) -> None:
         try:
             response = codec.decode(msg.payload)
@@ -382,6 +411,7 @@ class AsyncTransport:
         is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
             type(handler).__call__)
 
+        @_takes_views
         def on_request(msg: IncomingMessage) -> None:
             try:
                 request = codec.decode(msg.payload)
@@ -416,12 +446,19 @@ class AsyncTransport:
         except Exception as exc:
             log.exception("request handler failed on %s", request.id.hex())
             response = _error_response(request, InternalError(f"{type(exc).__name__}: {exc}"))
+        # only the correlation data: each MQTT 5 property costs the receiver's paho time
+        props = PublishProperties(correlation_data=msg.correlation_data or request.id,
+                                  content_type=None)
+        request_id = request.id
+        # drop the request (and the packet buffer its RAW tensors view) before the response
+        # packet is allocated, unless the response's tensors are views of it (an echo)
+        del msg, request
         try:
-            # only the correlation data: each MQTT 5 property costs the receiver's paho time
-            self._publish_now(reply, codec.encode(response), None, False, PublishProperties(
-                correlation_data=msg.correlation_data or request.id, content_type=None))
+            frame = self._frame(reply, response, None, props)
+            del response  # the frame holds a copy of its tensors
+            self._send(reply, frame, None, False, props)
         except TandemError as exc:
-            log.warning("could not send the response to %s: %s", request.id.hex(), exc)
+            log.warning("could not send the response to %s: %s", request_id.hex(), exc)
 
     def _worker_pool(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._executor is None:
@@ -440,15 +477,25 @@ class AsyncTransport:
         if payload is None:
             return
         if payload is not msg.payload:
-            msg = dataclasses.replace(msg, payload=bytes(payload))
+            msg = dataclasses.replace(msg, payload=payload)
         self._dispatch(msg)
 
     def _dispatch(self, msg: IncomingMessage) -> None:
+        """Hand ``msg`` to every matching handler. A big payload arrives as a view of its
+        packet buffer (or a reassembled bytearray): our own request/response handlers decode
+        it in place (RAW tensors stay views of that buffer, which is never reused), every
+        other handler gets immutable bytes, as documented."""
+        as_bytes: IncomingMessage | None = msg if type(msg.payload) is bytes else None
         for topic_filter, handler in list(self._handlers.items()):
             if not topic_matches(topic_filter, msg.topic):
                 continue
+            given = msg
+            if not getattr(handler, "_tandem_takes_views", False):
+                if as_bytes is None:
+                    as_bytes = dataclasses.replace(msg, payload=bytes(msg.payload))
+                given = as_bytes
             try:
-                result = handler(msg)
+                result = handler(given)
                 if inspect.isawaitable(result):
                     self._spawn(result)
             except Exception:
@@ -699,9 +746,9 @@ class Transport:
                               "request")
         if reply != request.reply_topic:
             request = dataclasses.replace(request, reply_topic=reply)
-        payload = codec.encode(request)
         props = PublishProperties(response_topic=reply, correlation_data=request.id,
                                   message_expiry_s=max(1, math.ceil(request.budget_ms / 1000)))
+        payload = core._frame(topic, request, None, props)  # the copy, in the caller's thread
         waiter = _SyncWaiter()
         try:
             loop.call_soon_threadsafe(core._start_request, topic, request.id, payload, props,
@@ -709,6 +756,7 @@ class Transport:
         except RuntimeError:  # loop closed
             raise FailedPrecondition("transport is not connected (call connect()) or is "
                                      "closed") from None
+        del payload  # paho holds the packet until its PUBACK
         if not waiter.wait(timeout):
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(core._forget_pending, request.id, waiter)
