@@ -31,6 +31,8 @@ import math
 import socket
 import ssl
 import struct
+import sys
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -239,6 +241,58 @@ _VIEW_MIN = 64 * 1024
 _PUBLISH = 0x30
 
 
+class _BufferPool:
+    """Recent big packet buffers, handed out again for a packet of the same size once nothing
+    else holds them.
+
+    A fresh 1 MB buffer per packet costs more in page faults than in copying: glibc gives freed
+    buffers of that size back to the kernel, and the next one is faulted in page by page. Same
+    sized traffic (the same tensor shapes, request after request) is the common case, so each
+    client keeps its last few big buffers and reuses one when no reference to it is left
+    outside the pool: not paho (a Frame waiting for its PUBACK), not a view (a decoded RAW
+    tensor, a payload a handler kept). The check is the buffer's reference count: every view
+    holds a reference to the buffer it views, so a buffer is reused only when no view of it
+    exists, and a tensor never sees its bytes change. Bounded: ``max_buffers`` buffers and
+    ``max_bytes`` bytes (a buffer over that is never kept). Thread-safe."""
+
+    __slots__ = ("_bufs", "_lock", "max_buffers", "max_bytes")
+
+    # references to a buffer nobody else holds, as counted in take(): the pool's list, the
+    # local name, getrefcount's argument
+    _FREE_REFS = 3
+
+    def __init__(self, max_buffers: int = 4, max_bytes: int = 8 * 1024 * 1024) -> None:
+        self._bufs: list[bytearray] = []
+        self._lock = threading.Lock()
+        self.max_buffers = max_buffers
+        self.max_bytes = max_bytes
+
+    def take(self, cls: type[bytearray], n: int) -> bytearray:
+        """A ``cls`` of ``n`` bytes: a free pooled one (old contents: overwrite every byte),
+        else a new zero-filled one, pooled when it is big enough and fits the bounds."""
+        if n < _VIEW_MIN or n > self.max_bytes:
+            return cls(n)
+        with self._lock:
+            bufs = self._bufs
+            for i in range(len(bufs)):
+                buf = bufs[i]
+                if len(buf) == n and type(buf) is cls \
+                        and sys.getrefcount(buf) == self._FREE_REFS:
+                    del bufs[i]
+                    bufs.append(buf)  # most recently used last
+                    return buf
+            buf = cls(n)
+            bufs.append(buf)
+            total = sum(len(b) for b in bufs)
+            while len(bufs) > self.max_buffers or total > self.max_bytes:
+                total -= len(bufs.pop(0))  # the least recently used; its holders keep it
+            return buf
+
+    def clear(self) -> None:
+        with self._lock:
+            self._bufs.clear()
+
+
 class Frame(bytearray):
     """An outgoing PUBLISH built in place: the fixed header, topic, room for the packet id and
     the MQTT 5 properties, then the payload, in ONE buffer that paho queues and writes as it is
@@ -261,7 +315,8 @@ class Frame(bytearray):
 
 
 def _build_frame(topic: str, parts: list[bytes | memoryview] | tuple[bytes | memoryview, ...],
-                 total: int, qos: int, props: PublishProperties | None, v5: bool) -> Frame:
+                 total: int, qos: int, props: PublishProperties | None, v5: bool,
+                 pool: _BufferPool | None = None) -> Frame:
     topic_bytes = topic.encode()
     packed = (_PackedProperties(props).pack() if props else b"\x00") if v5 else b""
     var = 2 + len(topic_bytes) + (2 if qos else 0) + len(packed)
@@ -272,7 +327,8 @@ def _build_frame(topic: str, parts: list[bytes | memoryview] | tuple[bytes | mem
         raise InvalidArgument(f"topic of {len(topic_bytes)} bytes (limit 65535)")
     fixed = bytes((_PUBLISH,)) + _varint(remaining)
     head = len(fixed) + var
-    frame = Frame(head + total)  # zero-filled; every byte is written below or in _send_publish
+    # fresh or reused (old contents): every byte is written below or in _send_publish
+    frame = pool.take(Frame, head + total) if pool is not None else Frame(head + total)
     frame.head, frame.qos, frame.props, frame.topic = head, qos, props, topic
     pos = len(fixed) + 2 + len(topic_bytes)
     frame[: pos] = fixed + _U16.pack(len(topic_bytes)) + topic_bytes
@@ -380,6 +436,8 @@ class _PahoClient(paho.Client):
             packet = memoryview(packet)  # type: ignore[assignment]
         return super()._packet_queue(command, packet, mid, qos, info)
 
+    _rx_pool: _BufferPool  # set by MqttClient
+
     def _send_publish(self, mid: int, topic: bytes, payload: Any = b"", qos: int = 0,
                       retain: bool = False, dup: bool = False, info: Any = None,
                       properties: Any = None) -> MQTTErrorCode:
@@ -417,8 +475,9 @@ class _PahoClient(paho.Client):
         afresh per packet. paho reads it with ``recv(remaining)`` (a buffer of the whole
         remaining size per call, shrunk to what arrived) and appends each piece to a growing
         bytearray: for a 1 MB PUBLISH, several 1 MB allocations, reallocations and copies.
-        The buffer is never reused or resized, so a payload handed on as a view of it (see
-        :func:`_decode_publish_v5`) stays valid as long as someone holds that view."""
+        The buffer is fresh or one of this client's pooled buffers that nothing references
+        any more (see :class:`_BufferPool`), and it is never resized: a payload handed on as a
+        view of it (see :func:`_decode_publish_v5`) keeps its bytes as long as the view lives."""
         if not hasattr(self._sock, "recv_into"):  # e.g. paho's websocket wrapper
             return super()._packet_read()
         p = self._in_packet
@@ -452,7 +511,7 @@ class _PahoClient(paho.Client):
                     break
             p["have_remaining"] = 1
             p["to_process"] = p["remaining_length"]
-            p["packet"] = bytearray(p["remaining_length"])
+            p["packet"] = self._rx_pool.take(bytearray, p["remaining_length"])
         count = 100  # as paho: do not get stuck on one huge packet
         while p["to_process"] > 0:
             start = p["remaining_length"] - p["to_process"]
@@ -613,6 +672,7 @@ class MqttClient:
         self.v5 = config.protocol == 5
         # a random client id can never resume a session: start clean rather than leak one
         self.clean_start = config.clean_start or not config.client_id
+        self._tx_pool = _BufferPool()  # outgoing Frames (see _BufferPool)
         self._client = self._make_client()
 
     # -- construction ------------------------------------------------------------------------
@@ -628,6 +688,8 @@ class MqttClient:
         if not self.v5:
             kwargs["clean_session"] = self.clean_start
         client = (_PahoClient if _FAST_PUBLISH else paho.Client)(**kwargs)
+        if isinstance(client, _PahoClient):
+            client._rx_pool = _BufferPool()  # received packets (see _BufferPool)
         client.connect_timeout = c.connect_timeout_s
         client.max_inflight_messages_set(100)
         client.suppress_exceptions = True  # a bug in a callback must not unwind paho's reader
@@ -874,7 +936,7 @@ class MqttClient:
         send it with :meth:`publish_frame`. Touches no client state: any thread may call it
         (the sync transport builds frames in the caller's thread). Raises PayloadTooLarge /
         InvalidArgument."""
-        return _build_frame(topic, parts, total, qos, props, self.v5)
+        return _build_frame(topic, parts, total, qos, props, self.v5, self._tx_pool)
 
     def publish_frame(self, frame: Frame, retain: bool = False) -> None:
         """:meth:`publish` for a :class:`Frame` (its topic, QoS and properties); paho keeps it,

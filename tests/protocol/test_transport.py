@@ -548,3 +548,115 @@ def test_handlers_that_suspend_and_handlers_cancelled_on_close(mosquitto):
             assert not server._tasks and time.monotonic() - t0 < 3
 
     asyncio.run(main())
+
+
+# -- zero-copy packets: frames built in place, received packets viewed, pooled buffers ----------
+
+
+class _Capture:
+    """A paho client (ours or stock) whose queued packets are captured instead of written."""
+
+    @staticmethod
+    def make(cls: type, protocol: int):
+        class C(cls):  # type: ignore[misc, valid-type]
+            def _packet_queue(self, command, packet, mid, qos, info=None):
+                self.queued = bytes(packet)
+                return 0
+
+        c = C(CallbackAPIVersion.VERSION2, protocol=protocol)
+        c._sock = _Capture  # "connected": _send_publish only checks that a socket exists
+        return c
+
+    @staticmethod
+    def close() -> None:  # paho closes its "socket" when the client is collected
+        pass
+
+
+@pytest.mark.parametrize("protocol", [5, 311])
+@pytest.mark.parametrize("qos", [0, 1])
+@pytest.mark.parametrize("size", [0, 100, 70_000])
+def test_frame_is_byte_for_byte_the_packet_paho_builds(protocol, qos, size):
+    from protocol._mqtt import (
+        Frame,
+        PublishProperties,
+        _build_frame,
+        _PackedProperties,
+        _PahoClient,
+    )
+    from protocol.errors import InvalidArgument as InvalidArgumentError
+
+    v5 = protocol == 5
+    pv = paho.MQTTv5 if v5 else paho.MQTTv311
+    payload = os.urandom(size)
+    parts = [payload[:7], memoryview(payload)[7:size // 2], payload[size // 2:]]
+    for props in (None, PublishProperties(response_topic="r/t", correlation_data=b"\x01" * 16,
+                                          message_expiry_s=3)):
+        frame = _build_frame("a/b/c", parts, size, qos, props, v5)
+        assert type(frame) is Frame and bytes(frame.payload()) == payload
+        for retain, dup in ((False, False), (True, True)):
+            ours = _Capture.make(_PahoClient, pv)
+            ours._send_publish(9, b"a/b/c", frame, qos, retain, dup)
+            theirs = _Capture.make(paho.Client, pv)
+            packed = _PackedProperties(props) if v5 and props else None
+            theirs._send_publish(9, b"a/b/c", payload, qos, retain, dup, None, packed)
+            assert ours.queued == theirs.queued
+    with pytest.raises(InvalidArgumentError):
+        _build_frame("t", [b"abc"], 4, 1, None, v5)  # parts shorter than announced
+
+
+def test_buffer_pool_reuses_a_buffer_only_once_nothing_views_it():
+    from protocol._mqtt import Frame, _BufferPool
+
+    n = 100_000
+    pool = _BufferPool(max_buffers=2, max_bytes=250_000)
+    a = pool.take(bytearray, n)
+    id_a = id(a)
+    view = memoryview(a)[10:]
+    arr = np.frombuffer(a, dtype=np.uint8)
+    del a
+    b = pool.take(bytearray, n)
+    assert id(b) != id_a  # a is still viewed
+    id_b = id(b)
+    del b
+    c = pool.take(bytearray, n)
+    assert id(c) == id_b  # b is free again
+    del view
+    d = pool.take(bytearray, n)
+    assert id(d) != id_a  # the array still holds a
+    del arr
+    assert type(pool.take(Frame, n)) is Frame  # another type: never a bytearray of the pool
+    assert len(pool._bufs) <= 2 and sum(map(len, pool._bufs)) <= 250_000
+    assert pool.take(bytearray, 1000) not in pool._bufs  # small buffers are not pooled
+    assert pool.take(bytearray, 300_000) not in pool._bufs  # nor ones over max_bytes
+    del c, d
+
+
+def test_received_tensors_keep_their_bytes_while_later_packets_arrive(mosquitto):
+    """Big payloads are decoded in place (RAW tensors view the packet buffer) and buffers are
+    reused for later packets of the same size: a response the caller keeps must not change."""
+    def tag(request: InferenceRequest) -> InferenceResponse:
+        arr = request.tensors[0].to_array()
+        return InferenceResponse(id=request.id, outputs=(Tensor.from_array("y", arr + 1),))
+
+    got: list[bytes] = []
+    with Transport(config(mosquitto)) as server, Transport(config(mosquitto)) as client:
+        server.serve(REQ_FILTER, tag)
+        server.subscribe("bulk/#", lambda m: got.append(m.payload))
+        kept = []
+        for i in range(6):
+            arr = np.full(256 * 1024, i, dtype=np.float32)  # 1 MiB: one PUBLISH, a view
+            resp = client.request(REQ, make_request(payload=arr), timeout=10)
+            kept.append(resp.outputs[0])
+        for i, t in enumerate(kept):
+            np.testing.assert_array_equal(t.to_array(), np.full(256 * 1024, i + 1, np.float32))
+        kept.clear()
+        for _ in range(3):  # and again once nothing holds the buffers any more
+            resp = client.request(REQ, make_request(payload=np.full(256 * 1024, 7.0, np.float32)),
+                                  timeout=10)
+            assert float(resp.outputs[0].to_array()[-1]) == 8.0
+        payload = os.urandom(200_000)
+        client.publish("bulk/x", payload)
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got == [payload] and type(got[0]) is bytes  # subscribers' handlers get bytes
