@@ -16,12 +16,17 @@ Both sides run through one mosquitto that this module starts itself (127.0.0.1, 
 * ``rtt_vs_rpc_<size>``: the same figure against ``raw_paho_rpc_echo_<size>``, a raw paho echo
   that sets the MQTT 5 properties our protocol requires (paho parses each received property in
   Python, which costs the raw echo itself ~20 % at 1 KB). Reported, no target.
-* At 1 MB most of both sides' time is page faults, not the transport: glibc hands freed 1 MB
-  buffers back to the kernel (heap trim / mmap threshold) and the next round trip faults them
-  in again; ours keeps a few more 1 MB buffers alive at once (the encoded request until its
-  PUBACK, the received request while the reply is encoded), so it faults ~2.5x as many pages.
-  Diagnosed by running with ``MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=268435456``
-  (both sides drop to ~3 ms and the ratio to ~1.0); the benchmark itself never sets them.
+* Page faults: each ``rtt_`` row's notes give the process's minor page faults per round trip
+  (median; both ends run in this process) for ours and for the raw echo. At 1 MB they are most
+  of the time on both sides: glibc hands freed 1 MB buffers back to the kernel and the next
+  round trip faults fresh ones in. Ours used to fault ~2.5x as many pages as raw (~2400 vs
+  ~900: the encoded frame + paho's packet per send, paho's growing receive buffer + a payload
+  copy per receive) and was ~1.5x raw at 1 MB. Now a request is encoded as pieces
+  (``codec.encode_parts``) copied once, straight into the PUBLISH packet (``_mqtt.Frame``); a
+  packet is read with ``recv_into`` into one buffer that the decoded RAW tensors view; and each
+  client reuses its big packet buffers once nothing references them (``_mqtt._BufferPool``),
+  so steady same-size traffic faults in (almost) nothing new: ~250 faults per 1 MB round trip
+  vs raw's ~250-990. The benchmark sets no ``MALLOC_*`` variables and calls no ``mallopt``.
 * ``throughput_200B``: 200-byte QoS 1 publishes from one client to another, our AsyncTransport vs
   raw paho, messages/s from the first publish to the last delivery (bounded in time; reported).
 

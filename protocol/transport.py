@@ -450,8 +450,9 @@ class AsyncTransport:
         props = PublishProperties(correlation_data=msg.correlation_data or request.id,
                                   content_type=None)
         request_id = request.id
-        # drop the request (and the packet buffer its RAW tensors view) before the response
-        # packet is allocated, unless the response's tensors are views of it (an echo)
+        # drop our references to the request (and so to the packet buffer its RAW tensors
+        # view) before the response packet is built; a handler that ran inline is still
+        # referenced up the stack, one that suspended is not
         del msg, request
         try:
             frame = self._frame(reply, response, None, props)
