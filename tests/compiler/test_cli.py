@@ -90,7 +90,8 @@ def test_op_the_target_cannot_run(tmp_path, capsys):
     nodes = [h.make_node("Relu", ["x"], ["a"]),
              h.make_node("FancyOp", ["a"], ["b"], domain="com.example"),
              h.make_node("Relu", ["b"], ["y"])]
-    model = h.make_model(h.make_graph(nodes, "g", [x], [y]), opset_imports=[
+    model = h.make_model(ir_version=8, graph=h.make_graph(nodes, "g", [x], [y]),
+                         opset_imports=[
         h.make_opsetid("", 17), h.make_opsetid("com.example", 1)])
     src = save(model, tmp_path / "custom.onnx")
     rc, _, err = _tandem(capsys, "compile", src, "-t", "onnxruntime", "-o", tmp_path / "out")
@@ -102,7 +103,8 @@ def test_model_with_no_valid_cut(tmp_path, capsys):
     h = onnx.helper
     x = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
     y = h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
-    model = h.make_model(h.make_graph([h.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+    graph = h.make_graph([h.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    model = h.make_model(ir_version=8, graph=graph,
                          opset_imports=[h.make_opsetid("", 17)])
     src = save(model, tmp_path / "tiny.onnx")
     rc, _, err = _tandem(capsys, "compile", src, "-t", "onnxruntime", "-o", tmp_path / "out")

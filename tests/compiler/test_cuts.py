@@ -178,7 +178,8 @@ def test_boundaries_with_untyped_tensors_are_skipped():
              helper.make_node("Relu", ["a"], ["b"]),
              helper.make_node("Relu", ["b"], ["y"])]
     graph = helper.make_graph(nodes, "untyped", [vi("x", 1, [1, 4])], [vi("y", 1, [1, 4])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(ir_version=8, graph=graph,
+                              opset_imports=[helper.make_opsetid("", 17)])
     typed = {c.position for c in boundary_frontiers(analyze(model), 2)}
     assert typed == {1, 2}
     info = analyze(model, infer_shapes=False)  # no value_info: a and b are untyped

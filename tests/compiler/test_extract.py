@@ -204,7 +204,7 @@ def _function_and_if_model():
         nodes, "fn_if", [vi("x", TensorProto.FLOAT, [1, 4])], [vi("y", TensorProto.FLOAT, [1, 4])],
         [numpy_helper.from_array(np.array(0.0, np.float32), "zero")],
     )
-    model = helper.make_model(graph, functions=[fn], opset_imports=[
+    model = helper.make_model(ir_version=8, graph=graph, functions=[fn], opset_imports=[
         helper.make_opsetid("", 17), helper.make_opsetid("tandem.test", 1)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)

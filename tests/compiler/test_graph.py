@@ -115,7 +115,8 @@ def test_cycle_is_rejected():
              helper.make_node("Add", ["x", "a"], ["y"])]
     graph = helper.make_graph(nodes, "cyc", [helper.make_tensor_value_info("x", 1, [2])],
                               [helper.make_tensor_value_info("y", 1, [2])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(ir_version=8, graph=graph,
+                              opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(InvalidModelError, match="cycle"):
         analyze(model, infer_shapes=False)
 
@@ -195,7 +196,8 @@ def test_constants_cover_initializers_constant_nodes_and_folded_chains():
     graph = helper.make_graph(nodes, "fold", [helper.make_tensor_value_info("x", 1, [1])],
                               [helper.make_tensor_value_info("y", 1, [1])],
                               [numpy_helper.from_array(np.array([3.0], np.float32), "w")])
-    info = analyze(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    info = analyze(helper.make_model(ir_version=8, graph=graph,
+                                     opset_imports=[helper.make_opsetid("", 17)]))
     assert {"c", "w", "cw"} <= info.constants and "y" not in info.constants
 
 

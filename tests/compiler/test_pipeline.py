@@ -169,7 +169,9 @@ def test_single_node_model_has_no_valid_cut(tmp_path):
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
     graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
-    src = save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]),
+    model = onnx.helper.make_model(ir_version=8, graph=graph,
+                                   opset_imports=[onnx.helper.make_opsetid("", 17)])
+    src = save(model,
                tmp_path / "m.onnx")
     with pytest.raises(NoValidCut, match="no valid split point"):
         BundleFromOnnx(src, tmp_path / "b", CompileOptions())()
