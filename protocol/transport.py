@@ -27,6 +27,11 @@ Behaviour the rest of Tandem relies on:
   responses. Duplicate and late responses (unknown or finished ids) are ignored.
 * **Undecodable payloads** (bad chunks, bad msgpack, wrong message type) are logged and dropped;
   they never stop the loop or a server.
+* **Persistent sessions.** With a fixed ``client_id`` and ``clean_start=False`` the broker keeps
+  the subscriptions and queues QoS 1 messages while the client is away, and delivers them right
+  after the next CONNACK, before the application can subscribe again. A message that matches no
+  handler is therefore held (at most ``UNCLAIMED_MAX`` messages, ``UNCLAIMED_TTL_S`` seconds) and
+  handed to the first handler subscribed for it.
 * On MQTT 5 a request also carries ResponseTopic, CorrelationData (= request id),
   MessageExpiryInterval (= ceil(budget_ms / 1000) s) and ContentType
   ``application/x-tandem+msgpack``; ``serve`` replies to the request's ``reply_topic`` (or the
@@ -36,6 +41,7 @@ Behaviour the rest of Tandem relies on:
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -43,6 +49,7 @@ import inspect
 import logging
 import math
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -120,6 +127,10 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
     return len(f) == len(t)
 
 
+UNCLAIMED_MAX = 1024  # messages held for a handler not subscribed yet
+UNCLAIMED_TTL_S = 60.0
+
+
 class AsyncTransport:
     """The asyncio core. Create it anywhere; :meth:`connect` binds it to the running loop.
 
@@ -133,6 +144,9 @@ class AsyncTransport:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._mqtt: MqttClient | None = None
         self._handlers: dict[str, Handler] = {}
+        # (arrival time, message) that matched no handler: a persistent session's backlog
+        self._unclaimed: collections.deque[tuple[float, IncomingMessage]] = collections.deque(
+            maxlen=UNCLAIMED_MAX)
         self._pending: dict[bytes, asyncio.Future[InferenceResponse]] = {}
         self._reply_subscribed: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
@@ -292,6 +306,26 @@ class AsyncTransport:
             with contextlib.suppress(TandemError):
                 mqtt.unsubscribe(topic_filter, lambda: None)
             raise err
+        self._claim(topic_filter)
+
+    def _claim(self, topic_filter: str) -> None:
+        """Hand the held messages that match ``topic_filter`` to its (new) handler, in order."""
+        if not self._unclaimed:
+            return
+        horizon = time.monotonic() - UNCLAIMED_TTL_S
+        keep: list[tuple[float, IncomingMessage]] = []
+        claimed: list[IncomingMessage] = []
+        for at, msg in self._unclaimed:
+            if at < horizon:
+                continue
+            if topic_matches(topic_filter, msg.topic):
+                claimed.append(msg)
+            else:
+                keep.append((at, msg))
+        self._unclaimed.clear()
+        self._unclaimed.extend(keep)
+        for msg in claimed:
+            self._dispatch(msg)
 
     async def unsubscribe(self, topic_filter: str) -> None:
         mqtt = self._client()
@@ -487,9 +521,11 @@ class AsyncTransport:
         it in place (RAW tensors stay views of that buffer, which is never reused), every
         other handler gets immutable bytes, as documented."""
         as_bytes: IncomingMessage | None = msg if type(msg.payload) is bytes else None
+        matched = False
         for topic_filter, handler in list(self._handlers.items()):
             if not topic_matches(topic_filter, msg.topic):
                 continue
+            matched = True
             given = msg
             if not getattr(handler, "_tandem_takes_views", False):
                 if as_bytes is None:
@@ -502,6 +538,10 @@ class AsyncTransport:
             except Exception:
                 log.exception("handler for %r failed on a message from %s", topic_filter,
                               msg.topic)
+        if not matched:  # e.g. a persistent session's backlog, delivered before subscribe()
+            if as_bytes is None:
+                as_bytes = dataclasses.replace(msg, payload=bytes(msg.payload))
+            self._unclaimed.append((time.monotonic(), as_bytes))
 
     def _connection_changed(self, connected: bool, reason: str) -> None:
         if connected:
