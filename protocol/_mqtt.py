@@ -586,8 +586,19 @@ class _PahoClient(paho.Client):
         return self._send_puback(mid)
 
 
-# the fast path relies on paho 2.x internals; any other layout gets the stock client
-_FAST_PUBLISH = all(hasattr(paho.Client, name) for name in (
+def _paho_version() -> tuple[int, ...]:
+    import paho.mqtt
+
+    try:
+        return tuple(int(x) for x in paho.mqtt.__version__.split(".")[:2])
+    except (AttributeError, ValueError):
+        return ()
+
+
+# The fast path overrides paho internals: only on the paho releases it was tested with (2.1,
+# 2.2) and only when those internals are there; anything else gets the stock client (slower,
+# same behaviour: tests/protocol/test_transport.py runs both).
+_FAST_PUBLISH = _paho_version() in {(2, 1), (2, 2)} and all(hasattr(paho.Client, name) for name in (
     "_handle_publish", "_handle_on_message", "_send_puback", "_packet_queue",
     "_handle_pubackcomp", "_do_on_publish", "_send_publish", "_packet_read", "_packet_handle",
     "_sock_recv", "_call_socket_register_write")) \

@@ -660,3 +660,23 @@ def test_received_tensors_keep_their_bytes_while_later_packets_arrive(mosquitto)
         while not got and time.monotonic() < deadline:
             time.sleep(0.01)
         assert got == [payload] and type(got[0]) is bytes  # subscribers' handlers get bytes
+
+
+@pytest.mark.parametrize("protocol", [5, 311])
+def test_stock_paho_client_fallback_behaves_the_same(mosquitto_factory, monkeypatch, protocol):
+    # On a paho release the fast path was not tested with, the stock client is used: requests,
+    # big payloads and chunking through a 1 MB-capped broker must work the same way.
+    from protocol import _mqtt
+
+    monkeypatch.setattr(_mqtt, "_FAST_PUBLISH", False)
+    broker = mosquitto_factory(max_packet_size=1 << 20)
+    big = np.random.default_rng(7).standard_normal(5 * 2**20 // 4).astype(np.float32)
+    with Transport(config(broker, protocol=protocol)) as server, \
+            Transport(config(broker, protocol=protocol)) as client:
+        assert type(client.async_transport._client()._client) is paho.Client
+        server.serve(REQ_FILTER, echo)
+        small = make_request()
+        assert client.request(REQ, small, timeout=5).id == small.id
+        req = make_request(budget_ms=20_000, payload=big)
+        resp = client.request(REQ, req, timeout=20)
+        np.testing.assert_array_equal(resp.outputs[0].to_array(), big * 2)
