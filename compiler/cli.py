@@ -16,7 +16,12 @@ __all__ = ["compile_command", "example_command", "inspect_command", "keygen_comm
 
 
 def _share(part: int, total: int) -> str:
-    return "-" if total <= 0 else f"{100 * part / total:.0f}%"
+    if total <= 0:
+        return "-"
+    pct = 100 * part / total
+    if 0 < part < total and round(pct) in (0, 100):  # never show 0% or 100% of a real split
+        return "<1%" if pct < 50 else ">99%"
+    return f"{pct:.0f}%"
 
 
 def _human_bytes(n: int) -> str:
