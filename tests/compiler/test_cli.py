@@ -135,3 +135,13 @@ def test_example_writes_a_valid_model(tmp_path, capsys):
     rc, _, _ = _tandem(capsys, "example", "unet", tmp_path / "u.onnx")
     assert rc == 0
     onnx.checker.check_model(onnx.load(str(tmp_path / "u.onnx")))
+
+
+@pytest.mark.parametrize("part, total, shown", [
+    (0, 10, "0%"), (10, 10, "100%"), (5, 10, "50%"), (999, 1000, ">99%"), (1, 1000, "<1%"),
+    (3, 0, "-"),
+])
+def test_flop_share_never_rounds_a_split_to_all_or_nothing(part, total, shown):
+    from compiler.cli import _share
+
+    assert _share(part, total) == shown
