@@ -680,3 +680,30 @@ def test_stock_paho_client_fallback_behaves_the_same(mosquitto_factory, monkeypa
         req = make_request(budget_ms=20_000, payload=big)
         resp = client.request(REQ, req, timeout=20)
         np.testing.assert_array_equal(resp.outputs[0].to_array(), big * 2)
+
+
+def test_a_frozen_broker_never_hangs_a_request_past_its_timeout(mosquitto):
+    # The broker keeps the TCP connection open but stops answering (SIGSTOP): nothing tells
+    # the client the connection is dead, yet every request ends by its timeout.
+    import signal
+
+    with Transport(config(mosquitto)) as server, Transport(config(mosquitto)) as client:
+        server.serve(REQ_FILTER, echo)
+        assert client.request(REQ, make_request(), timeout=5).worker_id == "echo"
+        os.kill(mosquitto.pid, signal.SIGSTOP)
+        try:
+            for timeout in (0.5, 1.0):
+                t0 = time.monotonic()
+                with pytest.raises((DeadlineExceeded, Unavailable)):
+                    client.request(REQ, make_request(), timeout=timeout)
+                assert time.monotonic() - t0 <= timeout + SLACK_S
+        finally:
+            os.kill(mosquitto.pid, signal.SIGCONT)
+        # once the broker runs again, requests succeed (on this or a re-established connection)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert client.request(REQ, make_request(), timeout=2).worker_id == "echo"
+                break
+            except (DeadlineExceeded, Unavailable):
+                assert time.monotonic() < deadline, "no answer 20 s after the broker resumed"
