@@ -22,9 +22,9 @@ Both sides run through one mosquitto that this module starts itself (127.0.0.1, 
   round trip faults fresh ones in. Ours used to fault ~2.5x as many pages as raw (~2400 vs
   ~900: the encoded frame + paho's packet per send, paho's growing receive buffer + a payload
   copy per receive) and was ~1.5x raw at 1 MB. Now a request is encoded as pieces
-  (``codec.encode_parts``) copied once, straight into the PUBLISH packet (``_mqtt.Frame``); a
+  (``codec.encode_parts``) copied once, straight into the PUBLISH packet (``_mqtt_wire.Frame``); a
   packet is read with ``recv_into`` into one buffer that the decoded RAW tensors view; and each
-  client reuses its big packet buffers once nothing references them (``_mqtt._BufferPool``),
+  client reuses its big packet buffers once nothing references them (``_mqtt_wire._BufferPool``),
   so steady same-size traffic faults in (almost) nothing new: ~250 faults per 1 MB round trip
   vs raw's ~250-990. The benchmark sets no ``MALLOC_*`` variables and calls no ``mallopt``.
 * ``throughput_200B``: 200-byte QoS 1 publishes from one client to another, our AsyncTransport vs

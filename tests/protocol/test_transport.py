@@ -454,7 +454,7 @@ def test_our_publish_decoder_agrees_with_paho():
     from paho.mqtt import _packet
     from paho.mqtt.enums import MQTTProtocolVersion
 
-    from protocol._mqtt import _decode_publish_v5
+    from protocol._mqtt_wire import _decode_publish_v5
 
     def s16(b: bytes) -> bytes:
         return len(b).to_bytes(2, "big") + b
@@ -576,9 +576,9 @@ class _Capture:
 @pytest.mark.parametrize("qos", [0, 1])
 @pytest.mark.parametrize("size", [0, 100, 70_000])
 def test_frame_is_byte_for_byte_the_packet_paho_builds(protocol, qos, size):
-    from protocol._mqtt import (
+    from protocol._mqtt import PublishProperties
+    from protocol._mqtt_wire import (
         Frame,
-        PublishProperties,
         _build_frame,
         _PackedProperties,
         _PahoClient,
@@ -605,7 +605,7 @@ def test_frame_is_byte_for_byte_the_packet_paho_builds(protocol, qos, size):
 
 
 def test_buffer_pool_reuses_a_buffer_only_once_nothing_views_it():
-    from protocol._mqtt import Frame, _BufferPool
+    from protocol._mqtt_wire import Frame, _BufferPool
 
     n = 100_000
     pool = _BufferPool(max_buffers=2, max_bytes=250_000)
