@@ -33,8 +33,9 @@ weak device and frontier bytes are uplink time. A cut is *dominated* when anothe
 least as much. Sorted by head FLOPs ascending, the kept cuts therefore send strictly fewer bytes
 the more the edge computes: "head cost up, frontier bytes down" as DESIGN.md puts it. (Keeping
 the opposite direction, "more local work is better", would let the all-local plan dominate every
-split.) Cut 0 and cut N are always present and count toward ``max_cuts``; the interior cuts are
-then chosen as a spread over head-FLOPs share (targets at even fractions of the total).
+split.) ``max_cuts`` caps the interior cuts (the split points); cut 0 and cut N are always
+present on top of them. The interior cuts are chosen as a spread over head-FLOPs share (targets
+at even fractions of the total).
 """
 
 from __future__ import annotations
@@ -189,13 +190,13 @@ def _spread(cuts: list[Cut], k: int, total: int) -> list[Cut]:
 def find_cuts(info: GraphInfo, max_frontier: int = 2, max_cuts: int = 8) -> list[Cut]:
     """Candidate cuts of ``info``: cut 0, a Pareto-optimal spread of splits, and all-local.
 
-    ``max_cuts`` counts every returned cut, cut 0 and all-local included (so it is >= 2).
+    ``max_cuts`` caps the interior cuts; cut 0 and all-local come on top (up to max_cuts + 2).
     Returned in position order.
     """
     if max_frontier < 1:
         raise CompileError(f"max_frontier must be >= 1, got {max_frontier}")
-    if max_cuts < 2:
-        raise CompileError(f"max_cuts must be >= 2 (cut 0 and all-local), got {max_cuts}")
+    if max_cuts < 1:
+        raise CompileError(f"max_cuts must be >= 1, got {max_cuts}")
     compute = info.compute_nodes
     n = len(compute)
     total = sum(node.flops for node in compute)
@@ -212,5 +213,5 @@ def find_cuts(info: GraphInfo, max_frontier: int = 2, max_cuts: int = 8) -> list
     local = Cut(id=n, position=n, frontier=(), frontier_bytes=0, head_flops=total, tail_flops=0)
     # Interior cuts must beat cut 0 on bytes (cut 0 has the least head work possible).
     front = [c for c in pareto([first, *boundary_frontiers(info, max_frontier)]) if c.position]
-    interior = _spread(front, max_cuts - 2, total)
+    interior = _spread(front, max_cuts, total)
     return [first, *sorted(interior, key=lambda c: c.position), local]

@@ -196,8 +196,8 @@ class BundleFromOnnx:
     def __init__(self, model_path: str | os.PathLike, out_dir: str | os.PathLike,
                  options: CompileOptions = CompileOptions(),
                  progress: Progress | None = None) -> None:
-        if options.max_cuts < 2:
-            raise InvalidArgument("--max-cuts must be at least 2 (cut 0 and all-local)")
+        if options.max_cuts < 1:
+            raise InvalidArgument("--max-cuts must be at least 1")
         if options.max_frontier < 1:
             raise InvalidArgument("--max-frontier must be at least 1")
         if options.engines not in ("auto", "build", "defer"):

@@ -42,8 +42,8 @@ def _err(e: float | None) -> str:
               help="onnxruntime, or a device profile id from 'tandem devices' (repeatable)")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="bundle directory to create (or .tar.zst archive)")
-@click.option("--max-cuts", default=8, show_default=True, type=click.IntRange(2, 64),
-              help="cuts kept, counting cut 0 and all-local")
+@click.option("--max-cuts", default=8, show_default=True, type=click.IntRange(1, 64),
+              help="split points kept (cut 0 and all-local come on top)")
 @click.option("--max-frontier", default=2, show_default=True, type=click.IntRange(1, 16),
               help="most tensors a cut may send")
 @click.option("--samples", type=click.Path(dir_okay=False, path_type=Path),

@@ -88,7 +88,7 @@ def test_find_cuts_has_cut0_local_pareto_and_cap(builder):
     info = analyze(builder())
     n = len(info.compute_nodes)
     cuts = find_cuts(info, max_frontier=2, max_cuts=5)
-    assert 2 <= len(cuts) <= 5
+    assert 2 <= len(cuts) <= 5 + 2
     assert [c.position for c in cuts] == sorted({c.position for c in cuts})
     first, last = cuts[0], cuts[-1]
     assert (first.id, first.frontier, first.head_flops) == (0, info.inputs, 0)
@@ -125,11 +125,11 @@ def test_pareto_drops_dominated_and_keeps_tradeoffs():
 def test_cap_spreads_over_head_share():
     info = analyze(big_model(300))
     many = find_cuts(info, max_frontier=2, max_cuts=100)
-    few = find_cuts(info, max_frontier=2, max_cuts=3)
-    assert len(few) == 3
+    few = find_cuts(info, max_frontier=2, max_cuts=1)
+    assert len(few) == 1 + 2
     assert {c.position for c in few} <= {c.position for c in many}
     with pytest.raises(CompileError):
-        find_cuts(info, max_cuts=1)
+        find_cuts(info, max_cuts=0)
     with pytest.raises(CompileError):
         find_cuts(info, max_frontier=0)
 
