@@ -97,6 +97,7 @@ class CompileOptions:
     timing_cache: Path | None = None  # TensorRT timing cache, loaded and saved back
     version_compatible: bool = False  # TensorRT >= 8.6 version-compatible engines
     dla_core: int | None = None  # DLA core (with GPU fallback) on profiles that have DLA
+    engine_cache: Path | None = None  # built engines are reused from here (default: user cache)
     overwrite: bool = False
     threads: int = 1
 
@@ -322,7 +323,7 @@ class BundleFromOnnx:
 
     def _lower_tensorrt(self, target: Target, parts: list[str], work: Path,
                         verifier: Verifier) -> list:
-        from compiler._tensorrt import EngineFromOnnx, shape_profile_id
+        from compiler._tensorrt import EngineCache, EngineFromOnnx, EngineKey, shape_profile_id
         from protocol.bundle import Artifact
 
         profile = target.profile
@@ -359,11 +360,16 @@ class BundleFromOnnx:
             calibration = None
             if self.options.precision == "int8":
                 calibration = _part_feeds(work, part, verifier)
-            engine = EngineFromOnnx(
+            build = EngineFromOnnx(
                 work / part, profile, self.options.precision, shapes or None, calibration,
                 timing_cache=self.options.timing_cache,
                 version_compatible=self.options.version_compatible, dla_core=dla_core,
-            )()
+            )
+            key = EngineKey.for_part(work / part, profile, self.options.precision,
+                                     trt.__version__, shapes or None, dla_core=dla_core,
+                                     version_compatible=self.options.version_compatible)
+            engine = EngineCache(self.options.engine_cache or default_engine_cache()) \
+                .get_or_build(key, build).read_bytes()
             rel = f"trt/{profile.id}/{Path(part).stem}.{self.options.precision}.engine"
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             (work / rel).write_bytes(engine)
@@ -454,6 +460,14 @@ def _worst(v: CutVerification) -> str:
         return "could not run"
     bad = {k: e for k, e in v.raw.outputs.items() if not e.within_tolerance}
     return ", ".join(f"{k}: max abs err {e.max_abs:.3g}" for k, e in bad.items()) or "unknown"
+
+
+def default_engine_cache() -> Path:
+    """``$TANDEM_ENGINE_CACHE``, else ``$XDG_CACHE_HOME/tandem/engines`` (``~/.cache/...``)."""
+    if os.environ.get("TANDEM_ENGINE_CACHE"):
+        return Path(os.environ["TANDEM_ENGINE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tandem" / "engines"
 
 
 def _dynamic_shapes(part: Path, max_batch: int) -> tuple[dict, dict]:

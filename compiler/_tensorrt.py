@@ -347,18 +347,24 @@ class EngineKey:
     compute_capability: str
     precision: str
     shape_profile: str = "static"
+    # other builder settings that change the engine ("dla1", "version-compatible"), sorted
+    build_options: tuple[str, ...] = ()
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
 
     @classmethod
     def for_part(cls, onnx_path: str | os.PathLike, profile: Profile, precision: str,
-                 tensorrt_version: str, shapes=None) -> EngineKey:
+                 tensorrt_version: str, shapes=None, *, dla_core: int | None = None,
+                 version_compatible: bool = False) -> EngineKey:
         if profile.compute_capability is None:
             raise InvalidArgument(f"profile {profile.id} has no GPU compute capability")
         digest = hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest()
+        options = [f"dla{dla_core}"] if dla_core is not None else []
+        if version_compatible:
+            options.append("version-compatible")
         return cls(digest, str(tensorrt_version), profile.compute_capability, precision,
-                   shape_profile_id(shapes))
+                   shape_profile_id(shapes), tuple(sorted(options)))
 
 
 class EngineCache:
@@ -381,7 +387,7 @@ class EngineCache:
             data = path.read_bytes()
         except (OSError, ValueError):
             return None
-        if meta.get("key") != asdict(key):
+        if meta.get("key") != json.loads(json.dumps(asdict(key))):  # as stored: lists
             return None
         if meta.get("engine_sha256") != hashlib.sha256(data).hexdigest():
             return None

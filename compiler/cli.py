@@ -56,6 +56,9 @@ def _err(e: float | None) -> str:
               show_default=True, help="build TensorRT engines here, or defer to the device")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
               help="TensorRT timing cache file (reused and updated)")
+@click.option("--engine-cache", type=click.Path(file_okay=False, path_type=Path),
+              help="where built TensorRT engines are kept and reused "
+                   "(default: $TANDEM_ENGINE_CACHE or ~/.cache/tandem/engines)")
 @click.option("--version-compatible", is_flag=True,
               help="TensorRT version-compatible engines (TensorRT >= 8.6)")
 @click.option("--dla-core", type=click.IntRange(0, 1),
@@ -68,6 +71,7 @@ def _err(e: float | None) -> str:
 def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: int,
                     max_frontier: int, samples: Path | None, sign_key: Path | None,
                     precision: str, engines: str, timing_cache: Path | None,
+                    engine_cache: Path | None,
                     version_compatible: bool, dla_core: int | None, model_name: str | None,
                     model_version: str,
                     seed: int, overwrite: bool, as_json: bool) -> None:
@@ -89,6 +93,7 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
     options = CompileOptions(
         targets=targets, max_cuts=max_cuts, max_frontier=max_frontier, samples=samples,
         sign_key=sign_key, precision=precision, engines=engines, timing_cache=timing_cache,
+        engine_cache=engine_cache,
         version_compatible=version_compatible, dla_core=dla_core, model_name=model_name,
         model_version=model_version, seed=seed, overwrite=overwrite,
     )

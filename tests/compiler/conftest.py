@@ -13,3 +13,9 @@ def fake_trt(monkeypatch):
     fake_tensorrt.install(monkeypatch)
     yield fake_tensorrt
     fake_tensorrt.check_clean()
+
+
+@pytest.fixture(autouse=True)
+def _engine_cache_in_tmp(tmp_path, monkeypatch):
+    """Engines built in tests go to a per-test cache, never the user's ~/.cache."""
+    monkeypatch.setenv("TANDEM_ENGINE_CACHE", str(tmp_path / "engine-cache"))

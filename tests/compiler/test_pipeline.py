@@ -203,3 +203,27 @@ def test_tensorrt_build_options_reach_the_builder(fake_trt, tmp_path):
     assert cache.exists() and cache.stat().st_size > 0
     builds = fake_trt.BUILDS[-len(engines):]
     assert all(b["device_type"] == "DLA" and b["dla_core"] == 1 for b in builds)
+
+
+def test_engines_are_reused_from_the_cache_and_rebuilt_when_the_key_changes(fake_trt,
+                                                                            tmp_path):
+    fake_trt.FAKE_NUM_DLA_CORES = 2
+    src = save(residual(), tmp_path / "m.onnx")
+
+    def compile_(out, **kw):
+        return BundleFromOnnx(src, tmp_path / out, CompileOptions(
+            targets=("jetson-agx-orin-64gb",), engines="build", engine_cache=tmp_path / "c",
+            **kw))()
+
+    first = compile_("b1")
+    built = len(fake_trt.BUILDS)
+    parts = {a.part for a in first.manifest.artifacts}
+    assert built == len(parts)
+    again = compile_("b2")
+    assert len(fake_trt.BUILDS) == built  # every engine came from the cache
+    assert [a.path for a in again.manifest.artifacts] == [a.path for a in first.manifest.artifacts]
+    with load_bundle(tmp_path / "b1") as b1, load_bundle(tmp_path / "b2") as b2:
+        for a in first.manifest.artifacts:
+            assert b1.read(a.path) == b2.read(a.path)
+    compile_("b3", dla_core=0)  # a different engine: built, not loaded
+    assert len(fake_trt.BUILDS) == 2 * built
