@@ -197,8 +197,9 @@ def test_key_fields_all_matter(tmp_path):
     cache = EngineCache(tmp_path)
     paths = {cache.path_for(k) for k in (_key(), _key(tensorrt_version="10.4"),
                                          _key(compute_capability="9.0"), _key(precision="int8"),
-                                         _key(shape_profile="static"), _key(part_sha256="cd"))}
-    assert len(paths) == 6
+                                         _key(shape_profile="static"), _key(part_sha256="cd"),
+                                         _key(build_options=("dla0",)))}
+    assert len(paths) == 7
 
 
 def test_mismatching_sidecar_is_rebuilt_not_loaded(tmp_path):
