@@ -267,32 +267,37 @@ def _transformer_block(b: _Builder, x: str, d: int, tokens: int, heads: int) -> 
     return b.op("Add", [x, b.op("MatMul", [h, b.weight((2 * d, d))])])
 
 
-def big_model(n_nodes: int = 700, seed: int = 0) -> onnx.ModelProto:
-    """About ``n_nodes`` nodes: residual CNN blocks then transformer blocks, on small tensors.
+def big_model(n_nodes: int = 700, seed: int = 0, *, width: int = 16,
+              image: int = 32) -> onnx.ModelProto:
+    """About ``n_nodes`` nodes: residual CNN blocks then transformer blocks.
 
-    Input ``input`` [1,3,32,32], output ``logits`` [1,10]. 30% of the nodes are conv blocks
-    (5 nodes each), the rest transformer blocks (26 nodes each); conv blocks fill the remainder.
+    Input ``input`` [1,3,image,image], output ``logits`` [1,10]; ``width`` channels (and the
+    transformer width). 30% of the nodes are conv blocks (5 nodes each), the rest transformer
+    blocks (26 nodes each); conv blocks fill the remainder. The defaults keep tensors small (a
+    fast test model); ``width=32, image=64`` has about 1.6 GFLOP, a realistic edge workload.
     """
-    c, side = 16, 8
+    if width % 2 or image % 4:
+        raise ValueError("width must be even and image a multiple of 4")
+    c, side = width, image // 4
     b = _Builder(seed)
-    x = b.op("Relu", [b.conv("input", 3, c, stride=2)])  # [1,16,16,16]
+    x = b.op("Relu", [b.conv("input", 3, c, stride=2)])  # [1, c, image/2, image/2]
     fixed = 2 + 2 + 3 + 3  # stem, downsampling conv, to-tokens, classifier head
     tf_blocks = max(1, (n_nodes - fixed - int(0.3 * n_nodes)) // 26)
     conv_blocks = max(1, (n_nodes - fixed - 26 * tf_blocks) // 5)
     for _ in range(conv_blocks):
         x = _res_block(b, x, c, branch_scale=0.2)
-    x = b.op("Relu", [b.conv(x, c, c, stride=2)])  # [1,16,8,8]
+    x = b.op("Relu", [b.conv(x, c, c, stride=2)])  # [1, c, image/4, image/4]
     tokens = side * side
     x = b.op("Reshape", [x, b.constant(np.array([1, c, tokens], np.int64))])
-    x = b.op("Transpose", [x], perm=[0, 2, 1])  # [1, 64, 16]
+    x = b.op("Transpose", [x], perm=[0, 2, 1])  # [1, tokens, c]
     for _ in range(tf_blocks):
         x = _transformer_block(b, x, c, tokens, heads=2)
-    x = b.op("ReduceMean", [x], axes=[1], keepdims=0)  # [1, 16]
+    x = b.op("ReduceMean", [x], axes=[1], keepdims=0)  # [1, c]
     x = b.op("MatMul", [x, b.weight((c, 10))])
     b.op("Add", [x, b.weight((10,), 0.1)], out="logits")
     return b.model(
         "big_model",
-        [helper.make_tensor_value_info("input", F, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("input", F, [1, 3, image, image])],
         [helper.make_tensor_value_info("logits", F, [1, 10])],
     )
 
