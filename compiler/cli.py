@@ -100,7 +100,7 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
     err = Console(stderr=True)
     with warnings.catch_warnings(record=True) as caught, Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=err, transient=True, disable=as_json,
+        TimeElapsedColumn(), console=err, transient=True, disable=as_json or not err.is_terminal,
     ) as bar:
         warnings.simplefilter("always")
         tasks: dict[str, int] = {}
