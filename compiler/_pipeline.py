@@ -217,10 +217,11 @@ class BundleFromOnnx:
             raise FailedPrecondition(f"{self.out_dir} already exists (use --overwrite)")
         if not self.model_path.is_file():
             raise NotFound(f"no model file at {self.model_path}")
-        self.progress("loading model", 0, 1)
+        self.progress("loading and analyzing the model", 0, 1)
         model = load_model(self.model_path)
         info = analyze(model, batch=opts.batch)
         cuts = find_cuts(info, max_frontier=opts.max_frontier, max_cuts=opts.max_cuts)
+        self.progress("loading and analyzing the model", 1, 1)
         samples = load_samples(opts.samples, model) if opts.samples is not None else None
         verifier = Verifier(model, samples, seed=opts.seed, n_samples=opts.n_samples,
                             batch=opts.batch, intra_op_threads=opts.threads)
