@@ -227,3 +227,13 @@ def test_engines_are_reused_from_the_cache_and_rebuilt_when_the_key_changes(fake
             assert b1.read(a.path) == b2.read(a.path)
     compile_("b3", dla_core=0)  # a different engine: built, not loaded
     assert len(fake_trt.BUILDS) == 2 * built
+
+
+def test_every_progress_stage_reaches_its_total(tmp_path):
+    src = save(residual(), tmp_path / "m.onnx")
+    last: dict[str, tuple[int, int]] = {}
+    BundleFromOnnx(src, tmp_path / "b", CompileOptions(targets=("onnxruntime",)),
+                   progress=lambda stage, done, total: last.__setitem__(stage, (done, total)))()
+    assert {"loading and analyzing the model", "extracting and verifying cuts",
+            "lowering for onnxruntime", "writing bundle"} <= set(last)
+    assert all(done == total for done, total in last.values()), last
