@@ -40,3 +40,25 @@ def test_setup_installs_what_ci_installs():
     extra = "-e '.[dev]'"
     assert extra in _command_after("set up")
     assert extra in (ROOT / ".ci" / "run").read_text()
+
+
+def test_python_example_runs(tmp_path, mosquitto):
+    from compiler._examples import cnn_chain, save
+    from protocol import InferenceResponse, Transport, TransportConfig
+
+    block = re.search(r"```python\n(?P<code>.*?)```", README, re.DOTALL)
+    assert block, "README has no Python example"
+    code = block.group("code").replace("port=1883", f"port={mosquitto.port}")
+    script = tmp_path / "example.py"
+    script.write_text(
+        "import numpy as np\nfeatures = np.ones((1, 8), np.float32)  # the reader's tensor\n"
+        + code + "\nassert response.worker_id == 'readme', response\n"
+        "assert result.manifest.source_digest == bundle.manifest.source_digest\n"
+    )
+    save(cnn_chain(), tmp_path / "model.onnx")
+    with Transport(TransportConfig(host=mosquitto.host, port=mosquitto.port)) as cloud:
+        cloud.serve("tandem/v1/req/+/+", lambda req: InferenceResponse(
+            id=req.id, outputs=req.tensors, worker_id="readme"))
+        proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
