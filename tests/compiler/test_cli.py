@@ -145,3 +145,22 @@ def test_flop_share_never_rounds_a_split_to_all_or_nothing(part, total, shown):
     from compiler.cli import _share
 
     assert _share(part, total) == shown
+
+
+def test_compile_verifies_on_the_users_samples(tmp_path, capsys):
+    import numpy as np
+
+    src = save(cnn_chain(), tmp_path / "m.onnx")
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "s.npz", **{f"sample{i}/input": rng.standard_normal(
+        (1, 3, 32, 32)).astype(np.float32) for i in range(3)})
+    rc, _, err = _tandem(capsys, "compile", src, "-t", "onnxruntime", "-o", tmp_path / "b",
+                         "--samples", tmp_path / "s.npz")
+    assert rc == 0, err
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert {c["verification"]["samples"] for c in manifest["cuts"]} == {3}
+    np.savez(tmp_path / "wrong.npz", image=np.zeros((1, 3, 32, 32), np.float32))
+    rc, _, err = _tandem(capsys, "compile", src, "-t", "onnxruntime", "-o", tmp_path / "c",
+                         "--samples", tmp_path / "wrong.npz")
+    _assert_one_line_error(rc, err, "wrong.npz")
+    assert not (tmp_path / "c").exists()
