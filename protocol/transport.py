@@ -425,7 +425,8 @@ class AsyncTransport:
         if not isinstance(response, InferenceResponse):
             log.warning("dropped %s on reply topic %s", type(response).__name__, msg.topic)
             return
-        future = self._pending.get(response.id)
+        # popped here: the sync fast path's waiter has no ``finally`` of its own to do it
+        future = self._pending.pop(response.id, None)
         if future is None or future.done():
             log.debug("ignored late or duplicate response %s", response.id.hex())
             return

@@ -707,3 +707,30 @@ def test_a_frozen_broker_never_hangs_a_request_past_its_timeout(mosquitto):
                 break
             except (DeadlineExceeded, Unavailable):
                 assert time.monotonic() < deadline, "no answer 20 s after the broker resumed"
+
+
+def test_a_long_stream_leaves_nothing_behind(mosquitto):
+    # 1,000 requests (a tenth of them timing out because the server drops them): afterwards
+    # no pending request, no held message, no half-reassembled chunk set on either side
+    seen = 0
+
+    def flaky(request: InferenceRequest) -> InferenceResponse | None:
+        nonlocal seen
+        seen += 1
+        if seen % 10 == 0:
+            raise DeadlineExceeded("dropped on purpose")  # answered as an error
+        return echo(request)
+
+    with Transport(config(mosquitto)) as server, Transport(config(mosquitto)) as client:
+        server.serve(REQ_FILTER, flaky)
+        ok = failed = 0
+        for _ in range(1000):
+            try:
+                client.request(REQ, make_request(), timeout=5)
+                ok += 1
+            except DeadlineExceeded:
+                failed += 1
+        assert (ok, failed) == (900, 100)
+        for t in (client.async_transport, server.async_transport):
+            assert not t._pending and not t._unclaimed
+            assert t._reassembler.pending_sets == 0 and t._reassembler.pending_bytes == 0
