@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compiler._cuts import Cut, boundary_frontiers, find_cuts
-from compiler._errors import CompileError
+from compiler._errors import CompileError, ExtractionError
 from compiler._extract import extract
 from compiler._graph import GraphInfo, analyze, external_data_files, load_model
 from compiler._graph import TensorSpec as GraphTensorSpec
@@ -275,9 +275,11 @@ class BundleFromOnnx:
             self.progress("extracting and verifying cuts", i, len(cuts))
             try:
                 head, tail = extract(model, info, cut)
-            except CompileError as exc:
-                dropped.append((cut, str(exc)))
-                warnings.warn(f"dropping cut {cut.id}: {exc}", stacklevel=2)
+            except (CompileError, ExtractionError) as exc:  # the latter is our bug: say so
+                why = str(exc) if isinstance(exc, CompileError) else \
+                    f"internal error while extracting it ({exc}); please report"
+                dropped.append((cut, why))
+                warnings.warn(f"dropping cut {cut.id}: {why}", stacklevel=2)
                 continue
             result = verifier.verify(head, tail, cut_id=cut.id)
             if not result.passed:

@@ -152,3 +152,27 @@ def test_samples_that_are_not_an_npz_are_a_one_line_error(tmp_path):
     with pytest.raises(SampleError, match=r"not a readable \.npz"):
         load_samples(tmp_path / "bad.npz", model)
     assert Verifier(model, n_samples=1).samples
+
+
+def test_a_cut_the_extractor_gets_wrong_is_dropped_not_fatal(tmp_path, monkeypatch):
+    from compiler._errors import ExtractionError
+
+    nodes = [h.make_node("MatMul", ["x", "w1"], ["a"]), h.make_node("Relu", ["a"], ["b"]),
+             h.make_node("MatMul", ["b", "w2"], ["c"]), h.make_node("Relu", ["c"], ["y"])]
+    model = _model(nodes, [_vi("x", [1, 64])], [_vi("y", [1, 4])],
+                   [_weight("w1", (64, 16)), _weight("w2", (16, 4), 1)])
+    real = _pipeline.extract
+    victims = []
+
+    def flaky_extract(model, info, cut, **kw):
+        if 0 < cut.position < len(info.compute_nodes) and not victims:
+            victims.append(cut.id)
+            raise ExtractionError("head fails the ONNX checker (simulated)")
+        return real(model, info, cut, **kw)
+
+    monkeypatch.setattr(_pipeline, "extract", flaky_extract)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _compile(model, tmp_path)
+    assert victims and victims[0] in [c.id for c, _ in result.dropped]
+    assert any("please report" in str(w.message) for w in caught)
