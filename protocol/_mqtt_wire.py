@@ -103,6 +103,10 @@ _VIEW_MIN = 64 * 1024
 _PUBLISH = 0x30
 
 
+# the pool's "nothing references this buffer" test needs CPython's reference counts
+_REFCOUNTS = sys.implementation.name == "cpython"
+
+
 class _BufferPool:
     """Recent big packet buffers, handed out again for a packet of the same size once nothing
     else holds them.
@@ -132,7 +136,7 @@ class _BufferPool:
     def take(self, cls: type[bytearray], n: int) -> bytearray:
         """A ``cls`` of ``n`` bytes: a free pooled one (old contents: overwrite every byte),
         else a new zero-filled one, pooled when it is big enough and fits the bounds."""
-        if n < _VIEW_MIN or n > self.max_bytes:
+        if n < _VIEW_MIN or n > self.max_bytes or not _REFCOUNTS:
             return cls(n)
         with self._lock:
             bufs = self._bufs
