@@ -25,6 +25,7 @@ from __future__ import annotations
 import heapq
 import math
 import os
+from collections import ChainMap
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ __all__ = [
     "implicit_inputs",
     "input_specs",
     "load_model",
+    "unresolved_tensors",
 ]
 
 Dim = int | str
@@ -185,13 +187,23 @@ class GraphInfo:
     batch: int = 1
     opset: int = 0
     producers: Mapping[str, int] = field(default_factory=dict, repr=False)
+    # shapes for cost only: ``tensors`` with dims shape inference left unknown filled in from a
+    # measured run (see :func:`unresolved_tensors`); ``tensors`` itself stays as declared, since
+    # extracted parts must not pin a dim that may vary
+    cost_tensors: Mapping[str, TensorSpec] | None = field(default=None, repr=False)
 
     def spec(self, name: str) -> TensorSpec:
         """The spec of ``name``; a tensor shape inference could not type gets dtype 0."""
         return self.tensors.get(name) or TensorSpec(name, 0, None)
 
+    def cost_spec(self, name: str) -> TensorSpec:
+        """The spec bytes and FLOPs are counted with (measured where inference did not know)."""
+        if self.cost_tensors is not None and name in self.cost_tensors:
+            return self.cost_tensors[name]
+        return self.spec(name)
+
     def nbytes(self, name: str) -> int:
-        return self.spec(name).nbytes(self.batch)
+        return self.cost_spec(name).nbytes(self.batch)
 
     @property
     def compute_nodes(self) -> tuple[NodeInfo, ...]:
@@ -371,10 +383,15 @@ def _infer(model: ModelProto) -> ModelProto:
         raise InvalidModelError(f"shape inference failed: {exc}") from exc
 
 
-def analyze(model: ModelProto, *, batch: int = 1, infer_shapes: bool = True) -> GraphInfo:
+def analyze(model: ModelProto, *, batch: int = 1, infer_shapes: bool = True,
+            measured: Mapping[str, tuple[int, tuple[int, ...]]] | None = None) -> GraphInfo:
     """Shape-infer ``model`` and describe it as a :class:`GraphInfo`.
 
-    ``batch`` is the value every symbolic dim takes for cost (FLOPs, bytes). Raises
+    ``batch`` is the value every symbolic dim of the graph inputs takes for cost (FLOPs, bytes).
+    ``measured`` maps tensors to ``(onnx dtype, shape)`` observed in a real run at that batch
+    (:func:`compiler._verify.measure_shapes`): dims shape inference could not resolve (unknown,
+    or a name it invented such as ``unk__0``) are costed with the measured size, and tensors it
+    could not type at all get a declared type with unknown dims. Raises
     :class:`InvalidModelError` for a graph with a cycle or a tensor nobody produces.
     """
     if batch < 1:
@@ -387,6 +404,23 @@ def analyze(model: ModelProto, *, batch: int = 1, infer_shapes: bool = True) -> 
         spec = _spec_from_type(vi.name, vi.type)
         if spec is not None:
             tensors[vi.name] = spec
+    # cost lookups see the measured shapes first, then everything ``tensors`` holds (it grows
+    # below with initializers and Constant outputs)
+    overrides: dict[str, TensorSpec] = {}
+    cost: Mapping[str, TensorSpec] = ChainMap(overrides, tensors)
+    if measured:
+        symbols = _input_symbols(graph)
+        for name, (dtype, shape) in measured.items():
+            spec = tensors.get(name)
+            if spec is None or spec.dtype == 0:  # untyped: declare it, dims left open
+                tensors[name] = TensorSpec(name, dtype, tuple("?" for _ in shape))
+                overrides[name] = TensorSpec(name, dtype, tuple(shape))
+            elif spec.shape is None or len(spec.shape) != len(shape):
+                overrides[name] = TensorSpec(name, spec.dtype, tuple(shape))
+            else:
+                overrides[name] = TensorSpec(name, spec.dtype, tuple(
+                    d if isinstance(d, int) or d in symbols else m
+                    for d, m in zip(spec.shape, shape, strict=True)))
     init_bytes: dict[str, int] = {}
     for init in graph.initializer:
         tensors[init.name] = TensorSpec(init.name, init.data_type, tuple(int(d) for d in init.dims))
@@ -428,11 +462,11 @@ def analyze(model: ModelProto, *, batch: int = 1, infer_shapes: bool = True) -> 
             )
         if is_const:
             constants.update(outs)
-        flops = _node_flops(proto, ins, outs, tensors, batch)
+        flops = _node_flops(proto, ins, outs, cost, batch)
         param = sum(init_bytes.get(n, 0) for n in ins)
         if proto.op_type == "Constant":
-            param = sum(tensors[o].nbytes(batch) for o in outs if o in tensors)
-        out_bytes = sum(tensors[o].nbytes(batch) for o in outs if o in tensors)
+            param = sum(cost[o].nbytes(batch) for o in outs if o in cost)
+        out_bytes = sum(cost[o].nbytes(batch) for o in outs if o in cost)
         for o in outs:
             producers[o] = pos
         total += flops
@@ -461,7 +495,31 @@ def analyze(model: ModelProto, *, batch: int = 1, infer_shapes: bool = True) -> 
         batch=batch,
         opset=opset,
         producers=producers,
+        cost_tensors=overrides or None,
     )
+
+
+def _input_symbols(graph: GraphProto) -> frozenset[str]:
+    """The symbolic dims the model declares on its inputs (e.g. a batch "N")."""
+    return frozenset(d.dim_param for vi in graph.input if vi.type.HasField("tensor_type")
+                     for d in vi.type.tensor_type.shape.dim if d.dim_param)
+
+
+def unresolved_tensors(model: ModelProto, info: GraphInfo) -> list[str]:
+    """Non-constant tensors whose size shape inference could not pin down: untyped, unknown
+    rank, or a dim that is neither a number nor a symbolic dim of the graph inputs (so it
+    would be costed as if it were the batch). Measure these before choosing cuts."""
+    symbols = _input_symbols(model.graph)
+    out = []
+    for node in info.nodes:
+        if node.constant:
+            continue
+        for name in node.outputs:
+            spec = info.tensors.get(name)
+            if spec is None or spec.dtype == 0 or spec.shape is None or any(
+                    not isinstance(d, int) and d not in symbols for d in spec.shape):
+                out.append(name)
+    return out
 
 
 def _topological_order(

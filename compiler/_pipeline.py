@@ -35,9 +35,15 @@ from typing import TYPE_CHECKING
 from compiler._cuts import Cut, boundary_frontiers, find_cuts
 from compiler._errors import CompileError, ExtractionError
 from compiler._extract import extract
-from compiler._graph import GraphInfo, analyze, external_data_files, load_model
+from compiler._graph import (
+    GraphInfo,
+    analyze,
+    external_data_files,
+    load_model,
+    unresolved_tensors,
+)
 from compiler._graph import TensorSpec as GraphTensorSpec
-from compiler._verify import CutVerification, Verifier, load_samples
+from compiler._verify import CutVerification, Verifier, load_samples, measure_shapes
 from protocol._lazy import require
 from protocol.errors import FailedPrecondition, InvalidArgument, NotFound
 
@@ -220,11 +226,16 @@ class BundleFromOnnx:
         self.progress("loading and analyzing the model", 0, 1)
         model = load_model(self.model_path)
         info = analyze(model, batch=opts.batch)
-        cuts = find_cuts(info, max_frontier=opts.max_frontier, max_cuts=opts.max_cuts)
-        self.progress("loading and analyzing the model", 1, 1)
         samples = load_samples(opts.samples, model) if opts.samples is not None else None
         verifier = Verifier(model, samples, seed=opts.seed, n_samples=opts.n_samples,
                             batch=opts.batch, intra_op_threads=opts.threads)
+        unresolved = unresolved_tensors(model, info)
+        if unresolved:  # size what shape inference could not, so cuts are costed truly
+            measured = measure_shapes(model, unresolved, verifier.samples[0],
+                                      intra_op_threads=opts.threads)
+            info = analyze(model, batch=opts.batch, measured=measured)
+        cuts = find_cuts(info, max_frontier=opts.max_frontier, max_cuts=opts.max_cuts)
+        self.progress("loading and analyzing the model", 1, 1)
         with tempfile.TemporaryDirectory(prefix="tandem-compile-") as scratch:
             work = Path(scratch)
             full_rel = "parts/full.onnx"
@@ -293,8 +304,9 @@ class BundleFromOnnx:
                 _save(tail, work / f"parts/cut{cut.id}.tail.onnx")
                 parts.update({f"parts/cut{cut.id}.head.onnx", f"parts/cut{cut.id}.tail.onnx"})
             frontier = tuple(info.spec(t) for t in cut.frontier)
+            costed = tuple(info.cost_spec(t) for t in cut.frontier)
             kept.append(CutReport(cut, result, frontier,
-                                  _bytes_by_encoding(frontier, self.options.batch)))
+                                  _bytes_by_encoding(costed, self.options.batch)))
         self.progress("extracting and verifying cuts", len(cuts), len(cuts))
         return kept, dropped, parts
 

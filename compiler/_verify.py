@@ -54,6 +54,7 @@ __all__ = [
     "Tolerance",
     "Verifier",
     "load_samples",
+    "measure_shapes",
     "random_samples",
     "validate_samples",
     "verify",
@@ -341,6 +342,34 @@ def _encode(name: str, arr: np.ndarray, encoding: str) -> np.ndarray:
     code = {"fp16": tensors.Encoding.FP16, "int8": tensors.Encoding.INT8_AFFINE}[encoding]
     return np.asarray(tensors.Tensor.from_array(name, arr, encoding=code).to_array(),
                       dtype=np.float32)
+
+
+def measure_shapes(
+    model: ModelProto, names: Sequence[str], sample: Mapping[str, np.ndarray], *,
+    intra_op_threads: int = 1,
+) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """``{tensor: (onnx dtype, shape)}`` of intermediate ``names`` in one real run on
+    ``sample``: the sizes shape inference could not work out (see
+    :func:`compiler._graph.unresolved_tensors`). Tensors ORT cannot expose are left out."""
+    onnx = require("onnx")
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    wanted = [n for n in dict.fromkeys(names) if n not in existing]
+    for name in wanted:
+        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    session = _Session(probe, "the model (sizing intermediate tensors)", intra_op_threads)
+    values = session.run(sample)
+    out = {}
+    for name in names:
+        value = values.get(name)
+        if isinstance(value, np.ndarray):
+            try:
+                dtype = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+            except (KeyError, ValueError, TypeError):
+                continue
+            out[name] = (int(dtype), tuple(int(d) for d in value.shape))
+    return out
 
 
 class Verifier:

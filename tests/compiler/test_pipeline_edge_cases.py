@@ -176,3 +176,51 @@ def test_a_cut_the_extractor_gets_wrong_is_dropped_not_fatal(tmp_path, monkeypat
         result = _compile(model, tmp_path)
     assert victims and victims[0] in [c.id for c, _ in result.dropped]
     assert any("please report" in str(w.message) for w in caught)
+
+
+def _runtime_reshape_model():
+    """Conv, then a Reshape whose shape is computed from Shape(): what exporters emit for
+    ``flatten`` with a dynamic batch. Shape inference leaves the last dim unknown ("unk__0")."""
+    c = 16
+    nodes = [h.make_node("Conv", ["x", "w"], ["c"]),
+             h.make_node("Shape", ["c"], ["s"]),
+             h.make_node("Gather", ["s", "i0"], ["b"], axis=0),
+             h.make_node("Unsqueeze", ["b", "ax"], ["bu"]),
+             h.make_node("Concat", ["bu", "cc", "m1"], ["shp"], axis=0),
+             h.make_node("Reshape", ["c", "shp"], ["r"]),
+             h.make_node("Relu", ["r"], ["rr"]),
+             h.make_node("ReduceMean", ["rr"], ["y"], axes=[2], keepdims=0)]
+    inits = [_weight("w", (c, c, 1, 1)),
+             nh.from_array(np.array(0, np.int64), "i0"),
+             nh.from_array(np.array([0], np.int64), "ax"),
+             nh.from_array(np.array([c], np.int64), "cc"),
+             nh.from_array(np.array([-1], np.int64), "m1")]
+    return _model(nodes, [_vi("x", ["batch", c, 8, 8])], [_vi("y", ["batch", c])], inits)
+
+
+def test_sizes_shape_inference_cannot_resolve_are_measured(tmp_path):
+    from compiler import analyze, find_cuts
+    from compiler._graph import input_specs, unresolved_tensors
+    from compiler._verify import measure_shapes, random_samples
+
+    model = _runtime_reshape_model()
+    info = analyze(model)
+    assert info.tensors["r"].shape == ("batch", 16, "unk__0")
+    assert info.nbytes("rr") == 16 * 4  # the unknown dim costed as if it were the batch
+    # ...so, unmeasured, a cut sending "r" looks 64x cheaper than the input
+    assert ("r",) in [c.frontier for c in find_cuts(info)]
+    unresolved = unresolved_tensors(model, info)
+    assert {"r", "rr"} <= set(unresolved)
+    sample = random_samples(input_specs(model), 1)[0]
+    measured = measure_shapes(model, unresolved, sample)
+    assert measured["rr"] == (1, (1, 16, 64))
+    info = analyze(model, measured=measured)
+    assert info.nbytes("rr") == 16 * 64 * 4
+    assert info.tensors["rr"].shape == ("batch", 16, "unk__0")  # parts keep the dim open
+    assert [c.frontier for c in find_cuts(info)] == [("x",), ()]  # "r" is as big as the input
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = _compile(model, tmp_path)  # the pipeline measures by itself
+    assert [r.cut.frontier for r in result.cuts] == [("x",), ()]
+    with load_bundle(tmp_path / "b") as bundle:
+        _check_bundle_reproduces(bundle, model, batch=3)
