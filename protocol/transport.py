@@ -417,13 +417,8 @@ class AsyncTransport:
 
     @_takes_views
     def _on_response(self, msg: IncomingMessage) -> None:
-        try:
-            response = codec.decode(msg.payload)
-        except ProtocolError as exc:
-            log.warning("dropped undecodable message on %s: %s", msg.topic, exc)
-            return
-        if not isinstance(response, InferenceResponse):
-            log.warning("dropped %s on reply topic %s", type(response).__name__, msg.topic)
+        response = _decode_as(msg, InferenceResponse, "reply")
+        if response is None:
             return
         # popped here: the sync fast path's waiter has no ``finally`` of its own to do it
         future = self._pending.pop(response.id, None)
@@ -448,15 +443,9 @@ class AsyncTransport:
 
         @_takes_views
         def on_request(msg: IncomingMessage) -> None:
-            try:
-                request = codec.decode(msg.payload)
-            except ProtocolError as exc:
-                log.warning("dropped undecodable request on %s: %s", msg.topic, exc)
-                return
-            if not isinstance(request, InferenceRequest):
-                log.warning("dropped %s on request topic %s", type(request).__name__, msg.topic)
-                return
-            self._run_inline(self._answer(msg, request, handler, is_async))
+            request = _decode_as(msg, InferenceRequest, "request")
+            if request is not None:
+                self._run_inline(self._answer(msg, request, handler, is_async))
 
         await self.subscribe(topic_filter, on_request, qos=qos)
 
@@ -618,6 +607,20 @@ async def _resume(coro: Coroutine[Any, Any, _T], yielded: Any) -> _T:
             yielded = coro.send(sent)
         except StopIteration as stop:
             return stop.value
+
+
+def _decode_as(msg: IncomingMessage, cls: type[_T], what: str) -> _T | None:
+    """The ``cls`` message in ``msg``, or None (logged) for anything else: bad bytes never
+    stop a handler."""
+    try:
+        decoded = codec.decode(msg.payload)
+    except ProtocolError as exc:
+        log.warning("dropped undecodable message on %s topic %s: %s", what, msg.topic, exc)
+        return None
+    if not isinstance(decoded, cls):
+        log.warning("dropped %s on %s topic %s", type(decoded).__name__, what, msg.topic)
+        return None
+    return decoded
 
 
 class _SyncWaiter:

@@ -10,17 +10,8 @@ from hypothesis.extra import numpy as hnp
 
 from protocol.errors import Code, InvalidArgument
 from protocol.tensors import DType, Encoding, Tensor
+from tests.protocol._protocol_strategies import NUMPY_OF
 
-NUMPY_OF = {
-    DType.FLOAT32: np.float32,
-    DType.FLOAT16: np.float16,
-    DType.BFLOAT16: np.uint16,
-    DType.INT8: np.int8,
-    DType.UINT8: np.uint8,
-    DType.INT32: np.int32,
-    DType.INT64: np.int64,
-    DType.BOOL: np.bool_,
-}
 shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=6)
 
 
