@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks._common import Result, interleaved, parser, print_table, stats
-from protocol.codec import decode, encode
-from protocol.messages import InferenceRequest
-from protocol.tensors import Tensor
+from tandem.protocol.codec import decode, encode
+from tandem.protocol.messages import InferenceRequest
+from tandem.protocol.tensors import Tensor
 
 __all__ = ["run"]
 

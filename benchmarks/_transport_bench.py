@@ -3,14 +3,16 @@
 Both sides run through one mosquitto that this module starts itself (127.0.0.1, a free port,
 ``set_tcp_nodelay true``, no packet limit) and stops at the end:
 
-* ``rtt_<size>``: :meth:`protocol.transport.AsyncTransport.request` awaited on the client's own
+* ``rtt_<size>``: :meth:`tandem.protocol.mqtt.transport.AsyncTransport.request` awaited on the
+client's own
   event loop (timed on that loop, from the call to its return), answered by a Transport's
   ``serve`` (our codec and our transport on both ends; the echo returns the request's tensor) vs
   ``raw_paho_echo_<size>``: a raw paho client (``loop_start`` network thread) publishes the same
   number of bytes from the caller's thread and a raw paho echo client publishes them back from
   its ``on_message``. MQTT 5, QoS 1, TCP_NODELAY on every socket, transports' default config
   (one PUBLISH per message at every size here), interleaved A B A B. Target: ratio <= 1.25.
-* ``rtt_sync_<size>``: the same with the sync :class:`protocol.transport.Transport` ``request``
+* ``rtt_sync_<size>``: the same with the sync :class:`tandem.protocol.mqtt.transport.Transport`
+``request``
   called from a plain thread (it hands the request to its loop thread and waits for the reply:
   one thread hop each way), timed from that thread like the raw baseline. Reported, no target.
 * ``rtt_vs_rpc_<size>``: the same figure against ``raw_paho_rpc_echo_<size>``, a raw paho echo
@@ -55,9 +57,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from benchmarks._common import Result, interleaved, print_table, stats
-from protocol.messages import InferenceRequest, InferenceResponse, new_request_id
-from protocol.tensors import Tensor
-from protocol.transport import AsyncTransport, Transport, TransportConfig
+from tandem.protocol.messages import InferenceRequest, InferenceResponse, new_request_id
+from tandem.protocol.mqtt.transport import AsyncTransport, Transport, TransportConfig
+from tandem.protocol.tensors import Tensor
 
 __all__ = ["NOTES", "run"]
 

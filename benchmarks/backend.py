@@ -49,7 +49,7 @@ CASES = [
 def run_case(name: str, width: int, depth: int, batch: int, repeats: int) -> list[Result]:
     import onnxruntime as ort
 
-    from devices.backends.onnxruntime import OnnxRuntimeBackend
+    from tandem.devices.backends.onnxruntime import OnnxRuntimeBackend
 
     model = _mlp(width, depth)
     x = np.random.default_rng(1).standard_normal((batch, width))

@@ -29,7 +29,7 @@ import json, resource, sys, time
 mode, model, out = sys.argv[1:4]
 t0 = time.perf_counter()
 if mode == "compile":
-    from compiler import BundleFromOnnx, CompileOptions
+    from tandem.compiler import BundleFromOnnx, CompileOptions
     r = BundleFromOnnx(model, out, CompileOptions(targets=("onnxruntime",), max_cuts=8))()
     extra = {"cuts": len(r.manifest.cuts), "nodes": r.n_nodes}
 else:
@@ -57,8 +57,8 @@ MODELS = {"": {}, "_wide": {"width": 32, "image": 112}}  # metric suffix -> big_
 def _one(tmp: Path, suffix: str, kwargs: dict, nodes: int, reps: int) -> list[Result]:
     import onnx
 
-    from compiler._examples import big_model
-    from compiler._graph import analyze
+    from tandem.compiler._graph import analyze
+    from tandem.compiler.examples import big_model
 
     model_path = tmp / f"big{suffix}.onnx"
     model = big_model(n_nodes=nodes, **kwargs)

@@ -43,8 +43,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from compiler._errors import CompileError
-from compiler._graph import GraphInfo
+from tandem.compiler._errors import CompileError
+from tandem.compiler._graph import GraphInfo
 
 __all__ = ["Cut", "boundary_frontiers", "find_cuts", "pareto"]
 

@@ -1,4 +1,4 @@
-"""Errors the compiler raises, placed in the one tree of :mod:`protocol.errors`.
+"""Errors the compiler raises, placed in the one tree of :mod:`tandem.protocol.errors`.
 
 Tree (each class subclasses the wire code it carries)::
 
@@ -16,14 +16,15 @@ Tree (each class subclasses the wire code it carries)::
     └── InternalError
         └── ExtractionError           a part we built fails the ONNX checker (our bug)
 
-ONNX (``onnx``, protobuf) exceptions are translated in :mod:`compiler._graph` and
-:mod:`compiler._extract`; ONNX Runtime exceptions in :mod:`compiler._verify` (one boundary,
+ONNX (``onnx``, protobuf) exceptions are translated in :mod:`tandem.compiler._graph` and
+:mod:`tandem.compiler._extract`; ONNX Runtime exceptions in :mod:`tandem.compiler._verify` (one
+boundary,
 ``_ort_call``). The original exception is always chained with ``from``.
 """
 
 from __future__ import annotations
 
-from protocol.errors import FailedPrecondition, InternalError, InvalidArgument, NotFound
+from tandem.protocol.errors import FailedPrecondition, InternalError, InvalidArgument, NotFound
 
 __all__ = [
     "CompileError",

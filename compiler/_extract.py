@@ -1,4 +1,4 @@
-"""Cut a model into a head and a tail at a :class:`~compiler._cuts.Cut`.
+"""Cut a model into a head and a tail at a :class:`~tandem.compiler._cuts.Cut`.
 
 Both parts are defined by the frontier alone (backward slices), so they hold exactly the nodes
 needed on each side:
@@ -13,7 +13,7 @@ them (both, when both do). Opset imports, IR version, model-local functions, pro
 metadata are preserved. Input/output types come from shape inference with symbolic dims kept.
 Each part must pass ``onnx.checker.check_model`` (with ``full_check`` unless shape inference of
 the original model itself cannot complete); a part that fails is our bug
-(:class:`~compiler._errors.ExtractionError`).
+(:class:`~tandem.compiler._errors.ExtractionError`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from compiler._cuts import Cut
-from compiler._errors import CompileError, ExtractionError
-from compiler._graph import GraphInfo, TensorSpec, implicit_inputs
-from protocol._lazy import require
+from tandem.compiler._cuts import Cut
+from tandem.compiler._errors import CompileError, ExtractionError
+from tandem.compiler._graph import GraphInfo, TensorSpec, implicit_inputs
+from tandem.protocol.lazy import require
 
 if TYPE_CHECKING:  # pragma: no cover
     from onnx import ModelProto, ValueInfoProto

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compiler._errors import InvalidModelError, ModelLoadError
-from protocol._lazy import require
+from tandem.compiler._errors import InvalidModelError, ModelLoadError
+from tandem.protocol.lazy import require
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -389,7 +389,8 @@ def analyze(model: ModelProto, *, batch: int = 1, infer_shapes: bool = True,
 
     ``batch`` is the value every symbolic dim of the graph inputs takes for cost (FLOPs, bytes).
     ``measured`` maps tensors to ``(onnx dtype, shape)`` observed in a real run at that batch
-    (:func:`compiler._verify.measure_shapes`): dims shape inference could not resolve (unknown,
+    (:func:`tandem.compiler._verify.measure_shapes`): dims shape inference could not resolve
+    (unknown,
     or a name it invented such as ``unk__0``) are costed with the measured size, and tensors it
     could not type at all get a declared type with unknown dims. Raises
     :class:`InvalidModelError` for a graph with a cycle or a tensor nobody produces.

@@ -28,9 +28,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from compiler._graph import external_data_files
-from protocol._lazy import require
-from protocol.errors import InternalError, InvalidArgument, NotFound
+from tandem.compiler._graph import external_data_files
+from tandem.protocol.errors import InternalError, InvalidArgument, NotFound
+from tandem.protocol.lazy import require
 
 __all__ = ["LEVELS", "OrtOptimizedFromOnnx"]
 

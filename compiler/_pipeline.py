@@ -6,9 +6,9 @@
 Targets:
 
 - ``onnxruntime`` (alias ``cpu``): every part optimized ahead of time by ONNX Runtime
-  (:class:`~compiler._ort.OrtOptimizedFromOnnx`) and loaded later without re-optimizing.
+  (:class:`~tandem.compiler._ort.OrtOptimizedFromOnnx`) and loaded later without re-optimizing.
 - a device profile id (``tandem devices`` lists them): CPU profiles lower like ``onnxruntime``;
-  GPU and Jetson profiles get TensorRT engines (:class:`~compiler._tensorrt.EngineFromOnnx`).
+  GPU and Jetson profiles get TensorRT engines (:class:`~tandem.compiler._tensorrt.EngineFromOnnx`).
   Engines only run on the TensorRT version and GPU they were built with, so with
   ``engines="auto"`` they are built here only when TensorRT is importable *and* this machine's
   GPU has the profile's compute capability; otherwise the artifact records the build recipe
@@ -32,26 +32,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from compiler._cuts import Cut, boundary_frontiers, find_cuts
-from compiler._errors import CompileError, ExtractionError
-from compiler._extract import extract
-from compiler._graph import (
+from tandem.compiler._cuts import Cut, boundary_frontiers, find_cuts
+from tandem.compiler._errors import CompileError, ExtractionError
+from tandem.compiler._extract import extract
+from tandem.compiler._graph import (
     GraphInfo,
     analyze,
     external_data_files,
     load_model,
     unresolved_tensors,
 )
-from compiler._graph import TensorSpec as GraphTensorSpec
-from compiler._verify import CutVerification, Verifier, load_samples, measure_shapes
-from protocol._lazy import require
-from protocol.errors import FailedPrecondition, InvalidArgument, NotFound
+from tandem.compiler._graph import TensorSpec as GraphTensorSpec
+from tandem.compiler._verify import CutVerification, Verifier, load_samples, measure_shapes
+from tandem.protocol.errors import FailedPrecondition, InvalidArgument, NotFound
+from tandem.protocol.lazy import require
 
 if TYPE_CHECKING:  # pragma: no cover
     from onnx import ModelProto
 
-    from devices.profiles import Profile
-    from protocol.bundle import Manifest
+    from tandem.devices.profiles import Profile
+    from tandem.protocol.bundle import Manifest
 
 __all__ = [
     "BundleFromOnnx",
@@ -133,7 +133,7 @@ Progress = Callable[[str, int, int], None]  # (stage description, done, total)
 
 def resolve_targets(names: Sequence[str]) -> list[Target]:
     """Validate target names before any work: ``onnxruntime``/``cpu`` or a profile id."""
-    from devices.profiles import get_profile
+    from tandem.devices.profiles import get_profile
 
     if not names:
         raise InvalidArgument("no target given (use -t onnxruntime or -t <device profile>)")
@@ -158,7 +158,7 @@ def _dtype_name(code: int) -> str:
 
 
 def _spec(t: GraphTensorSpec):
-    from protocol.bundle import TensorSpec
+    from tandem.protocol.bundle import TensorSpec
 
     shape = t.shape if t.shape is not None else ()
     return TensorSpec(name=t.name, dtype=_dtype_name(t.dtype), shape=tuple(shape))
@@ -312,8 +312,8 @@ class BundleFromOnnx:
 
     def _lower(self, targets: list[Target], parts: list[str], work: Path,
                verifier: Verifier) -> list:
-        from compiler._ort import OrtOptimizedFromOnnx
-        from protocol.bundle import Artifact
+        from tandem.compiler._ort import OrtOptimizedFromOnnx
+        from tandem.protocol.bundle import Artifact
 
         artifacts: list[Artifact] = []
         ort = require("onnxruntime")
@@ -338,8 +338,13 @@ class BundleFromOnnx:
 
     def _lower_tensorrt(self, target: Target, parts: list[str], work: Path,
                         verifier: Verifier) -> list:
-        from compiler._tensorrt import EngineCache, EngineFromOnnx, EngineKey, shape_profile_id
-        from protocol.bundle import Artifact
+        from tandem.compiler._tensorrt import (
+            EngineCache,
+            EngineFromOnnx,
+            EngineKey,
+            shape_profile_id,
+        )
+        from tandem.protocol.bundle import Artifact
 
         profile = target.profile
         assert profile is not None
@@ -406,13 +411,13 @@ class BundleFromOnnx:
             require("tensorrt", "tensorrt")
         except FailedPrecondition:
             return False
-        from devices.detect import detect_profile
+        from tandem.devices.detect import detect_profile
 
         local = detect_profile()
         return local.compute_capability == profile.compute_capability
 
     def _manifest(self, model, info: GraphInfo, kept: list[CutReport], artifacts) -> Manifest:
-        from protocol.bundle import CutSpec, EncodingCheck, Manifest, Verification
+        from tandem.protocol.bundle import CutSpec, EncodingCheck, Manifest, Verification
 
         n = len(info.compute_nodes)
         cut_specs = []
@@ -457,7 +462,7 @@ class BundleFromOnnx:
         )
 
     def _write(self, manifest: Manifest, work: Path, parts: set[str], artifacts) -> Manifest:
-        from protocol.bundle import BundleWriter
+        from tandem.protocol.bundle import BundleWriter
 
         files = sorted(set(parts) | {a.path for a in artifacts})
         with BundleWriter(self.out_dir, overwrite=self.options.overwrite) as writer:

@@ -1,7 +1,7 @@
 """TensorRT lowering: ONNX part -> serialized engine, and the on-device engine cache.
 
 ``EngineFromOnnx(...)`` is a Polygraphy-style step: constructing it does nothing; calling it parses
-the ONNX file, configures the builder from the target :class:`~devices.profiles.Profile` and
+the ONNX file, configures the builder from the target :class:`~tandem.devices.profiles.Profile` and
 returns the serialized engine bytes:
 
 - precision: ``fp32`` (no flag), ``fp16`` (``BuilderFlag.FP16``), ``int8`` (``INT8`` + ``FP16`` so
@@ -23,7 +23,8 @@ sidecar JSON with the key, and rebuilds rather than loads anything whose sidecar
 
 TensorRT signals failure by return values plus logger messages; they are translated here, and only
 here, into Tandem errors: parser failures -> :class:`UnsupportedModel` (listing every parser
-error), a failed build -> :class:`~protocol.errors.FailedPrecondition` with the logged errors.
+error), a failed build -> :class:`~tandem.protocol.errors.FailedPrecondition` with the logged
+errors.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from devices.profiles import Profile
-from protocol._lazy import require
-from protocol.errors import FailedPrecondition, InternalError, InvalidArgument, TandemError
+from tandem.devices.profiles import Profile
+from tandem.protocol.errors import FailedPrecondition, InternalError, InvalidArgument, TandemError
+from tandem.protocol.lazy import require
 
 __all__ = ["EngineCache", "EngineFromOnnx", "EngineKey", "UnsupportedModel", "shape_profile_id"]
 

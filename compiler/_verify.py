@@ -7,7 +7,8 @@ cut three transfers are checked:
 - ``raw``: the frontier tensors cross unchanged; must match within :data:`RAW_TOLERANCE`
   (``CutVerification.passed``). A cut that fails is reported, not raised: the caller drops it.
 - ``fp16`` and ``int8``: every float32 tensor crossing the cut (raw graph inputs included) goes
-  through ``protocol.tensors.Tensor.from_array(name, x, encoding=...).to_array()`` - exactly what
+  through ``tandem.protocol.tensors.Tensor.from_array(name, x, encoding=...).to_array()`` -
+  exactly what
   the edge will send - before the tail runs. The errors are recorded per output together with
   whether they are within the tolerance for that encoding, so the edge only uses an encoding
   whose error was checked. Non-float32 tensors cross raw in every mode.
@@ -31,15 +32,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from compiler._errors import (
+from tandem.compiler._errors import (
     RuntimeCheckError,
     SampleError,
     SampleFileNotFound,
     UnsupportedOperator,
 )
-from compiler._graph import TensorSpec, input_specs
-from protocol._lazy import require
-from protocol.errors import TandemError
+from tandem.compiler._graph import TensorSpec, input_specs
+from tandem.protocol.errors import TandemError
+from tandem.protocol.lazy import require
 
 if TYPE_CHECKING:  # pragma: no cover
     from onnx import ModelProto
@@ -338,7 +339,7 @@ def _errors(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
 def _encode(name: str, arr: np.ndarray, encoding: str) -> np.ndarray:
     if arr.dtype != np.float32:
         return arr
-    from protocol import tensors  # the codec the edge uses: verify exactly what it sends
+    from tandem.protocol import tensors  # the codec the edge uses: verify exactly what it sends
     code = {"fp16": tensors.Encoding.FP16, "int8": tensors.Encoding.INT8_AFFINE}[encoding]
     return np.asarray(tensors.Tensor.from_array(name, arr, encoding=code).to_array(),
                       dtype=np.float32)
@@ -350,7 +351,7 @@ def measure_shapes(
 ) -> dict[str, tuple[int, tuple[int, ...]]]:
     """``{tensor: (onnx dtype, shape)}`` of intermediate ``names`` in one real run on
     ``sample``: the sizes shape inference could not work out (see
-    :func:`compiler._graph.unresolved_tensors`). Tensors ORT cannot expose are left out."""
+    :func:`tandem.compiler._graph.unresolved_tensors`). Tensors ORT cannot expose are left out."""
     onnx = require("onnx")
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

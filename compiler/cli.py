@@ -76,15 +76,15 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
                     model_version: str,
                     seed: int, overwrite: bool, as_json: bool) -> None:
     """Cut MODEL (ONNX) at good split points, verify and lower the parts, write a bundle."""
-    from protocol._lazy import require
+    from tandem.protocol.lazy import require
 
     require("onnx")
     require("onnxruntime")
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from compiler._pipeline import BundleFromOnnx, CompileOptions, resolve_targets
-    from protocol.bundle import pack
+    from tandem.compiler._pipeline import BundleFromOnnx, CompileOptions, resolve_targets
+    from tandem.protocol.bundle import pack
 
     resolve_targets(targets)  # fail on an unknown target before any work
     archive = out.name.endswith((".tar.zst", ".tar.gz", ".tar"))
@@ -193,7 +193,7 @@ def _print_summary(result, out: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
 def inspect_command(bundle: Path, public_key: Path | None, as_json: bool) -> None:
     """Verify a bundle (digests, signature) and describe its cuts and artifacts."""
-    from protocol.bundle import load_bundle
+    from tandem.protocol.bundle import load_bundle
 
     with load_bundle(bundle, public_key=public_key) as b:
         m = b.manifest
@@ -246,7 +246,7 @@ def inspect_command(bundle: Path, public_key: Path | None, as_json: bool) -> Non
 @click.option("--overwrite", is_flag=True)
 def keygen_command(private_key: Path, public_key: Path, overwrite: bool) -> None:
     """Create an ed25519 key pair for signing bundles (private key written with mode 0600)."""
-    from protocol.bundle import generate_keypair
+    from tandem.protocol.bundle import generate_keypair
 
     fingerprint = generate_keypair(private_key, public_key, overwrite=overwrite)
     click.echo(f"wrote {private_key} and {public_key} ({fingerprint})")
@@ -258,10 +258,10 @@ def keygen_command(private_key: Path, public_key: Path, overwrite: bool) -> None
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
 def example_command(kind: str, output: Path) -> None:
     """Write a seeded example ONNX model (for trying Tandem without a model at hand)."""
-    from protocol._lazy import require
+    from tandem.protocol.lazy import require
 
     onnx = require("onnx")
-    from compiler import _examples
+    from tandem.compiler import examples as _examples
 
     build = {"cnn": _examples.cnn_chain, "residual": _examples.residual,
              "unet": _examples.unet, "multi-io": _examples.multi_io,

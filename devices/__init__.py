@@ -1,9 +1,9 @@
 """Hardware and fleet: device profiles (data), local detection, and execution backends behind
 one contract (ONNX Runtime; TensorRT + pycuda). Backends load their runtime on ``activate``."""
 
-from devices.backends import Backend, TensorMeta
-from devices.detect import Detection, detect, detect_profile
-from devices.profiles import Profile, get_profile, load_profiles
+from tandem.devices.backends import Backend, TensorMeta
+from tandem.devices.detect import Detection, detect, detect_profile
+from tandem.devices.profiles import Profile, get_profile, load_profiles
 
 __all__ = [
     "Backend",

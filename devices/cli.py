@@ -26,8 +26,8 @@ def _fmt(value, unit: str = "", sparse: bool = False) -> str:
               help="use this profile instead of detecting (also: TANDEM_DEVICE_PROFILE)")
 def devices_command(as_json: bool, detect_only: bool, override: str | None) -> None:
     """List the device profiles Tandem knows and mark this machine's."""
-    from devices.detect import detect
-    from devices.profiles import load_profiles
+    from tandem.devices.detect import detect
+    from tandem.devices.profiles import load_profiles
 
     found = detect(override)
     if detect_only:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from devices.profiles import Profile, get_profile, load_profiles
+from tandem.devices.profiles import Profile, get_profile, load_profiles
 
 __all__ = [
     "ENV_VAR",

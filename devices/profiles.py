@@ -10,7 +10,8 @@ Figures are dense unless ``fp16_sparse`` / ``int8_sparse`` is true. Jetson INT8 
 module totals (GPU + DLA), and Orin's are quoted with sparsity, as NVIDIA publishes them.
 
 The data file is validated when loaded: a missing field, a wrong type, an unknown kind or backend,
-or a figure without a source raises :class:`~protocol.errors.InternalError` (the file ships with
+or a figure without a source raises :class:`~tandem.protocol.errors.InternalError` (the file
+ships with
 the package, so a bad file is our bug).
 """
 
@@ -25,7 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
 
-from protocol.errors import InternalError, NotFound
+from tandem.protocol.errors import InternalError, NotFound
 
 __all__ = ["DATA_FILE", "FIGURE_FIELDS", "KINDS", "Profile", "get_profile", "load_profiles"]
 

@@ -2,16 +2,16 @@
 the bundle format. Imports no other package of ours and nothing heavy (no onnx, no TensorRT).
 
 The transport (paho-mqtt) and the bundle format (cryptography, zstandard on use) load on first
-access of one of their names, so ``import protocol`` stays cheap for every CLI start.
+access of one of their names, so ``import tandem.protocol`` stays cheap for every CLI start.
 """
 
 from __future__ import annotations
 
 import importlib as _importlib
 
-from protocol.chunking import Reassembler, split
-from protocol.codec import DEFAULT_LIMITS, Limits, MessageType, decode, encode
-from protocol.errors import (
+from tandem.protocol.chunking import Reassembler, split
+from tandem.protocol.codec import DEFAULT_LIMITS, Limits, MessageType, decode, encode
+from tandem.protocol.errors import (
     Code,
     DeadlineExceeded,
     FailedPrecondition,
@@ -31,7 +31,7 @@ from protocol.errors import (
     VersionMismatch,
     error_from_wire,
 )
-from protocol.messages import (
+from tandem.protocol.messages import (
     PROTOCOL_VERSION,
     Assignment,
     CloudLoad,
@@ -42,26 +42,26 @@ from protocol.messages import (
     Timings,
     new_request_id,
 )
-from protocol.tensors import DType, Encoding, Tensor
+from tandem.protocol.tensors import DType, Encoding, Tensor
 
 _LAZY = {
-    "AsyncTransport": "protocol.transport",
-    "Transport": "protocol.transport",
-    "TransportConfig": "protocol.transport",
-    "TlsConfig": "protocol.transport",
-    "Bundle": "protocol.bundle",
-    "BundleWriter": "protocol.bundle",
-    "Manifest": "protocol.bundle",
-    "load_bundle": "protocol.bundle",
-    "BundleError": "protocol.bundle",
-    "BundleIntegrityError": "protocol.bundle",
+    "AsyncTransport": "tandem.protocol.mqtt.transport",
+    "Transport": "tandem.protocol.mqtt.transport",
+    "TransportConfig": "tandem.protocol.mqtt.transport",
+    "TlsConfig": "tandem.protocol.mqtt.transport",
+    "Bundle": "tandem.protocol.bundle",
+    "BundleWriter": "tandem.protocol.bundle",
+    "Manifest": "tandem.protocol.bundle",
+    "load_bundle": "tandem.protocol.bundle",
+    "BundleError": "tandem.protocol.bundle",
+    "BundleIntegrityError": "tandem.protocol.bundle",
 }
 
 
 def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'protocol' has no attribute {name!r}")
+        raise AttributeError(f"module 'tandem.protocol' has no attribute {name!r}")
     value = getattr(_importlib.import_module(module), name)
     globals()[name] = value
     return value

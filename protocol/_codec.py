@@ -3,7 +3,7 @@
 No other module touches msgpack. A frame is a msgpack *envelope* ``[version, type, body]``
 followed by a *data section* holding the tensor payloads (and nothing else), each starting at an
 8-byte aligned offset from the start of the frame. Decoding is strict and never raises anything
-but a :class:`~protocol.errors.ProtocolError`: every foreign exception is translated here, in
+but a :class:`~tandem.protocol.errors.ProtocolError`: every foreign exception is translated here, in
 :func:`decode`, and chained with ``from``.
 
 Every message type is described once, by a schema (a tuple of :class:`_Field`); the same schema
@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import msgpack
 import numpy as np
 
-from protocol.errors import (
+from tandem.protocol.errors import (
     Code,
     InvalidArgument,
     MalformedMessage,
@@ -30,7 +30,7 @@ from protocol.errors import (
     TandemError,
     VersionMismatch,
 )
-from protocol.messages import (
+from tandem.protocol.messages import (
     PROTOCOL_VERSION,
     Assignment,
     CloudLoad,
@@ -41,7 +41,7 @@ from protocol.messages import (
     Message,
     Timings,
 )
-from protocol.tensors import _STORAGE, DType, Encoding, Tensor, _decompress
+from tandem.protocol.tensors import _STORAGE, DType, Encoding, Tensor, _decompress
 
 __all__ = [
     "CHUNK_PREFIX",

@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from protocol._codec import (
+from tandem.protocol._codec import (
     CHUNK_PREFIX,
     ID_LEN,
     chunk_overhead,
@@ -35,7 +35,7 @@ from protocol._codec import (
     encode_chunk,
     is_chunk,
 )
-from protocol.errors import InvalidArgument, MalformedMessage, MessageTooLarge
+from tandem.protocol.errors import InvalidArgument, MalformedMessage, MessageTooLarge
 
 __all__ = ["CHUNK_COST", "CHUNK_PREFIX", "Reassembler", "is_chunk", "split"]
 

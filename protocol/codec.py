@@ -6,10 +6,10 @@
 
 Schema evolution: a newer v1 peer may add map keys; this decoder ignores keys it does not know,
 and fills fields a peer did not send from their defaults. A different protocol major version is
-a :class:`~protocol.errors.VersionMismatch`.
+a :class:`~tandem.protocol.errors.VersionMismatch`.
 """
 
-from protocol._codec import (
+from tandem.protocol._codec import (
     DEFAULT_LIMITS,
     Compression,
     Limits,

@@ -1,8 +1,8 @@
 """Typed, immutable messages of the split-execution protocol v1.
 
 These classes are the contract between the edge daemon, the cloud endpoint and the fleet tools.
-They hold plain Python values and :class:`~protocol.tensors.Tensor` objects; only
-``protocol._codec`` turns them into bytes and back (see ``protocol/SPEC.md``).
+They hold plain Python values and :class:`~tandem.protocol.tensors.Tensor` objects; only
+``tandem.protocol._codec`` turns them into bytes and back (see ``protocol/SPEC.md``).
 
 Schema evolution: a new field is appended with a default; a field's meaning never changes;
 ``version`` is the protocol version that wrote the message.
@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from protocol.errors import Code
-from protocol.tensors import Tensor
+from tandem.protocol.errors import Code
+from tandem.protocol.tensors import Tensor
 
 __all__ = [
     "PROTOCOL_VERSION",

@@ -22,7 +22,7 @@ float64 from the float32 extremes, ``q`` and the dequantized values in float32):
                  to the finite float32 range (only matters within 1 ulp of its top)
 
 Every finite ``x`` comes back within ``scale / 2`` (plus float32 rounding). Non-finite input is
-an :class:`~protocol.errors.InvalidArgument`.
+an :class:`~tandem.protocol.errors.InvalidArgument`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from protocol.errors import InvalidArgument, MalformedMessage
+from tandem.protocol.errors import InvalidArgument, MalformedMessage
 
 __all__ = ["DType", "Encoding", "Tensor"]
 
@@ -152,7 +152,7 @@ class Tensor:
 
     ``data`` is the wire payload (after encoding, and zstd-compressed if ``compressed``).
     Build tensors with :meth:`from_array`; the constructor checks consistency and raises
-    :class:`~protocol.errors.InvalidArgument` on a mismatch.
+    :class:`~tandem.protocol.errors.InvalidArgument` on a mismatch.
     """
 
     name: str

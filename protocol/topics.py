@@ -13,7 +13,7 @@ control characters, and must not start with ``$`` (broker-reserved topics).
 
 from __future__ import annotations
 
-from protocol.errors import InvalidArgument
+from tandem.protocol.errors import InvalidArgument
 
 __all__ = [
     "MAX_ID_LEN",

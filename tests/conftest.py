@@ -3,16 +3,12 @@ broker process left behind)."""
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _broker import Mosquitto, mosquitto_binary
+from tests._support.broker import Mosquitto, mosquitto_binary
 
 # Threads that must not outlive a test: paho's network thread and the sync transport's loop.
 _LEAK_PREFIXES = ("paho-mqtt-client-", "tandem-transport")

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["protocol", "devices", "compiler", "edge", "cloud"]
+FOLDERS = ["protocol", "devices", "compiler", "edge", "cloud"]
+PACKAGES = ["tandem"] + [f"tandem.{f}" for f in FOLDERS]
 HEAVY = ["onnx", "onnxruntime", "tensorrt", "pycuda", "zeroconf", "torch"]
 
 BLOCKER = textwrap.dedent(
@@ -67,7 +68,7 @@ def test_importing_protocol_loads_nothing_heavy():
     # Not even blocked: a plain interpreter must not pull onnx/ORT in through `import protocol`.
     proc = subprocess.run(
         [sys.executable, "-c",
-         "import sys, protocol, devices, compiler, edge, cloud;"
+         "import sys, tandem.protocol, tandem.devices, tandem.compiler, tandem.edge, tandem.cloud;"
          f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
@@ -83,7 +84,8 @@ def test_public_surface_is_declared_and_exists(pkg):
         assert hasattr(module, name), f"{pkg}.__all__ names missing {name}"
     public = {n for n in vars(module) if not n.startswith("_")}
     submodules = {m.name for m in pkgutil.iter_modules(module.__path__)}
-    undeclared = public - set(module.__all__) - submodules - {"annotations"}
+    loaded = {n for n in public if f"{pkg}.{n}" in sys.modules}
+    undeclared = public - set(module.__all__) - submodules - loaded - {"annotations"}
     assert not undeclared, f"{pkg} exposes names outside __all__: {sorted(undeclared)}"
 
 
@@ -98,7 +100,7 @@ def test_every_help_works_without_extras():
     assert {"compile", "inspect", "devices"} <= set(commands)
     proc = _run(
         f"""
-        from protocol._cli import main
+        from tandem.cli import main
         for args in [["--help"]] + [[c, "--help"] for c in {commands!r}]:
             rc = main(args)
             assert rc == 0, (args, rc)
@@ -114,7 +116,7 @@ def test_command_needing_missing_extra_names_the_extra(tmp_path):
     proc = _run(
         f"""
         import sys
-        from protocol._cli import main
+        from tandem.cli import main
         sys.exit(main(["compile", {str(model)!r}, "-t", "onnxruntime", "-o",
                        {str(tmp_path / "out")!r}]))
         """
@@ -127,7 +129,7 @@ def test_command_needing_missing_extra_names_the_extra(tmp_path):
 
 def test_bench_runs_a_benchmark_from_the_checkout_and_refuses_unknown(tmp_path, monkeypatch,
                                                                         capsys):
-    from protocol._cli import main
+    from tandem.cli import main
 
     monkeypatch.chdir(ROOT)
     assert main(["bench", "no_such_bench"]) == 1
@@ -136,7 +138,7 @@ def test_bench_runs_a_benchmark_from_the_checkout_and_refuses_unknown(tmp_path, 
 
 
 def test_a_failing_benchmark_fails_the_command(tmp_path, monkeypatch):
-    from protocol._cli import main
+    from tandem.cli import main
 
     pkg = tmp_path / "benchmarks"
     pkg.mkdir()
@@ -146,3 +148,133 @@ def test_a_failing_benchmark_fails_the_command(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "benchmarks", raising=False)
     monkeypatch.syspath_prepend(str(tmp_path))
     assert main(["bench", "failing"]) == 3
+
+
+def _imports_of(path: Path) -> list[str]:
+    """Every module a file imports (absolute names; relative ones resolved), TYPE_CHECKING too."""
+    import ast
+
+    tree = ast.parse(path.read_text(), str(path))
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    here = ["tandem", *parts] if parts[0] in FOLDERS else parts
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[: len(here) - node.level + (1 if path.name == "__init__.py" else 0)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            names.append(mod)
+            names += [f"{mod}.{a.name}" for a in node.names]
+    return names
+
+
+def _package_files():
+    for folder in ["tandem", *FOLDERS]:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            yield folder, path
+
+
+def test_one_import_root_from_outside_the_checkout(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c",
+         "import importlib.util as u, tandem.protocol, tandem.devices, tandem.compiler, "
+         "tandem.edge, tandem.cloud, tandem.cli;"
+         f"print([n for n in {FOLDERS!r} if u.find_spec(n) is not None])"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"  # `import protocol` (and the others) does not work
+
+
+def test_pyproject_lists_every_package_folder():
+    import tomllib
+
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapping = conf["package-dir"]
+    assert mapping == {"tandem": "tandem", **{f"tandem.{f}": f for f in FOLDERS}}
+    found = set()
+    for folder in ["tandem", *FOLDERS]:
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join(["tandem", *([folder] if folder != "tandem" else []), *rel]))
+    assert set(conf["packages"]) == found
+
+
+def test_no_module_imports_another_packages_private_module():
+    offenders = []
+    for folder, path in _package_files():
+        for name in _imports_of(path):
+            parts = name.split(".")
+            if parts[0] != "tandem" or len(parts) < 3:
+                continue
+            owner = parts[1]
+            private = any(p.startswith("_") and p != "__init__" for p in parts[2:])
+            if owner != folder and private:
+                offenders.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not offenders, offenders
+
+
+_MAY_IMPORT = {
+    "protocol": set(),
+    "devices": {"protocol"},
+    "compiler": {"protocol", "devices"},
+    "edge": {"protocol", "devices", "compiler"},
+    "cloud": {"protocol", "devices", "compiler"},
+}
+
+
+def test_dependencies_flow_one_way():
+    offenders = []
+    for folder, path in _package_files():
+        if folder == "tandem":
+            continue
+        for name in _imports_of(path):
+            parts = name.split(".")
+            if parts[0] == "tandem" and len(parts) > 1 and parts[1] in FOLDERS \
+                    and parts[1] != folder and parts[1] not in _MAY_IMPORT[folder]:
+                offenders.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not offenders, offenders
+
+
+def test_no_import_cycle_between_modules_of_a_package():
+    """Within each package, the module import graph (TYPE_CHECKING imports included) is acyclic;
+    importing a package's own ``__init__`` from one of its modules counts too."""
+    graph: dict[str, set[str]] = {}
+    modules = {}
+    for folder, path in _package_files():
+        rel = path.relative_to(ROOT / folder).with_suffix("").parts
+        if rel[-1] == "__init__":
+            rel = rel[:-1]
+        name = ".".join(["tandem", *([folder] if folder != "tandem" else []), *rel])
+        modules[name] = path
+    for name, path in modules.items():
+        deps = set()
+        for imported in _imports_of(path):
+            while imported and imported not in modules:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name and not name.startswith(imported + "."):
+                deps.add(imported)
+        graph[name] = deps
+    cycles = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in graph[node]:
+            if state.get(dep) == 1:
+                cycles.append([*stack[stack.index(dep):], dep])
+            elif dep not in state:
+                visit(dep, [*stack, dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles

@@ -43,8 +43,8 @@ def test_setup_installs_what_ci_installs():
 
 
 def test_python_example_runs(tmp_path, mosquitto):
-    from compiler._examples import cnn_chain, save
-    from protocol import InferenceResponse, Transport, TransportConfig
+    from tandem.compiler.examples import cnn_chain, save
+    from tandem.protocol import InferenceResponse, Transport, TransportConfig
 
     block = re.search(r"```python\n(?P<code>.*?)```", README, re.DOTALL)
     assert block, "README has no Python example"
@@ -60,5 +60,5 @@ def test_python_example_runs(tmp_path, mosquitto):
         cloud.serve("tandem/v1/req/+/+", lambda req: InferenceResponse(
             id=req.id, outputs=req.tensors, worker_id="readme"))
         proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                              text=True, timeout=120)  # the installed package, not the checkout
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol.errors import FailedPrecondition, InternalError, InvalidArgument, TandemError
+from tandem.protocol.errors import FailedPrecondition, InternalError, InvalidArgument, TandemError
 
 __all__ = ["Backend", "Dim", "TensorMeta"]
 

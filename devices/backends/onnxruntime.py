@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from devices.backends._base import Backend, TensorMeta
-from protocol._lazy import require
-from protocol.errors import FailedPrecondition, InternalError, InvalidArgument, NotFound
+from tandem.devices.backends._base import Backend, TensorMeta
+from tandem.protocol.errors import FailedPrecondition, InternalError, InvalidArgument, NotFound
+from tandem.protocol.lazy import require
 
 __all__ = ["OnnxRuntimeBackend"]
 

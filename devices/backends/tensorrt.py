@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from devices.backends._base import Backend, TensorMeta
-from protocol._lazy import require
-from protocol.errors import (
+from tandem.devices.backends._base import Backend, TensorMeta
+from tandem.protocol.errors import (
     FailedPrecondition,
     InternalError,
     InvalidArgument,
@@ -33,6 +32,7 @@ from protocol.errors import (
     ResourceExhausted,
     TandemError,
 )
+from tandem.protocol.lazy import require
 
 __all__ = ["TensorRTBackend"]
 

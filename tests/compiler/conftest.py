@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.devices import fake_tensorrt
+from tests._support import fake_tensorrt
 
 
 @pytest.fixture

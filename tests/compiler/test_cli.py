@@ -7,9 +7,9 @@ import json
 
 import onnx
 import pytest
-from _models import cnn_chain, residual, save, with_external_data
 
-from protocol._cli import main
+from tandem.cli import main
+from tests._support.models import cnn_chain, residual, save, with_external_data
 
 
 def _tandem(capsys, *args) -> tuple[int, str, str]:
@@ -142,7 +142,7 @@ def test_example_writes_a_valid_model(tmp_path, capsys):
     (3, 0, "-"),
 ])
 def test_flop_share_never_rounds_a_split_to_all_or_nothing(part, total, shown):
-    from compiler.cli import _share
+    from tandem.compiler.cli import _share
 
     assert _share(part, total) == shown
 

@@ -6,11 +6,11 @@ import itertools
 import time
 
 import pytest
-from _models import big_model, cnn_chain, dynamic_batch, multi_io, residual, unet
 
-from compiler._cuts import Cut, boundary_frontiers, find_cuts, pareto
-from compiler._errors import CompileError
-from compiler._graph import analyze
+from tandem.compiler._cuts import Cut, boundary_frontiers, find_cuts, pareto
+from tandem.compiler._errors import CompileError
+from tandem.compiler._graph import analyze
+from tests._support.models import big_model, cnn_chain, dynamic_batch, multi_io, residual, unet
 
 BUILDERS = [cnn_chain, residual, unet, multi_io, dynamic_batch]
 

@@ -6,7 +6,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from _models import (
+from onnx import TensorProto, helper, numpy_helper
+
+from tandem.compiler._cuts import Cut, boundary_frontiers, find_cuts
+from tandem.compiler._errors import CompileError
+from tandem.compiler._extract import extract
+from tandem.compiler._graph import analyze, load_model
+from tests._support.models import (
     big_model,
     cnn_chain,
     dynamic_batch,
@@ -16,12 +22,6 @@ from _models import (
     unet,
     with_external_data,
 )
-from onnx import TensorProto, helper, numpy_helper
-
-from compiler._cuts import Cut, boundary_frontiers, find_cuts
-from compiler._errors import CompileError
-from compiler._extract import extract
-from compiler._graph import analyze, load_model
 
 BUILDERS = [cnn_chain, residual, unet, multi_io, dynamic_batch]
 

@@ -7,7 +7,12 @@ import time
 import numpy as np
 import onnx
 import pytest
-from _models import (
+from onnx import TensorProto, helper, numpy_helper
+
+from tandem.compiler._errors import InvalidModelError, ModelLoadError
+from tandem.compiler._graph import analyze, load_model
+from tandem.protocol.errors import InvalidArgument, NotFound
+from tests._support.models import (
     big_model,
     cnn_chain,
     dynamic_batch,
@@ -17,11 +22,6 @@ from _models import (
     unet,
     with_external_data,
 )
-from onnx import TensorProto, helper, numpy_helper
-
-from compiler._errors import InvalidModelError, ModelLoadError
-from compiler._graph import analyze, load_model
-from protocol.errors import InvalidArgument, NotFound
 
 BUILDERS = [cnn_chain, residual, unet, multi_io, dynamic_batch]
 

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from compiler._ort import OrtOptimizedFromOnnx
-from devices.backends.onnxruntime import OnnxRuntimeBackend
-from protocol.errors import InvalidArgument, NotFound
-from tests.devices import onnx_small
+from tandem.compiler._ort import OrtOptimizedFromOnnx
+from tandem.devices.backends.onnxruntime import OnnxRuntimeBackend
+from tandem.protocol.errors import InvalidArgument, NotFound
+from tests._support import onnx_small
 
 
 @pytest.mark.parametrize("level", ["basic", "extended", "all"])

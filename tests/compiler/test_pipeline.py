@@ -8,7 +8,13 @@ import json
 import numpy as np
 import onnx
 import pytest
-from _models import (
+
+from tandem.compiler import BundleFromOnnx, CompileOptions, NoValidCut
+from tandem.devices.backends import OnnxRuntimeBackend
+from tandem.protocol.bundle import load_bundle
+from tandem.protocol.errors import FailedPrecondition, InvalidArgument
+from tandem.protocol.tensors import Encoding, Tensor
+from tests._support.models import (
     big_model,
     cnn_chain,
     dynamic_batch,
@@ -19,12 +25,6 @@ from _models import (
     unet,
     with_external_data,
 )
-
-from compiler import BundleFromOnnx, CompileOptions, NoValidCut
-from devices.backends import OnnxRuntimeBackend
-from protocol.bundle import load_bundle
-from protocol.errors import FailedPrecondition, InvalidArgument
-from protocol.tensors import Encoding, Tensor
 
 BUILDERS = {
     "cnn_chain": cnn_chain,
@@ -138,7 +138,7 @@ def test_tensorrt_target_without_tensorrt_defers_engines_to_the_device(tmp_path)
     trt = [a for a in result.manifest.artifacts if a.target == "tensorrt"]
     assert trt and all(a.extra["build"] == "on-device" for a in trt)
     assert all(a.path == a.part and a.device_profile == "jetson-orin-nano-8gb" for a in trt)
-    from devices.profiles import get_profile
+    from tandem.devices.profiles import get_profile
 
     expected = get_profile("jetson-orin-nano-8gb").workspace_mb
     assert {a.extra["workspace_mb"] for a in trt} == {expected}

@@ -12,9 +12,9 @@ from onnx import TensorProto as TP
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from compiler import BundleFromOnnx, CompileOptions, _pipeline
-from compiler._verify import RAW_TOLERANCE, SampleError, Verifier
-from protocol.bundle import load_bundle
+from tandem.compiler import BundleFromOnnx, CompileOptions, _pipeline
+from tandem.compiler._verify import RAW_TOLERANCE, SampleError, Verifier
+from tandem.protocol.bundle import load_bundle
 from tests.compiler.test_pipeline import _check_bundle_reproduces
 
 
@@ -145,7 +145,7 @@ def test_samples_that_are_not_an_npz_are_a_one_line_error(tmp_path):
     model = _model(nodes, [_vi("x", [1, 4])], [_vi("y", [1, 4])])
     np.save(tmp_path / "s.npy", np.zeros((1, 4), np.float32))
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 not really a zip")
-    from compiler._verify import load_samples
+    from tandem.compiler._verify import load_samples
 
     with pytest.raises(SampleError, match="single array"):
         load_samples(tmp_path / "s.npy", model)
@@ -155,7 +155,7 @@ def test_samples_that_are_not_an_npz_are_a_one_line_error(tmp_path):
 
 
 def test_a_cut_the_extractor_gets_wrong_is_dropped_not_fatal(tmp_path, monkeypatch):
-    from compiler._errors import ExtractionError
+    from tandem.compiler._errors import ExtractionError
 
     nodes = [h.make_node("MatMul", ["x", "w1"], ["a"]), h.make_node("Relu", ["a"], ["b"]),
              h.make_node("MatMul", ["b", "w2"], ["c"]), h.make_node("Relu", ["c"], ["y"])]
@@ -199,9 +199,9 @@ def _runtime_reshape_model():
 
 
 def test_sizes_shape_inference_cannot_resolve_are_measured(tmp_path):
-    from compiler import analyze, find_cuts
-    from compiler._graph import input_specs, unresolved_tensors
-    from compiler._verify import measure_shapes, random_samples
+    from tandem.compiler import analyze, find_cuts
+    from tandem.compiler._graph import input_specs, unresolved_tensors
+    from tandem.compiler._verify import measure_shapes, random_samples
 
     model = _runtime_reshape_model()
     info = analyze(model)

@@ -5,17 +5,17 @@ import json
 import numpy as np
 import pytest
 
-from compiler._tensorrt import (
+from tandem.compiler._tensorrt import (
     EngineCache,
     EngineFromOnnx,
     EngineKey,
     UnsupportedModel,
     shape_profile_id,
 )
-from devices.backends.tensorrt import TensorRTBackend
-from devices.profiles import get_profile
-from protocol.errors import FailedPrecondition, InvalidArgument, MissingDependency
-from tests.devices import fake_pycuda, onnx_small
+from tandem.devices.backends.tensorrt import TensorRTBackend
+from tandem.devices.profiles import get_profile
+from tandem.protocol.errors import FailedPrecondition, InvalidArgument, MissingDependency
+from tests._support import fake_pycuda, onnx_small
 
 SHAPES = {"x": ((1, 8), (4, 8), (16, 8))}
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from compiler import BundleFromOnnx, CompileOptions, analyze, load_model
-from compiler._graph import unresolved_tensors
-from protocol.bundle import load_bundle
+from tandem.compiler import BundleFromOnnx, CompileOptions, analyze, load_model
+from tandem.compiler._graph import unresolved_tensors
+from tandem.protocol.bundle import load_bundle
 from tests.compiler.test_pipeline import _check_bundle_reproduces
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -44,7 +44,7 @@ def test_torchscript_vit_needs_measured_sizes(tmp_path):
         crossing = {}
         import numpy as np
 
-        from devices.backends import OnnxRuntimeBackend
+        from tandem.devices.backends import OnnxRuntimeBackend
         from tests.compiler.test_pipeline import _ort_artifact
 
         x = {"input": np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype("f4")}

@@ -6,7 +6,22 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from _models import (
+from onnx import helper, numpy_helper
+
+from tandem.compiler import _verify
+from tandem.compiler._cuts import find_cuts
+from tandem.compiler._errors import (
+    RuntimeCheckError,
+    SampleError,
+    SampleFileNotFound,
+    UnsupportedOperator,
+)
+from tandem.compiler._extract import extract
+from tandem.compiler._graph import analyze, load_model
+from tandem.compiler._verify import Tolerance, Verifier, load_samples, verify
+from tandem.protocol.errors import FailedPrecondition, InvalidArgument, NotFound
+from tandem.protocol.tensors import Encoding, Tensor
+from tests._support.models import (
     big_model,
     cnn_chain,
     dynamic_batch,
@@ -16,16 +31,6 @@ from _models import (
     unet,
     with_external_data,
 )
-from onnx import helper, numpy_helper
-
-from compiler import _verify
-from compiler._cuts import find_cuts
-from compiler._errors import RuntimeCheckError, SampleError, SampleFileNotFound, UnsupportedOperator
-from compiler._extract import extract
-from compiler._graph import analyze, load_model
-from compiler._verify import Tolerance, Verifier, load_samples, verify
-from protocol.errors import FailedPrecondition, InvalidArgument, NotFound
-from protocol.tensors import Encoding, Tensor
 
 BUILDERS = [cnn_chain, residual, unet, multi_io, dynamic_batch]
 

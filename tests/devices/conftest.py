@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from tests.devices import fake_tensorrt
+from tests._support import fake_tensorrt
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ import numpy as np
 import onnx
 import pytest
 
-from devices.backends import Backend, TensorMeta
-from devices.backends.onnxruntime import OnnxRuntimeBackend
-from protocol.errors import FailedPrecondition, InvalidArgument, NotFound, TandemError
-from tests.devices import onnx_small
+from tandem.devices.backends import Backend, TensorMeta
+from tandem.devices.backends.onnxruntime import OnnxRuntimeBackend
+from tandem.protocol.errors import FailedPrecondition, InvalidArgument, NotFound, TandemError
+from tests._support import onnx_small
 
 
 def _reference(model: bytes, feeds):

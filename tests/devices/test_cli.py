@@ -2,8 +2,8 @@ import json
 
 from click.testing import CliRunner
 
-from devices.cli import devices_command
-from devices.profiles import load_profiles
+from tandem.devices.cli import devices_command
+from tandem.devices.profiles import load_profiles
 
 
 def test_json_lists_every_profile_and_the_detected_one(monkeypatch):

@@ -2,8 +2,8 @@ import subprocess
 
 import pytest
 
-from devices.detect import ENV_VAR, detect, profile_for_gpu, profile_for_jetson_model
-from protocol.errors import NotFound
+from tandem.devices.detect import ENV_VAR, detect, profile_for_gpu, profile_for_jetson_model
+from tandem.protocol.errors import NotFound
 
 MEMINFO = "MemTotal:       {kb} kB\nMemFree:         1000 kB\n"
 

@@ -3,8 +3,15 @@ import json
 
 import pytest
 
-from devices.profiles import DATA_FILE, FIGURE_FIELDS, KINDS, Profile, get_profile, load_profiles
-from protocol.errors import InternalError, NotFound
+from tandem.devices.profiles import (
+    DATA_FILE,
+    FIGURE_FIELDS,
+    KINDS,
+    Profile,
+    get_profile,
+    load_profiles,
+)
+from tandem.protocol.errors import InternalError, NotFound
 
 EXPECTED = {
     "jetson-nano", "jetson-tx2", "jetson-xavier-nx", "jetson-agx-xavier",

@@ -4,15 +4,15 @@ plus one real-hardware test under the ``gpu`` marker."""
 import numpy as np
 import pytest
 
-from devices.backends.tensorrt import TensorRTBackend
-from protocol.errors import (
+from tandem.devices.backends.tensorrt import TensorRTBackend
+from tandem.protocol.errors import (
     FailedPrecondition,
     InvalidArgument,
     MissingDependency,
     NotFound,
     ResourceExhausted,
 )
-from tests.devices import fake_pycuda, onnx_small
+from tests._support import fake_pycuda, onnx_small
 from tests.devices.conftest import GPU_SKIP_REASON, real_tensorrt_available
 
 
@@ -180,8 +180,8 @@ def test_out_of_device_memory_is_resource_exhausted(fake_trt):
 @pytest.mark.gpu
 @pytest.mark.skipif(not real_tensorrt_available(), reason=GPU_SKIP_REASON)
 def test_real_tensorrt_engine_matches_onnxruntime(tmp_path):  # pragma: no cover - needs a GPU
-    from compiler._tensorrt import EngineFromOnnx
-    from devices.detect import detect_profile
+    from tandem.compiler._tensorrt import EngineFromOnnx
+    from tandem.devices.detect import detect_profile
 
     profile = detect_profile()
     if profile.default_backend != "tensorrt":

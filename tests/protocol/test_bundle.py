@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import protocol.bundle as bundle_mod
-from protocol.bundle import (
+import tandem.protocol.bundle as bundle_mod
+from tandem.protocol.bundle import (
     Artifact,
     BundleError,
     BundleExists,
@@ -39,7 +39,7 @@ from protocol.bundle import (
     sign_bundle,
     unpack,
 )
-from protocol.errors import (
+from tandem.protocol.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,

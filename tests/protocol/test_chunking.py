@@ -8,13 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import chunking
-from protocol._codec import encode_chunk
-from protocol.chunking import CHUNK_COST, CHUNK_PREFIX, Reassembler, is_chunk, split
-from protocol.codec import decode, encode
-from protocol.errors import Code, InvalidArgument, MalformedMessage, MessageTooLarge
-from protocol.messages import DeviceStatus, InferenceRequest
-from protocol.tensors import Tensor
+from tandem.protocol import chunking
+from tandem.protocol._codec import encode_chunk
+from tandem.protocol.chunking import CHUNK_COST, CHUNK_PREFIX, Reassembler, is_chunk, split
+from tandem.protocol.codec import decode, encode
+from tandem.protocol.errors import Code, InvalidArgument, MalformedMessage, MessageTooLarge
+from tandem.protocol.messages import DeviceStatus, InferenceRequest
+from tandem.protocol.tensors import Tensor
 
 MID = b"\x01" * 16
 

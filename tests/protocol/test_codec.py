@@ -8,9 +8,9 @@ import pytest
 import zstandard
 from hypothesis import given, settings
 
-from protocol import codec
-from protocol.codec import DEFAULT_LIMITS, Limits, MessageType, decode, encode
-from protocol.errors import (
+from tandem.protocol import codec
+from tandem.protocol.codec import DEFAULT_LIMITS, Limits, MessageType, decode, encode
+from tandem.protocol.errors import (
     Code,
     InvalidArgument,
     MalformedMessage,
@@ -18,7 +18,7 @@ from protocol.errors import (
     ProtocolError,
     VersionMismatch,
 )
-from protocol.messages import (
+from tandem.protocol.messages import (
     CloudLoad,
     DeviceStatus,
     ErrorInfo,
@@ -26,8 +26,8 @@ from protocol.messages import (
     InferenceResponse,
     Timings,
 )
-from protocol.tensors import DType, Encoding, Tensor
-from tests.protocol._protocol_strategies import (
+from tandem.protocol.tensors import DType, Encoding, Tensor
+from tests._support.strategies import (
     assignments,
     error_responses,
     frame,

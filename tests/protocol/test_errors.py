@@ -6,8 +6,8 @@ import pickle
 
 import pytest
 
-from protocol import errors
-from protocol.errors import (
+from tandem.protocol import errors
+from tandem.protocol.errors import (
     Code,
     InternalError,
     MalformedMessage,

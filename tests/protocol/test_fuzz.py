@@ -10,10 +10,10 @@ import msgpack
 import numpy as np
 import pytest
 
-from protocol.chunking import Reassembler, split
-from protocol.codec import Limits, decode, encode
-from protocol.errors import Code, ProtocolError
-from protocol.messages import (
+from tandem.protocol.chunking import Reassembler, split
+from tandem.protocol.codec import Limits, decode, encode
+from tandem.protocol.errors import Code, ProtocolError
+from tandem.protocol.messages import (
     Assignment,
     CloudLoad,
     DeviceStatus,
@@ -22,8 +22,8 @@ from protocol.messages import (
     InferenceResponse,
     Timings,
 )
-from protocol.tensors import DType, Encoding, Tensor
-from tests.protocol._protocol_strategies import frame, request_body
+from tandem.protocol.tensors import DType, Encoding, Tensor
+from tests._support.strategies import frame, request_body
 
 RID = bytes(range(16))
 SEED = 20240611

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protocol.chunking import Reassembler, split
-from protocol.codec import decode, encode
-from protocol.errors import Code, MalformedMessage, VersionMismatch
-from protocol.messages import (
+from tandem.protocol.chunking import Reassembler, split
+from tandem.protocol.codec import decode, encode
+from tandem.protocol.errors import Code, MalformedMessage, VersionMismatch
+from tandem.protocol.messages import (
     Assignment,
     CloudLoad,
     DeviceStatus,
@@ -22,7 +22,7 @@ from protocol.messages import (
     InferenceResponse,
     Timings,
 )
-from protocol.tensors import DType, Encoding, Tensor
+from tandem.protocol.tensors import DType, Encoding, Tensor
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 SPEC = Path(__file__).resolve().parents[2] / "protocol" / "SPEC.md"

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from protocol.errors import Code, InvalidArgument
-from protocol.tensors import DType, Encoding, Tensor
-from tests.protocol._protocol_strategies import NUMPY_OF
+from tandem.protocol.errors import Code, InvalidArgument
+from tandem.protocol.tensors import DType, Encoding, Tensor
+from tests._support.strategies import NUMPY_OF
 
 shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=6)
 
@@ -215,7 +215,7 @@ def test_equality_hash_pickle_and_repr():
 
 
 def test_public_surface():
-    from protocol import tensors
+    from tandem.protocol import tensors
 
     assert tensors.__all__ == ["DType", "Encoding", "Tensor"]
     t = Tensor.from_array("x", np.zeros((2, 3), np.float32))

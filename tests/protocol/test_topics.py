@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from protocol import topics
-from protocol.errors import Code, InvalidArgument
-from protocol.topics import (
+from tandem.protocol import topics
+from tandem.protocol.errors import Code, InvalidArgument
+from tandem.protocol.topics import (
     MAX_ID_LEN,
     assign_topic,
     load_topic,

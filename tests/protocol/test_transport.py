@@ -15,20 +15,18 @@ import time
 import numpy as np
 import paho.mqtt.client as paho
 import pytest
-from _broker import mosquitto_passwd_binary
 from paho.mqtt.enums import CallbackAPIVersion
 
-from protocol import codec
-from protocol.errors import (
+from tandem.protocol import codec
+from tandem.protocol.errors import (
     DeadlineExceeded,
     InternalError,
     NotFound,
     PermissionDenied,
     Unavailable,
 )
-from protocol.messages import InferenceRequest, InferenceResponse, new_request_id
-from protocol.tensors import Tensor
-from protocol.transport import (
+from tandem.protocol.messages import InferenceRequest, InferenceResponse, new_request_id
+from tandem.protocol.mqtt.transport import (
     CONTENT_TYPE,
     AsyncTransport,
     TlsConfig,
@@ -36,6 +34,8 @@ from protocol.transport import (
     TransportConfig,
     topic_matches,
 )
+from tandem.protocol.tensors import Tensor
+from tests._support.broker import mosquitto_passwd_binary
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 
@@ -415,7 +415,7 @@ def test_tls(mosquitto_factory, tmp_path):
         a.serve(REQ_FILTER, echo)
         assert b.request(REQ, make_request(), timeout=5).ok
     # a client that does not trust the broker's CA is refused with a typed error
-    from _broker import make_tls_files
+    from tests._support.broker import make_tls_files
 
     other = make_tls_files(tmp_path / "other-ca")
     with pytest.raises(PermissionDenied):
@@ -454,7 +454,7 @@ def test_our_publish_decoder_agrees_with_paho():
     from paho.mqtt import _packet
     from paho.mqtt.enums import MQTTProtocolVersion
 
-    from protocol._mqtt_wire import _decode_publish_v5
+    from tandem.protocol.mqtt._wire import _decode_publish_v5
 
     def s16(b: bytes) -> bytes:
         return len(b).to_bytes(2, "big") + b
@@ -576,14 +576,14 @@ class _Capture:
 @pytest.mark.parametrize("qos", [0, 1])
 @pytest.mark.parametrize("size", [0, 100, 70_000])
 def test_frame_is_byte_for_byte_the_packet_paho_builds(protocol, qos, size):
-    from protocol._mqtt import PublishProperties
-    from protocol._mqtt_wire import (
+    from tandem.protocol.errors import InvalidArgument as InvalidArgumentError
+    from tandem.protocol.mqtt._client import PublishProperties
+    from tandem.protocol.mqtt._wire import (
         Frame,
         _build_frame,
         _PackedProperties,
         _PahoClient,
     )
-    from protocol.errors import InvalidArgument as InvalidArgumentError
 
     v5 = protocol == 5
     pv = paho.MQTTv5 if v5 else paho.MQTTv311
@@ -605,7 +605,7 @@ def test_frame_is_byte_for_byte_the_packet_paho_builds(protocol, qos, size):
 
 
 def test_buffer_pool_reuses_a_buffer_only_once_nothing_views_it():
-    from protocol._mqtt_wire import Frame, _BufferPool
+    from tandem.protocol.mqtt._wire import Frame, _BufferPool
 
     n = 100_000
     pool = _BufferPool(max_buffers=2, max_bytes=250_000)
@@ -666,7 +666,7 @@ def test_received_tensors_keep_their_bytes_while_later_packets_arrive(mosquitto)
 def test_stock_paho_client_fallback_behaves_the_same(mosquitto_factory, monkeypatch, protocol):
     # On a paho release the fast path was not tested with, the stock client is used: requests,
     # big payloads and chunking through a 1 MB-capped broker must work the same way.
-    from protocol import _mqtt
+    from tandem.protocol.mqtt import _client as _mqtt
 
     monkeypatch.setattr(_mqtt, "_FAST_PUBLISH", False)
     broker = mosquitto_factory(max_packet_size=1 << 20)

@@ -7,7 +7,7 @@ import queue
 
 import pytest
 
-from protocol.transport import Transport, TransportConfig
+from tandem.protocol.mqtt.transport import Transport, TransportConfig
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 

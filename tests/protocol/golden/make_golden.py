@@ -16,10 +16,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from protocol.chunking import split
-from protocol.codec import encode
-from protocol.errors import Code
-from protocol.messages import (
+from tandem.protocol.chunking import split
+from tandem.protocol.codec import encode
+from tandem.protocol.errors import Code
+from tandem.protocol.messages import (
     Assignment,
     CloudLoad,
     DeviceStatus,
@@ -28,7 +28,7 @@ from protocol.messages import (
     InferenceResponse,
     Timings,
 )
-from protocol.tensors import DType, Encoding, Tensor
+from tandem.protocol.tensors import DType, Encoding, Tensor
 
 HERE = Path(__file__).resolve().parent
 ID = bytes(range(16))

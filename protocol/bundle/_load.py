@@ -15,16 +15,16 @@ import weakref
 from pathlib import Path
 from types import TracebackType
 
-from protocol._bundle_errors import (
+from tandem.protocol.bundle._errors import (
     BundleError,
     BundleIntegrityError,
     BundleNotFound,
     BundleVersionError,
     ManifestError,
 )
-from protocol._bundle_files import check_rel_path, remove_tree, sha256_file
-from protocol._bundle_schema import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
-from protocol._bundle_sign import KeySource, decode_signature, verify_bytes
+from tandem.protocol.bundle._files import check_rel_path, remove_tree, sha256_file
+from tandem.protocol.bundle._schema import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
+from tandem.protocol.bundle._sign import KeySource, decode_signature, verify_bytes
 
 __all__ = ["MAX_MANIFEST_BYTES", "Bundle", "verify_dir"]
 

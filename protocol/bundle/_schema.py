@@ -4,7 +4,7 @@ Every dataclass validates its fields when constructed (so the compiler learns of
 it makes it) and :meth:`Manifest.from_json` names the full path of a bad field
 (``cuts[1].frontier[0].shape[2]``). Unknown keys are ignored (forward compatibility within a
 schema major version, as msgspec does); a ``schema_version`` this reader does not know is refused.
-See ``protocol/BUNDLE.md``.
+See ``protocol/bundle/BUNDLE.md``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from protocol._bundle_errors import BundleNotFound, BundleVersionError, ManifestError
+from tandem.protocol.bundle._errors import BundleNotFound, BundleVersionError, ManifestError
 
 __all__ = [
     "DTYPES",

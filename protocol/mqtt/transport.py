@@ -4,8 +4,9 @@ Two layers, written once in asyncio (``AsyncTransport``) with a thin synchronous
 (``Transport``, which runs its own event loop in a thread and waits with timeouts):
 
 * **bytes**: ``publish(topic, payload)`` / ``subscribe(filter, handler)``. Payloads over the chunk
-  size are split with :func:`protocol.chunking.split`; everything received passes through one
-  :class:`protocol.chunking.Reassembler` before a handler sees it. Handlers may be sync or async;
+  size are split with :func:`tandem.protocol.chunking.split`; everything received passes through one
+  :class:`tandem.protocol.chunking.Reassembler` before a handler sees it. Handlers may be sync
+  or async;
   they run on the transport's event loop (paho is driven by that loop, no network thread), so a sync
   handler must not block.
 * **requests**: ``request(topic, InferenceRequest, timeout)`` → ``InferenceResponse`` and
@@ -23,7 +24,7 @@ Behaviour the rest of Tandem relies on:
   timeout passes, and with ``Unavailable(retryable=True)`` at once when the connection is lost
   while it is pending (its reply could have been lost with the connection).
 * **Error responses raise.** A response whose ``error`` is set is raised as the matching
-  :mod:`protocol.errors` class (``error_from_wire``); ``request`` returns only successful
+  :mod:`tandem.protocol.errors` class (``error_from_wire``); ``request`` returns only successful
   responses. Duplicate and late responses (unknown or finished ids) are ignored.
 * **Undecodable payloads** (bad chunks, bad msgpack, wrong message type) are logged and dropped;
   they never stop the loop or a server.
@@ -53,19 +54,8 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from protocol import chunking, codec, topics
-from protocol._mqtt import (
-    CONTENT_TYPE,
-    DEFAULT_MAX_PAYLOAD_V311,
-    Frame,
-    IncomingMessage,
-    MqttClient,
-    PublishProperties,
-    TlsConfig,
-    TransportConfig,
-    Will,
-)
-from protocol.errors import (
+from tandem.protocol import chunking, codec, topics
+from tandem.protocol.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InternalError,
@@ -75,7 +65,17 @@ from protocol.errors import (
     Unavailable,
     error_from_wire,
 )
-from protocol.messages import ErrorInfo, InferenceRequest, InferenceResponse, Message
+from tandem.protocol.messages import ErrorInfo, InferenceRequest, InferenceResponse, Message
+from tandem.protocol.mqtt._client import Frame, MqttClient
+from tandem.protocol.mqtt._config import (
+    CONTENT_TYPE,
+    DEFAULT_MAX_PAYLOAD_V311,
+    IncomingMessage,
+    PublishProperties,
+    TlsConfig,
+    TransportConfig,
+    Will,
+)
 
 __all__ = [
     "CONTENT_TYPE",
@@ -91,7 +91,7 @@ __all__ = [
     "topic_matches",
 ]
 
-log = logging.getLogger("protocol.transport")
+log = logging.getLogger("tandem.protocol.mqtt.transport")
 
 Handler = Callable[[IncomingMessage], "Awaitable[None] | None"]
 RequestHandler = Callable[[InferenceRequest], "Awaitable[InferenceResponse] | InferenceResponse"]
@@ -341,7 +341,7 @@ class AsyncTransport:
 
     async def publish_message(self, topic: str, message: Message, *, qos: int | None = None,
                               retain: bool = False) -> None:
-        """Encode a protocol message (``protocol.codec``) and publish it."""
+        """Encode a protocol message (``tandem.protocol.codec``) and publish it."""
         props = PublishProperties()
         self._send(topic, self._frame(topic, message, qos, props), qos, retain, props)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protocol._lazy import lazy_module
+from tandem.protocol.lazy import lazy_module
 
 # onnx loads on first use, so importing this module stays light (see tests/test_packaging.py).
 onnx = lazy_module("onnx")

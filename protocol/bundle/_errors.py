@@ -1,4 +1,4 @@
-"""Errors of the bundle format (re-exported by :mod:`protocol.bundle`).
+"""Errors of the bundle format (re-exported by :mod:`tandem.protocol.bundle`).
 
 Tree (each subclasses the wire code it carries)::
 
@@ -18,7 +18,7 @@ Tree (each subclasses the wire code it carries)::
 
 from __future__ import annotations
 
-from protocol.errors import (
+from tandem.protocol.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,

@@ -4,7 +4,8 @@ Subcommands are declared as entry points in the ``tandem.commands`` group (pypro
 this module imports no other package of ours. A command module is imported only to run it or to
 list it in ``--help``; command modules keep their own heavy imports inside the command body.
 
-Errors: a :class:`~protocol.errors.TandemError` prints one line ``error: <message>`` and exits 1
+Errors: a :class:`~tandem.protocol.errors.TandemError` prints one line ``error: <message>`` and
+exits 1
 (2 for usage errors, as click does); anything else is our bug: one line, exit 70, and the
 traceback only with ``TANDEM_DEBUG=1``.
 """
@@ -17,7 +18,7 @@ from importlib.metadata import entry_points
 
 import click
 
-from protocol.errors import MissingDependency, TandemError
+from tandem.protocol.errors import MissingDependency, TandemError
 
 __all__ = ["main"]
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from protocol._bundle_errors import BundleError, BundleExists
-from protocol._bundle_schema import (
+from tandem.protocol.bundle._errors import BundleError, BundleExists
+from tandem.protocol.bundle._schema import (
     MANIFEST_NAME,
     RESERVED_NAMES,
     SIGNATURE_NAME,
@@ -29,7 +29,7 @@ from protocol._bundle_schema import (
     ManifestError,
     path_problem,
 )
-from protocol._bundle_sign import KeySource, encode_signature, sign_bytes
+from tandem.protocol.bundle._sign import KeySource, encode_signature, sign_bytes
 
 __all__ = [
     "BundleWriter",

@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from protocol._bundle_errors import BundleError, BundleExists, BundleIntegrityError
-from protocol._lazy import require
+from tandem.protocol.bundle._errors import BundleError, BundleExists, BundleIntegrityError
+from tandem.protocol.lazy import require
 
 __all__ = [
     "KeySource",

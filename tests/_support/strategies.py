@@ -8,8 +8,8 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from protocol.errors import Code
-from protocol.messages import (
+from tandem.protocol.errors import Code
+from tandem.protocol.messages import (
     Assignment,
     CloudLoad,
     DeviceStatus,
@@ -18,7 +18,7 @@ from protocol.messages import (
     InferenceResponse,
     Timings,
 )
-from protocol.tensors import DType, Encoding, Tensor
+from tandem.protocol.tensors import DType, Encoding, Tensor
 
 NUMPY_OF = {
     DType.FLOAT32: np.float32,

@@ -1,12 +1,12 @@
 """MQTT packets on Tandem's hot path, built and parsed without paho's per-message overhead.
 
-Private to :mod:`protocol._mqtt` (the other module that imports paho). paho-mqtt 2 spends most of
+Private to :mod:`._client` (the other module that imports paho). paho-mqtt 2 spends most of
 a large message's time copying: it packs properties through ``Properties`` objects, copies the
 payload into every packet it builds, grows a bytearray while reading, and slices the packet once
 per property. Here:
 
 * :class:`Frame` / :func:`_build_frame`: an outgoing PUBLISH built in ONE buffer from the pieces
-  :func:`protocol.codec.encode_parts` returns (one copy of the payload on send);
+  :func:`tandem.protocol.codec.encode_parts` returns (one copy of the payload on send);
 * :class:`_PahoClient`: paho's client with ``recv_into`` packet reads into one buffer per packet,
   a PUBLISH decoder that hands big payloads on as views (:func:`_decode_publish_v5`), cheap
   success PUBACKs, and a :class:`_BufferPool` that reuses big packet buffers once nothing
@@ -23,7 +23,7 @@ import ssl
 import struct
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
@@ -32,14 +32,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from protocol.errors import InvalidArgument, PayloadTooLarge
-
-if TYPE_CHECKING:  # pragma: no cover
-    from protocol._mqtt import PublishProperties
+from tandem.protocol.errors import InvalidArgument, PayloadTooLarge
+from tandem.protocol.mqtt._config import MAX_MQTT_PAYLOAD, PublishProperties
 
 __all__ = ["MAX_MQTT_PAYLOAD", "Frame"]
 
-MAX_MQTT_PAYLOAD = 268_435_455  # protocol limit of a packet's remaining length
 
 
 class _PackedProperties:
@@ -163,7 +160,7 @@ class Frame(bytearray):
     """An outgoing PUBLISH built in place: the fixed header, topic, room for the packet id and
     the MQTT 5 properties, then the payload, in ONE buffer that paho queues and writes as it is
     (see :meth:`MqttClient.frame`). The payload is copied into it once, from the pieces
-    :func:`protocol.codec.encode_parts` returns: no intermediate frame, no second copy into a
+    :func:`tandem.protocol.codec.encode_parts` returns: no intermediate frame, no second copy into a
     packet. Only the command byte (DUP flag) and the packet id are written later, by
     :meth:`_PahoClient._send_publish` (again on a resend after a reconnect)."""
 

@@ -22,16 +22,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from protocol._bundle_errors import (
+from tandem.protocol.bundle._errors import (
     BundleError,
     BundleExists,
     BundleIntegrityError,
     BundleNotFound,
 )
-from protocol._bundle_files import CHUNK, check_target, install_dir, remove_tree, staging_dir
-from protocol._bundle_load import verify_dir
-from protocol._bundle_schema import MANIFEST_NAME, SIGNATURE_NAME, path_problem
-from protocol.errors import MissingDependency
+from tandem.protocol.bundle._files import CHUNK, check_target, install_dir, remove_tree, staging_dir
+from tandem.protocol.bundle._load import verify_dir
+from tandem.protocol.bundle._schema import MANIFEST_NAME, SIGNATURE_NAME, path_problem
+from tandem.protocol.errors import MissingDependency
 
 __all__ = [
     "MAX_MEMBERS",

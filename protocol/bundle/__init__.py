@@ -2,7 +2,7 @@
 
 A directory (or one archive file) with ``manifest.json``, an optional detached ed25519
 signature ``manifest.sig``, and the files the manifest lists by sha256 and size. The format is
-described in ``protocol/BUNDLE.md``. Standard library only, plus ``cryptography`` (imported
+described in ``protocol/bundle/BUNDLE.md``. Standard library only, plus ``cryptography`` (imported
 when signing or verifying) and ``zstandard`` (imported when packing or unpacking zstd).
 
 Write::
@@ -34,9 +34,9 @@ import os as _os
 import tempfile as _tempfile
 from pathlib import Path
 
-from protocol._bundle_archive import extract_into as _extract_into
-from protocol._bundle_archive import pack, unpack
-from protocol._bundle_errors import (
+from tandem.protocol.bundle._archive import extract_into as _extract_into
+from tandem.protocol.bundle._archive import pack, unpack
+from tandem.protocol.bundle._errors import (
     BundleError,
     BundleExists,
     BundleIntegrityError,
@@ -44,11 +44,11 @@ from protocol._bundle_errors import (
     BundleVersionError,
     ManifestError,
 )
-from protocol._bundle_files import BundleWriter
-from protocol._bundle_files import remove_tree as _remove_tree
-from protocol._bundle_load import Bundle
-from protocol._bundle_load import verify_dir as _verify_dir
-from protocol._bundle_schema import (
+from tandem.protocol.bundle._files import BundleWriter
+from tandem.protocol.bundle._files import remove_tree as _remove_tree
+from tandem.protocol.bundle._load import Bundle
+from tandem.protocol.bundle._load import verify_dir as _verify_dir
+from tandem.protocol.bundle._schema import (
     DTYPES,
     ENCODINGS,
     MANIFEST_NAME,
@@ -62,9 +62,9 @@ from protocol._bundle_schema import (
     TensorSpec,
     Verification,
 )
-from protocol._bundle_sign import KeySource, generate_keypair, key_fingerprint
-from protocol._bundle_sign import encode_signature as _encode_signature
-from protocol._bundle_sign import sign_bytes as _sign_bytes
+from tandem.protocol.bundle._sign import KeySource, generate_keypair, key_fingerprint
+from tandem.protocol.bundle._sign import encode_signature as _encode_signature
+from tandem.protocol.bundle._sign import sign_bytes as _sign_bytes
 
 __all__ = [
     "DTYPES",

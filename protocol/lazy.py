@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from protocol.errors import MissingDependency
+from tandem.protocol.errors import MissingDependency
 
 __all__ = ["lazy_module", "require"]
 

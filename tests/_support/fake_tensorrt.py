@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.devices import fake_pycuda
+from tests._support import fake_pycuda
 
 __version__ = "10.3.0.26"
 
