@@ -104,8 +104,10 @@ class Reassembler:
         self.max_total_bytes = int(max_total_bytes)
         self.max_pending_sets = int(max_pending_sets)
         self._clock = clock
-        self._sets: OrderedDict[bytes, _Set] = OrderedDict()  # oldest first == first to expire
-        self._done: OrderedDict[bytes, float] = OrderedDict()  # recently completed id -> until
+        # keyed by (origin, set id); oldest first == first to expire
+        self._sets: OrderedDict[tuple[str, bytes], _Set] = OrderedDict()
+        # recently completed (origin, set id) -> until when a late duplicate is ignored
+        self._done: OrderedDict[tuple[str, bytes], float] = OrderedDict()
         self._pending_bytes = 0
         self.completed = 0
         self.expired = 0  # sets dropped by the timeout
@@ -135,10 +137,14 @@ class Reassembler:
             self._done.popitem(last=False)
         return dropped
 
-    def feed(self, payload: Buffer) -> Buffer | None:
+    def feed(self, payload: Buffer, origin: str = "") -> Buffer | None:
         """A whole frame: ``payload`` itself if it is not a chunk, the reassembled frame when this
         chunk completes its set, else None. Raises MalformedMessage for an inconsistent chunk
-        (its set is dropped) and MessageTooLarge for a set over ``max_total_bytes``."""
+        (its set is dropped) and MessageTooLarge for a set over ``max_total_bytes``.
+
+        ``origin`` names where the chunk came from (the transport passes the MQTT topic it
+        arrived on): sets are keyed by (origin, set id), so chunks that arrive on one device's
+        topic never join a set begun on another's."""
         if self._sets or self._done:
             self.expire()
         if not is_chunk(payload):
@@ -149,16 +155,17 @@ class Reassembler:
                 f"chunked frame of {f.total} bytes in {f.count} chunks needs over "
                 f"{self.max_total_bytes} bytes"
             )
-        if f.message_id in self._done:
+        key = (origin, f.message_id)
+        if key in self._done:
             return None  # a late duplicate of a set already delivered
-        s = self._sets.get(f.message_id)
+        s = self._sets.get(key)
         if s is None:
             while len(self._sets) >= self.max_pending_sets:
                 self._evict_oldest()
             s = _Set(f.count, f.total, self._clock() + self.timeout_s)
-            self._sets[f.message_id] = s
+            self._sets[key] = s
         elif f.count != s.count or f.total != s.total:
-            self._drop(f.message_id)
+            self._drop(key)
             raise MalformedMessage(
                 f"chunk says {f.count} chunks / {f.total} bytes, its set said "
                 f"{s.count} / {s.total}"
@@ -166,25 +173,25 @@ class Reassembler:
         prev = s.parts.get(f.index)
         if prev is not None:
             if prev[0] != f.offset or len(prev[1]) != len(f.data):
-                self._drop(f.message_id)
+                self._drop(key)
                 raise MalformedMessage(f"two different chunks with index {f.index}")
             return None  # a duplicate (QoS 1 redelivery): harmless
         # a view keeps an immutable frame alive; a mutable buffer may be reused by the caller
         data: Buffer = f.data if isinstance(payload, bytes) else bytes(f.data)
         held = len(data) + CHUNK_COST
         while self._pending_bytes + held > self.max_total_bytes and len(self._sets) > 1:
-            self._evict_oldest(keep=f.message_id)
+            self._evict_oldest(keep=key)
         if self._pending_bytes + held > self.max_total_bytes:
-            self._drop(f.message_id)
+            self._drop(key)
             raise MessageTooLarge(f"chunked frame needs over {self.max_total_bytes} bytes")
         s.parts[f.index] = (f.offset, data)
         s.held += held
         self._pending_bytes += held
         if len(s.parts) < s.count:
             return None
-        return self._complete(f.message_id, s)
+        return self._complete(key, s)
 
-    def _complete(self, mid: bytes, s: _Set) -> bytes:
+    def _complete(self, mid: tuple[str, bytes], s: _Set) -> bytes:
         del self._sets[mid]
         self._pending_bytes -= s.held
         pieces = []
@@ -203,12 +210,12 @@ class Reassembler:
             self._done.popitem(last=False)
         return b"".join(pieces)
 
-    def _drop(self, mid: bytes) -> None:
+    def _drop(self, mid: tuple[str, bytes]) -> None:
         s = self._sets.pop(mid)
         self._pending_bytes -= s.held
         s.parts.clear()
 
-    def _evict_oldest(self, keep: bytes | None = None) -> None:
+    def _evict_oldest(self, keep: tuple[str, bytes] | None = None) -> None:
         for mid in self._sets:
             if mid != keep:
                 self._drop(mid)

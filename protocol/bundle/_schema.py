@@ -436,11 +436,15 @@ class CutSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class FileEntry:
-    """A file of the bundle: relative POSIX path, sha256 (hex) and size in bytes."""
+    """A file of the bundle: relative POSIX path, sha256 (hex) and size in bytes.
+
+    ``requires`` lists the other bundle files this one cannot be used without (an ONNX part's
+    external-data weights file, for example): whoever selects this file selects those too."""
 
     path: str
     sha256: str
     size: int
+    requires: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _path(self.path, "path")
@@ -448,13 +452,21 @@ class FileEntry:
             raise ManifestError("path", f"{self.path!r} is reserved")
         _sha256(self.sha256, "sha256")
         _int(self.size, "size")
+        _set(self, "requires", _tuple(self.requires, "requires", str))
+        for i, ref in enumerate(self.requires):
+            _path(ref, f"requires[{i}]")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not self.requires:
+            del out["requires"]  # files written before `requires` existed keep their bytes
+        else:
+            out["requires"] = list(self.requires)
+        return out
 
     @classmethod
     def _from_dict(cls, data: object, path: str) -> FileEntry:
-        return _build(cls, data, path, {})
+        return _build(cls, data, path, {"requires": lambda v, p: _tuple(v, p, str)})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -582,6 +594,10 @@ class Manifest:
     def check_references(self) -> None:
         """Every part and artifact path named by cuts and artifacts is listed in ``files``."""
         paths = {f.path for f in self.files}
+        for i, entry in enumerate(self.files):
+            for ref in entry.requires:
+                if ref not in paths or ref == entry.path:
+                    raise ManifestError(f"files[{i}].requires", f"{ref!r} is not another file")
         for i, cut in enumerate(self.cuts):
             for name in ("head_part", "tail_part"):
                 ref = getattr(cut, name)

@@ -495,7 +495,7 @@ class AsyncTransport:
 
     def _on_raw_message(self, msg: IncomingMessage) -> None:
         try:
-            payload = self._reassembler.feed(msg.payload)
+            payload = self._reassembler.feed(msg.payload, origin=msg.topic)
         except ProtocolError as exc:
             log.warning("dropped a bad chunk on %s: %s", msg.topic, exc)
             return
