@@ -17,7 +17,7 @@ from tandem.compiler._errors import (
     UnsupportedOperator,
 )
 from tandem.compiler._extract import extract
-from tandem.compiler._graph import GraphInfo, NodeInfo, TensorSpec, analyze, load_model
+from tandem.compiler._graph import GraphInfo, GraphTensor, NodeInfo, analyze, load_model
 from tandem.compiler._ort import OrtOptimizedFromOnnx
 from tandem.compiler._pipeline import BundleFromOnnx, CompileOptions, CompileResult, NoValidCut
 from tandem.compiler._tensorrt import EngineCache, EngineFromOnnx, EngineKey, UnsupportedModel
@@ -34,12 +34,12 @@ __all__ = [
     "EngineFromOnnx",
     "EngineKey",
     "GraphInfo",
+    "GraphTensor",
     "ModelLoadError",
     "NoValidCut",
     "NodeInfo",
     "OrtOptimizedFromOnnx",
     "RuntimeCheckError",
-    "TensorSpec",
     "Tolerance",
     "UnsupportedModel",
     "UnsupportedOperator",

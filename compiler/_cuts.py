@@ -66,12 +66,12 @@ class Cut:
     tail_flops: int
 
     @property
-    def is_remote_only(self) -> bool:
+    def cloud_only(self) -> bool:
         """Cut 0: the edge sends the raw inputs, the cloud runs the whole model."""
         return self.position == 0
 
     @property
-    def is_local(self) -> bool:
+    def local_only(self) -> bool:
         """The all-local plan: no tail."""
         return self.tail_flops == 0 and not self.frontier and self.position > 0
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from tandem.compiler._cuts import Cut
 from tandem.compiler._errors import CompileError, ExtractionError
-from tandem.compiler._graph import GraphInfo, TensorSpec, implicit_inputs
+from tandem.compiler._graph import GraphInfo, GraphTensor, implicit_inputs
 from tandem.protocol.lazy import require
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,7 +56,7 @@ def slice_nodes(info: GraphInfo, targets: Iterable[str], stop: Iterable[str]) ->
     return sorted(needed)
 
 
-def _value_info(spec: TensorSpec) -> ValueInfoProto:
+def _value_info(spec: GraphTensor) -> ValueInfoProto:
     onnx = require("onnx")
     shape = None if spec.shape is None else [None if d == "?" else d for d in spec.shape]
     return onnx.helper.make_tensor_value_info(spec.name, spec.dtype, shape)
@@ -142,7 +142,7 @@ def extract(
     n = len(info.compute_nodes)
     if cut.position == 0:
         return None, model
-    if cut.position >= n or cut.is_local:
+    if cut.position >= n or cut.local_only:
         return model, None
     if not cut.frontier:
         raise CompileError(f"cut {cut.id} has an empty frontier but is not the all-local cut")

@@ -16,7 +16,7 @@ Cost conventions (documented here once, tested by hand-computed values):
   Group normalization: eight per element; reductions: one per input element.
 - Everything else (Reshape, Transpose, Concat, Gather, Cast, ...): 0.
 
-Symbolic dimensions (``dim_param``) stay symbolic in :class:`TensorSpec` (a dim is ``int`` or
+Symbolic dimensions (``dim_param``) stay symbolic in :class:`GraphTensor` (a dim is ``int`` or
 ``str``; an unknown dim is ``"?"``) and count as ``batch`` (default 1) in FLOPs and bytes.
 """
 
@@ -41,8 +41,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "Dim",
     "GraphInfo",
+    "GraphTensor",
     "NodeInfo",
-    "TensorSpec",
     "analyze",
     "dtype_size",
     "external_data_files",
@@ -111,7 +111,7 @@ _NONDETERMINISTIC = frozenset(
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class GraphTensor:
     """A tensor's element type (ONNX ``TensorProto`` code) and shape (``None`` = unknown rank)."""
 
     name: str
@@ -179,7 +179,7 @@ class GraphInfo:
     """
 
     nodes: tuple[NodeInfo, ...]
-    tensors: Mapping[str, TensorSpec]
+    tensors: Mapping[str, GraphTensor]
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     constants: frozenset[str]
@@ -190,13 +190,13 @@ class GraphInfo:
     # shapes for cost only: ``tensors`` with dims shape inference left unknown filled in from a
     # measured run (see :func:`unresolved_tensors`); ``tensors`` itself stays as declared, since
     # extracted parts must not pin a dim that may vary
-    cost_tensors: Mapping[str, TensorSpec] | None = field(default=None, repr=False)
+    cost_tensors: Mapping[str, GraphTensor] | None = field(default=None, repr=False)
 
-    def spec(self, name: str) -> TensorSpec:
+    def spec(self, name: str) -> GraphTensor:
         """The spec of ``name``; a tensor shape inference could not type gets dtype 0."""
-        return self.tensors.get(name) or TensorSpec(name, 0, None)
+        return self.tensors.get(name) or GraphTensor(name, 0, None)
 
-    def cost_spec(self, name: str) -> TensorSpec:
+    def cost_spec(self, name: str) -> GraphTensor:
         """The spec bytes and FLOPs are counted with (measured where inference did not know)."""
         if self.cost_tensors is not None and name in self.cost_tensors:
             return self.cost_tensors[name]
@@ -342,12 +342,12 @@ def _outer_refs(graph: GraphProto) -> list[str]:
     return list(refs)
 
 
-def _spec_from_type(name: str, type_proto: Any) -> TensorSpec | None:
+def _spec_from_type(name: str, type_proto: Any) -> GraphTensor | None:
     if not type_proto.HasField("tensor_type"):
         return None
     tt = type_proto.tensor_type
     if not tt.HasField("shape"):
-        return TensorSpec(name, tt.elem_type, None)
+        return GraphTensor(name, tt.elem_type, None)
     dims: list[Dim] = []
     for d in tt.shape.dim:
         if d.HasField("dim_value"):
@@ -356,10 +356,10 @@ def _spec_from_type(name: str, type_proto: Any) -> TensorSpec | None:
             dims.append(d.dim_param)
         else:
             dims.append("?")
-    return TensorSpec(name, tt.elem_type, tuple(dims))
+    return GraphTensor(name, tt.elem_type, tuple(dims))
 
 
-def input_specs(model: ModelProto) -> dict[str, TensorSpec]:
+def input_specs(model: ModelProto) -> dict[str, GraphTensor]:
     """Specs of the graph inputs that are not initializers, in declaration order."""
     inits = {t.name for t in model.graph.initializer}
     specs = {}
@@ -400,34 +400,35 @@ def analyze(model: ModelProto, *, batch: int = 1, infer_shapes: bool = True,
     inferred = _infer(model) if infer_shapes else model
     graph = inferred.graph
 
-    tensors: dict[str, TensorSpec] = {}
+    tensors: dict[str, GraphTensor] = {}
     for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
         spec = _spec_from_type(vi.name, vi.type)
         if spec is not None:
             tensors[vi.name] = spec
     # cost lookups see the measured shapes first, then everything ``tensors`` holds (it grows
     # below with initializers and Constant outputs)
-    overrides: dict[str, TensorSpec] = {}
-    cost: Mapping[str, TensorSpec] = ChainMap(overrides, tensors)
+    overrides: dict[str, GraphTensor] = {}
+    cost: Mapping[str, GraphTensor] = ChainMap(overrides, tensors)
     if measured:
         symbols = _input_symbols(graph)
         for name, (dtype, shape) in measured.items():
             spec = tensors.get(name)
             if spec is None or spec.dtype == 0:  # untyped: declare it, dims left open
-                tensors[name] = TensorSpec(name, dtype, tuple("?" for _ in shape))
-                overrides[name] = TensorSpec(name, dtype, tuple(shape))
+                tensors[name] = GraphTensor(name, dtype, tuple("?" for _ in shape))
+                overrides[name] = GraphTensor(name, dtype, tuple(shape))
             elif spec.shape is None or len(spec.shape) != len(shape):
-                overrides[name] = TensorSpec(name, spec.dtype, tuple(shape))
+                overrides[name] = GraphTensor(name, spec.dtype, tuple(shape))
             else:
-                overrides[name] = TensorSpec(name, spec.dtype, tuple(
+                overrides[name] = GraphTensor(name, spec.dtype, tuple(
                     d if isinstance(d, int) or d in symbols else m
                     for d, m in zip(spec.shape, shape, strict=True)))
     init_bytes: dict[str, int] = {}
     for init in graph.initializer:
-        tensors[init.name] = TensorSpec(init.name, init.data_type, tuple(int(d) for d in init.dims))
+        dims = tuple(int(d) for d in init.dims)
+        tensors[init.name] = GraphTensor(init.name, init.data_type, dims)
         init_bytes[init.name] = math.prod(init.dims) * dtype_size(init.data_type)
     for sp in graph.sparse_initializer:
-        tensors[sp.values.name] = TensorSpec(
+        tensors[sp.values.name] = GraphTensor(
             sp.values.name, sp.values.data_type, tuple(int(d) for d in sp.dims)
         )
         init_bytes[sp.values.name] = math.prod(sp.values.dims) * dtype_size(sp.values.data_type)
@@ -453,7 +454,7 @@ def analyze(model: ModelProto, *, batch: int = 1, infer_shapes: bool = True,
                 if attr.name == "value" and attr.HasField("t"):
                     t = attr.t
                     tensors.setdefault(
-                        outs[0], TensorSpec(outs[0], t.data_type, tuple(int(d) for d in t.dims))
+                        outs[0], GraphTensor(outs[0], t.data_type, tuple(int(d) for d in t.dims))
                     )
         else:
             is_const = (
@@ -581,7 +582,7 @@ def _node_flops(
     proto: NodeProto,
     ins: tuple[str, ...],
     outs: tuple[str, ...],
-    tensors: Mapping[str, TensorSpec],
+    tensors: Mapping[str, GraphTensor],
     batch: int,
 ) -> int:
     op = proto.op_type

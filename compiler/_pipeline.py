@@ -37,12 +37,12 @@ from tandem.compiler._errors import CompileError, ExtractionError
 from tandem.compiler._extract import extract
 from tandem.compiler._graph import (
     GraphInfo,
+    GraphTensor,
     analyze,
     external_data_files,
     load_model,
     unresolved_tensors,
 )
-from tandem.compiler._graph import TensorSpec as GraphTensorSpec
 from tandem.compiler._verify import CutVerification, Verifier, load_samples, measure_shapes
 from tandem.protocol.errors import FailedPrecondition, InvalidArgument, NotFound
 from tandem.protocol.lazy import require
@@ -114,7 +114,7 @@ class CutReport:
 
     cut: Cut
     verification: CutVerification
-    frontier: tuple[GraphTensorSpec, ...]
+    frontier: tuple[GraphTensor, ...]
     bytes_by_encoding: dict[str, int]
 
 
@@ -157,7 +157,7 @@ def _dtype_name(code: int) -> str:
         raise CompileError(f"tensor element type {code} cannot be described in a bundle") from None
 
 
-def _spec(t: GraphTensorSpec):
+def _spec(t: GraphTensor):
     from tandem.protocol.bundle import TensorSpec
 
     shape = t.shape if t.shape is not None else ()
@@ -168,7 +168,7 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else 1e300
 
 
-def _bytes_by_encoding(specs: Sequence[GraphTensorSpec], batch: int) -> dict[str, int]:
+def _bytes_by_encoding(specs: Sequence[GraphTensor], batch: int) -> dict[str, int]:
     raw = sum(s.nbytes(batch) for s in specs)
     fp32 = sum(s.nbytes(batch) for s in specs if s.dtype == 1)
     return {"raw": raw, "fp16": raw - fp32 // 2, "int8": raw - (fp32 * 3) // 4}

@@ -38,7 +38,8 @@ from tandem.compiler._errors import (
     SampleFileNotFound,
     UnsupportedOperator,
 )
-from tandem.compiler._graph import TensorSpec, input_specs
+from tandem.compiler._graph import GraphTensor, input_specs
+from tandem.protocol.bundle import ENCODINGS  # the lossy transfer encodings, one table
 from tandem.protocol.errors import TandemError
 from tandem.protocol.lazy import require
 
@@ -47,12 +48,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "DEFAULT_ENCODING_TOLERANCES",
-    "ENCODINGS",
     "RAW_TOLERANCE",
     "CutVerification",
-    "EncodingCheck",
     "OutputError",
     "Tolerance",
+    "TransferCheck",
     "Verifier",
     "load_samples",
     "measure_shapes",
@@ -94,7 +94,6 @@ DEFAULT_ENCODING_TOLERANCES: Mapping[str, Tolerance] = {
     "fp16": Tolerance(atol=1e-2, rtol=1e-2),
     "int8": Tolerance(atol=5e-2, rtol=5e-2),
 }
-ENCODINGS = ("fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -107,7 +106,7 @@ class OutputError:
 
 
 @dataclass(frozen=True)
-class EncodingCheck:
+class TransferCheck:
     """Errors of one transfer mode (``raw``, ``fp16``, ``int8``) for one cut."""
 
     encoding: str
@@ -139,8 +138,8 @@ class CutVerification:
 
     cut_id: int | None
     passed: bool
-    raw: EncodingCheck | None
-    encodings: Mapping[str, EncodingCheck] = field(default_factory=dict)
+    raw: TransferCheck | None
+    encodings: Mapping[str, TransferCheck] = field(default_factory=dict)
     n_samples: int = 0
     error: str | None = None
 
@@ -208,7 +207,7 @@ class _Session:
 
 
 def random_samples(
-    specs: Mapping[str, TensorSpec], n: int, *, seed: int = 0, batch: int = 1
+    specs: Mapping[str, GraphTensor], n: int, *, seed: int = 0, batch: int = 1
 ) -> list[dict[str, np.ndarray]]:
     """``n`` seeded samples: floats ~ N(0, 1), integers in [0, 8), bools fair coin.
 
@@ -237,7 +236,7 @@ def random_samples(
 
 
 def validate_samples(
-    samples: Sequence[Mapping[str, np.ndarray]], specs: Mapping[str, TensorSpec]
+    samples: Sequence[Mapping[str, np.ndarray]], specs: Mapping[str, GraphTensor]
 ) -> list[dict[str, np.ndarray]]:
     """Check every sample has exactly the model inputs with matching dtypes and shapes."""
     if not samples:
@@ -273,7 +272,7 @@ def validate_samples(
 
 
 def load_samples(
-    path: str | os.PathLike[str], model: ModelProto | Mapping[str, TensorSpec] | None = None
+    path: str | os.PathLike[str], model: ModelProto | Mapping[str, GraphTensor] | None = None
 ) -> list[dict[str, np.ndarray]]:
     """Sample inputs from an ``.npz`` file, validated against ``model``'s inputs when given.
 
@@ -478,7 +477,7 @@ class Verifier:
         tol: Tolerance,
         outs: list[dict[str, np.ndarray]],
         encoded: tuple[str, ...],
-    ) -> EncodingCheck:
+    ) -> TransferCheck:
         per_output = {}
         for out in self.output_names:
             worst_abs = worst_rel = 0.0
@@ -494,7 +493,7 @@ class Verifier:
                 worst_abs, worst_rel = max(worst_abs, err_abs), max(worst_rel, err_rel)
                 ok = ok and tol.allows(a, b)
             per_output[out] = OutputError(worst_abs, worst_rel, ok)
-        return EncodingCheck(name, tol, per_output, encoded)
+        return TransferCheck(name, tol, per_output, encoded)
 
 
 def verify(

@@ -18,7 +18,6 @@ from tandem.protocol.errors import (
     InternalError,
     InvalidArgument,
     MalformedMessage,
-    MessageTooLarge,
     MissingDependency,
     NotFound,
     PayloadTooLarge,
@@ -28,7 +27,6 @@ from tandem.protocol.errors import (
     TandemError,
     Unavailable,
     UnsupportedVersion,
-    VersionMismatch,
     error_from_wire,
 )
 from tandem.protocol.messages import (
@@ -91,7 +89,6 @@ __all__ = [
     "Limits",
     "MalformedMessage",
     "Manifest",
-    "MessageTooLarge",
     "MessageType",
     "MissingDependency",
     "NotFound",
@@ -108,7 +105,6 @@ __all__ = [
     "TransportConfig",
     "Unavailable",
     "UnsupportedVersion",
-    "VersionMismatch",
     "decode",
     "encode",
     "error_from_wire",

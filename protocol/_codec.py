@@ -25,10 +25,10 @@ from tandem.protocol.errors import (
     Code,
     InvalidArgument,
     MalformedMessage,
-    MessageTooLarge,
+    PayloadTooLarge,
     ProtocolError,
     TandemError,
-    VersionMismatch,
+    UnsupportedVersion,
 )
 from tandem.protocol.messages import (
     PROTOCOL_VERSION,
@@ -258,7 +258,7 @@ class _DecodeCtx:
     def tensors(self, v: Any) -> tuple[Tensor, ...]:
         items = _list(v)
         if len(items) > self.limits.max_tensors:
-            raise MessageTooLarge(f"{len(items)} tensors (limit {self.limits.max_tensors})")
+            raise PayloadTooLarge(f"{len(items)} tensors (limit {self.limits.max_tensors})")
         return tuple(self.tensor(m) for m in items)
 
     def tensor(self, m: Any) -> Tensor:
@@ -282,21 +282,21 @@ class _DecodeCtx:
             raise _Bad(f"tensor {name!r}: encoding {encoding.name} is not defined for {dtype.name}")
         shape = _get(m, _T_SHAPE)
         if len(shape) > lim.max_rank:
-            raise MessageTooLarge(f"tensor {name!r}: rank {len(shape)} (limit {lim.max_rank})")
+            raise PayloadTooLarge(f"tensor {name!r}: rank {len(shape)} (limit {lim.max_rank})")
         nbytes = item
         for d in shape:
             if type(d) is not int or d < 0:
                 raise _Bad(f"tensor {name!r}: bad dimension {d!r}")
             if d > lim.max_dim:
-                raise MessageTooLarge(f"tensor {name!r}: dimension {d} (limit {lim.max_dim})")
+                raise PayloadTooLarge(f"tensor {name!r}: dimension {d} (limit {lim.max_dim})")
             nbytes *= d
         if nbytes > lim.max_tensor_bytes:
-            raise MessageTooLarge(
+            raise PayloadTooLarge(
                 f"tensor {name!r}: {nbytes} bytes decoded (limit {lim.max_tensor_bytes})"
             )
         self.total += nbytes
         if self.total > lim.max_message_bytes:
-            raise MessageTooLarge(f"tensors decode to over {lim.max_message_bytes} bytes")
+            raise PayloadTooLarge(f"tensors decode to over {lim.max_message_bytes} bytes")
         size = _get(m, _T_SIZE)
         if not compressed and size != nbytes:
             raise _Bad(
@@ -469,7 +469,7 @@ def _over_limits(value: Any, lim: Limits, depth: int = 0) -> str | None:
 
 def _check_tensors(tensors: list[Tensor], lim: Limits) -> None:
     if len(tensors) > lim.max_tensors:
-        raise MessageTooLarge(f"{len(tensors)} tensors (readers accept {lim.max_tensors})")
+        raise PayloadTooLarge(f"{len(tensors)} tensors (readers accept {lim.max_tensors})")
     total = 0
     for t in tensors:
         if len(t.shape) > lim.max_rank or any(d > lim.max_dim for d in t.shape):
@@ -477,14 +477,14 @@ def _check_tensors(tensors: list[Tensor], lim: Limits) -> None:
                                   f"(rank {lim.max_rank}, dim {lim.max_dim})")
         total += t.nbytes
         if t.nbytes > lim.max_tensor_bytes or total > lim.max_message_bytes:
-            raise MessageTooLarge(f"tensor {t.name!r}: {t.nbytes} bytes is over what readers "
+            raise PayloadTooLarge(f"tensor {t.name!r}: {t.nbytes} bytes is over what readers "
                                   f"accept ({lim.max_tensor_bytes} per tensor, "
                                   f"{lim.max_message_bytes} per message)")
 
 
 def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> bytes:
     """The frame for ``msg``. Raises InvalidArgument if the message breaks the schema, and
-    MessageTooLarge/InvalidArgument if a reader with ``limits`` would refuse it: we never emit
+    PayloadTooLarge/InvalidArgument if a reader with ``limits`` would refuse it: we never emit
     bytes our own decoder rejects."""
     parts, _ = encode_parts(msg, limits)
     if len(parts) == 1:
@@ -529,7 +529,7 @@ def encode_parts(msg: Message, limits: Limits = DEFAULT_LIMITS
         _check_tensors(tensors, limits)
         header = msgpack.packb([PROTOCOL_VERSION, int(mtype), body], use_bin_type=True)
         if len(header) > limits.max_header_bytes:
-            raise MessageTooLarge(f"{type(msg).__name__}: envelope of {len(header)} bytes "
+            raise PayloadTooLarge(f"{type(msg).__name__}: envelope of {len(header)} bytes "
                                   f"(readers accept {limits.max_header_bytes})")
     except _Bad as exc:
         raise InvalidArgument(f"{type(msg).__name__}: {exc}") from None
@@ -592,7 +592,7 @@ def _read_envelope(mv: memoryview, limits: Limits) -> tuple[Any, int]:
     if n == 0:
         raise MalformedMessage("empty frame")
     if n > limits.max_message_bytes:
-        raise MessageTooLarge(f"frame of {n} bytes (limit {limits.max_message_bytes})")
+        raise PayloadTooLarge(f"frame of {n} bytes (limit {limits.max_message_bytes})")
     _peek_version(mv)
     cap = min(n, limits.max_header_bytes)
     unpacker = msgpack.Unpacker(
@@ -617,13 +617,13 @@ def _read_envelope(mv: memoryview, limits: Limits) -> tuple[Any, int]:
             obj = unpacker.unpack()
         except ValueError as exc:
             if "exceeds max_" in str(exc) and "max_ext_len" not in str(exc):  # msgpack's limits
-                raise MessageTooLarge(f"envelope over limits: {exc}") from exc
+                raise PayloadTooLarge(f"envelope over limits: {exc}") from exc
             raise
         except msgpack.OutOfData:
             if fed >= n:
                 raise MalformedMessage(f"truncated frame ({n} bytes)") from None
             if fed >= cap:
-                raise MessageTooLarge(
+                raise PayloadTooLarge(
                     f"envelope longer than {limits.max_header_bytes} bytes"
                 ) from None
             continue
@@ -641,7 +641,7 @@ def _peek_version(mv: memoryview) -> None:
     except Exception:  # not even that: the full parse says what is wrong
         return
     if type(version) is int and version != PROTOCOL_VERSION:
-        raise VersionMismatch(
+        raise UnsupportedVersion(
             f"frame has protocol version {version}; this peer speaks {PROTOCOL_VERSION}")
 
 
@@ -652,7 +652,7 @@ def _check_version(obj: Any) -> tuple[int, Any]:
     if type(version) is not int:
         raise MalformedMessage(f"protocol version must be an integer, got {type(version).__name__}")
     if version != PROTOCOL_VERSION:
-        raise VersionMismatch(
+        raise UnsupportedVersion(
             f"frame has protocol version {version}; this peer speaks {PROTOCOL_VERSION}"
         )
     if len(obj) != 3:
@@ -693,8 +693,8 @@ def _decode(data: Any, limits: Limits) -> Message:
 def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Message:
     """The message in a frame. Raises only ProtocolError subclasses.
 
-    MalformedMessage (INVALID_ARGUMENT) for anything that breaks the spec, MessageTooLarge
-    (PAYLOAD_TOO_LARGE) for anything over ``limits``, VersionMismatch (UNSUPPORTED_VERSION) for
+    MalformedMessage (INVALID_ARGUMENT) for anything that breaks the spec, PayloadTooLarge
+    (PAYLOAD_TOO_LARGE) for anything over ``limits``, UnsupportedVersion (UNSUPPORTED_VERSION) for
     another protocol major version. RAW tensors in the result are views of ``data``.
     """
     try:

@@ -35,7 +35,7 @@ from tandem.protocol._codec import (
     encode_chunk,
     is_chunk,
 )
-from tandem.protocol.errors import InvalidArgument, MalformedMessage, MessageTooLarge
+from tandem.protocol.errors import InvalidArgument, MalformedMessage, PayloadTooLarge
 
 __all__ = ["CHUNK_COST", "CHUNK_PREFIX", "Reassembler", "is_chunk", "split"]
 
@@ -140,7 +140,7 @@ class Reassembler:
     def feed(self, payload: Buffer, origin: str = "") -> Buffer | None:
         """A whole frame: ``payload`` itself if it is not a chunk, the reassembled frame when this
         chunk completes its set, else None. Raises MalformedMessage for an inconsistent chunk
-        (its set is dropped) and MessageTooLarge for a set over ``max_total_bytes``.
+        (its set is dropped) and PayloadTooLarge for a set over ``max_total_bytes``.
 
         ``origin`` names where the chunk came from (the transport passes the MQTT topic it
         arrived on): sets are keyed by (origin, set id), so chunks that arrive on one device's
@@ -151,7 +151,7 @@ class Reassembler:
             return payload
         f = decode_chunk(payload)
         if f.total + f.count * CHUNK_COST > self.max_total_bytes:
-            raise MessageTooLarge(
+            raise PayloadTooLarge(
                 f"chunked frame of {f.total} bytes in {f.count} chunks needs over "
                 f"{self.max_total_bytes} bytes"
             )
@@ -183,7 +183,7 @@ class Reassembler:
             self._evict_oldest(keep=key)
         if self._pending_bytes + held > self.max_total_bytes:
             self._drop(key)
-            raise MessageTooLarge(f"chunked frame needs over {self.max_total_bytes} bytes")
+            raise PayloadTooLarge(f"chunked frame needs over {self.max_total_bytes} bytes")
         s.parts[f.index] = (f.offset, data)
         s.held += held
         self._pending_bytes += held

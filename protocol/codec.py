@@ -6,7 +6,7 @@
 
 Schema evolution: a newer v1 peer may add map keys; this decoder ignores keys it does not know,
 and fills fields a peer did not send from their defaults. A different protocol major version is
-a :class:`~tandem.protocol.errors.VersionMismatch`.
+a :class:`~tandem.protocol.errors.UnsupportedVersion`.
 """
 
 from tandem.protocol._codec import (

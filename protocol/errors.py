@@ -6,24 +6,26 @@ device as the same class (see :func:`error_from_wire`).
 
 Tree (by code; domain errors subclass the code they carry)::
 
-    TandemError                      code            retryable
+    TandemError                      code                retryable
     ├── InvalidArgument              INVALID_ARGUMENT    no
-    │   └── MalformedMessage  (also ProtocolError)
+    │   └── MalformedMessage         (also a ProtocolError)
     ├── NotFound                     NOT_FOUND           no
     ├── FailedPrecondition           FAILED_PRECONDITION no
     │   └── MissingDependency        an install extra is missing
     ├── DeadlineExceeded             DEADLINE_EXCEEDED   yes
     ├── ResourceExhausted            RESOURCE_EXHAUSTED  yes
     ├── Unavailable                  UNAVAILABLE         yes
-    ├── PayloadTooLarge              PAYLOAD_TOO_LARGE   no
-    │   └── MessageTooLarge   (also ProtocolError)
-    ├── UnsupportedVersion           UNSUPPORTED_VERSION no
-    │   └── VersionMismatch   (also ProtocolError)
     ├── PermissionDenied             PERMISSION_DENIED   no
-    └── InternalError                INTERNAL            no   (our bug, not the user's)
+    ├── InternalError                INTERNAL            no   (a bug in Tandem, nothing else)
+    ├── UnknownError                 UNKNOWN             no   (a peer sent a code we do not know)
+    ├── HandlerFailed                HANDLER_FAILED      no   (an application's handler raised)
+    └── ProtocolError                a message (or bundle) the protocol cannot take
+        ├── PayloadTooLarge          PAYLOAD_TOO_LARGE   no
+        ├── UnsupportedVersion       UNSUPPORTED_VERSION no
+        └── MalformedMessage         INVALID_ARGUMENT    no   (see above)
 
-    ProtocolError: mixin base of every error the wire decoder raises; ``except ProtocolError``
-    catches all of them and ``.code`` says which kind.
+    ``except ProtocolError`` catches everything the wire decoder raises (malformed, too large,
+    another version); ``.code`` says which kind.
 
 Foreign exceptions (paho, ONNX Runtime, TensorRT, sqlite, OS) are translated into this tree at
 one boundary per library and chained with ``raise ... from exc``.
@@ -37,10 +39,10 @@ __all__ = [
     "Code",
     "DeadlineExceeded",
     "FailedPrecondition",
+    "HandlerFailed",
     "InternalError",
     "InvalidArgument",
     "MalformedMessage",
-    "MessageTooLarge",
     "MissingDependency",
     "NotFound",
     "PayloadTooLarge",
@@ -49,8 +51,8 @@ __all__ = [
     "ResourceExhausted",
     "TandemError",
     "Unavailable",
+    "UnknownError",
     "UnsupportedVersion",
-    "VersionMismatch",
     "error_class",
     "error_from_wire",
 ]
@@ -69,6 +71,8 @@ class Code(enum.IntEnum):
     UNSUPPORTED_VERSION = 8
     PERMISSION_DENIED = 9
     INTERNAL = 10
+    UNKNOWN = 11
+    HANDLER_FAILED = 12
 
 
 class TandemError(Exception):
@@ -124,22 +128,28 @@ class Unavailable(TandemError):
     retryable = True
 
 
-class PayloadTooLarge(TandemError):
-    code = Code.PAYLOAD_TOO_LARGE
-
-
-class UnsupportedVersion(TandemError):
-    code = Code.UNSUPPORTED_VERSION
-
-
 class PermissionDenied(TandemError):
     code = Code.PERMISSION_DENIED
 
 
 class InternalError(TandemError):
-    """A bug in Tandem, not a mistake by the user."""
+    """A bug in Tandem, not a mistake by the user (and nothing else: a peer's unknown code is
+    :class:`UnknownError`, an application handler's exception :class:`HandlerFailed`)."""
 
     code = Code.INTERNAL
+
+
+class UnknownError(TandemError):
+    """A peer reported an error code this version of Tandem does not know."""
+
+    code = Code.UNKNOWN
+
+
+class HandlerFailed(TandemError):
+    """The application's request handler raised something that is not a :class:`TandemError`:
+    a failure of the code being served, not of Tandem."""
+
+    code = Code.HANDLER_FAILED
 
 
 class MissingDependency(FailedPrecondition):
@@ -147,19 +157,24 @@ class MissingDependency(FailedPrecondition):
 
 
 class ProtocolError(TandemError):
-    """Mixin root of everything the wire decoder raises (never raised by itself)."""
+    """Root of what a message or bundle that the protocol cannot take raises: everything the
+    wire decoder raises is one (never raised by itself)."""
+
+
+class PayloadTooLarge(ProtocolError):
+    """A message, tensor or file over a limit (a decoder limit, the broker's packet size...)."""
+
+    code = Code.PAYLOAD_TOO_LARGE
+
+
+class UnsupportedVersion(ProtocolError):
+    """Another major version of the wire protocol, or a bundle schema this version cannot read."""
+
+    code = Code.UNSUPPORTED_VERSION
 
 
 class MalformedMessage(ProtocolError, InvalidArgument):
     code = Code.INVALID_ARGUMENT
-
-
-class MessageTooLarge(ProtocolError, PayloadTooLarge):
-    code = Code.PAYLOAD_TOO_LARGE
-
-
-class VersionMismatch(ProtocolError, UnsupportedVersion):
-    code = Code.UNSUPPORTED_VERSION
 
 
 _BY_CODE: dict[Code, type[TandemError]] = {
@@ -173,20 +188,23 @@ _BY_CODE: dict[Code, type[TandemError]] = {
     Code.UNSUPPORTED_VERSION: UnsupportedVersion,
     Code.PERMISSION_DENIED: PermissionDenied,
     Code.INTERNAL: InternalError,
+    Code.UNKNOWN: UnknownError,
+    Code.HANDLER_FAILED: HandlerFailed,
 }
 
 
 def error_class(code: Code | int) -> type[TandemError]:
-    """The exception class for a wire code; unknown codes map to :class:`InternalError`."""
+    """The exception class for a wire code; codes this version does not know map to
+    :class:`UnknownError`."""
     try:
         return _BY_CODE[Code(code)]
     except ValueError:
-        return InternalError
+        return UnknownError
 
 
 def error_from_wire(code: int, message: str, retryable: bool) -> TandemError:
     """Rebuild the exception a peer reported in a response's ``error`` field."""
     cls = error_class(code)
-    if cls is InternalError and code not in Code._value2member_map_:
+    if code not in Code._value2member_map_:
         message = f"[unknown error code {code}] {message}"
     return cls(message, retryable=retryable)

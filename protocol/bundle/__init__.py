@@ -23,7 +23,7 @@ Errors (each one line naming the file or field)::
       ManifestError                      one manifest field is wrong (.field)
     BundleNotFound(NotFound)             no bundle / manifest.json / listed file / cut
     BundleExists(FailedPrecondition)     output exists and overwrite=False
-    BundleVersionError(UnsupportedVersion)  unknown manifest schema_version
+    UnsupportedVersion                   unknown manifest schema_version
     BundleIntegrityError(PermissionDenied)  digest or size mismatch, unlisted file, link,
                                          unsafe archive member, missing or bad signature
 """
@@ -41,7 +41,6 @@ from tandem.protocol.bundle._errors import (
     BundleExists,
     BundleIntegrityError,
     BundleNotFound,
-    BundleVersionError,
     ManifestError,
 )
 from tandem.protocol.bundle._files import BundleWriter
@@ -78,7 +77,6 @@ __all__ = [
     "BundleExists",
     "BundleIntegrityError",
     "BundleNotFound",
-    "BundleVersionError",
     "BundleWriter",
     "CutSpec",
     "EncodingCheck",

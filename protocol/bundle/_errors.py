@@ -9,8 +9,8 @@ Tree (each subclasses the wire code it carries)::
     └── BundleNotFound           no bundle, no manifest.json, a listed file missing, unknown cut
     FailedPrecondition
     └── BundleExists             the output already exists and ``overwrite`` was not given
-    UnsupportedVersion
-    └── BundleVersionError       manifest ``schema_version`` this reader does not know
+    UnsupportedVersion           (raised as is) a manifest ``schema_version`` this reader
+                                 does not know
     PermissionDenied
     └── BundleIntegrityError     tampering: digest or size mismatch, unlisted file, link, unsafe
                                  archive member, missing or bad signature
@@ -23,7 +23,6 @@ from tandem.protocol.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    UnsupportedVersion,
 )
 
 __all__ = [
@@ -31,7 +30,6 @@ __all__ = [
     "BundleExists",
     "BundleIntegrityError",
     "BundleNotFound",
-    "BundleVersionError",
     "ManifestError",
 ]
 
@@ -77,10 +75,6 @@ class BundleNotFound(NotFound):
 
 class BundleExists(FailedPrecondition):
     """The output directory or archive exists and ``overwrite=True`` was not given."""
-
-
-class BundleVersionError(UnsupportedVersion):
-    """The manifest's ``schema_version`` is one this reader does not understand."""
 
 
 class BundleIntegrityError(PermissionDenied):

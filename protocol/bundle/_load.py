@@ -19,12 +19,12 @@ from tandem.protocol.bundle._errors import (
     BundleError,
     BundleIntegrityError,
     BundleNotFound,
-    BundleVersionError,
     ManifestError,
 )
 from tandem.protocol.bundle._files import check_rel_path, remove_tree, sha256_file
 from tandem.protocol.bundle._schema import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
 from tandem.protocol.bundle._sign import KeySource, decode_signature, verify_bytes
+from tandem.protocol.errors import UnsupportedVersion
 
 __all__ = ["MAX_MANIFEST_BYTES", "Bundle", "verify_dir"]
 
@@ -186,8 +186,8 @@ def verify_dir(
         manifest.check_references()
     except ManifestError as exc:
         raise exc.from_source(f"{label}: {MANIFEST_NAME}") from None
-    except BundleVersionError as exc:
-        raise BundleVersionError(f"{label}: {exc}") from None
+    except UnsupportedVersion as exc:
+        raise UnsupportedVersion(f"{label}: {exc}") from None
 
     listed = {entry.path: entry for entry in manifest.files}
     for dirpath, dirnames, filenames in os.walk(root):

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from tandem.protocol.bundle._errors import BundleNotFound, BundleVersionError, ManifestError
+from tandem.protocol.bundle._errors import BundleNotFound, ManifestError
+from tandem.protocol.errors import UnsupportedVersion
 
 __all__ = [
     "DTYPES",
@@ -518,7 +519,7 @@ class Manifest:
     def __post_init__(self) -> None:
         _int(self.schema_version, "schema_version")
         if self.schema_version != SCHEMA_VERSION:
-            raise BundleVersionError(
+            raise UnsupportedVersion(
                 f"schema_version {self.schema_version} is not supported "
                 f"(this Tandem reads {SCHEMA_VERSION})"
             )
@@ -643,7 +644,7 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
         """Parse and validate; errors are :class:`ManifestError` naming the field, or
-        :class:`BundleVersionError` for an unknown ``schema_version``."""
+        :class:`UnsupportedVersion` for an unknown ``schema_version``."""
         if isinstance(text, (bytes, bytearray, memoryview)):
             try:
                 text = bytes(text).decode("utf-8")
@@ -670,7 +671,7 @@ class Manifest:
             raise ManifestError("schema_version", "missing required field")
         _int(version, "schema_version")
         if version != SCHEMA_VERSION:
-            raise BundleVersionError(
+            raise UnsupportedVersion(
                 f"manifest schema_version {version} is not supported "
                 f"(this Tandem reads {SCHEMA_VERSION}); upgrade tandem-rt"
             )

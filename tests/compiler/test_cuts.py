@@ -93,9 +93,9 @@ def test_find_cuts_has_cut0_local_pareto_and_cap(builder):
     first, last = cuts[0], cuts[-1]
     assert (first.id, first.frontier, first.head_flops) == (0, info.inputs, 0)
     assert first.frontier_bytes == sum(info.nbytes(t) for t in info.inputs)
-    assert first.is_remote_only and not first.is_local
+    assert first.cloud_only and not first.local_only
     assert (last.id, last.position, last.frontier, last.tail_flops) == (n, n, (), 0)
-    assert last.is_local
+    assert last.local_only
     interior = cuts[1:-1]
     for cut in interior:
         assert cut.id == cut.position

@@ -23,7 +23,6 @@ from tandem.protocol.bundle import (
     BundleExists,
     BundleIntegrityError,
     BundleNotFound,
-    BundleVersionError,
     BundleWriter,
     CutSpec,
     EncodingCheck,
@@ -289,9 +288,9 @@ def test_malformed_manifest_text(text, needle):
 
 @pytest.mark.parametrize("version", [0, 2, 99])
 def test_unknown_schema_version_is_refused(version):
-    with pytest.raises(BundleVersionError, match=f"schema_version {version} is not supported"):
+    with pytest.raises(UnsupportedVersion, match=f"schema_version {version} is not supported"):
         Manifest.from_json(_mutated(["schema_version"], version))
-    assert issubclass(BundleVersionError, UnsupportedVersion)
+    assert issubclass(UnsupportedVersion, UnsupportedVersion)
 
 
 def test_schema_version_must_be_an_int():
@@ -448,7 +447,7 @@ def test_missing_or_malformed_manifest(tmp_path: Path, bundle_dir: Path):
     data["cuts"][1]["tail_flops"] = 1
     data["schema_version"] = 2
     (bundle_dir / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(BundleVersionError, match="schema_version 2"):
+    with pytest.raises(UnsupportedVersion, match="schema_version 2"):
         load_bundle(bundle_dir)
 
 

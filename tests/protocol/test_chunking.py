@@ -12,7 +12,7 @@ from tandem.protocol import chunking
 from tandem.protocol._codec import encode_chunk
 from tandem.protocol.chunking import CHUNK_COST, CHUNK_PREFIX, Reassembler, is_chunk, split
 from tandem.protocol.codec import decode, encode
-from tandem.protocol.errors import Code, InvalidArgument, MalformedMessage, MessageTooLarge
+from tandem.protocol.errors import Code, InvalidArgument, MalformedMessage, PayloadTooLarge
 from tandem.protocol.messages import DeviceStatus, InferenceRequest
 from tandem.protocol.tensors import Tensor
 
@@ -132,7 +132,7 @@ def test_expiry_also_happens_on_feed():
 def test_declared_total_over_limit_is_refused_before_storing():
     r = Reassembler(max_total_bytes=10_000)
     chunk = encode_chunk(MID, 0, 2, 10**12, 0, b"x" * 100)
-    with pytest.raises(MessageTooLarge) as info:
+    with pytest.raises(PayloadTooLarge) as info:
         r.feed(chunk)
     assert info.value.code is Code.PAYLOAD_TOO_LARGE
     assert r.pending_bytes == 0 and r.pending_sets == 0
@@ -220,7 +220,7 @@ def test_tiny_chunks_are_charged_their_real_cost():
         r.feed(c)
     assert r.pending_bytes == 100 * (1 + CHUNK_COST)
     tight = Reassembler(max_total_bytes=100_000)  # 3000 bytes of data, but 3000 chunks
-    with pytest.raises(MessageTooLarge, match="3000 chunks"):
+    with pytest.raises(PayloadTooLarge, match="3000 chunks"):
         tight.feed(chunks[0])
     assert tight.pending_sets == 0
 

@@ -14,9 +14,9 @@ from tandem.protocol.errors import (
     Code,
     InvalidArgument,
     MalformedMessage,
-    MessageTooLarge,
+    PayloadTooLarge,
     ProtocolError,
-    VersionMismatch,
+    UnsupportedVersion,
 )
 from tandem.protocol.messages import (
     CloudLoad,
@@ -53,7 +53,7 @@ def malformed(data, match: str | None = None, limits: Limits = DEFAULT_LIMITS):
 
 
 def too_large(data, match: str | None = None, limits: Limits = DEFAULT_LIMITS):
-    with pytest.raises(MessageTooLarge, match=match) as info:
+    with pytest.raises(PayloadTooLarge, match=match) as info:
         decode(data, limits)
     assert info.value.code is Code.PAYLOAD_TOO_LARGE
     return info.value
@@ -248,11 +248,11 @@ def test_non_integer_version_or_type():
 
 @pytest.mark.parametrize("version", [0, 2, 3, 255, 2**40])
 def test_other_versions_are_version_mismatch(version):
-    with pytest.raises(VersionMismatch) as info:
+    with pytest.raises(UnsupportedVersion) as info:
         decode(frame({"whatever": 1}, version=version))
     assert info.value.code is Code.UNSUPPORTED_VERSION
     # decided by the first element alone, whatever follows
-    with pytest.raises(VersionMismatch):
+    with pytest.raises(UnsupportedVersion):
         decode(msgpack.packb([version, "new", "layout", 4]))
 
 
@@ -488,8 +488,8 @@ def test_not_a_buffer(data):
 
 def test_only_protocol_errors_escape():
     assert issubclass(MalformedMessage, ProtocolError)
-    assert issubclass(MessageTooLarge, ProtocolError)
-    assert issubclass(VersionMismatch, ProtocolError)
+    assert issubclass(PayloadTooLarge, ProtocolError)
+    assert issubclass(UnsupportedVersion, ProtocolError)
 
 
 def test_limits_validate_themselves():
@@ -517,7 +517,7 @@ def test_encode_refuses_what_a_default_reader_refuses():
     with pytest.raises(InvalidArgument, match="string of over 4096"):
         encode(DeviceStatus("x" * 5000, "online", 1))
     many = tuple(Tensor.from_array(f"t{i}", np.zeros(1, np.float32)) for i in range(257))
-    with pytest.raises(MessageTooLarge, match="257 tensors"):
+    with pytest.raises(PayloadTooLarge, match="257 tensors"):
         encode(request(*many))
     deep = Tensor.from_array("deep", np.zeros((1,) * 9, np.float32))
     with pytest.raises(InvalidArgument, match="rank"):
@@ -547,5 +547,5 @@ def test_decoded_int8_scale_must_be_a_normal_float32():
     "x" * 10_000,  # a longer string than v1 allows
 ])
 def test_another_major_version_is_reported_before_the_body_is_parsed(body):
-    with pytest.raises(VersionMismatch, match="version 2"):
+    with pytest.raises(UnsupportedVersion, match="version 2"):
         decode(msgpack.packb([2, 1, body]))

@@ -11,10 +11,11 @@ from tandem.protocol.errors import (
     Code,
     InternalError,
     MalformedMessage,
-    MessageTooLarge,
+    PayloadTooLarge,
     ProtocolError,
     TandemError,
-    VersionMismatch,
+    UnknownError,
+    UnsupportedVersion,
     error_class,
     error_from_wire,
 )
@@ -23,7 +24,7 @@ from tandem.protocol.errors import (
 WIRE = {
     "INVALID_ARGUMENT": 1, "NOT_FOUND": 2, "FAILED_PRECONDITION": 3, "DEADLINE_EXCEEDED": 4,
     "RESOURCE_EXHAUSTED": 5, "UNAVAILABLE": 6, "PAYLOAD_TOO_LARGE": 7, "UNSUPPORTED_VERSION": 8,
-    "PERMISSION_DENIED": 9, "INTERNAL": 10,
+    "PERMISSION_DENIED": 9, "INTERNAL": 10, "UNKNOWN": 11, "HANDLER_FAILED": 12,
 }
 RETRYABLE = {Code.DEADLINE_EXCEEDED, Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE}
 
@@ -43,15 +44,16 @@ def test_every_code_has_one_class_that_round_trips(code):
 
 
 @pytest.mark.parametrize("number", [0, -1, 42, 2**40])
-def test_unknown_codes_are_internal_with_the_number(number):
+def test_unknown_codes_are_unknown_errors_with_the_number(number):
     exc = error_from_wire(number, "from the future", False)
-    assert type(exc) is InternalError and str(number) in exc.message
+    assert type(exc) is UnknownError and str(number) in exc.message
+    assert not isinstance(exc, InternalError)  # InternalError means our bug, nothing else
 
 
 @pytest.mark.parametrize("cls, code", [
     (MalformedMessage, Code.INVALID_ARGUMENT),
-    (MessageTooLarge, Code.PAYLOAD_TOO_LARGE),
-    (VersionMismatch, Code.UNSUPPORTED_VERSION),
+    (PayloadTooLarge, Code.PAYLOAD_TOO_LARGE),
+    (UnsupportedVersion, Code.UNSUPPORTED_VERSION),
 ])
 def test_decoder_errors_are_protocol_errors_with_their_code(cls, code):
     exc = cls("bad bytes")

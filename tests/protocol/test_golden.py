@@ -12,7 +12,7 @@ import pytest
 
 from tandem.protocol.chunking import Reassembler, split
 from tandem.protocol.codec import decode, encode
-from tandem.protocol.errors import Code, MalformedMessage, VersionMismatch
+from tandem.protocol.errors import Code, MalformedMessage, UnsupportedVersion
 from tandem.protocol.messages import (
     Assignment,
     CloudLoad,
@@ -270,6 +270,6 @@ def test_chunks_reassemble_to_the_request_and_split_reproduces_them():
 
 
 def test_version_2_is_unsupported():
-    with pytest.raises(VersionMismatch) as info:
+    with pytest.raises(UnsupportedVersion) as info:
         decode(load("version_2"))
     assert info.value.code is Code.UNSUPPORTED_VERSION
