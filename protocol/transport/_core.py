@@ -204,7 +204,7 @@ class Transport(abc.ABC):
             raise InvalidArgument(f"config must be a TransportConfig, not {type(config)}")
         self.config = config
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._state = "new"  # new → open → closed
+        self._state = "new"  # new → open → closing → closed
         self._subs: dict[str, _Subscription] = {}
         self._servers: dict[str, Server] = {}
         self._pending: dict[bytes, _Pending] = {}
@@ -307,10 +307,10 @@ class Transport(abc.ABC):
         """Answer what is being served with a retryable UNAVAILABLE, fail pending requests with
         Unavailable, disconnect cleanly (no last will), within ``timeout_s``. Idempotent; never
         raises; a handler stuck in a thread is left behind, not waited for."""
-        if self._state == "closed":
+        if self._state in ("closing", "closed"):
             return
         was_open = self._state == "open"
-        self._state = "closed"
+        self._state = "closing"  # new calls are refused; answers may still go out
         deadline = time.monotonic() + timeout_s
         for server in list(self._servers.values()):
             server.stop()
@@ -319,6 +319,7 @@ class Transport(abc.ABC):
             await asyncio.wait(list(self._tasks), timeout=max(0.0, _left(deadline) / 2))
         if was_open:
             await self._close_impl(max(0.0, _left(deadline)))
+        self._state = "closed"
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -748,7 +749,7 @@ class Transport(abc.ABC):
                     correlation_data: bytes | None) -> bool:
         """Publish a server's answer; False (logged) when it cannot go out. A response that
         cannot be encoded is replaced by its error, so the requester still gets an answer."""
-        if self._state != "open":
+        if self._state not in ("open", "closing"):
             return False
         # only the correlation data: each MQTT 5 property costs the receiver time
         props = PublishProperties(correlation_data=correlation_data or response.id,
