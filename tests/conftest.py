@@ -9,6 +9,7 @@ import time
 import pytest
 
 from tests._support.broker import Mosquitto, mosquitto_binary
+from tests._support.interop import NatsServer, nats_missing
 
 # Threads that must not outlive a test: paho's network thread and the sync transport's loop.
 _LEAK_PREFIXES = ("paho-mqtt-client-", "tandem-transport")
@@ -40,6 +41,28 @@ def mosquitto_factory(tmp_path_factory):
     for broker in brokers:
         broker.stop()
     assert not any(b.running for b in brokers), "a mosquitto process outlived its test"
+
+
+@pytest.fixture
+def nats_factory(tmp_path_factory):
+    """Make nats-servers: ``nats_factory(max_payload=1 << 20, mqtt=True)``; each is started,
+    and stopped when the test ends."""
+    why = nats_missing()
+    if why:
+        pytest.skip(why)
+    servers: list[NatsServer] = []
+
+    def make(*, start: bool = True, **options) -> NatsServer:
+        server = NatsServer(tmp_path_factory.mktemp("nats"), **options)
+        servers.append(server)
+        if start:
+            server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+    assert not any(s.running for s in servers), "a nats-server outlived its test"
 
 
 @pytest.fixture
