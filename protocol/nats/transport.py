@@ -355,10 +355,10 @@ class NatsTransport(Transport):
     def _on_error(self, exc: BaseException) -> None:
         e = self._errors
         text = str(exc)
-        if "Permissions Violation" in text:
+        if "permissions violation" in text.lower():  # nats-py lowercases the server's -ERR
             self._refusals.append(text)
             del self._refusals[:-64]
-            if "Subscription to" in text:
+            if "subscription to" in text.lower():
                 self._check_refused_after_reconnect(text)
             else:
                 self._nats_warn.warning("publish-denied", "NATS refused a publish: %s", text)
