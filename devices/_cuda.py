@@ -8,7 +8,8 @@ Like ``pycuda/autoprimaryctx.py``, we therefore retain each device's primary con
 process and never release it; users push it around their work (:func:`pushed`) and pop it after.
 
 :func:`translate` is the one boundary for exceptions from ``tensorrt`` and ``pycuda`` (the
-backend, the engine builder and the device identity all use it).
+backend, the engine builder and the device identity all use it); :func:`capture_logger` is the
+TensorRT logger they share (TensorRT reports most failures as return values plus log lines).
 
 Entries are keyed by the driver module as well as the device ordinal, so a driver module that was
 replaced (a test's fake) never hands out a context of the old one.
@@ -27,7 +28,7 @@ from tandem.protocol.errors import (
     TandemError,
 )
 
-__all__ = ["primary_context", "pushed", "translate"]
+__all__ = ["capture_logger", "primary_context", "pushed", "translate"]
 
 _lock = threading.Lock()
 # (id(driver module), device) -> (driver module, its retained primary context). The module is kept
@@ -67,3 +68,22 @@ def translate(exc: BaseException, what: str, cuda=None) -> TandemError:
     if cuda is not None and isinstance(exc, getattr(cuda, "MemoryError", ())):
         return ResourceExhausted(f"{what}: out of device or pinned memory: {exc}")
     return InternalError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def capture_logger(trt, keep_warnings: int = 20):
+    """A ``trt.ILogger`` keeping every error and the last ``keep_warnings`` warnings."""
+
+    class _Capture(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)  # required for TensorRT's trampoline
+            self.errors: list[str] = []
+            self.warnings: list[str] = []
+
+        def log(self, severity, msg) -> None:
+            if severity <= trt.ILogger.Severity.ERROR:
+                self.errors.append(str(msg))
+            elif severity == trt.ILogger.Severity.WARNING:
+                self.warnings.append(str(msg))
+                del self.warnings[:-keep_warnings]
+
+    return _Capture()

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tandem.devices._cuda import pushed, translate
+from tandem.devices._cuda import capture_logger, pushed, translate
 from tandem.devices._engine_cache import (
     DeviceIdentity,
     EngineKey,
@@ -109,22 +109,6 @@ def _major_minor(trt) -> tuple[int, int]:
 def _strongly_typed_only(trt) -> bool:
     """TensorRT >= 11: no precision flags, no calibrators (``release/11.0`` pyCore.cpp)."""
     return _major_minor(trt) >= (11, 0) or not hasattr(trt.BuilderFlag, "FP16")
-
-
-def _logger(trt):
-    class _Capture(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-            self.warnings: list[str] = []
-
-        def log(self, severity, msg) -> None:
-            if severity <= trt.ILogger.Severity.ERROR:
-                self.errors.append(str(msg))
-            elif severity == trt.ILogger.Severity.WARNING:
-                self.warnings.append(str(msg))
-
-    return _Capture()
 
 
 def _deprecated(call, *args):
@@ -322,7 +306,7 @@ class EngineFromOnnx:
         cuda = require("pycuda.driver", "tensorrt")
         if not self.onnx_path.is_file():
             raise InvalidArgument(f"no ONNX file at {self.onnx_path}")
-        logger = _logger(trt)
+        logger = capture_logger(trt)
         try:
             with pushed(cuda, self.device):  # the builder binds to the current context
                 return self._build(trt, cuda, logger)
@@ -413,8 +397,9 @@ class EngineFromOnnx:
                 if len(s) != len(shape) or any(
                         d >= 0 and d != v for d, v in zip(shape, s, strict=True)):
                     raise InvalidArgument(f"shape {s} for {name!r} does not fit its dims {shape}")
-            if any(not (0 <= a <= b <= c) for a, b, c in zip(lo, opt, hi, strict=True)):
-                raise InvalidArgument(f"shapes for {name!r} must satisfy 0 <= min <= opt <= max")
+            if any(not (0 <= a <= b <= c < 1 << 31) for a, b, c in zip(lo, opt, hi, strict=True)):
+                raise InvalidArgument(f"shapes for {name!r} must satisfy 0 <= min <= opt <= max "
+                                      "< 2**31")
             opt_profile.set_shape(name, lo, opt, hi)  # raises RuntimeError if inconsistent
         if config.add_optimization_profile(opt_profile) < 0:
             raise InvalidArgument(f"TensorRT rejected the optimization profile {self.shapes}")

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tandem.devices._cuda import primary_context, translate
+from tandem.devices._cuda import capture_logger, primary_context, translate
 from tandem.devices.backends._base import Backend, TensorMeta
 from tandem.protocol.errors import (
     FailedPrecondition,
@@ -65,25 +65,6 @@ NOT_PORTABLE = "across different models of devices"
 
 class ForeignEngine(FailedPrecondition):
     """TensorRT says the engine was built on another device model (it may be slow or wrong)."""
-
-
-def _logger(trt):
-    """A TensorRT logger that keeps errors and warnings for our messages and checks."""
-
-    class _Capture(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-            self.warnings: list[str] = []
-
-        def log(self, severity, msg) -> None:
-            if severity <= trt.ILogger.Severity.ERROR:
-                self.errors.append(str(msg))
-            elif severity == trt.ILogger.Severity.WARNING:
-                self.warnings.append(str(msg))
-                del self.warnings[:-20]
-
-    return _Capture()
 
 
 def _output_allocator(trt, cuda):
@@ -241,7 +222,7 @@ class TensorRTBackend(Backend):
         cuda.Context.pop()
 
     def _load(self, trt, cuda, data: bytes) -> None:
-        logger = self._logger = _logger(trt)
+        logger = self._logger = capture_logger(trt)
         self._runtime = trt.Runtime(logger)
         if self._allow_host_code:
             self._runtime.engine_host_code_allowed = True

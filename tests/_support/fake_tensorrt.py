@@ -242,24 +242,11 @@ class BuilderFlag(enum.IntEnum):
     WEIGHT_STREAMING = 21
 
 
-class BuilderFlag11(enum.IntEnum):
-    """``BuilderFlag`` as TensorRT 11.0 has it (no precision flags; ``release/11.0`` pyCore.cpp)."""
-
-    DEBUG = 2
-    GPU_FALLBACK = 3
-    REFIT = 4
-    DISABLE_TIMING_CACHE = 5
-    TF32 = 6
-    SPARSE_WEIGHTS = 7
-    SAFETY_SCOPE = 8
-    DIRECT_IO = 11
-    VERSION_COMPATIBLE = 13
-    EXCLUDE_LEAN_RUNTIME = 14
-    ERROR_ON_TIMING_CACHE_MISS = 16
-    DISABLE_COMPILATION_CACHE = 18
-    STRIP_PLAN = 19
-    REFIT_IDENTICAL = 20
-    WEIGHT_STREAMING = 21
+# ``BuilderFlag`` as TensorRT 11.0 has it: no precision flags (``release/11.0`` pyCore.cpp).
+BuilderFlag11 = enum.IntEnum("BuilderFlag", {
+    name: value for name, value in BuilderFlag.__members__.items()
+    if name not in {"FP16", "INT8", "BF16", "FP8", "OBEY_PRECISION_CONSTRAINTS",
+                    "PREFER_PRECISION_CONSTRAINTS", "REJECT_EMPTY_ALGORITHMS"}})
 
 
 class MemoryPoolType(enum.IntEnum):

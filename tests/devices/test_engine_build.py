@@ -399,6 +399,9 @@ def test_dynamic_inputs_need_shapes_and_shapes_must_fit(fake_trt, mlp_path):
     with pytest.raises(InvalidArgument, match="min <= opt <= max"):
         EngineFromOnnx(mlp_path, get_profile("cloud-t4"),
                        shapes={"x": ((4, 8), (2, 8), (8, 8))})()
+    with pytest.raises(InvalidArgument, match=r"< 2\*\*31"):
+        EngineFromOnnx(mlp_path, get_profile("cloud-t4"),
+                       shapes={"x": ((1, 8), (4, 8), (1 << 40, 8))})()
     with pytest.raises(InvalidArgument, match="lists of ints"):
         EngineFromOnnx(mlp_path, get_profile("cloud-t4"), shapes={"x": ((1, "a"),) * 3})
     assert fake_pycuda.driver_stack() == []
