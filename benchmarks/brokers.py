@@ -7,7 +7,7 @@ and the requester here, both through the transports users get: MQTT 5 / 3.1.1 to
 3.1.1 to amqtt, NATS's MQTT gateway and Aedes (with and without TCP_NODELAY on its sockets),
 NATS-native on both sides, and an MQTT device with a NATS-native worker (the scale-out setup).
 
-    python -m benchmarks.brokers [--quick] [--json PATH]
+    python -m benchmarks.brokers [--quick] [--only NAME,NAME] [--json PATH]
 
 Brokers that cannot run here are left out and named. Figures on a shared 2-core machine are
 indicative.
@@ -155,11 +155,21 @@ async def _measure(setups: list[Setup], repeats: int, warmup: int) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser(__doc__ or NAME).parse_args(argv)
+    p = parser(__doc__ or NAME)
+    p.add_argument("--only", help="comma-separated setup names (default: all that run here)")
+    args = p.parse_args(argv)
     repeats, warmup = (30, 5) if args.quick else (200, 20)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     with tempfile.TemporaryDirectory(prefix="tandem-bench-brokers-") as tmp:
         setups, started, left_out = _brokers(Path(tmp))
+        if args.only:
+            wanted = set(args.only.split(","))
+            unknown = wanted - {s.name for s in setups}
+            if unknown:
+                for broker in started:
+                    broker.stop()
+                raise SystemExit(f"error: unknown or unavailable setups: {sorted(unknown)}")
+            setups = [s for s in setups if s.name in wanted]
         servers: list[subprocess.Popen] = []
         try:
             for s in setups:
