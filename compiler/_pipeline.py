@@ -44,6 +44,7 @@ from tandem.compiler._graph import (
     unresolved_tensors,
 )
 from tandem.compiler._verify import CutVerification, Verifier, load_samples, measure_shapes
+from tandem.protocol.dtypes import UnsupportedDType, by_onnx
 from tandem.protocol.errors import FailedPrecondition, InvalidArgument, NotFound
 from tandem.protocol.lazy import require
 
@@ -62,11 +63,6 @@ __all__ = [
 ]
 
 TOOL_VERSION = "tandem-rt 0.1.0"
-_ONNX_DTYPE_NAMES = {
-    1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
-    9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16",
-    21: "uint4", 22: "int4",
-}
 _PROTO_LIMIT = 1_800_000_000  # protobuf's 2 GiB cap, with margin: larger parts use external data
 
 
@@ -152,8 +148,8 @@ def resolve_targets(names: Sequence[str]) -> list[Target]:
 
 def _dtype_name(code: int) -> str:
     try:
-        return _ONNX_DTYPE_NAMES[code]
-    except KeyError:
+        return by_onnx(code).name  # the one dtype table (tandem.protocol.dtypes)
+    except UnsupportedDType:
         raise CompileError(f"tensor element type {code} cannot be described in a bundle") from None
 
 

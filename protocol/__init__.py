@@ -26,6 +26,7 @@ from tandem.protocol.errors import (
     ResourceExhausted,
     TandemError,
     Unavailable,
+    UnsupportedDType,
     UnsupportedVersion,
     error_from_wire,
 )
@@ -104,6 +105,7 @@ __all__ = [
     "Transport",
     "TransportConfig",
     "Unavailable",
+    "UnsupportedDType",
     "UnsupportedVersion",
     "decode",
     "encode",

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import msgpack
 import numpy as np
 
+from tandem.protocol.dtypes import DType, Encoding, storage_itemsize
 from tandem.protocol.errors import (
     Code,
     InvalidArgument,
@@ -41,7 +42,7 @@ from tandem.protocol.messages import (
     Message,
     Timings,
 )
-from tandem.protocol.tensors import _STORAGE, DType, Encoding, Tensor, _decompress
+from tandem.protocol.tensors import Tensor, _decompress
 
 __all__ = [
     "CHUNK_PREFIX",
@@ -277,7 +278,7 @@ class _DecodeCtx:
         if code not in (Compression.NONE, Compression.ZSTD):
             raise _Bad(f"tensor {name!r}: unknown compression code {code}")
         compressed = code == Compression.ZSTD
-        item = _STORAGE.get((dtype, encoding))
+        item = storage_itemsize(dtype, encoding)
         if item is None:
             raise _Bad(f"tensor {name!r}: encoding {encoding.name} is not defined for {dtype.name}")
         shape = _get(m, _T_SHAPE)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from tandem.protocol import dtypes as _dtypes
 from tandem.protocol.bundle._errors import BundleNotFound, ManifestError
 from tandem.protocol.errors import UnsupportedVersion
 
@@ -44,21 +45,11 @@ MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 RESERVED_NAMES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})
 
-#: Element types a TensorSpec may name (numpy / ONNX names).
-DTYPES = frozenset(
-    {
-        "bool",
-        "int4", "int8", "int16", "int32", "int64",
-        "uint4", "uint8", "uint16", "uint32", "uint64",
-        "float16", "bfloat16", "float32", "float64",
-        "float8e4m3fn", "float8e4m3fnuz", "float8e5m2", "float8e5m2fnuz",
-        "complex64", "complex128",
-        "string",
-    }
-)  # fmt: skip
+#: Element types a TensorSpec may name (the names of :data:`tandem.protocol.dtypes.DTYPES`).
+DTYPES = frozenset(info.name for info in _dtypes.DTYPES)
 
 #: Lossy frontier encodings this version knows (a manifest may name others; readers skip them).
-ENCODINGS = ("fp16", "int8")
+ENCODINGS = tuple(_dtypes.LOSSY_ENCODINGS)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAX_PATH = 1024
