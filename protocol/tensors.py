@@ -158,14 +158,11 @@ class Tensor:
             plain = data
         elif plain is not None and len(plain) != nbytes:
             raise InvalidArgument(f"tensor {self.name!r}: decompressed size disagrees with shape")
-        elif plain is None:  # compressed bytes from outside: the frame must declare our size
-            try:
-                declared = _zstd().frame_content_size(data)
-            except Exception as exc:  # zstandard.ZstdError: not a zstd frame
-                raise InvalidArgument(f"tensor {self.name!r}: not a zstd frame: {exc}") from exc
-            if declared != nbytes:
-                raise InvalidArgument(f"tensor {self.name!r}: zstd frame declares {declared} "
-                                      f"bytes, shape {shape} needs {nbytes}")
+        elif plain is None:  # compressed bytes from outside: hold them to what decoders accept
+            try:  # one zstd frame declaring our size, nothing after it (SPEC §3)
+                plain = _decompress(data, nbytes)
+            except MalformedMessage as exc:
+                raise InvalidArgument(f"tensor {self.name!r}: {exc}") from exc
         if dtype is DType.BOOL and plain is not None and len(plain) and \
                 np.frombuffer(plain, np.uint8).max() > 1:
             raise InvalidArgument(f"tensor {self.name!r}: bool bytes must be 0 or 1")
