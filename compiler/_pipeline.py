@@ -22,6 +22,7 @@ an error (``NoValidCut``). Nothing is written unless everything succeeded.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -340,7 +341,7 @@ class BundleFromOnnx:
             EngineKey,
             shape_profile_id,
         )
-        from tandem.protocol.bundle import Artifact
+        from tandem.protocol.bundle import Artifact, EngineRecipe
 
         profile = target.profile
         assert profile is not None
@@ -355,21 +356,18 @@ class BundleFromOnnx:
                     f"{Path(part).name}: inputs {sorted(unresolved)} have symbolic dims beyond "
                     "the batch dimension; TensorRT needs concrete shape profiles (build on the "
                     "device with --engines defer)")
-            recipe = {
-                "workspace_mb": profile.workspace_mb,
-                "shapes": {k: [list(s) for s in v] for k, v in shapes.items()},
-                "shape_profile": shape_profile_id(shapes),
-                "unresolved_dims": unresolved,
-                "compute_capability": profile.compute_capability,
-                "version_compatible": self.options.version_compatible,
-                "dla_core": dla_core,
-            }
+            recipe = EngineRecipe(
+                workspace_mb=profile.workspace_mb, shapes=shapes,
+                shape_profile=shape_profile_id(shapes), unresolved_dims=unresolved,
+                compute_capability=profile.compute_capability,
+                version_compatible=self.options.version_compatible, dla_core=dla_core,
+            )
             if not build_here:
                 # Deferred: the device builds the engine from the ONNX part into its cache.
                 out.append(Artifact(
                     part=part, target="tensorrt", path=part, precision=self.options.precision,
                     device_profile=profile.id, builder="deferred: built on the device",
-                    extra={**recipe, "build": "on-device"},
+                    engine_recipe=recipe,
                 ))
                 continue
             trt = require("tensorrt", "tensorrt")
@@ -392,7 +390,7 @@ class BundleFromOnnx:
             out.append(Artifact(
                 part=part, target="tensorrt", path=rel, precision=self.options.precision,
                 device_profile=profile.id, builder=f"tensorrt {trt.__version__}",
-                extra={**recipe, "build": "prebuilt", "tensorrt_version": trt.__version__},
+                engine_recipe=dataclasses.replace(recipe, tensorrt_version=trt.__version__),
             ))
         return out
 
