@@ -52,6 +52,7 @@ _LAZY = {
     "BundleWriter": "tandem.protocol.bundle",
     "Manifest": "tandem.protocol.bundle",
     "load_bundle": "tandem.protocol.bundle",
+    "open_bundle": "tandem.protocol.bundle",
     "BundleError": "tandem.protocol.bundle",
     "BundleIntegrityError": "tandem.protocol.bundle",
 }
@@ -112,5 +113,6 @@ __all__ = [
     "error_from_wire",
     "load_bundle",
     "new_request_id",
+    "open_bundle",
     "split",
 ]

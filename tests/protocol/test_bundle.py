@@ -1097,3 +1097,16 @@ def test_engine_recipes_written_into_extra_by_older_compilers_are_read():
     assert art.build_on_device
     assert art.engine_recipe == EngineRecipe(workspace_mb=2048, shapes={"h": ((1,), (4,), (8,))},
                                              shape_profile="h:1/4/8", compute_capability="7.5")
+
+
+def test_add_file_records_what_a_file_requires(tmp_path):
+    with BundleWriter(tmp_path / "b") as w:
+        w.add_file("parts/full.onnx", b"x", requires=["weights/w.bin"])
+        w.add_file("weights/w.bin", b"w")
+        m = w.finish(_manifest(cuts=(_manifest().cuts[0],), artifacts=()))
+    assert m.file("parts/full.onnx").requires == ("weights/w.bin",)
+    assert load_bundle(tmp_path / "b").manifest == m
+    with pytest.raises(ManifestError, match="requires"), BundleWriter(tmp_path / "c") as w:
+        w.add_file("parts/full.onnx", b"x", requires=["weights/missing.bin"])
+        w.finish(_manifest(cuts=(_manifest().cuts[0],), artifacts=()))
+    assert not (tmp_path / "c").exists()
