@@ -158,28 +158,27 @@ _BY_NUMPY = {info.numpy: info for info in DTYPES if info.numpy is not None}
 _WIRE_NAMES = ", ".join(_BY_WIRE[d].name for d in DType)
 
 
+def _find(table: Mapping, key: object, kind: type | tuple[type, ...], what: str) -> DTypeInfo:
+    info = table.get(key) if isinstance(key, kind) and not isinstance(key, bool) else None
+    if info is None:
+        raise UnsupportedDType(f"{what} {key!r} is not one Tandem knows")
+    return info
+
+
 def by_name(name: str) -> DTypeInfo:
     """The row of a manifest dtype name (``"float32"``); UnsupportedDType if unknown."""
-    info = _BY_NAME.get(name) if isinstance(name, str) else None
-    if info is None:
-        raise UnsupportedDType(f"unknown dtype {name!r}")
-    return info
+    return _find(_BY_NAME, name, str, "dtype")
 
 
 def by_onnx(code: int) -> DTypeInfo:
     """The row of an ONNX ``TensorProto`` data type code; UnsupportedDType if unknown."""
-    info = _BY_ONNX.get(code) if type(code) is int or isinstance(code, np.integer) else None
-    if info is None:
-        raise UnsupportedDType(f"ONNX element type {code!r} is not one Tandem knows")
-    return info
+    return _find(_BY_ONNX, int(code) if isinstance(code, np.integer) else code, int,
+                 "ONNX element type")
 
 
 def by_ort(type_str: str) -> DTypeInfo:
     """The row of an ONNX Runtime type string (``NodeArg.type``, e.g. ``"tensor(float)"``)."""
-    info = _BY_ORT.get(type_str) if isinstance(type_str, str) else None
-    if info is None:
-        raise UnsupportedDType(f"ONNX Runtime type {type_str!r} is not one Tandem knows")
-    return info
+    return _find(_BY_ORT, type_str, str, "ONNX Runtime type")
 
 
 def by_numpy(dtype: object) -> DTypeInfo:
@@ -190,10 +189,7 @@ def by_numpy(dtype: object) -> DTypeInfo:
         raise UnsupportedDType(f"{dtype!r} is not a numpy dtype") from None
     if nd.name == "bfloat16" and nd.itemsize == 2:
         return _BY_NAME["bfloat16"]
-    info = _BY_NUMPY.get(nd.newbyteorder("<"))
-    if info is None:
-        raise UnsupportedDType(f"numpy dtype {nd} is not one Tandem knows")
-    return info
+    return _find(_BY_NUMPY, nd.newbyteorder("<"), np.dtype, "numpy dtype")
 
 
 def by_wire(dtype: DType | int) -> DTypeInfo:

@@ -24,7 +24,6 @@ from tandem.protocol.errors import InvalidArgument
 
 __all__ = [
     "MAX_ID_LEN",
-    "MAX_TOPIC_LEN",
     "PREFIX",
     "assign_topic",
     "load_topic",
@@ -33,17 +32,16 @@ __all__ = [
     "parse_request_topic",
     "parse_response_topic",
     "parse_status_topic",
+    "refused_character",
     "request_filter",
     "request_topic",
     "response_topic",
     "status_topic",
     "validate_id",
-    "validate_topic",
 ]
 
 PREFIX = "tandem/v1"
 MAX_ID_LEN = 128  # bytes of UTF-8
-MAX_TOPIC_LEN = 65535  # bytes of UTF-8: an MQTT string's 16-bit length
 # Characters MQTT 5 §1.5.4 lets a receiver refuse (mosquitto does): controls and noncharacters.
 # Lone surrogates (U+D800..U+DFFF) cannot be encoded as UTF-8 at all and are refused before.
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef\ufffe\uffff"
@@ -53,8 +51,16 @@ _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef\ufffe\uffff"
 _WILDCARDS = re.compile("[+#]")
 
 
-def _text(s: object, what: str) -> str:
-    """``s`` as a str of well-formed UTF-8 free of what brokers refuse; InvalidArgument if not."""
+def refused_character(s: str) -> str | None:
+    """The first character of ``s`` that MQTT brokers refuse in a topic (a control character or
+    a noncharacter, MQTT 5 §1.5.4), or None."""
+    bad = _UNSAFE.search(s)
+    return None if bad is None else bad.group()
+
+
+def validate_id(s: str | bytes, what: str = "id") -> str:
+    """``s`` as a str if it is usable as one topic level; InvalidArgument naming ``what`` if not
+    (rules in the module docstring)."""
     if isinstance(s, (bytes, bytearray, memoryview)):
         try:
             s = bytes(s).decode("utf-8")
@@ -65,22 +71,14 @@ def _text(s: object, what: str) -> str:
     if not s:
         raise InvalidArgument(f"{what} must not be empty")
     try:
-        s.encode("utf-8")
+        n = len(s.encode("utf-8"))
     except UnicodeEncodeError as exc:  # lone surrogates
         raise InvalidArgument(f"{what} is not valid UTF-8: {s!r}") from exc
-    bad = _UNSAFE.search(s)
+    bad = refused_character(s)
     if bad is not None:
         raise InvalidArgument(
-            f"{what} contains U+{ord(bad.group()):04X}, a control character or noncharacter "
-            f"that MQTT brokers refuse in topics: {s!r}")
-    return s
-
-
-def validate_id(s: str | bytes, what: str = "id") -> str:
-    """``s`` as a str if it is usable as one topic level; InvalidArgument naming ``what`` if not
-    (rules in the module docstring)."""
-    s = _text(s, what)
-    n = len(s.encode("utf-8"))
+            f"{what} contains U+{ord(bad):04X}, a control character or noncharacter that MQTT "
+            f"brokers refuse in topics: {s!r}")
     if n > MAX_ID_LEN:
         raise InvalidArgument(f"{what} is {n} bytes long (at most {MAX_ID_LEN})")
     if s[0] == "$":
@@ -88,20 +86,6 @@ def validate_id(s: str | bytes, what: str = "id") -> str:
     if "/" in s or _WILDCARDS.search(s):
         raise InvalidArgument(f"{what} must not contain '/', '+' or '#': {s!r}")
     return s
-
-
-def validate_topic(topic: str | bytes, what: str = "topic") -> str:
-    """``topic`` as a str if a broker accepts it as a topic *name* (not a filter): non-empty
-    well-formed UTF-8 of at most :data:`MAX_TOPIC_LEN` bytes, without wildcards, control
-    characters or noncharacters. Says nothing about whether we should publish there: a server
-    answers only on the response topic of the device a request came from."""
-    topic = _text(topic, what)
-    n = len(topic.encode("utf-8"))
-    if n > MAX_TOPIC_LEN:
-        raise InvalidArgument(f"{what} is {n} bytes long (at most {MAX_TOPIC_LEN})")
-    if _WILDCARDS.search(topic):
-        raise InvalidArgument(f"{what} must not contain the wildcards '+' or '#': {topic!r}")
-    return topic
 
 
 def request_topic(device_id: str, model: str) -> str:

@@ -41,17 +41,21 @@ from tandem.protocol.bundle._errors import (
     BundleNotFound,
 )
 from tandem.protocol.bundle._files import CHUNK, check_target, install_dir, remove_tree, staging_dir
-from tandem.protocol.bundle._load import MAX_SIGNATURE_BYTES, check_content, verify_dir
+from tandem.protocol.bundle._load import (
+    MAX_SIGNATURE_BYTES,
+    check_content,
+    checked_manifest,
+    verify_dir,
+)
 from tandem.protocol.bundle._schema import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     SIGNATURE_NAME,
     Manifest,
-    ManifestError,
     path_problem,
 )
-from tandem.protocol.bundle._sign import KeySource, decode_signature, verify_bytes
-from tandem.protocol.errors import MissingDependency, ResourceExhausted, UnsupportedVersion
+from tandem.protocol.bundle._sign import KeySource
+from tandem.protocol.errors import MissingDependency, ResourceExhausted
 
 __all__ = [
     "MAX_MEMBERS",
@@ -379,22 +383,7 @@ def read_head(archive: Path, *, public_key: KeySource | None = None) -> ArchiveH
         signature = None
         if second is not None and _name(second) == SIGNATURE_NAME:
             signature = _read_small(tar, second, archive, MAX_SIGNATURE_BYTES)
-    verified = False
-    if public_key is not None:
-        what = f"{label}: {SIGNATURE_NAME}"
-        if signature is None:
-            raise BundleIntegrityError(
-                f"{label}: {SIGNATURE_NAME} is missing (it must follow {MANIFEST_NAME}) and a "
-                "public key is configured; refusing an unsigned bundle")
-        verify_bytes(content, decode_signature(signature, what=what), public_key, what=what)
-        verified = True
-    try:
-        manifest = Manifest.from_json(content)
-        manifest.check_references()
-    except ManifestError as exc:
-        raise exc.from_source(f"{label}: {MANIFEST_NAME}") from None
-    except UnsupportedVersion as exc:
-        raise UnsupportedVersion(f"{label}: {exc}") from None
+    manifest, verified = checked_manifest(content, signature, public_key, label)
     return ArchiveHead(content, signature, manifest, verified, identity)
 
 

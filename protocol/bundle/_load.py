@@ -42,7 +42,7 @@ from tandem.protocol.bundle._select import Role, Selection, select_from
 from tandem.protocol.bundle._sign import KeySource, decode_signature, verify_bytes
 from tandem.protocol.errors import UnsupportedVersion
 
-__all__ = ["MAX_SIGNATURE_BYTES", "Bundle", "check_content", "verify_dir"]
+__all__ = ["MAX_SIGNATURE_BYTES", "Bundle", "check_content", "checked_manifest", "verify_dir"]
 
 MAX_SIGNATURE_BYTES = 1024
 
@@ -237,27 +237,12 @@ def verify_dir(
     sig_st = _lstat(sig_path)
     if sig_st is not None and not stat.S_ISREG(sig_st.st_mode):
         raise BundleIntegrityError(f"{label}: {SIGNATURE_NAME} is {_kind(sig_st.st_mode)}")
-    verified = False
-    if public_key is not None:
-        if sig_st is None:
-            raise BundleIntegrityError(
-                f"{label}: {SIGNATURE_NAME} is missing and a public key is configured; "
-                "refusing an unsigned bundle"
-            )
+    signature = None
+    if public_key is not None and sig_st is not None:
         if sig_st.st_size > MAX_SIGNATURE_BYTES:
             raise BundleIntegrityError(f"{label}: {SIGNATURE_NAME} is not a signature (too big)")
-        what = f"{label}: {SIGNATURE_NAME}"
-        signature = decode_signature(sig_path.read_bytes(), what=what)
-        verify_bytes(content, signature, public_key, what=what)
-        verified = True
-
-    try:
-        manifest = Manifest.from_json(content)
-        manifest.check_references()
-    except ManifestError as exc:
-        raise exc.from_source(f"{label}: {MANIFEST_NAME}") from None
-    except UnsupportedVersion as exc:
-        raise UnsupportedVersion(f"{label}: {exc}") from None
+        signature = sig_path.read_bytes()
+    manifest, verified = checked_manifest(content, signature, public_key, label)
 
     listed = {entry.path: entry for entry in manifest.files}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -292,6 +277,30 @@ def verify_dir(
         verified=[f.path for f in manifest.files] if (
             verify_digests if mark_verified is None else mark_verified) else (),
     )
+
+
+def checked_manifest(content: bytes, signature: bytes | None, public_key: KeySource | None,
+                     label: str) -> tuple[Manifest, bool]:
+    """Verify ``signature`` over ``content`` when a key is configured — before anything of the
+    manifest is parsed — then parse and check the manifest: ``(manifest, signature verified)``.
+    """
+    verified = False
+    if public_key is not None:
+        what = f"{label}: {SIGNATURE_NAME}"
+        if signature is None:
+            raise BundleIntegrityError(
+                f"{label}: {SIGNATURE_NAME} is missing and a public key is configured; "
+                "refusing an unsigned bundle")
+        verify_bytes(content, decode_signature(signature, what=what), public_key, what=what)
+        verified = True
+    try:
+        manifest = Manifest.from_json(content)
+        manifest.check_references()
+    except ManifestError as exc:
+        raise exc.from_source(f"{label}: {MANIFEST_NAME}") from None
+    except UnsupportedVersion as exc:
+        raise UnsupportedVersion(f"{label}: {exc}") from None
+    return manifest, verified
 
 
 def _check_file(label: str, root: Path, entry: FileEntry, hash_it: bool) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from tandem.protocol import topics
 from tandem.protocol.errors import InvalidArgument
+from tandem.protocol.transport import check_topic
 from tests.protocol.test_topics import BROKER_REFUSED
 
 BROKER_ACCEPTED = ["cam-01", "cam\u00a0", "cam\ufdcf", "cam\ufdf0", "cam\ufffd", "cam\U0001fffd",
@@ -102,11 +103,13 @@ def test_validate_id_refuses_exactly_what_mosquitto_refuses(mosquitto):
         with pytest.raises(InvalidArgument):
             topics.validate_id(bad, "device_id")
         topic = f"tandem/v1/resp/{bad}"  # what response_topic() would have built
+        with pytest.raises(InvalidArgument):
+            check_topic(topic)
         assert _broker_takes(mosquitto.port, topic) == (False, False), (
             f"mosquitto accepted {bad!r}: validate_id is stricter than the broker")
     for good in BROKER_ACCEPTED:
         topic = topics.response_topic(good)
-        assert topics.validate_topic(topic) == topic
+        assert check_topic(topic) == topic  # the transport's whole-topic check agrees
         assert _broker_takes(mosquitto.port, topic) == (True, True), (
             f"mosquitto refused {good!r}, which validate_id accepts")
         assert topics.parse_response_topic(topic) == good
