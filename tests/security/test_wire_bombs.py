@@ -65,7 +65,11 @@ def measure(setup: str, attack: str, *, timeout_s: float = 120.0,
     done = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True,
                           timeout=timeout_s, env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    error = result["error"][0] if result["error"] else "no error"
+    print(f"\n  measured: {error}, peak RSS +{result['peak_growth'] / MiB:.2f} MiB, "
+          f"{result['written']} bytes written (pytest -s shows this)")
+    return result
 
 
 def _limits_kwargs(limits: Limits) -> dict:
