@@ -281,8 +281,9 @@ def _open_tar(archive: Path) -> Iterator[tuple[tarfile.TarFile, _Tracked]]:
                 tar = stack.enter_context(tarfile.open(fileobj=tracked, mode="r|",
                                                        tarinfo=_SafeTarInfo))
             except (tarfile.TarError, OSError, EOFError) as exc:
-                if magic == b"":
-                    raise BundleError(f"{archive}: not a bundle archive (empty file)") from None
+                if stream is raw:  # not even one tar header, and no compression: not ours
+                    why = "empty file" if magic == b"" else exc
+                    raise BundleError(f"{archive}: not a bundle archive ({why})") from None
                 raise _corrupt(archive, exc, tracked) from None
             yield tar, tracked
         except _OversizedHeader as exc:

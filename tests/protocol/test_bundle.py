@@ -911,7 +911,10 @@ def test_a_truncated_archive_says_truncated(tmp_path: Path, bundle_dir: Path, co
             try:
                 call(archive)
             except BundleError as exc:
-                assert "truncated archive" in str(exc), (n, len(whole), str(exc))
+                if compression == "none" and n < 512:  # not even a tar header: not an archive
+                    assert "not a bundle archive" in str(exc), (n, str(exc))
+                else:
+                    assert "truncated archive" in str(exc), (n, len(whole), str(exc))
             else:  # only a cut in the end-of-archive padding leaves every file whole
                 assert compression == "none" and n >= content_end, (n, len(whole))
                 shutil.rmtree(tmp_path / "out", ignore_errors=True)
