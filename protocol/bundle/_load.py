@@ -104,6 +104,9 @@ class Bundle:
         Raises BundleIntegrityError on a mismatch, BundleNotFound for an unlisted path."""
         closure = self.manifest.closure(paths)
         with self._lock:
+            if self.closed:
+                raise BundleError(f"{self.source}: the bundle was closed (its extracted files "
+                                  "are gone); open it again")
             todo = [p for p in closure if p not in self._verified]
             if not todo:
                 return closure
@@ -148,6 +151,11 @@ class Bundle:
                 str(self.root), entry, len(data), lambda: hashlib.sha256(data).hexdigest()
             )
         return data
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` removed an archive's extraction (never for a directory)."""
+        return self._finalizer is not None and not self._finalizer.alive
 
     def close(self) -> None:
         """Remove the temporary extraction of an archive (no-op for a directory bundle)."""

@@ -982,6 +982,10 @@ def test_an_archive_opened_lazily_extracts_only_what_is_used(tmp_path: Path, bun
         b.verify(["parts/head_1.onnx", "parts/tail_1.onnx"])
         assert on_disk() == ["manifest.json", "parts/head_1.onnx", "parts/tail_1.onnx"]
         assert b.digest == load_bundle(bundle_dir).digest
+    assert b.closed
+    with pytest.raises(BundleError, match="closed"):
+        b.path_of("parts/full.onnx")
+    assert not open_bundle(bundle_dir).closed
 
 
 # -- manifest bombs -------------------------------------------------------------------------------
