@@ -235,8 +235,7 @@ class NatsTransport(Transport):
         async def on_error(exc: BaseException) -> None:
             if not self._up and self._state == "open" and self._nc is None:
                 failures.append(exc)  # the first connect: every seed failed once → give up
-                if len(failures) >= len(self.servers) or isinstance(
-                        exc, self._errors.AuthorizationError):
+                if len(failures) >= len(self.servers) or _is_auth_failure(exc):
                     gave_up.set()
                 return
             self._on_error(exc)
@@ -280,10 +279,11 @@ class NatsTransport(Transport):
     def _connect_error(self, connecting: asyncio.Future, failures: list[BaseException]
                        ) -> TandemError:
         where = ", ".join(self.servers)
-        exc = None
-        if connecting.done() and not connecting.cancelled():
-            exc = connecting.exception()
-        exc = exc or (failures[-1] if failures else None)
+        seen = list(failures)
+        if connecting.done() and not connecting.cancelled() and connecting.exception():
+            seen.append(connecting.exception())
+        # credentials refused is the answer that matters (the server then resets the socket)
+        exc = next((e for e in seen if _is_auth_failure(e)), seen[-1] if seen else None)
         if exc is None:
             return Unavailable(f"no NATS server at {where} answered within "
                                f"{self.config.connect_timeout_s:g}s")
@@ -297,8 +297,7 @@ class NatsTransport(Transport):
         if isinstance(exc, TandemError):
             return exc
         text = str(exc) or type(exc).__name__
-        if (e is not None and isinstance(exc, e.AuthorizationError)) or \
-                "authorization violation" in text.lower():
+        if _is_auth_failure(exc):
             return PermissionDenied(f"{what}: authorization violation (user name or password)")
         if isinstance(exc, ssl.SSLCertVerificationError):
             return PermissionDenied(f"{what}: TLS certificate rejected: {exc.verify_message}")
@@ -461,7 +460,7 @@ class NatsTransport(Transport):
         try:
             if nc is None:
                 raise Unavailable("transport closed")
-            await nc.flush(max(1, self.config.connect_timeout_s))
+            await _server_has_all(nc, self.config.connect_timeout_s)
         except asyncio.CancelledError:
             err = Unavailable("transport closed")
             raise
@@ -511,7 +510,7 @@ class NatsTransport(Transport):
                 entry.subs.append(await nc.subscribe(subject, queue=entry.queue or "", cb=cb))
             self._table[topic_filter] = entry
             if nc.is_connected:
-                await nc.flush(max(1, self.config.connect_timeout_s))
+                await _server_has_all(nc, self.config.connect_timeout_s)
             refused = [t for t in self._refusals[seen:]
                        if any(f'"{s}"' in t for s in entry.subjects)]
             if refused:
@@ -574,6 +573,21 @@ class NatsTransport(Transport):
             if other.queue is None and topic_matches(flt, topic):
                 return flt == topic_filter
         return entry.queue is not None
+
+
+def _is_auth_failure(exc: BaseException) -> bool:
+    return type(exc).__name__ == "AuthorizationError" or \
+        "authorization violation" in str(exc).lower()
+
+
+async def _server_has_all(nc: Any, timeout_s: float) -> None:
+    """Return once the server has processed everything sent so far (and answered it: a
+    refusal arrives before this returns). nats-py's ``flush()`` writes its PING straight to the
+    socket while earlier commands may still wait for its flusher task, so the PONG can come
+    before the server saw them: the first round trip gets them written, the second is the
+    barrier."""
+    await nc.flush(max(1, timeout_s))
+    await nc.flush(max(1, timeout_s))
 
 
 async def _quiet(awaitable: Any) -> None:
