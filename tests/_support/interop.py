@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tests._support.broker import BrokerError, free_port
+from tests._support.broker import BrokerError, Mosquitto, _port_open, free_port
 
 __all__ = [
     "AEDES_DIR",
@@ -36,14 +34,6 @@ __all__ = [
 ]
 
 AEDES_DIR = Path(__file__).resolve().parent / "aedes"
-
-
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 def nats_binary() -> str | None:
@@ -86,6 +76,15 @@ class BrokerProcess:
 
     name = "broker"
 
+    # the process lifecycle is the mosquitto helper's (same attributes: _proc, _log, log_path)
+    running = Mosquitto.running
+    pid = Mosquitto.pid
+    kill = Mosquitto.kill
+    stop = Mosquitto.stop
+    _signal_and_wait = Mosquitto._signal_and_wait
+    _reap = Mosquitto._reap
+    log_tail = Mosquitto.log_tail
+
     def __init__(self, directory: Path, *, host: str = "127.0.0.1",
                  start_timeout_s: float = 20.0) -> None:
         self.directory = Path(directory)
@@ -106,14 +105,6 @@ class BrokerProcess:
     def ready(self) -> bool:
         """Beyond the ports accepting: is the broker ready to serve?"""
         return True
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     def start(self):
         if self.running:
@@ -140,46 +131,8 @@ class BrokerProcess:
             time.sleep(0.02)  # polling interval of the readiness probe
         return self
 
-    def kill(self) -> None:
-        """SIGKILL: gone as in a crash."""
-        self._signal_and_wait(signal.SIGKILL)
-
-    def stop(self) -> None:
-        """SIGTERM and wait; SIGKILL if it does not exit in 5 s."""
-        self._signal_and_wait(signal.SIGTERM)
-
-    def _signal_and_wait(self, sig: int) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        self._reap()
-
-    def _reap(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        self._proc = None
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def __enter__(self):
-        if not self.running:
-            self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    __enter__ = Mosquitto.__enter__
+    __exit__ = Mosquitto.__exit__
 
     def __repr__(self) -> str:
         state = f"pid={self.pid}" if self.running else "stopped"

@@ -22,13 +22,7 @@ from tandem.protocol import codec, topics
 from tandem.protocol.errors import Unavailable
 from tandem.protocol.mqtt import MqttTransport
 from tandem.protocol.transport import IncomingMessage, TransportConfig
-from tests._support.interop import (
-    Aedes,
-    Amqtt,
-    aedes_missing,
-    amqtt_missing,
-    nats_missing,
-)
+from tests._support.interop import aedes_missing, amqtt_missing, nats_missing
 from tests.protocol import test_transport_contract as contract
 
 pytestmark = [pytest.mark.timeout(90)]
@@ -52,17 +46,12 @@ def _mosquitto(request, max_packet_bytes):
     return request.getfixturevalue("mosquitto_factory")(**opts)
 
 
-def _started(request, broker):
-    request.addfinalizer(broker.stop)
-    return broker.start()
-
-
 def _amqtt(request, max_packet_bytes):
-    return _started(request, Amqtt(request.getfixturevalue("tmp_path_factory").mktemp("amqtt")))
+    return request.getfixturevalue("amqtt_factory")()
 
 
 def _aedes(request, max_packet_bytes):
-    return _started(request, Aedes(request.getfixturevalue("tmp_path_factory").mktemp("aedes")))
+    return request.getfixturevalue("aedes_factory")()
 
 
 def _nats_mqtt(request, max_packet_bytes):
