@@ -1,0 +1,109 @@
+"""``tandem cloud serve`` as a real process: startup, graceful shutdown that drains, and the
+at-least-once contract after SIGKILL (a client that retries by id gets every answer)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import pytest
+
+from tandem.protocol import (
+    AsyncTransport,
+    DeadlineExceeded,
+    InferenceResponse,
+    TransportConfig,
+    Unavailable,
+)
+from tests.cloud.conftest import broker_url, request_for, topic_for
+
+pytestmark = pytest.mark.broker
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    from tandem.cli import main
+
+    assert main(["cloud", "serve", "--repo", str(tmp_path / "none")]) == 1
+    assert main(["cloud", "serve", "--repo", str(tmp_path), "--broker", "http://x"]) == 1
+    assert main(["cloud", "serve", "--repo", str(tmp_path), "--max-batch", "0"]) == 1
+
+
+def test_unreachable_broker_is_a_one_line_error(serve_process, repo):
+    from tests._support.broker import free_port
+
+    p = serve_process("--repo", str(repo), "--broker", f"mqtt://127.0.0.1:{free_port()}")
+    assert p.wait(60) == 1
+    log = p.log()
+    assert "Traceback" not in log and "error:" in log.splitlines()[-1]
+
+
+async def _stream(port: int, requests: list, *, timeout: float) -> list:
+    async with AsyncTransport(TransportConfig(host="127.0.0.1", port=port)) as t:
+        return await asyncio.gather(
+            *(t.request(topic_for(r, "dynamic_batch"), r, timeout=timeout) for r in requests),
+            return_exceptions=True)
+
+
+def test_sigterm_drains_the_queue_then_disconnects(mosquitto, serve_process, repo, compiled):
+    # a long batch delay keeps requests queued when SIGTERM arrives
+    p = serve_process("--repo", str(repo), "--broker", broker_url(mosquitto), "--worker-id",
+                      "drainer", "--max-batch", "64", "--max-delay-ms", "800")
+    p.wait_for_log("serving $share/tandem")
+    requests = [request_for(compiled["dynamic_batch"], 0, seed=i)[0] for i in range(20)]
+
+    async def main() -> list:
+        task = asyncio.ensure_future(_stream(mosquitto.port, requests, timeout=15))
+        await asyncio.sleep(0.4)  # the requests are queued, waiting for the batch delay
+        p.signal(signal.SIGTERM)
+        return await task
+
+    results = asyncio.run(main())
+    assert p.wait(30) == 0, p.log()
+    assert all(isinstance(r, InferenceResponse) for r in results), results  # drained, computed
+    log = p.log()
+    assert "draining" in log and "stopped (answered 20" in log
+
+
+def test_after_sigkill_a_client_retrying_by_id_gets_every_answer(mosquitto, serve_process, repo,
+                                                                 compiled):
+    """The documented contract: the worker's requests die with it; the device retries the same
+    ids on a timeout, another worker (or the restarted one) answers them."""
+    args = ("--repo", str(repo), "--broker", broker_url(mosquitto), "--max-batch", "4",
+            "--max-delay-ms", "50")
+    victim = serve_process(*args, "--worker-id", "victim")
+    survivor = serve_process(*args, "--worker-id", "survivor")
+    victim.wait_for_log("serving $share/tandem")
+    survivor.wait_for_log("serving $share/tandem")
+    requests = [request_for(compiled["dynamic_batch"], 0, seed=i)[0] for i in range(60)]
+
+    retries = [0]
+
+    async def main() -> dict[bytes, InferenceResponse]:
+        answers: dict[bytes, InferenceResponse] = {}
+        async with AsyncTransport(TransportConfig(host="127.0.0.1", port=mosquitto.port)) as t:
+            async def one(r) -> None:
+                for _ in range(20):  # retry by id until answered (at least once)
+                    try:
+                        answers[r.id] = await t.request(topic_for(r, "dynamic_batch"), r,
+                                                        timeout=1.5)
+                        return
+                    except (DeadlineExceeded, Unavailable):
+                        retries[0] += 1
+
+            async def killer() -> None:
+                await asyncio.sleep(0.15)  # mid-stream
+                victim.signal(signal.SIGKILL)
+
+            await asyncio.gather(killer(), *(one(r) for r in requests))
+        return answers
+
+    started = time.monotonic()
+    answers = asyncio.run(main())
+    assert victim.wait(10) == -signal.SIGKILL
+    assert len(answers) == len(requests), f"{len(requests) - len(answers)} never answered"
+    assert retries[0] > 0  # the kill did take requests down with it
+    assert {a.worker_id for a in answers.values()} <= {"victim", "survivor"}
+    assert time.monotonic() - started < 60
+    survivor.signal(signal.SIGTERM)
+    assert survivor.wait(30) == 0
