@@ -5,7 +5,9 @@ Per batcher (all on the worker's event loop):
 
 * requests wait in a priority queue (higher ``priority`` first, FIFO within a priority);
 * a batch is formed when a compute slot is free and either ``max_batch`` rows are waiting or the
-  oldest request has waited ``max_delay_ms``;
+  oldest request has waited ``max_delay_ms`` — except that while recent waits brought no other
+  request (closed-loop low load: one request in flight), it is formed at once, with a probing
+  wait every 16th batch (so ``max_delay_ms`` never becomes pure latency at concurrency 1);
 * at formation, a request whose deadline has passed — or that cannot finish before it given the
   part's measured compute time — is answered DEADLINE_EXCEEDED without being computed;
 * a batch holds requests of one input signature only (names, dtypes, every dim but the leading
@@ -143,6 +145,9 @@ class _Batcher:
         self.heap: list[tuple[int, int, WorkItem]] = []
         self.rows = 0
         self.wake = asyncio.Event()
+        # did waiting for company bring any? (EWMA of 1/0 per wait): see _should_wait
+        self.join_rate = 1.0
+        self.batches = 0
         self.task = asyncio.get_running_loop().create_task(self._run(),
                                                            name=f"batcher {part.label}")
 
@@ -166,15 +171,22 @@ class _Batcher:
                 await self.wake.wait()
                 continue
             # let the batch fill up to max_batch rows, or until the oldest has waited max_delay
-            while self.rows < policy.max_batch and not self.d._closing:
+            rows_before = self.rows
+            waited = False
+            while self.rows < policy.max_batch and not self.d._closing and self._should_wait():
                 left = self.oldest() + delay - loop.time()
                 if left <= 0:
                     break
+                waited = True
                 self.wake.clear()
+                timer = loop.call_at(loop.time() + left, self.wake.set)
                 try:
-                    await asyncio.wait_for(self.wake.wait(), left)
-                except asyncio.TimeoutError:
-                    break
+                    await self.wake.wait()
+                finally:
+                    timer.cancel()
+            if waited:
+                joined = 1.0 if self.rows > rows_before else 0.0
+                self.join_rate += _EWMA * (joined - self.join_rate)
             await self.d._slots.acquire()
             try:
                 batch = self._form(loop.time())
@@ -184,7 +196,15 @@ class _Batcher:
             if not batch:
                 self.d._slots.release()
                 continue
+            self.batches += 1
             self.d._spawn(self._compute(batch))
+
+    def _should_wait(self) -> bool:
+        """Wait for a batch to fill only while waiting brings company: under closed-loop low
+        load (one request in flight) nobody can join, and max_delay would be pure latency.
+        While recent waits stayed alone, dispatch at once, probing with a wait every 16th
+        batch so batching resumes when load returns."""
+        return self.join_rate >= 0.1 or self.batches % 16 == 0
 
     def _form(self, now: float) -> list[WorkItem]:
         """Pop the next batch: one signature, highest priority first, at most max_batch rows

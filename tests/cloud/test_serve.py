@@ -69,13 +69,13 @@ def test_after_sigkill_a_client_retrying_by_id_gets_every_answer(mosquitto, serv
                                                                  compiled):
     """The documented contract: the worker's requests die with it; the device retries the same
     ids on a timeout, another worker (or the restarted one) answers them."""
-    args = ("--repo", str(repo), "--broker", broker_url(mosquitto), "--max-batch", "4",
-            "--max-delay-ms", "50")
+    args = ("--repo", str(repo), "--broker", broker_url(mosquitto), "--max-batch", "2",
+            "--max-delay-ms", "20")
     victim = serve_process(*args, "--worker-id", "victim")
     survivor = serve_process(*args, "--worker-id", "survivor")
     victim.wait_for_log("serving $share/tandem")
     survivor.wait_for_log("serving $share/tandem")
-    requests = [request_for(compiled["dynamic_batch"], 0, seed=i)[0] for i in range(60)]
+    requests = [request_for(compiled["dynamic_batch"], 0, seed=i)[0] for i in range(300)]
 
     retries = [0]
 
@@ -92,7 +92,8 @@ def test_after_sigkill_a_client_retrying_by_id_gets_every_answer(mosquitto, serv
                         retries[0] += 1
 
             async def killer() -> None:
-                await asyncio.sleep(0.15)  # mid-stream
+                while len(answers) < 10:  # mid-stream: answers have started to come back
+                    await asyncio.sleep(0.001)
                 victim.signal(signal.SIGKILL)
 
             await asyncio.gather(killer(), *(one(r) for r in requests))
