@@ -8,6 +8,8 @@ Per batcher (all on the worker's event loop):
   oldest request has waited ``max_delay_ms`` — except that while recent waits brought no other
   request (closed-loop low load: one request in flight), it is formed at once, with a probing
   wait every 16th batch (so ``max_delay_ms`` never becomes pure latency at concurrency 1);
+* ``max_batch`` is a ceiling: the batch size formed is the one with the lowest measured compute
+  time per row so far, probing the powers of two above and below (:meth:`_Batcher.limit`);
 * at formation, a request whose deadline has passed — or that cannot finish before it given the
   part's measured compute time — is answered DEADLINE_EXCEEDED without being computed;
 * a batch holds requests of one input signature only (names, dtypes, every dim but the leading
@@ -148,6 +150,8 @@ class _Batcher:
         # did waiting for company bring any? (EWMA of 1/0 per wait): see _should_wait
         self.join_rate = 1.0
         self.batches = 0
+        # per-row compute time by batch-size bucket (powers of two): see limit()
+        self.per_row: dict[int, float] = {}
         self.task = asyncio.get_running_loop().create_task(self._run(),
                                                            name=f"batcher {part.label}")
 
@@ -173,7 +177,8 @@ class _Batcher:
             # let the batch fill up to max_batch rows, or until the oldest has waited max_delay
             rows_before = self.rows
             waited = False
-            while self.rows < policy.max_batch and not self.d._closing and self._should_wait():
+            target = self.limit()
+            while self.rows < target and not self.d._closing and self._should_wait():
                 left = self.oldest() + delay - loop.time()
                 if left <= 0:
                     break
@@ -199,6 +204,28 @@ class _Batcher:
             self.batches += 1
             self.d._spawn(self._compute(batch))
 
+    def limit(self) -> int:
+        """The batch size to form now: the bucket with the lowest measured compute time per
+        row, and every 8th batch the bucket above it (to find out whether larger batches pay)
+        and, four batches later, the one below.
+        Larger batches are not always faster per row on a CPU (a convolution's working set
+        leaves the cache), so ``max_batch`` is a ceiling, not a goal."""
+        top = self.d.policy.max_batch
+        if not self.per_row:
+            return top if self.batches == 0 else 1
+        best = min(self.per_row, key=self.per_row.__getitem__)
+        if best < top and (self.batches % 8 == 0 or best * 2 not in self.per_row):
+            return min(best * 2, top)
+        if best > 1 and self.batches % 8 == 4:
+            return best // 2
+        return min(best, top)
+
+    def record(self, rows: int, compute_ms: float) -> None:
+        bucket = 1 << max(rows - 1, 0).bit_length()
+        cost = compute_ms / max(rows, 1)
+        old = self.per_row.get(bucket)
+        self.per_row[bucket] = cost if old is None else old + _EWMA * (cost - old)
+
     def _should_wait(self) -> bool:
         """Wait for a batch to fill only while waiting brings company: under closed-loop low
         load (one request in flight) nobody can join, and max_delay would be pure latency.
@@ -215,7 +242,7 @@ class _Batcher:
         batch: list[WorkItem] = []
         aside: list[tuple[int, int, WorkItem]] = []
         rows, signature = 0, None
-        limit = self.d.policy.max_batch
+        limit = self.limit()
         while self.heap:
             entry = self.heap[0]
             item = entry[2]
@@ -267,6 +294,7 @@ class _Batcher:
         compute_ms = compute_s * 1000
         if compute_s > 0:
             rows = sum(item.rows for item in batch)
+            self.record(rows, compute_ms)
             self.d.stats.setdefault(self.part.key, PartStats()).add(compute_ms, len(batch), rows)
             if self.d.on_batch is not None:
                 self.d.on_batch(self.part, len(batch), compute_s)

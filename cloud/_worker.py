@@ -58,6 +58,7 @@ __all__ = ["Worker"]
 log = logging.getLogger("tandem.cloud.worker")
 
 _ID_LEN = 16
+_CLOSE_GRACE_S = 0.3
 
 
 class _RateLimitedLog:
@@ -260,6 +261,10 @@ class Worker:
             with contextlib.suppress(TandemError):
                 await self._publish_load("offline")
             if self._own_transport:
+                # the transport on main cannot await PUBACKs yet, and closing right after a
+                # burst of publishes can cut the last packet (mosquitto then drops the
+                # connection, and the replies with it): give the socket a moment to drain
+                await asyncio.sleep(_CLOSE_GRACE_S)
                 await self._transport.close()
         if self.dispatcher is not None:
             await self.dispatcher.close()

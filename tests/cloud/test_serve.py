@@ -4,8 +4,10 @@ at-least-once contract after SIGKILL (a client that retries by id gets every ans
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
+import urllib.request
 
 import pytest
 
@@ -48,19 +50,27 @@ async def _stream(port: int, requests: list, *, timeout: float) -> list:
 def test_sigterm_drains_the_queue_then_disconnects(mosquitto, serve_process, repo, compiled):
     # a long batch delay keeps requests queued when SIGTERM arrives
     p = serve_process("--repo", str(repo), "--broker", broker_url(mosquitto), "--worker-id",
-                      "drainer", "--max-batch", "64", "--max-delay-ms", "800")
+                      "drainer", "--max-batch", "64", "--max-delay-ms", "3000",
+                      "--http-port", "0", env={"TANDEM_LOAD_INTERVAL_S": "0.05"})
     p.wait_for_log("serving $share/tandem")
+    port = int(re.search(r"HTTP on http://127\.0\.0\.1:(\d+)", p.log()).group(1))
     requests = [request_for(compiled["dynamic_batch"], 0, seed=i)[0] for i in range(20)]
+
+    def queued() -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        return float(re.search(r"^tandem_cloud_queue_depth (\S+)$", text, re.M).group(1))
 
     async def main() -> list:
         task = asyncio.ensure_future(_stream(mosquitto.port, requests, timeout=15))
-        await asyncio.sleep(0.4)  # the requests are queued, waiting for the batch delay
+        while queued() < 20:  # all queued, waiting for the batch delay
+            await asyncio.sleep(0.02)
         p.signal(signal.SIGTERM)
         return await task
 
     results = asyncio.run(main())
     assert p.wait(30) == 0, p.log()
-    assert all(isinstance(r, InferenceResponse) for r in results), results  # drained, computed
+    failed = [r for r in results if not isinstance(r, InferenceResponse)]
+    assert not failed, (len(failed), mosquitto.log_tail(60))  # drained: every queued one computed
     log = p.log()
     assert "draining" in log and "stopped (answered 20" in log
 
