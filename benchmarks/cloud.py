@@ -144,7 +144,7 @@ def _role_raw(args: argparse.Namespace) -> None:
 
 
 def _role_client(args: argparse.Namespace) -> None:
-    from tandem.protocol import AsyncTransport, InferenceRequest, Tensor, TransportConfig
+    from tandem.protocol import InferenceRequest, MqttTransport, Tensor, TransportConfig
     from tandem.protocol.messages import new_request_id
 
     tail = json.loads(args.tail)
@@ -154,7 +154,7 @@ def _role_client(args: argparse.Namespace) -> None:
 
     async def main() -> dict:
         cfg = TransportConfig(host="127.0.0.1", port=args.port)
-        async with AsyncTransport(cfg) as t:
+        async with MqttTransport(cfg) as t:
             lat: list[float] = []
             errors = 0
             measuring = False

@@ -4,6 +4,7 @@ starts, not on ``import tandem.cloud``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tandem.protocol.lazy import require
@@ -36,9 +37,6 @@ class Metrics:
             "tandem_cloud_inflight", "Requests taken and not yet answered", registry=r)
         self.queue_depth = prom.Gauge(
             "tandem_cloud_queue_depth", "Requests waiting for a batch", registry=r)
-        self.decode_errors = prom.Counter(
-            "tandem_cloud_decode_errors", "Payloads on the request topics that could not be "
-            "decoded (answered when their id and device were known)", ["answered"], registry=r)
         self.duplicates = prom.Counter(
             "tandem_cloud_duplicates", "Requests whose id was seen within the window (answered "
             "again without recompute)", registry=r)
@@ -52,6 +50,39 @@ class Metrics:
             "tandem_cloud_broker_connected", "1 while connected to the broker", registry=r)
         info = prom.Info("tandem_cloud_worker", "This worker", registry=r)
         info.info({"worker_id": worker_id})
+
+    def watch_serving(self, stats: Callable[[], Any]) -> None:
+        """Expose the transport's serve counters (``ServeStats``, read at each scrape):
+        undecodable payloads, refused topics, busy, expired before start, duplicates dropped
+        while the first copy runs, replies that could not be sent."""
+        prom = self._prom
+        names = {
+            "undecodable": ("tandem_cloud_decode_errors", "Payloads on the request topics "
+                            "that did not decode (answered when their id was readable)"),
+            "refused": ("tandem_cloud_refused", "Requests refused unanswered (bad topic, a "
+                        "reply topic that is not the device's)"),
+            "busy": ("tandem_cloud_transport_busy", "Answered RESOURCE_EXHAUSTED by the "
+                     "transport's admission"),
+            "expired": ("tandem_cloud_transport_expired", "Answered DEADLINE_EXCEEDED by the "
+                        "transport before reaching the batcher"),
+            "duplicates": ("tandem_cloud_inflight_duplicates", "Copies of a request still "
+                           "running, dropped (the first copy's answer is the answer)"),
+            "replies_lost": ("tandem_cloud_replies_lost", "Answers that could not be "
+                             "published (connection lost)"),
+        }
+
+        class _Collector:
+            def collect(self):
+                current = stats()
+                for field, (name, doc) in names.items():
+                    family = prom.metrics_core.CounterMetricFamily(name, doc)
+                    family.add_metric([], float(getattr(current, field, 0) if current else 0))
+                    yield family
+
+            def describe(self):
+                return []
+
+        self.registry.register(_Collector())
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type."""

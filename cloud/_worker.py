@@ -10,11 +10,13 @@ Contract with devices (at least once, idempotent by id):
   here under other digests, DEADLINE_EXCEEDED for a spent budget, RESOURCE_EXHAUSTED for a full
   queue, UNAVAILABLE while shutting down);
 * a request id seen again from the same device within ``dedup_window_s`` (QoS 1 redelivery, a
-  retry) is answered with the same response without recomputing — or, while the first is still
-  computing, with its response when it is ready; retryable errors are not remembered, so a retry
-  after RESOURCE_EXHAUSTED is computed;
-* a payload that cannot be decoded far enough to find its id is counted
-  (``tandem_cloud_decode_errors``) and logged at most once a second; the worker keeps serving;
+  retry) is answered with the same response without recomputing (while the first is still
+  running, the transport drops the copy: the first one's answer is the answer); retryable errors
+  are not remembered, so a retry after RESOURCE_EXHAUSTED is computed;
+* the transport's ``serve`` does the strict decoding: a payload that cannot be decoded far enough
+  to find its id is counted (``tandem_cloud_decode_errors_total``) and logged, rate limited; one
+  whose id is readable (MQTT 5 correlation data) is answered with its error; the worker keeps
+  serving;
 * after a crash (SIGKILL) the requests the worker held are lost with it: a device retries by id
   (same id, same answer if another worker had already computed it), which is why requests are
   idempotent.
@@ -38,10 +40,7 @@ from tandem.cloud._repository import ModelRepository, Part
 from tandem.protocol import codec, topics
 from tandem.protocol.errors import (
     Code,
-    InternalError,
-    InvalidArgument,
     NotFound,
-    ProtocolError,
     TandemError,
     Unavailable,
 )
@@ -57,29 +56,7 @@ __all__ = ["Worker"]
 
 log = logging.getLogger("tandem.cloud.worker")
 
-_ID_LEN = 16
-_CLOSE_GRACE_S = 0.3
-
-
-class _RateLimitedLog:
-    """At most one line per ``interval_s``; the lines in between are counted in the next one."""
-
-    def __init__(self, logger: logging.Logger, interval_s: float = 1.0) -> None:
-        self.logger = logger
-        self.interval_s = interval_s
-        self.next_at = 0.0
-        self.suppressed = 0
-
-    def warning(self, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now < self.next_at:
-            self.suppressed += 1
-            return
-        if self.suppressed:
-            msg += f" ({self.suppressed} more like it since the last report)"
-        self.suppressed = 0
-        self.next_at = now + self.interval_s
-        self.logger.warning(msg, *args)
+_ACK_TIMEOUT_S = 2.0
 
 
 class _ReplyCache:
@@ -149,10 +126,9 @@ class Worker:
         self._transport = transport
         self._own_transport = transport is None
         self._replies = _ReplyCache(config.dedup_window_s, config.dedup_max_mb << 20)
-        self._pending: dict[tuple[str, bytes], asyncio.Future[InferenceResponse]] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._handling = 0  # requests inside the handler (MQTT) or the HTTP path
+        self._idle = asyncio.Event()
         self._background: list[asyncio.Task] = []
-        self._bad_log = _RateLimitedLog(log)
         self._state = "starting"
         self._scanned = False
         self._subscribed = False
@@ -179,14 +155,16 @@ class Worker:
 
     @property
     def inflight(self) -> int:
-        return len(self._tasks)
+        return self._handling
 
     @property
     def queue_depth(self) -> int:
         return self.dispatcher.queue_depth if self.dispatcher is not None else 0
 
-    def _transport_config(self) -> Any:
-        from tandem.protocol.mqtt import TlsConfig, TransportConfig, Will
+    def transport_config(self) -> Any:
+        """The MQTT TransportConfig this worker connects with (client id, credentials, TLS, and
+        its last will: a retained CloudLoad with state \"offline\")."""
+        from tandem.protocol.transport import TlsConfig, TransportConfig, Will
 
         cfg = self.config
         addr = cfg.broker_address
@@ -216,14 +194,21 @@ class Worker:
         log.info("repository %s: %d bundle(s) served, %d rejected", self.config.repo,
                  len(report.added), len(report.rejected))
         if self._transport is None:
-            from tandem.protocol.mqtt import AsyncTransport
+            from tandem.protocol.mqtt import MqttTransport
 
-            self._transport = AsyncTransport(self._transport_config())
+            self._transport = MqttTransport(self.transport_config())
         if self._own_transport:
             await self._transport.connect()
         self._transport.add_connection_listener(self._on_connection)
         self.metrics.connected.set(1 if self._transport.connected else 0)
-        await self._transport.subscribe(self._filter, self._on_message)
+        self.metrics.watch_serving(self._serve_stats)
+        cfg = self.config
+        # the handler hands every request to the dispatcher, which does admission (queue
+        # limit), priorities and deadlines; the transport's own queue is only the anteroom
+        await self._transport.serve(
+            self._filter, self._handle,
+            max_concurrency=cfg.queue_limit + cfg.max_batch * cfg.compute_threads,
+            max_queued=cfg.inflight_limit)
         self._subscribed = True
         self._state = "serving"
         log.info("worker %s serving %s on %s (group %s)", self.worker_id, self._filter,
@@ -234,37 +219,37 @@ class Worker:
         ]
 
     async def stop(self) -> None:
-        """Graceful shutdown: stop taking requests, finish (or answer UNAVAILABLE) everything
-        queued within ``drain_timeout_s``, mark the worker offline, disconnect."""
+        """Graceful shutdown: stop taking requests (new arrivals are answered UNAVAILABLE,
+        retryable), finish what is queued within ``drain_timeout_s`` (what is left then is
+        answered UNAVAILABLE), stop serving, mark the worker offline, disconnect."""
         if self._state in ("stopping", "stopped"):
             await self._stopped.wait()
             return
         self._state = "draining"
         log.info("draining: no new requests, finishing %d queued", self.queue_depth)
-        if self._transport is not None:
+        if self._transport is not None and self._transport.connected:
             with contextlib.suppress(TandemError):
                 await self._publish_load()
-            if self._subscribed:
-                with contextlib.suppress(TandemError):
-                    await self._transport.unsubscribe(self._filter)
-                self._subscribed = False
         cancelled = 0
         if self.dispatcher is not None:
             cancelled = await self.dispatcher.drain(self.config.drain_timeout_s)
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=self.config.drain_timeout_s + 5)
+        if self._handling:  # the handlers return and their answers go out
+            self._idle.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout_s + 5)
         self._state = "stopping"
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._transport is not None:
-            with contextlib.suppress(TandemError):
-                await self._publish_load("offline")
+            if self._subscribed:
+                with contextlib.suppress(TandemError):
+                    await self._transport.unsubscribe(self._filter)
+                self._subscribed = False
+            with contextlib.suppress(TandemError, asyncio.TimeoutError):
+                handle = await self._publish_load("offline")
+                await asyncio.wait_for(handle, _ACK_TIMEOUT_S)  # PUBACK: it is out
             if self._own_transport:
-                # the transport on main cannot await PUBACKs yet, and closing right after a
-                # burst of publishes can cut the last packet (mosquitto then drops the
-                # connection, and the replies with it): give the socket a moment to drain
-                await asyncio.sleep(_CLOSE_GRACE_S)
                 await self._transport.close()
         if self.dispatcher is not None:
             await self.dispatcher.close()
@@ -307,9 +292,9 @@ class Worker:
         except NotFound:
             return None
 
-    async def _publish_load(self, state: str | None = None) -> None:
-        await self._transport.publish_message(topics.load_topic(self.worker_id),
-                                              self._load(state), qos=1, retain=True)
+    async def _publish_load(self, state: str | None = None) -> Any:
+        return await self._transport.publish_message(topics.load_topic(self.worker_id),
+                                                     self._load(state), qos=1, retain=True)
 
     async def _report_loop(self) -> None:
         while True:
@@ -362,113 +347,75 @@ class Worker:
 
     # -- MQTT requests ------------------------------------------------------------------------
 
-    def _on_message(self, msg: Any) -> None:
-        """Every message on the request filter, on the transport's loop: decode strictly, then
-        one task per request (which answers exactly once)."""
-        try:
-            device, model = topics.parse_request_topic(msg.topic)
-        except InvalidArgument as exc:
-            self._undecodable(msg, None, exc)
-            return
-        try:
-            request = codec.decode(msg.payload)
-        except ProtocolError as exc:
-            self._undecodable(msg, device, exc)
-            return
-        if type(request) is not InferenceRequest:
-            self._undecodable(msg, device, InvalidArgument(
-                f"a {type(request).__name__} on a request topic"))
-            return
-        arrived = time.monotonic()
-        task = asyncio.get_running_loop().create_task(
-            self._serve_request(device, model, request, msg, arrived))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _serve_stats(self) -> Any:
+        if self._transport is None:
+            return None
+        return self._transport.stats().serving.get(self._filter)
 
-    def _undecodable(self, msg: Any, device: str | None, exc: TandemError) -> None:
-        """Answer INVALID_ARGUMENT (or the decoder's code) when the id is known from the MQTT 5
-        correlation data and the device from the topic; count and log (rate limited) always."""
-        rid = getattr(msg, "correlation_data", None)
-        answered = device is not None and isinstance(rid, bytes) and len(rid) == _ID_LEN
-        self.metrics.decode_errors.labels("yes" if answered else "no").inc()
-        self._bad_log.warning("undecodable payload on %.200r (%d bytes): %s", msg.topic,
-                              len(msg.payload), exc)
-        if answered:
-            response = _error_response(rid, exc, self.worker_id, self.queue_depth)
-            self._count("-", exc, "mqtt")
-            self._spawn(self._send(device, response))
+    def _enter(self) -> None:
+        self._handling += 1
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _leave(self) -> None:
+        self._handling -= 1
+        if self._handling == 0:
+            self._idle.set()
 
-    async def _send(self, device: str, response: InferenceResponse) -> None:
+    async def _handle(self, request: InferenceRequest, ctx: Any) -> InferenceResponse:
+        """The transport's async handler (on the loop): one decoded request from the device of
+        ``ctx.device_id``; returns its answer (or raises a TandemError, answered as such)."""
+        self._enter()
+        model_name = ctx.model
         try:
-            await self._transport.publish_message(topics.response_topic(device), response)
+            key = (ctx.device_id, request.id)
+            now = time.monotonic()
+            cached = self._replies.get(key, now)
+            if cached is not None:
+                self.metrics.duplicates.inc()
+                response = cached
+            else:
+                response, model_name = await self._answer(request, ctx)
+                if response.error is None or not response.error.retryable:
+                    self._replies.put(key, response, time.monotonic())
             self.answered += 1
-        except TandemError as exc:  # lost connection: the device retries by id
-            log.warning("could not answer %s on %s: %s", response.id.hex(), device, exc)
-
-    async def _serve_request(self, device: str, model: str, request: InferenceRequest,
-                             msg: Any, arrived: float) -> None:
-        key = (device, request.id)
-        cached = self._replies.get(key, arrived)
-        if cached is not None:
-            self.metrics.duplicates.inc()
-            await self._send(device, cached)
-            return
-        pending = self._pending.get(key)
-        if pending is not None:
-            self.metrics.duplicates.inc()
-            await self._send(device, await asyncio.shield(pending))
-            return
-        future: asyncio.Future[InferenceResponse] = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
-        try:
-            response, model_name = await self._answer(device, model, request, msg, arrived)
-        except Exception as exc:  # our bug; the device still gets its one answer
-            log.exception("request %s failed", request.id.hex())
-            response, model_name = _error_response(
-                request.id, InternalError(f"{type(exc).__name__}: {exc}"), self.worker_id,
-                self.queue_depth), model
+            return response
+        except TandemError as exc:
+            self._count(model_name, exc, "mqtt")
+            self.answered += 1
+            raise
         finally:
-            if self._pending.get(key) is future:
-                del self._pending[key]
-        future.set_result(response)
-        if response.error is None or not response.error.retryable:
-            self._replies.put(key, response, time.monotonic())
-        self._count(model_name, response.error, "mqtt")
-        await self._send(device, response)
+            self._leave()
 
-    async def _answer(self, device: str, model: str, request: InferenceRequest, msg: Any,
-                      arrived: float) -> tuple[InferenceResponse, str]:
+    async def _answer(self, request: InferenceRequest, ctx: Any
+                      ) -> tuple[InferenceResponse, str]:
         rid = request.id
+        model_name = ctx.model
         try:
-            if request.device_id != device:
-                raise InvalidArgument(f"request names device {request.device_id[:128]!r} but "
-                                      f"came on the topic of device {device!r}")
-            part = self.repo.resolve(request.model_digest, request.cut_id, model)
-            budget_s = request.budget_ms / 1000
-            expiry = getattr(msg, "message_expiry_s", None)
-            if expiry is not None:
-                budget_s = min(budget_s, float(expiry))
+            if self._state != "serving" or self.dispatcher is None:
+                raise Unavailable("this worker is shutting down; retry on another",
+                                  retryable=True)
+            part = self.repo.resolve(request.model_digest, request.cut_id, ctx.model)
+            model_name = part.bundle.model_name
             loop = asyncio.get_running_loop()
-            deadline = loop.time() - (time.monotonic() - arrived) + budget_s
-            assert self.dispatcher is not None
+            remaining = ctx.remaining_s()
+            deadline = math.inf if remaining is None else loop.time() + remaining
             future = self.dispatcher.submit(part, request.tensors, deadline=deadline,
                                             priority=request.priority, wire=True)
         except TandemError as exc:
-            return _error_response(rid, exc, self.worker_id, self.queue_depth), model
+            response = _error_response(rid, exc, self.worker_id, self.queue_depth)
+            self._count(model_name, exc, "mqtt")
+            return response, model_name
         outcome = await future
         timings = Timings(queue_ms=round(outcome.queue_ms, 3),
                           compute_ms=round(outcome.compute_ms, 3))
         if outcome.error is not None:
-            return (_error_response(rid, outcome.error, self.worker_id, self.queue_depth,
-                                    timings), part.bundle.model_name)
-        return (InferenceResponse(id=rid, outputs=outcome.outputs,  # type: ignore[arg-type]
-                                  timings=timings, worker_id=self.worker_id,
-                                  queue_depth=self.queue_depth), part.bundle.model_name)
+            response = _error_response(rid, outcome.error, self.worker_id, self.queue_depth,
+                                       timings)
+        else:
+            response = InferenceResponse(id=rid, outputs=outcome.outputs,  # type: ignore[arg-type]
+                                         timings=timings, worker_id=self.worker_id,
+                                         queue_depth=self.queue_depth)
+        self._count(model_name, outcome.error, "mqtt")
+        return response, model_name
 
     # -- HTTP (whole-model requests) ----------------------------------------------------------
 
@@ -491,7 +438,11 @@ class Worker:
         deadline = math.inf if deadline_ms is None else loop.time() + deadline_ms / 1000
         future = self.dispatcher.submit(part, feeds, deadline=deadline, priority=priority,
                                         wire=False)
-        return await future
+        self._enter()
+        try:
+            return await future
+        finally:
+            self._leave()
 
     def count_http(self, model: str, error: TandemError | None) -> None:
         self._count(model, error, "http")

@@ -12,9 +12,9 @@ import urllib.request
 import pytest
 
 from tandem.protocol import (
-    AsyncTransport,
     DeadlineExceeded,
     InferenceResponse,
+    MqttTransport,
     TransportConfig,
     Unavailable,
 )
@@ -41,9 +41,9 @@ def test_unreachable_broker_is_a_one_line_error(serve_process, repo):
 
 
 async def _stream(port: int, requests: list, *, timeout: float) -> list:
-    async with AsyncTransport(TransportConfig(host="127.0.0.1", port=port)) as t:
+    async with MqttTransport(TransportConfig(host="127.0.0.1", port=port)) as t:
         return await asyncio.gather(
-            *(t.request(topic_for(r, "dynamic_batch"), r, timeout=timeout) for r in requests),
+            *(t.request(topic_for(r, "dynamic_batch"), r, timeout_s=timeout) for r in requests),
             return_exceptions=True)
 
 
@@ -91,12 +91,12 @@ def test_after_sigkill_a_client_retrying_by_id_gets_every_answer(mosquitto, serv
 
     async def main() -> dict[bytes, InferenceResponse]:
         answers: dict[bytes, InferenceResponse] = {}
-        async with AsyncTransport(TransportConfig(host="127.0.0.1", port=mosquitto.port)) as t:
+        async with MqttTransport(TransportConfig(host="127.0.0.1", port=mosquitto.port)) as t:
             async def one(r) -> None:
                 for _ in range(20):  # retry by id until answered (at least once)
                     try:
                         answers[r.id] = await t.request(topic_for(r, "dynamic_batch"), r,
-                                                        timeout=1.5)
+                                                        timeout_s=1.5)
                         return
                     except (DeadlineExceeded, Unavailable):
                         retries[0] += 1

@@ -18,10 +18,12 @@ from tandem.protocol import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    MqttTransport,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
+    SyncTransport,
     Tensor,
-    Transport,
     TransportConfig,
     new_request_id,
 )
@@ -32,8 +34,8 @@ from tests.cloud.conftest import broker_url, request_for, topic_for
 pytestmark = pytest.mark.broker
 
 
-def client(broker) -> Transport:
-    return Transport(TransportConfig(host="127.0.0.1", port=broker.port))
+def client(broker) -> SyncTransport:
+    return SyncTransport(MqttTransport(TransportConfig(host="127.0.0.1", port=broker.port)))
 
 
 @pytest.mark.parametrize("model", ["residual", "multi_io"])
@@ -76,8 +78,8 @@ def test_routing_errors_have_the_right_codes(mosquitto, run_worker, repo, compil
             t.request(topic, replace(request, id=new_request_id(), cut_id=17))
         with pytest.raises(FailedPrecondition, match="different bundles"):
             t.request(topic, replace(request, id=new_request_id(), model_digest="1" * 64))
-        with pytest.raises(DeadlineExceeded, match="budget"):
-            t.request(topic, replace(request, id=new_request_id(), budget_ms=0), timeout=5)
+        with pytest.raises(DeadlineExceeded, match=r"budget|deadline"):
+            t.request(topic, replace(request, id=new_request_id(), budget_ms=0), timeout_s=5)
         wrong = (Tensor.from_array("nope", np.zeros((1, 2), np.float32)),)
         with pytest.raises(InvalidArgument, match="takes tensors"):
             t.request(topic, replace(request, id=new_request_id(), tensors=wrong))
@@ -85,10 +87,12 @@ def test_routing_errors_have_the_right_codes(mosquitto, run_worker, repo, compil
         with pytest.raises(InvalidArgument):
             t.request(topic, replace(request, id=new_request_id(), tensors=bad_shape))
         # the answer goes to the device of the topic, whatever the payload says
-        with pytest.raises(InvalidArgument, match="names device"):
-            t.request(topic_for(replace(request, device_id="cam-02"), "residual"),
-                      replace(request, id=new_request_id(),
-                              reply_topic="tandem/v1/resp/cam-02"))
+        spoof = SyncTransport(MqttTransport(TransportConfig(host="127.0.0.1",
+                                                            port=mosquitto.port)))
+        with spoof, pytest.raises(PermissionDenied, match="says device"):
+            spoof.request(topic_for(replace(request, device_id="cam-02"), "residual"),
+                          replace(request, id=new_request_id(),
+                                  reply_topic="tandem/v1/resp/cam-02"))
         # and it still serves
         assert t.request(topic, replace(request, id=new_request_id())).outputs
 
@@ -100,13 +104,11 @@ def test_full_queue_answers_resource_exhausted_at_once(mosquitto, run_worker, re
     import asyncio
 
     async def main() -> list:
-        from tandem.protocol import AsyncTransport
-
-        async with AsyncTransport(TransportConfig(host="127.0.0.1", port=mosquitto.port)) as t:
+        async with MqttTransport(TransportConfig(host="127.0.0.1", port=mosquitto.port)) as t:
             reqs = [request_for(compiled["dynamic_batch"], 0, seed=i)[0] for i in range(4)]
             started = time.monotonic()
             results = await asyncio.gather(
-                *(t.request(topic_for(r, "dynamic_batch"), r, timeout=10) for r in reqs),
+                *(t.request(topic_for(r, "dynamic_batch"), r, timeout_s=10) for r in reqs),
                 return_exceptions=True)
             return [(r, time.monotonic() - started) for r in results]
 
@@ -181,19 +183,18 @@ def test_malformed_payloads_are_answered_when_their_id_is_known(mosquitto, run_w
     assert len(got) == 1 and got[0].id == rid
     assert got[0].error is not None and got[0].error.code == 1  # INVALID_ARGUMENT
     m = rw.worker.metrics
-    assert m.value("tandem_cloud_decode_errors_total", {"answered": "yes"}) == 1
-    assert m.value("tandem_cloud_decode_errors_total", {"answered": "no"}) == 1
+    assert m.value("tandem_cloud_decode_errors_total") == 2  # answered or not
 
 
-def request_with_retry(t: Transport, topic: str, request, *, timeout: float = 2.0,
+def request_with_retry(t: SyncTransport, topic: str, request, *, timeout: float = 2.0,
                        tries: int = 10) -> InferenceResponse:
     """What a device does: retry with the same id until an answer comes (at least once)."""
     for _ in range(tries - 1):
         try:
-            return t.request(topic, request, timeout=timeout)
+            return t.request(topic, request, timeout_s=timeout)
         except DeadlineExceeded:
             continue
-    return t.request(topic, request, timeout=timeout)
+    return t.request(topic, request, timeout_s=timeout)
 
 
 def _mutations(valid: bytes, n: int, seed: int = 0):
@@ -249,12 +250,12 @@ def test_worker_keeps_serving_during_and_after_10000_hostile_payloads(
         thread.join(30)
         for i in range(5):  # and after
             request, _ = request_for(compiled["dynamic_batch"], 0, seed=1000 + i)
-            assert t.request(topic_for(request, "dynamic_batch"), request, timeout=10).outputs
+            assert t.request(topic_for(request, "dynamic_batch"), request, timeout_s=10).outputs
     c.loop_stop()
     c.disconnect()
     assert sent[0] == 10_000 and ok >= 1
     assert rw.worker.state == "serving"
-    assert rw.worker.metrics.value("tandem_cloud_decode_errors_total", {"answered": "no"}) > 0
+    assert rw.worker.metrics.value("tandem_cloud_decode_errors_total") > 0
 
 
 def test_a_bundle_dropped_into_the_repo_is_served_without_restart(
