@@ -4,7 +4,8 @@ Everything runs in separate processes on 127.0.0.1, started and stopped here: on
 (``set_tcp_nodelay true``, deep queues), the worker(s) (``python -m tandem.cli cloud serve``),
 the load client (``--role client``: an asyncio client keeping C requests in flight, each timed
 from its call to its answer) and the raw ONNX Runtime baseline (``--role raw``: a fresh process
-timing ``InferenceSession.run`` from the caller at each batch size). Tails:
+timing ``InferenceSession.run`` from the caller, right after each endpoint run, at batch 1
+and at the batch size the worker ran, so both sides see the same machine load). Tails:
 
 * ``light``: the tail of cut 5 of the ``dynamic_batch`` example (GlobalAveragePool output ->
   MatMul; a few hundred FLOPs): per-call overhead dominates;
@@ -301,18 +302,16 @@ def run(quick: bool = False) -> tuple[list[Result], str]:
                             n_batches = after[1] - before[1]
                             res["mean_batch"] = (after[0] - before[0]) / n_batches \
                                 if n_batches else 1.0
+                            # the baseline right after, at the batch size the worker ran (and
+                            # batch 1), so both sides see the same machine load
+                            b = max(1, round(res["mean_batch"]))
+                            res["raw"] = _raw(tail, [1, b], seconds / 2)
                             measured[(tail_name, batching, c)] = res
                 finally:
                     worker.stop()
-            # the raw baseline at every batch size the endpoint ran (and 1, 8, 32)
-            raw: dict[str, dict[int, list]] = {}
-            for tail_name, tail in tails.items():
-                sizes = {1, 8, 32} | {max(1, round(r["mean_batch"]))
-                                      for (t, _, _), r in measured.items() if t == tail_name}
-                raw[tail_name] = _raw(tail, sorted(sizes), seconds / 2)
             for (tail_name, batching, c), res in measured.items():
                 b = max(1, round(res["mean_batch"]))
-                raw_s = stats(raw[tail_name][b])
+                raw_s = stats(res["raw"][b])
                 raw_thr = b / raw_s.median
                 thr = res["n"] / res["elapsed"]
                 lat = stats(res["latencies"]) if res["latencies"] else None
@@ -329,7 +328,7 @@ def run(quick: bool = False) -> tuple[list[Result], str]:
                           else "no answers"))
             for tail_name in tails:
                 on1 = stats(measured[(tail_name, "on", 1)]["latencies"])
-                raw1 = stats(raw[tail_name][1])
+                raw1 = stats(measured[(tail_name, "on", 1)]["raw"][1])
                 bound = raw1.median * 1000 + MAX_DELAY_MS + 1.0
                 results.append(Result(
                     f"{tail_name}_on_c1_p50", on1.median * 1000, "ms",
