@@ -77,8 +77,8 @@ def parse_broker_url(url: str) -> BrokerUrl:
     scheme, _, rest = url.partition("://")
     scheme = scheme.lower()
     if scheme not in DEFAULT_PORTS:
-        raise InvalidArgument(f"broker URL scheme must be one of "
-                              f"{', '.join(DEFAULT_PORTS)}, not {scheme!r} ({_redact(url)})")
+        raise InvalidArgument(f"broker URL scheme must be mqtt, mqtts, nats or tls, not "
+                              f"{scheme!r} ({_redact(url)})")
     cut = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
     rest, tail = rest[:cut], rest[cut:]
     if tail not in ("", "/"):
@@ -121,7 +121,9 @@ def _redact(url: object) -> str:
 def transport_for_url(url: str | BrokerUrl,
                       config: TransportConfig | None = None) -> Transport:
     """The transport ``url`` selects (not connected yet), configured by ``config`` with the
-    URL's host, port, TLS and credentials: an
+    URL's host, port and credentials (when it carries them); ``mqtts://`` and ``tls://`` add TLS
+    with the system trust store unless ``config.tls`` says more (a TLS config is used with any
+    scheme). An
     :class:`~tandem.protocol.mqtt.MqttTransport` for ``mqtt://``/``mqtts://``, a
     :class:`~tandem.protocol.nats.NatsTransport` for ``nats://``/``tls://`` (needs the ``nats``
     extra when it connects)."""
@@ -131,10 +133,7 @@ def transport_for_url(url: str | BrokerUrl,
     if broker.username is not None:
         changes.update(username=broker.username, password=broker.password)
     if broker.tls and config.tls is None:
-        changes["tls"] = TlsConfig()
-    elif not broker.tls and config.tls is not None:
-        raise InvalidArgument(f"{broker} is not a TLS URL but TLS is configured: use "
-                              f"{'mqtts' if broker.kind == 'mqtt' else 'tls'}://")
+        changes["tls"] = TlsConfig()  # the system trust store
     config = dataclasses.replace(config, **changes)
     if broker.kind == "nats":
         from tandem.protocol.nats import NatsTransport

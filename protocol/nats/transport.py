@@ -192,6 +192,7 @@ class NatsTransport(Transport):
         self._rtt_s: float | None = None
         self._nats_warn = Throttled()
         self._dropped_unmappable = 0
+        self._retain_warned = False
         if c.will is not None:
             log.warning("NATS has no last will: %r is not published when this client is lost "
                         "(consumers must judge staleness by age)", c.will.topic)
@@ -414,9 +415,10 @@ class NatsTransport(Transport):
                      want_ack: bool) -> asyncio.Future | None:
         if not self.connected:
             raise Unavailable(f"not connected to NATS; cannot publish to {topic!r}")
-        if retain:
-            self._nats_warn.warning("retain", "NATS keeps no retained messages: %s reaches "
-                                    "the subscribers present only", topic)
+        if retain and not self._retain_warned:
+            self._retain_warned = True  # once: a load report is retained every second
+            log.warning("NATS keeps no retained messages: %s (and any later retained "
+                        "publish) reaches the subscribers present only", topic)
         ack = None
         if want_ack:
             assert self._loop is not None

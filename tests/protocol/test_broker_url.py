@@ -67,8 +67,9 @@ def test_transport_for_url_picks_and_configures_the_transport():
     assert isinstance(t, NatsTransport)
     assert t.servers == ["nats://a:1", "nats://b:2"]
     assert (t.config.username, t.config.password, t.config.client_id) == ("u", "p", "w1")
-    with pytest.raises(InvalidArgument, match="TLS"):
-        transport_for_url("nats://a", TransportConfig(tls=TlsConfig()))
+    own = TlsConfig(ca_file="/etc/ca.pem")
+    assert transport_for_url("nats://a", TransportConfig(tls=own)).config.tls == own
+    assert transport_for_url("mqtts://a", TransportConfig(tls=own)).config.tls == own
 
 
 def test_a_nats_url_serves_and_an_mqtt_url_requests(nats_factory):
