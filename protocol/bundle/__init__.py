@@ -35,6 +35,7 @@ import tempfile as _tempfile
 from pathlib import Path
 
 from tandem.protocol.bundle._archive import extract_into as _extract_into
+from tandem.protocol.bundle._archive import is_bundle_archive as _is_bundle_archive
 from tandem.protocol.bundle._archive import pack, unpack
 from tandem.protocol.bundle._errors import (
     BundleError,
@@ -44,6 +45,7 @@ from tandem.protocol.bundle._errors import (
     ManifestError,
 )
 from tandem.protocol.bundle._files import BundleWriter
+from tandem.protocol.bundle._files import is_bundle_dir as _is_bundle_dir
 from tandem.protocol.bundle._files import remove_tree as _remove_tree
 from tandem.protocol.bundle._load import Bundle
 from tandem.protocol.bundle._load import verify_dir as _verify_dir
@@ -61,7 +63,13 @@ from tandem.protocol.bundle._schema import (
     TensorSpec,
     Verification,
 )
-from tandem.protocol.bundle._sign import KeySource, generate_keypair, key_fingerprint
+from tandem.protocol.bundle._sign import (
+    KeySource,
+    generate_keypair,
+    key_fingerprint,
+    load_private_key,
+    load_public_key,
+)
 from tandem.protocol.bundle._sign import encode_signature as _encode_signature
 from tandem.protocol.bundle._sign import sign_bytes as _sign_bytes
 
@@ -86,9 +94,12 @@ __all__ = [
     "ManifestError",
     "TensorSpec",
     "Verification",
+    "bundle_kind",
     "generate_keypair",
     "key_fingerprint",
     "load_bundle",
+    "load_private_key",
+    "load_public_key",
     "pack",
     "sign_bundle",
     "unpack",
@@ -138,6 +149,18 @@ def load_bundle(
     except BaseException:
         _remove_tree(tmp)
         raise
+
+
+def bundle_kind(path: Path | str) -> str | None:
+    """``"directory"`` for a directory holding a bundle manifest, ``"archive"`` for an archive
+    file whose first member is manifest.json, else None. Cheap, and no verification (that is
+    :func:`load_bundle`): it answers "is this ours?", e.g. before replacing it."""
+    path = Path(path)
+    if _is_bundle_dir(path):
+        return "directory"
+    if _is_bundle_archive(path):
+        return "archive"
+    return None
 
 
 def sign_bundle(
