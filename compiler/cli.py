@@ -200,7 +200,7 @@ def _warn(err, message: str) -> None:
 
 
 @click.command(name="compile")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
 @click.option("-t", "--target", "targets", multiple=True, required=True, metavar="TARGET",
               help="onnxruntime, or a device profile id from 'tandem devices' (repeatable)")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
@@ -209,17 +209,17 @@ def _warn(err, message: str) -> None:
               help="split points kept (cut 0 and all-local come on top)")
 @click.option("--max-frontier", default=2, show_default=True, type=click.IntRange(1, 16),
               help="most tensors a cut may send")
-@click.option("--samples", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--samples", type=click.Path(path_type=Path),
               help=".npz of real inputs for verification (default: seeded random)")
-@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--sign-key", type=click.Path(path_type=Path),
               help="ed25519 private key (PEM) to sign the manifest with")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16",
               show_default=True, help="TensorRT engine precision")
 @click.option("--engines", type=click.Choice(["auto", "build", "defer"]), default="auto",
               show_default=True, help="build TensorRT engines here, or defer to the device")
-@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--timing-cache", type=click.Path(path_type=Path),
               help="TensorRT timing cache file (reused and updated)")
-@click.option("--engine-cache", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--engine-cache", type=click.Path(path_type=Path),
               help="where built TensorRT engines are kept and reused "
                    "(default: $TANDEM_ENGINE_CACHE or ~/.cache/tandem/engines)")
 @click.option("--version-compatible", is_flag=True,
@@ -356,6 +356,7 @@ def _print_summary(result, out: Path) -> None:
     print_table(columns, rows, out=stdout, title=(
         f"{m.model_name}: {result.n_nodes} nodes, {result.total_flops / 1e9:.3g} GFLOP, "
         f"{len(result.cuts)} cuts"))
+    print_lines("", out=stdout)
     targets = sorted({(a.target, a.device_profile, a.extra.get("build", "")) for a in m.artifacts})
     for target, profile, build in targets:
         where = f" for {profile}" if profile else ""
@@ -402,7 +403,7 @@ def _not_a_bundle(path: Path) -> None:
 
 @click.command(name="inspect")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--public-key", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--public-key", type=click.Path(path_type=Path),
               help="refuse the bundle unless its signature verifies with this key")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
 def inspect_command(bundle: Path, public_key: Path | None, as_json: bool) -> None:
@@ -489,8 +490,8 @@ def _is_pem_key(path: Path) -> bool:
 
 
 @click.command(name="keygen")
-@click.argument("private_key", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("public_key", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("private_key", type=click.Path(path_type=Path))
+@click.argument("public_key", type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True, help="replace existing key files (PEM keys only)")
 def keygen_command(private_key: Path, public_key: Path, overwrite: bool) -> None:
     """Create an ed25519 key pair for signing bundles (private key written with mode 0600)."""
@@ -508,7 +509,7 @@ def keygen_command(private_key: Path, public_key: Path, overwrite: bool) -> None
 @click.command(name="example")
 @click.argument("kind", type=click.Choice(["cnn", "residual", "unet", "multi-io",
                                            "dynamic-batch", "big"]))
-@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True, help="replace an existing ONNX model file")
 def example_command(kind: str, output: Path, overwrite: bool) -> None:
     """Write a seeded example ONNX model (for trying Tandem without a model at hand).

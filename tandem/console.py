@@ -168,10 +168,12 @@ def _print_fitted(columns: Sequence[Column], rows: Sequence[Sequence[Cell]], tit
     def fits() -> bool:
         return overflow() <= 0
 
-    # 1. names to a comfortable length, 2. leave out folding columns, 3. names shorter still
-    for i in shortenable:
-        if natural(i) > _COMFORT:
-            limits[i] = max(_COMFORT, columns[i].min_width)
+    # If it does not fit: 1. names to a comfortable length, 2. leave out folding columns,
+    # 3. names shorter still
+    if not fits():
+        for i in shortenable:
+            if natural(i) > _COMFORT:
+                limits[i] = max(_COMFORT, columns[i].min_width)
     dropped: list[int] = []
     order = sorted((i for i, c in enumerate(columns) if c.fold > 0),
                    key=lambda i: (columns[i].fold, i), reverse=True)
