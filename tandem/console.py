@@ -29,7 +29,7 @@ __all__ = ["Column", "console", "print_lines", "print_table", "shorten_middle"]
 #: A cell: one value, or a list of names (shortened one by one, shown joined by ", ").
 Cell = str | Sequence[str]
 
-_COMFORT = 32  # on a terminal, names are first shortened to this before columns are dropped
+_READABLE = 24  # on a terminal, names are shortened to this before columns are left out
 _ELLIPSIS = "…"
 
 
@@ -168,12 +168,23 @@ def _print_fitted(columns: Sequence[Column], rows: Sequence[Sequence[Cell]], tit
     def fits() -> bool:
         return overflow() <= 0
 
-    # If it does not fit: 1. names to a comfortable length, 2. leave out folding columns,
-    # 3. names shorter still
-    if not fits():
-        for i in shortenable:
-            if natural(i) > _COMFORT:
-                limits[i] = max(_COMFORT, columns[i].min_width)
+    def shrink(floor: int) -> None:  # shorten names, widest first, only as much as needed
+        while (over := overflow()) > 0:
+            candidates = [i for i in shortenable if i in shown
+                          and limits.get(i, natural(i)) > max(floor, columns[i].min_width)]
+            if not candidates:
+                return
+            widest = max(candidates, key=lambda i: limits.get(i, natural(i)))
+            current = limits.get(widest, natural(widest))
+            limits[widest] = max(floor, columns[widest].min_width, current - over)
+
+    def settle() -> None:  # names as long as the shown columns allow, down to a readable length
+        limits.clear()
+        shrink(_READABLE)
+
+    # 1. names shortened to a readable length, 2. the folding columns left out (names get
+    # their length back), 3. names shorter still, 4. wrap: a value is never cut
+    settle()
     dropped: list[int] = []
     order = sorted((i for i, c in enumerate(columns) if c.fold > 0),
                    key=lambda i: (columns[i].fold, i), reverse=True)
@@ -181,13 +192,8 @@ def _print_fitted(columns: Sequence[Column], rows: Sequence[Sequence[Cell]], tit
         victim = order.pop(0)
         shown.remove(victim)
         dropped.append(victim)
-    while (over := overflow()) > 0:
-        candidates = [i for i in shortenable if i in shown
-                      and limits.get(i, natural(i)) > columns[i].min_width]
-        if not candidates:
-            break
-        widest = max(candidates, key=lambda i: limits.get(i, natural(i)))
-        limits[widest] = max(columns[widest].min_width, limits.get(widest, natural(widest)) - over)
+        settle()
+    shrink(0)
     wrap = not fits()  # a terminal narrower than the essential columns: wrap, never cut
     out.print(_build(columns, rows, shown, limits, title, wrap=wrap))
     shortened = any(limits.get(i, 10**9) < natural(i) for i in shortenable if i in shown)
