@@ -179,7 +179,8 @@ def _discard_stdout() -> None:
 def bench_command(name: str, args: tuple[str, ...]) -> None:
     """Run benchmark NAME from a source checkout (python -m benchmarks.NAME ARGS...).
 
-    Benchmarks: protocol, compile, backend. ARGS go to the benchmark (--quick, --json PATH).
+    Benchmarks: protocol, compile, backend, broker_nodelay. ARGS go to the benchmark (--quick,
+    --json PATH); a --quick run writes out/benchmarks/NAME.json, never benchmarks/results/.
     """
     import importlib
     import re
