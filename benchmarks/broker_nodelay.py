@@ -3,8 +3,8 @@
     python -m benchmarks.broker_nodelay [--quick] [--json PATH]
 
 Two mosquitto brokers on 127.0.0.1, identical but for ``set_tcp_nodelay true``; on each, a
-responder process serving an echo with ``Transport.serve`` and a requester in this process
-sending 1 KB requests (MQTT 5, QoS 1) with ``Transport.request``, interleaved A B A B. Without
+responder process serving an echo with ``SyncTransport.serve`` and a requester in this process
+sending 1 KB requests (MQTT 5, QoS 1) with ``SyncTransport.request``, interleaved A B A B. Without
 the option mosquitto leaves Nagle's algorithm on for its sockets, and a small reply waits for
 the peer's delayed ACK (tens of milliseconds). The figure is the ratio of the medians.
 """
@@ -23,15 +23,22 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._common import Result, parser, print_table, stats, write_json
-from tandem.protocol import InferenceRequest, Tensor, Transport, TransportConfig, new_request_id
+from tandem.protocol import (
+    InferenceRequest,
+    MqttTransport,
+    SyncTransport,
+    Tensor,
+    TransportConfig,
+    new_request_id,
+)
 
 NAME = "broker_nodelay"
 
 _RESPONDER = """
 import sys, time
-from tandem.protocol import InferenceResponse, Transport, TransportConfig
-with Transport(TransportConfig(port=int(sys.argv[1]))) as t:
-    t.serve("tandem/v1/req/+/+", lambda r: InferenceResponse(id=r.id, outputs=r.tensors))
+from tandem.protocol import InferenceResponse, MqttTransport, SyncTransport, TransportConfig
+with SyncTransport(MqttTransport(TransportConfig(port=int(sys.argv[1])))) as t:
+    t.serve("tandem/v1/req/+/+", lambda r, ctx: InferenceResponse(id=r.id, outputs=r.tensors))
     print("ready", flush=True)
     sys.stdin.read()  # until the benchmark closes our stdin
 """
@@ -72,7 +79,7 @@ def _broker(directory: Path, nodelay: bool) -> tuple[subprocess.Popen, int]:
 def run(quick: bool) -> list[Result]:
     repeats, warmup = (60, 10) if quick else (300, 30)
     procs: list[subprocess.Popen] = []
-    clients: dict[bool, Transport] = {}
+    clients: dict[bool, SyncTransport] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="tandem-nodelay-") as tmp:
             for nodelay in (True, False):
@@ -84,7 +91,8 @@ def run(quick: bool) -> list[Result]:
                 assert responder.stdout is not None
                 if responder.stdout.readline().strip() != "ready":
                     raise SystemExit("the responder did not start")
-                clients[nodelay] = Transport(TransportConfig(port=port)).__enter__()
+                clients[nodelay] = SyncTransport(MqttTransport(TransportConfig(port=port)))
+                clients[nodelay].__enter__()
             x = Tensor.from_array("x", np.ones(256, np.float32))  # 1 KiB
             samples: dict[bool, list[float]] = {True: [], False: []}
             for i in range(warmup + repeats):

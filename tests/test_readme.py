@@ -112,7 +112,14 @@ def test_python_example_runs_as_written(clone, mosquitto, tmp_path):
     """The README's Python block, unchanged, after the main job, against a real broker and a
     responder that really runs the tails; the result equals the whole model's."""
     from tandem.devices.backends import OnnxRuntimeBackend
-    from tandem.protocol import InferenceResponse, Tensor, Transport, TransportConfig, load_bundle
+    from tandem.protocol import (
+        InferenceResponse,
+        MqttTransport,
+        SyncTransport,
+        Tensor,
+        TransportConfig,
+        load_bundle,
+    )
 
     block = re.search(r"```python\n(?P<code>.*?)```", README, re.DOTALL)
     assert block, "README has no Python example"
@@ -136,14 +143,15 @@ def test_python_example_runs_as_written(clone, mosquitto, tmp_path):
         tails = {c.id: OnnxRuntimeBackend(bundle.path_of(c.tail_part)).activate()
                  for c in bundle.manifest.cuts if c.tail_part}
 
-    def serve_tail(req):
+    def serve_tail(req, ctx):
         assert req.model_digest == digest
         outs = tails[req.cut_id].infer({t.name: t.to_array() for t in req.tensors})
         return InferenceResponse(id=req.id, worker_id="readme", outputs=tuple(
             Tensor.from_array(k, v) for k, v in outs.items()))
 
     try:
-        with Transport(TransportConfig(host=mosquitto.host, port=mosquitto.port)) as cloud:
+        with SyncTransport(MqttTransport(TransportConfig(host=mosquitto.host,
+                                                         port=mosquitto.port))) as cloud:
             cloud.serve("tandem/v1/req/+/+", serve_tail)
             proc = subprocess.run([sys.executable, str(script)], cwd=clone, capture_output=True,
                                   text=True, timeout=120,
