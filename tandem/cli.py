@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import sys
 from importlib.metadata import entry_points
 
@@ -42,13 +43,32 @@ class _OutputClosed(Exception):
     """The reader of stdout went away (``| head``): the command ends normally."""
 
 
+class _OtherBrokenPipe(Exception):
+    """A broken pipe that is not stdout (a socket): carried past click, which would make any
+    EPIPE an ``exit 1``, to be reported as what it is."""
+
+
 def _command_entry_points() -> dict:
     return {ep.name: ep for ep in entry_points(group="tandem.commands")}
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout's reader went away (poll reports an error on a pipe or socket whose other
+    end is closed), so a BrokenPipeError from anything else (a socket) is not mistaken for it."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # no real stdout (captured, embedded)
+        return False
+    if not hasattr(select, "poll"):  # pragma: no cover - Windows: no way to ask
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
 def _closed_pipe_is_an_end(fn):
-    """Run ``fn``, flushing stdout inside, so a closed pipe surfaces here (click would turn it
-    into ``exit 1``) and becomes :class:`_OutputClosed`."""
+    """Run ``fn``, flushing stdout inside, so a closed stdout surfaces here (click would turn
+    it into ``exit 1``) and becomes :class:`_OutputClosed`."""
 
     def wrapper(*args, **kwargs):
         try:
@@ -56,7 +76,9 @@ def _closed_pipe_is_an_end(fn):
             sys.stdout.flush()
             return rv
         except BrokenPipeError as exc:
-            raise _OutputClosed from exc
+            if _stdout_gone():
+                raise _OutputClosed from exc
+            raise _OtherBrokenPipe from exc
 
     return wrapper
 
@@ -122,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     except _OutputClosed:
         _discard_stdout()
         return 0
+    except _OtherBrokenPipe as exc:
+        return _internal(exc.__cause__ or exc)
     except TandemError as exc:
         click.echo(f"error: {exc}", err=True)
         return EXIT_ERROR
