@@ -204,7 +204,7 @@ def _warn(err, message: str) -> None:
 @click.option("-t", "--target", "targets", multiple=True, required=True, metavar="TARGET",
               help="onnxruntime, or a device profile id from 'tandem devices' (repeatable)")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
-              help="bundle directory to create (or .tar.zst archive)")
+              help="bundle directory to create, or an archive OUT.tar.zst (.tar.gz, .tar)")
 @click.option("--max-cuts", default=8, show_default=True, type=click.IntRange(1, 64),
               help="split points kept (cut 0 and all-local come on top)")
 @click.option("--max-frontier", default=2, show_default=True, type=click.IntRange(1, 16),
@@ -229,7 +229,8 @@ def _warn(err, message: str) -> None:
 @click.option("--name", "model_name", help="model name (default: file name)")
 @click.option("--version", "model_version", default="1", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="seed of the random samples")
-@click.option("--overwrite", is_flag=True, help="replace an existing output")
+@click.option("--overwrite", is_flag=True,
+              help="replace an existing output (only ever a Tandem bundle)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: int,
                     max_frontier: int, samples: Path | None, sign_key: Path | None,
