@@ -368,13 +368,18 @@ def _print_summary(result, out: Path) -> None:
     print_lines(f"bundle written to {out}", out=stdout)
 
 
-def _is_archive_file(path: Path) -> bool:
-    """zstd, gzip or tar by its first bytes (what load_bundle would try to unpack)."""
+def _head(path: Path, n: int) -> bytes:
+    """The first ``n`` bytes of a file (fewer for a short one; none if it cannot be read)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(262)
+            return f.read(n)
     except OSError:
-        return False
+        return b""
+
+
+def _is_archive_file(path: Path) -> bool:
+    """zstd, gzip or tar by its first bytes (what load_bundle would try to unpack)."""
+    head = _head(path, 262)
     return head[:4] == b"\x28\xb5\x2f\xfd" or head[:2] == b"\x1f\x8b" or head[257:262] == b"ustar"
 
 
@@ -482,11 +487,7 @@ def _replaceable(path: Path, overwrite: bool, what: str, is_ours) -> None:
 
 
 def _is_pem_key(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-    except OSError:
-        return False
+    head = _head(path, 64)
     return head.startswith(b"-----BEGIN ") and b"KEY-----" in head
 
 
