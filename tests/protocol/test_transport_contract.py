@@ -438,6 +438,32 @@ def test_a_handler_gets_at_most_its_limits(net):
     run(main())
 
 
+def test_large_compressed_payloads_are_decoded_off_the_event_loop(net, monkeypatch):
+    decoded_in: list[str] = []
+    real = codec.decode
+
+    def recording(data, limits=codec.DEFAULT_LIMITS):
+        decoded_in.append(threading.current_thread().name)
+        return real(data, limits)
+
+    monkeypatch.setattr(codec, "decode", recording)
+
+    async def main() -> None:
+        async with net.transport() as server, net.transport() as client:
+            await server.serve(REQ_FILTER, _async_echo)
+            loop_thread = threading.current_thread().name
+            assert (await client.request(REQ, make_request())).ok  # small: on the loop
+            assert decoded_in == [loop_thread, loop_thread]  # the request, the response
+            decoded_in.clear()
+            big = Tensor.from_array("x", np.zeros(1 << 20, np.float32), compress=True)
+            req = InferenceRequest(new_request_id(), DEVICE, "ab" * 32, 1, 5000, (big,))
+            assert (await client.request(REQ, req)).ok  # inflates to 4 MiB: in a thread
+            assert len(decoded_in) == 2
+            assert all(name.startswith("tandem-transport-decode") for name in decoded_in)
+
+    run(main())
+
+
 def test_the_transport_refuses_to_send_over_its_limits(net):
     async def main() -> None:
         limits = Limits(max_message_bytes=100_000, max_tensor_bytes=100_000)
