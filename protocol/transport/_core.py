@@ -215,9 +215,14 @@ class Transport(abc.ABC):
         self._unclaimed: collections.deque[tuple[float, IncomingMessage, int]] = \
             collections.deque()
         self._unclaimed_bytes = 0
+        # one topic (device) may hold one message of the limit in chunks (and their
+        # bookkeeping, for chunks of 48 KiB and up); all of them together two, by default
+        limit = config.limits.max_message_bytes
+        per_origin = limit + limit // 64 + 64 * 1024
+        total = config.max_reassembly_bytes or 2 * per_origin
         self._reassembler = chunking.Reassembler(
-            timeout_s=config.reassembly_timeout_s,
-            max_total_bytes=config.max_reassembly_bytes or config.limits.max_message_bytes)
+            timeout_s=config.reassembly_timeout_s, max_total_bytes=total,
+            max_bytes_per_origin=min(per_origin, total))
         self._reassembly_timer: asyncio.TimerHandle | None = None
         self._decoder: concurrent.futures.ThreadPoolExecutor | None = None
         self._dropped = 0

@@ -779,6 +779,25 @@ def test_big_messages_travel_in_chunks_through_a_capped_broker(net):
     run(main())
 
 
+def test_a_chunked_message_near_the_limit_reassembles(net):
+    # the reassembly quotas leave one sender room for a whole message of the limit
+    net.reset(max_packet_bytes=1 << 20)
+    limits = Limits(max_message_bytes=8 * 2**20, max_tensor_bytes=8 * 2**20)
+    payload = os.urandom(7 * 2**20)
+
+    async def main() -> None:
+        async with net.transport(limits=limits) as receiver, \
+                net.transport(limits=limits) as sender:
+            inbox = Inbox()
+            await receiver.subscribe("bulk/+", inbox)
+            await (await sender.publish("bulk/a", payload))
+            await until(lambda: inbox.messages, 20)
+            assert inbox.messages[0].payload == payload
+            assert receiver.stats().reassembly_sets == 0
+
+    run(main())
+
+
 def test_incomplete_chunk_sets_expire_on_a_timer(net):
     async def main() -> None:
         async with net.transport(reassembly_timeout_s=0.2) as receiver, \
