@@ -169,7 +169,7 @@ class IncomingMessage:
     :meth:`~tandem.protocol.transport.Transport.subscribe` get ``payload`` as immutable bytes."""
 
     topic: str
-    payload: bytes | memoryview
+    payload: bytes | bytearray | memoryview
     qos: int = 0
     retain: bool = False
     response_topic: str | None = None

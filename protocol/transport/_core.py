@@ -99,13 +99,12 @@ class PublishHandle:
                  acks: Sequence[asyncio.Future | None]) -> None:
         self._loop = loop
         self.topic = topic
-        acks = [a for a in acks if a is not None]
-        if not acks:
-            self._future: asyncio.Future | None = None
-        elif len(acks) == 1:
-            self._future = acks[0]
-        else:
-            self._future = asyncio.gather(*acks)
+        pending = [a for a in acks if a is not None]
+        self._future: asyncio.Future | None = None
+        if len(pending) == 1:
+            self._future = pending[0]
+        elif pending:
+            self._future = asyncio.gather(*pending)
 
     def done(self) -> bool:
         return self._future is None or self._future.done()
@@ -939,13 +938,13 @@ _CANCELLED_MEANWHILE = (asyncio.InvalidStateError, concurrent.futures.InvalidSta
 
 def _resolve(future: Any, value: Any) -> None:
     if not future.done():
-        with contextlib.suppress(_CANCELLED_MEANWHILE):  # by its caller, in another thread
+        with contextlib.suppress(*_CANCELLED_MEANWHILE):  # by its caller, in another thread
             future.set_result(value)
 
 
 def _fail(future: Any, error: BaseException) -> None:
     if not future.done():
-        with contextlib.suppress(_CANCELLED_MEANWHILE):
+        with contextlib.suppress(*_CANCELLED_MEANWHILE):
             future.set_exception(error)
 
 

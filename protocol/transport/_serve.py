@@ -44,6 +44,7 @@ from tandem.protocol.errors import (
     DeadlineExceeded,
     HandlerFailed,
     InvalidArgument,
+    MalformedMessage,
     PayloadTooLarge,
     PermissionDenied,
     ProtocolError,
@@ -256,6 +257,8 @@ class Server:
             return
         try:
             request = codec.decode(payload, self.limits)
+            if not isinstance(request, InferenceRequest):  # peek said it was one
+                raise MalformedMessage(f"a {type(request).__name__}, not a request")
         except ProtocolError as exc:
             self._undecodable(rid, base, exc)
             return
@@ -265,6 +268,8 @@ class Server:
     async def _decode_in_thread(self, payload: Any, rid: bytes, base: tuple) -> None:
         try:
             request = await self.host._decode_in_thread(payload, self.limits)
+            if not isinstance(request, InferenceRequest):  # peek said it was one
+                raise MalformedMessage(f"a {type(request).__name__}, not a request")
         except ProtocolError as exc:
             self._undecodable(rid, base, exc)
             return
