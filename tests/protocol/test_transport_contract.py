@@ -618,6 +618,8 @@ def test_a_request_whose_deadline_passed_while_queued_is_not_run(net):
             late = make_request(budget_ms=300)
             with pytest.raises(DeadlineExceeded):
                 await client.request(REQ, late)  # waits behind the stuck one, times out
+            # its deadline on the server counts from its arrival, a little after it was sent
+            await asyncio.sleep(0.3)
             release.set()
             assert (await first).ok
             await until(lambda: server.stats().serving[REQ_FILTER].expired == 1)
