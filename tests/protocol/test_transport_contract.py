@@ -459,6 +459,32 @@ def test_a_handler_gets_at_most_its_limits(net):
     run(main())
 
 
+def test_large_compressed_payloads_are_decoded_off_the_event_loop(net, monkeypatch):
+    decoded_in: list[str] = []
+    real = codec.decode
+
+    def recording(data, limits=codec.DEFAULT_LIMITS):
+        decoded_in.append(threading.current_thread().name)
+        return real(data, limits)
+
+    monkeypatch.setattr(codec, "decode", recording)
+
+    async def main() -> None:
+        async with net.transport() as server, net.transport() as client:
+            await server.serve(REQ_FILTER, _async_echo)
+            loop_thread = threading.current_thread().name
+            assert (await client.request(REQ, make_request())).ok  # small: on the loop
+            assert decoded_in == [loop_thread, loop_thread]  # the request, the response
+            decoded_in.clear()
+            big = Tensor.from_array("x", np.zeros(1 << 20, np.float32), compress=True)
+            req = InferenceRequest(new_request_id(), DEVICE, "ab" * 32, 1, 5000, (big,))
+            assert (await client.request(REQ, req)).ok  # inflates to 4 MiB: in a thread
+            assert len(decoded_in) == 2
+            assert all(name.startswith("tandem-transport-decode") for name in decoded_in)
+
+    run(main())
+
+
 def test_the_transport_refuses_to_send_over_its_limits(net):
     async def main() -> None:
         limits = Limits(max_message_bytes=100_000, max_tensor_bytes=100_000)
@@ -613,6 +639,8 @@ def test_a_request_whose_deadline_passed_while_queued_is_not_run(net):
             late = make_request(budget_ms=300)
             with pytest.raises(DeadlineExceeded):
                 await client.request(REQ, late)  # waits behind the stuck one, times out
+            # its deadline on the server counts from its arrival, a little after it was sent
+            await asyncio.sleep(0.3)
             release.set()
             assert (await first).ok
             await until(lambda: server.stats().serving[REQ_FILTER].expired == 1)
@@ -771,6 +799,25 @@ def test_big_messages_travel_in_chunks_through_a_capped_broker(net):
             np.testing.assert_array_equal(resp.outputs[0].to_array(), arr)
             with pytest.raises(InvalidArgument, match="retained"):
                 await client.publish("bulk/data", payload, retain=True)
+
+    run(main())
+
+
+def test_a_chunked_message_near_the_limit_reassembles(net):
+    # the reassembly quotas leave one sender room for a whole message of the limit
+    net.reset(max_packet_bytes=1 << 20)
+    limits = Limits(max_message_bytes=8 * 2**20, max_tensor_bytes=8 * 2**20)
+    payload = os.urandom(7 * 2**20)
+
+    async def main() -> None:
+        async with net.transport(limits=limits) as receiver, \
+                net.transport(limits=limits) as sender:
+            inbox = Inbox()
+            await receiver.subscribe("bulk/+", inbox)
+            await (await sender.publish("bulk/a", payload))
+            await until(lambda: inbox.messages, 20)
+            assert inbox.messages[0].payload == payload
+            assert receiver.stats().reassembly_sets == 0
 
     run(main())
 
