@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tandem.compiler._cuts import Cut, boundary_frontiers, find_cuts
-from tandem.compiler._errors import CompileError, ExtractionError
+from tandem.compiler._errors import CompileError, ExtractionError, NoValidCut
 from tandem.compiler._extract import extract
 from tandem.compiler._graph import (
     GraphInfo,
@@ -68,10 +68,6 @@ _ONNX_DTYPE_NAMES = {
     21: "uint4", 22: "int4",
 }
 _PROTO_LIMIT = 1_800_000_000  # protobuf's 2 GiB cap, with margin: larger parts use external data
-
-
-class NoValidCut(CompileError):
-    """No interior split point survived discovery and verification."""
 
 
 @dataclass(frozen=True)

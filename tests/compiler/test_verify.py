@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 from tandem.compiler import _verify
 from tandem.compiler._cuts import find_cuts
 from tandem.compiler._errors import (
-    RuntimeCheckError,
+    OnnxRuntimeError,
     SampleError,
     SampleFileNotFound,
     UnsupportedOperator,
@@ -137,7 +137,7 @@ def test_part_ort_cannot_run_is_reported_not_raised():
 def test_full_model_ort_cannot_run_raises_typed_error():
     with pytest.raises(UnsupportedOperator) as err:
         Verifier(_with_unknown_op(cnn_chain()))
-    assert isinstance(err.value, RuntimeCheckError)
+    assert isinstance(err.value, OnnxRuntimeError)
     assert isinstance(err.value, FailedPrecondition)
     assert err.value.__cause__ is not None
     assert "Nope" in str(err.value)
