@@ -48,6 +48,9 @@ def _err(e: float | None) -> str:
               help="most tensors a cut may send")
 @click.option("--samples", type=click.Path(dir_okay=False, path_type=Path),
               help=".npz of real inputs for verification (default: seeded random)")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS",
+              help="input shape to cost and verify at, e.g. input=1x3x640x640 (repeatable; "
+                   "default: the samples' shapes)")
 @click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path),
               help="ed25519 private key (PEM) to sign the manifest with")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16",
@@ -69,7 +72,8 @@ def _err(e: float | None) -> str:
 @click.option("--overwrite", is_flag=True, help="replace an existing output")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: int,
-                    max_frontier: int, samples: Path | None, sign_key: Path | None,
+                    max_frontier: int, samples: Path | None, input_shapes: tuple[str, ...],
+                    sign_key: Path | None,
                     precision: str, engines: str, timing_cache: Path | None,
                     engine_cache: Path | None,
                     version_compatible: bool, dla_core: int | None, model_name: str | None,
@@ -84,15 +88,18 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tandem.compiler._pipeline import BundleFromOnnx, CompileOptions, resolve_targets
+    from tandem.compiler._shapes import parse_shape
     from tandem.protocol.bundle import pack
 
     resolve_targets(targets)  # fail on an unknown target before any work
+    shapes = dict(_with_flags(parse_shape, text) for text in input_shapes)
     archive = out.name.endswith((".tar.zst", ".tar.gz", ".tar"))
     if archive and out.exists() and not overwrite:
         raise click.UsageError(f"{out} already exists (use --overwrite)")
     options = CompileOptions(
         targets=targets, max_cuts=max_cuts, max_frontier=max_frontier, samples=samples,
-        sign_key=sign_key, precision=precision, engines=engines, timing_cache=timing_cache,
+        input_shapes=shapes or None, sign_key=sign_key, precision=precision, engines=engines,
+        timing_cache=timing_cache,
         engine_cache=engine_cache,
         version_compatible=version_compatible, dla_core=dla_core, model_name=model_name,
         model_version=model_version, seed=seed, overwrite=overwrite,
@@ -114,16 +121,40 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
             import tempfile
 
             with tempfile.TemporaryDirectory(prefix="tandem-bundle-") as tmp:
-                result = BundleFromOnnx(model, Path(tmp) / "bundle", options, progress)()
+                result = _with_flags(BundleFromOnnx(model, Path(tmp) / "bundle", options,
+                                                    progress))
                 pack(Path(tmp) / "bundle", out, overwrite=overwrite)
         else:
-            result = BundleFromOnnx(model, out, options, progress)()
+            result = _with_flags(BundleFromOnnx(model, out, options, progress))
     for w in caught:
-        err.print(f"[yellow]warning:[/yellow] {w.message}")
+        err.print(f"[yellow]warning:[/yellow] {w.message}{_flags(w.message)}", markup=True,
+                  highlight=False)
     if as_json:
         click.echo(json.dumps(_summary_json(result), indent=2))
         return
     _print_summary(result, out)
+
+
+# CompileOptions fields -> the flags that set them: the library names fields, the CLI its flags
+_FLAGS = {"input_shapes": "--input-shape NAME=DIMS", "samples": "--samples",
+          "max_frontier": "--max-frontier", "max_cuts": "--max-cuts", "overwrite": "--overwrite",
+          "targets": "-t/--target"}
+
+
+def _flags(exc: object) -> str:
+    flags = [_FLAGS[o] for o in getattr(exc, "options", ()) if o in _FLAGS]
+    return f" ({', '.join(flags)})" if flags else ""
+
+
+def _with_flags(fn, *args):
+    """Call ``fn``; a Tandem error that names CompileOptions fields gets their flags added."""
+    from tandem.protocol.errors import TandemError
+
+    try:
+        return fn(*args)
+    except TandemError as exc:
+        exc.message += _flags(exc)
+        raise
 
 
 def _summary_json(result) -> dict:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from tandem.protocol.bundle._archive import extract_into as _extract_into
 from tandem.protocol.bundle._archive import pack, unpack
+from tandem.protocol.bundle._dims import DimExpr, DimExprError
 from tandem.protocol.bundle._errors import (
     BundleError,
     BundleExists,
@@ -53,7 +54,9 @@ from tandem.protocol.bundle._schema import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
     SIGNATURE_NAME,
+    SNR_LIMIT_DB,
     Artifact,
+    CutOrigin,
     CutSpec,
     EncodingCheck,
     FileEntry,
@@ -71,6 +74,7 @@ __all__ = [
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
     "SIGNATURE_NAME",
+    "SNR_LIMIT_DB",
     "Artifact",
     "Bundle",
     "BundleError",
@@ -78,7 +82,10 @@ __all__ = [
     "BundleIntegrityError",
     "BundleNotFound",
     "BundleWriter",
+    "CutOrigin",
     "CutSpec",
+    "DimExpr",
+    "DimExprError",
     "EncodingCheck",
     "FileEntry",
     "KeySource",

@@ -178,9 +178,12 @@ class BundleWriter:
             raise BundleError("use BundleWriter as a context manager (with BundleWriter(...) as w)")
         return self._staging
 
-    def add_file(self, rel_path: str, data: bytes | bytearray | memoryview | Path) -> FileEntry:
+    def add_file(self, rel_path: str, data: bytes | bytearray | memoryview | Path, *,
+                 requires: tuple[str, ...] = ()) -> FileEntry:
         """Add one file at bundle path ``rel_path``; ``data`` is its content or a file to copy
-        (hashed while it streams). Returns its :class:`FileEntry`."""
+        (hashed while it streams). ``requires`` names the bundle files this one cannot be used
+        without (``FileEntry.requires``; checked in ``finish``). Returns its
+        :class:`FileEntry`."""
         staging = self._require_open()
         check_rel_path(rel_path)
         if rel_path in RESERVED_NAMES:
@@ -212,7 +215,7 @@ class BundleWriter:
                 )
             out.flush()
             os.fsync(out.fileno())
-        entry = FileEntry(path=rel_path, sha256=digest, size=size)
+        entry = FileEntry(path=rel_path, sha256=digest, size=size, requires=tuple(requires))
         self._entries[rel_path] = entry
         self._dirs.update("/".join(parents[:n]) for n in range(1, len(parents) + 1))
         return entry

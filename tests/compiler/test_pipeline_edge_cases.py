@@ -101,19 +101,6 @@ def test_weights_in_constant_attributes_are_in_the_source_digest(tmp_path):
     assert _pipeline._source_digest(src) != before
 
 
-def test_parts_over_the_protobuf_limit_use_external_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(_pipeline, "_PROTO_LIMIT", 100)  # every part counts as "huge"
-    nodes = [h.make_node("MatMul", ["x", "w1"], ["a"]), h.make_node("Relu", ["a"], ["b"]),
-             h.make_node("MatMul", ["b", "w2"], ["y"])]
-    model = _model(nodes, [_vi("x", [1, 64])], [_vi("y", [1, 4])],
-                   [_weight("w1", (64, 16)), _weight("w2", (16, 4), 1)])
-    _compile(model, tmp_path)
-    with load_bundle(tmp_path / "b") as bundle:
-        names = {f.path for f in bundle.manifest.files}
-        assert "parts/full.onnx.data" in names
-        _check_bundle_reproduces(bundle, model)
-
-
 def test_model_whose_splits_all_send_more_than_the_input_still_compiles(tmp_path):
     # an embedding lookup: 8 int64 tokens in, 8x128 floats after the first node
     emb = _weight("emb", (100, 128))
