@@ -416,6 +416,42 @@ def _errors(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float, floa
     return float(diff.max()), float(rel.max()), signal, noise
 
 
+class _Reference:
+    """One reference output with what every comparison against it needs, computed once.
+    float32 outputs are compared in float32 (the difference of two close float32 values is
+    exact), energies are summed in float64."""
+
+    def __init__(self, arr: np.ndarray) -> None:
+        self.arr = arr
+        self.fast = arr.dtype.kind == "f" and arr.size > 0 and bool(np.isfinite(arr).all())
+        if self.fast:
+            self.r = arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float32)
+            self.abs = np.abs(self.r)
+            self.peak = float(self.abs.max())
+            self.low = float(self.r.min())
+            self.signal = _energy(self.r)
+
+    def compare(self, got: np.ndarray, tol: Tolerance) -> tuple[float, float, float, float, bool]:
+        """``(max abs, max rel, signal energy, error energy, within tol)`` for ``got``."""
+        if self.fast and got.shape == self.arr.shape and got.dtype == self.r.dtype \
+                and np.isfinite(got).all():
+            d = np.abs(got - self.r)
+            rel = float((d / np.maximum(self.abs, max(1e-3 * self.peak, 1e-30))).max())
+            ok = bool(np.all(d <= tol.atol * self.peak + tol.rtol * self.abs))
+            return float(d.max()), rel, self.signal, _energy(d), ok
+        return (*_errors(self.arr, got), tol.allows(self.arr, got))
+
+
+def _energy(x: np.ndarray) -> float:
+    """``sum(x**2)`` in float64, in blocks (no float64 copy of a large array)."""
+    flat = x.ravel()
+    total = 0.0
+    for start in range(0, flat.size, 1 << 20):
+        block = flat[start:start + (1 << 20)].astype(np.float64)
+        total += float(np.dot(block, block))
+    return total
+
+
 def snr_db(signal: float, noise: float) -> float:
     """``10 log10(signal / noise)``: ``inf`` when the noise is 0, ``-inf`` when the signal is."""
     if noise == 0:
@@ -515,28 +551,34 @@ class Verifier:
             raise with_options(SampleError(
                 f"the model does not run on random inputs ({exc}); give sample inputs it "
                 "accepts"), "samples") from exc
+        self._compared = [{k: _Reference(np.asarray(v)) for k, v in ref.items()}
+                          for ref in self.references]
         self.warnings = self._judge_references()
 
     def _judge_references(self) -> list[str]:
         """What verification cannot judge: outputs constant over every sample, or tiny."""
         out = []
         for name in self.output_names:
-            values = [np.asarray(ref[name]) for ref in self.references]
-            if not values or values[0].dtype.kind not in "fc" or not values[0].size:
+            refs = [compared[name] for compared in self._compared]
+            if not refs or refs[0].arr.dtype.kind != "f" or not refs[0].arr.size:
                 continue
-            flat = np.concatenate([v.ravel() for v in values]).astype(np.float64)
-            finite = flat[np.isfinite(flat)]
-            if not finite.size:
-                out.append(f"output {name!r} is not finite on any sample: verification cannot "
-                           "compare cuts against it")
-            elif np.all(finite == finite[0]):
-                out.append(f"output {name!r} is constant ({finite[0]:.3g}) on every sample: "
+            if not all(r.fast for r in refs):
+                finite = np.concatenate([r.arr[np.isfinite(r.arr)] for r in refs])
+                if not finite.size:
+                    out.append(f"output {name!r} is not finite on any sample: verification "
+                               "cannot compare cuts against it")
+                continue
+            peak = max(r.peak for r in refs)
+            low = min(r.low for r in refs)
+            high = max(float(r.r.max()) for r in refs)
+            if low == high:
+                out.append(f"output {name!r} is constant ({low:.3g}) on every sample: "
                            "verification cannot tell a wrong cut from a right one (real "
                            "samples or real weights would)")
-            elif float(np.abs(finite).max()) < TINY_OUTPUT:
-                out.append(f"output {name!r} peaks at {float(np.abs(finite).max()):.2g}, too "
-                           "small to verify against (errors are judged relative to it; real "
-                           "samples or real weights would give a signal)")
+            elif peak < TINY_OUTPUT:
+                out.append(f"output {name!r} peaks at {peak:.2g}, too small to verify against "
+                           "(errors are judged relative to it; real samples or real weights "
+                           "would give a signal)")
         return out
 
     def verify(
@@ -610,17 +652,16 @@ class Verifier:
         for out in self.output_names:
             worst_abs = worst_rel = signal = noise = 0.0
             ok = True
-            for ref, got in zip(self.references, outs, strict=True):
-                a = ref[out]
+            for ref, got in zip(self._compared, outs, strict=True):
                 b = np.asarray(got.get(out)) if out in got else None
                 if b is None:
                     worst_abs = worst_rel = noise = math.inf
                     ok = False
                     continue
-                err_abs, err_rel, sig, err = _errors(a, b)
+                err_abs, err_rel, sig, err, within = ref[out].compare(b, tol)
                 worst_abs, worst_rel = max(worst_abs, err_abs), max(worst_rel, err_rel)
                 signal, noise = signal + sig, noise + err
-                ok = ok and tol.allows(a, b)
+                ok = ok and within
             per_output[out] = OutputError(worst_abs, worst_rel, ok, snr_db(signal, noise))
         return TransferCheck(name, tol, per_output, encoded)
 

@@ -55,12 +55,19 @@ class WeightStore:
 
     def save(self, model: ModelProto, path: str | os.PathLike) -> Path:
         """Write ``model`` to ``path`` (in the store's directory) with every initializer of at
-        least :data:`MIN_EXTERNAL_BYTES` read from the store. ``model`` is not changed."""
+        least :data:`MIN_EXTERNAL_BYTES` read from the store, and without the nodes' debug
+        metadata (``doc_string`` and ``metadata_props``: exporters put stack traces there, 90 %
+        of a torch export's graph bytes). ``model`` is not changed."""
         onnx = require("onnx")
         path = Path(path)
         if path.parent.resolve() != self.path.parent.resolve():
             raise ValueError(f"{path} must be in {self.path.parent} to read {self.path.name}")
         out = _without_initializers(model)
+        has_metadata = "metadata_props" in onnx.NodeProto.DESCRIPTOR.fields_by_name  # onnx>=1.16
+        for node in out.graph.node:
+            node.ClearField("doc_string")
+            if has_metadata:
+                node.ClearField("metadata_props")
         digest = hashlib.sha256()
         with open(self.path, "r+b") as store:
             for tensor in model.graph.initializer:
@@ -115,11 +122,11 @@ class WeightStore:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             raise ValueError(f"initializer {tensor.name!r} has no data loaded")
         if tensor.data_type == onnx.TensorProto.STRING:
-            return tensor, tensor.SerializeToString()
+            return tensor, hashlib.sha256(tensor.SerializeToString()).digest()
         raw = tensor.raw_data if tensor.HasField("raw_data") else \
             numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
         if len(raw) < MIN_EXTERNAL_BYTES:
-            return tensor, tensor.SerializeToString()
+            return tensor, hashlib.sha256(raw).digest()
         key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(raw).digest())
         where = self._offsets.get(key)
         if where is None:
