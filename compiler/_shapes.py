@@ -135,6 +135,7 @@ def resolve_input_shapes(
                 shapes[name] = bind(name, samples[0][name].shape, "sample 0")
                 source = "options" if given else "samples"
     guessed: dict[str, tuple[str, ...]] = {}
+    stand_in_symbols: set[str] = set()
     for name, spec in specs.items():
         if name in shapes:
             continue
@@ -147,11 +148,14 @@ def resolve_input_shapes(
                 dims.append(dim)
             elif dim in symbols:
                 dims.append(symbols[dim])
+                if dim in stand_in_symbols:
+                    stand_ins.append(dim)
             elif axis == 0:
                 dims.append(symbols.setdefault(dim, batch) if dim != "?" else batch)
             else:
                 dims.append(symbols.setdefault(dim, STAND_IN) if dim != "?" else STAND_IN)
                 stand_ins.append(dim if dim != "?" else f"axis {axis}")
+                stand_in_symbols.add(dim)
         shapes[name] = tuple(dims)
         if stand_ins:
             guessed[name] = tuple(stand_ins)
