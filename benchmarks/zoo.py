@@ -222,13 +222,16 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         best = " / ".join(
             f"{_kib(r['best_bytes_sweep'][s])}" + (
-                "" if r["best_bytes_mincut"][s] == r["best_bytes_sweep"][s]
-                else f" → {_kib(r['best_bytes_mincut'][s])}")
+                "" if r["best_bytes_mincut"][s] >= 0.995 * r["best_bytes_sweep"][s]
+                else f" → **{_kib(r['best_bytes_mincut'][s])}**")
             for s in ("0.25", "0.5", "0.75"))
+        notes = sorted({"constant output" if "constant" in w else "tiny output"
+                        for w in r["warnings"] if "constant" in w or "too small" in w})
+        err = f"{r['worst_raw_rel_err']:.1e}" + (f" ({', '.join(notes)})" if notes else "")
         swept = r["interior_cuts"] - r["mincut_cuts"]
         lines.append(
             f"| {r['model']} | {r['nodes']} | {r['gflops']:.2f} | {swept} / {r['mincut_cuts']} | "
-            f"{best} | {r['worst_raw_rel_err']:.1e} | {r['compile_s']['median']:.1f} "
+            f"{best} | {err} | {r['compile_s']['median']:.1f} "
             f"({r['compile_cpu_s']:.1f}) | "
             f"{r['peak_rss_mib']:.0f} MiB | {_kib(r['bundle_bytes'])} / "
             f"{_kib(r['model_bytes'])} = {r['bundle_ratio']:.2f}x |")

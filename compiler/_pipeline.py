@@ -453,10 +453,10 @@ class BundleFromOnnx:
             self.progress(f"lowering for {target.name}", i, len(parts))
             shapes, unresolved = _dynamic_shapes(work / part, self.options.max_batch)
             if unresolved and build_here:
-                raise CompileError(
+                raise with_options(CompileError(
                     f"{Path(part).name}: inputs {sorted(unresolved)} have symbolic dims beyond "
-                    "the batch dimension; TensorRT needs concrete shape profiles (build on the "
-                    "device with --engines defer)")
+                    "the batch dimension; TensorRT needs concrete shape profiles (build the "
+                    "engines on the device instead)"), "engines")
             recipe = {
                 "workspace_mb": profile.workspace_mb,
                 "shapes": {k: [list(s) for s in v] for k, v in shapes.items()},

@@ -138,7 +138,7 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
 # CompileOptions fields -> the flags that set them: the library names fields, the CLI its flags
 _FLAGS = {"input_shapes": "--input-shape NAME=DIMS", "samples": "--samples",
           "max_frontier": "--max-frontier", "max_cuts": "--max-cuts", "overwrite": "--overwrite",
-          "targets": "-t/--target"}
+          "targets": "-t/--target", "engines": "--engines defer"}
 
 
 def _flags(exc: object) -> str:
