@@ -56,7 +56,7 @@ from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 from tandem.compiler._errors import CompileError
-from tandem.compiler._graph import GraphInfo
+from tandem.compiler._graph import GraphInfo, sendable
 from tandem.compiler._mincut import Regime, min_cut
 
 __all__ = ["Cut", "Origin", "boundary_frontiers", "cut_from_head", "find_cuts", "pareto"]
@@ -148,11 +148,9 @@ def boundary_frontiers(info: GraphInfo, max_frontier: int) -> Iterator[Cut]:
             expire[pos].append(name)
 
     # A tensor shape inference could not type (no dtype or rank) has no honest byte count and
-    # cannot be declared as a part's input/output: boundaries where one is live are skipped.
-    untyped = {
-        name for name in position
-        if not info.spec(name).dtype or info.spec(name).shape is None
-    }
+    # cannot be declared as a part's input/output, and one whose dtype the wire cannot carry
+    # (float64, int16, ...) could not be sent: boundaries where one is live are skipped.
+    untyped = {name for name in position if not sendable(info, name)}
     live: dict[str, int] = {}
     live_bytes = 0
     live_untyped = 0
@@ -246,7 +244,8 @@ def _partition_id(info: GraphInfo, frontier: Iterable[str], taken: set[int]) -> 
 def mincut_cuts(info: GraphInfo, regimes: Iterable[Regime], *, solver: str = "scipy"
                 ) -> list[Cut]:
     """One cut per distinct interior minimum cut over ``regimes`` (origins merged), in the
-    order they were found. Partitions over untyped tensors are left out."""
+    order they were found. Partitions that would send a tensor :func:`sendable` refuses are
+    left out."""
     n = len(info.compute_nodes)
     found: dict[frozenset[int], list[Origin]] = {}
     for regime in regimes:
@@ -258,7 +257,7 @@ def mincut_cuts(info: GraphInfo, regimes: Iterable[Regime], *, solver: str = "sc
     cuts, taken = [], set(range(n + 1))
     for head, origins in found.items():
         cut = cut_from_head(info, head, cut_id=-1, origins=tuple(origins))
-        if any(not info.spec(t).dtype or info.spec(t).shape is None for t in cut.frontier):
+        if not all(sendable(info, t) for t in cut.frontier):
             continue
         if not cut.is_prefix:
             cut = replace(cut, id=_partition_id(info, cut.frontier, taken))

@@ -24,7 +24,8 @@ the edge in bytes of uplink, ``lambda = uplink * (1/edge_speed - 1/cloud_speed)`
 
 Constants (initializers, Constant nodes and what only they feed) are not vertices: they are
 copied to whichever side reads them. A tensor of unknown size gets an infinite capacity (never
-cut there), as the sweep skips such boundaries. The source side of the minimum cut (the vertices
+cut there), and so does one whose dtype the wire cannot carry (float64, int16, ...), as the
+sweep skips such boundaries. The source side of the minimum cut (the vertices
 reachable from ``s`` in the residual network: the smallest optimal set) is the head.
 
 Max-flow runs in ``scipy.sparse.csgraph.maximum_flow`` (Dinic) on an int64 CSR matrix: byte
@@ -46,7 +47,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tandem.compiler._graph import GraphInfo
+from tandem.compiler._graph import GraphInfo, sendable
 from tandem.protocol.lazy import require
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -161,8 +162,7 @@ class _Network:
         tensors = [t for t in producer if t in consumers or t in outputs]
         for i, name in enumerate(tensors):
             x = n + 2 + i
-            spec = info.cost_spec(name)
-            size = info.nbytes(name) if spec.dtype and spec.shape is not None else None
+            size = info.nbytes(name) if sendable(info, name) else None
             edges.append((producer[name], x, size))
             for w in consumers.get(name, ()):
                 edges.append((x, w, None))

@@ -40,6 +40,7 @@ an error (``NoValidCut``). Nothing is written unless everything succeeded. Warni
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -66,6 +67,7 @@ from tandem.compiler._graph import (
     external_data_files,
     input_specs,
     load_model,
+    sendable,
     unresolved_tensors,
 )
 from tandem.compiler._mincut import UPLINKS_MBPS, Regime, regimes
@@ -85,6 +87,7 @@ from tandem.compiler._verify import (
     random_samples,
 )
 from tandem.compiler._weights import WeightStore
+from tandem.protocol.dtypes import UnsupportedDType, by_onnx
 from tandem.protocol.errors import FailedPrecondition, InvalidArgument, NotFound
 from tandem.protocol.lazy import require
 
@@ -106,11 +109,6 @@ TOOL_VERSION = "tandem-rt 0.1.0"
 WEIGHTS = "parts/weights.bin"
 #: the bundle stays within this many times the model's weights (plus the graphs)
 MAX_BUNDLE_RATIO = 1.5
-_ONNX_DTYPE_NAMES = {
-    1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
-    9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16",
-    21: "uint4", 22: "int4",
-}
 
 
 @dataclass(frozen=True)
@@ -200,8 +198,8 @@ def resolve_targets(names: Sequence[str]) -> list[Target]:
 
 def _dtype_name(code: int) -> str:
     try:
-        return _ONNX_DTYPE_NAMES[code]
-    except KeyError:
+        return by_onnx(code).name  # the one dtype table (tandem.protocol.dtypes)
+    except UnsupportedDType:
         raise CompileError(f"tensor element type {code} cannot be described in a bundle") from None
 
 
@@ -366,6 +364,13 @@ class BundleFromOnnx:
         n = len(info.compute_nodes)
         for i, cut in enumerate(cuts):
             self.progress("extracting and verifying cuts", i, len(cuts))
+            stuck = [t for t in cut.frontier if not sendable(info, t)]
+            if stuck:  # only cut 0 can get here: the candidates never send such tensors
+                why = ", ".join(f"{t} is {_dtype_name(info.spec(t).dtype)}" for t in stuck)
+                dropped.append((cut, f"{why}, which cannot travel on the wire"))
+                self._warn(f"dropping cut {cut.id}: {why}, which cannot travel on the wire "
+                           "(cast it in the model to send it)")
+                continue
             try:
                 head, tail = extract(model, info, cut)
             except (CompileError, ExtractionError) as exc:  # the latter is our bug: say so
@@ -436,13 +441,13 @@ class BundleFromOnnx:
 
     def _lower_tensorrt(self, target: Target, parts: list[str], work: Path,
                         verifier: Verifier) -> list:
-        from tandem.compiler._tensorrt import (
+        from tandem.devices.engines import (
             EngineCache,
             EngineFromOnnx,
             EngineKey,
             shape_profile_id,
         )
-        from tandem.protocol.bundle import Artifact
+        from tandem.protocol.bundle import Artifact, EngineRecipe
 
         profile = target.profile
         assert profile is not None
@@ -457,21 +462,18 @@ class BundleFromOnnx:
                     f"{Path(part).name}: inputs {sorted(unresolved)} have symbolic dims beyond "
                     "the batch dimension; TensorRT needs concrete shape profiles (build the "
                     "engines on the device instead)"), "engines")
-            recipe = {
-                "workspace_mb": profile.workspace_mb,
-                "shapes": {k: [list(s) for s in v] for k, v in shapes.items()},
-                "shape_profile": shape_profile_id(shapes),
-                "unresolved_dims": unresolved,
-                "compute_capability": profile.compute_capability,
-                "version_compatible": self.options.version_compatible,
-                "dla_core": dla_core,
-            }
+            recipe = EngineRecipe(
+                workspace_mb=profile.workspace_mb, shapes=shapes,
+                shape_profile=shape_profile_id(shapes), unresolved_dims=unresolved,
+                compute_capability=profile.compute_capability,
+                version_compatible=self.options.version_compatible, dla_core=dla_core,
+            )
             if not build_here:
                 # Deferred: the device builds the engine from the ONNX part into its cache.
                 out.append(Artifact(
                     part=part, target="tensorrt", path=part, precision=self.options.precision,
                     device_profile=profile.id, builder="deferred: built on the device",
-                    extra={**recipe, "build": "on-device"},
+                    engine_recipe=recipe,
                 ))
                 continue
             trt = require("tensorrt", "tensorrt")
@@ -494,7 +496,7 @@ class BundleFromOnnx:
             out.append(Artifact(
                 part=part, target="tensorrt", path=rel, precision=self.options.precision,
                 device_profile=profile.id, builder=f"tensorrt {trt.__version__}",
-                extra={**recipe, "build": "prebuilt", "tensorrt_version": trt.__version__},
+                engine_recipe=dataclasses.replace(recipe, tensorrt_version=trt.__version__),
             ))
         return out
 

@@ -27,6 +27,7 @@ from tandem.protocol.bundle._schema import (
     FileEntry,
     Manifest,
     ManifestError,
+    check_manifest_size,
     path_problem,
 )
 from tandem.protocol.bundle._sign import KeySource, encode_signature, sign_bytes
@@ -179,10 +180,11 @@ class BundleWriter:
         return self._staging
 
     def add_file(self, rel_path: str, data: bytes | bytearray | memoryview | Path, *,
-                 requires: tuple[str, ...] = ()) -> FileEntry:
+                 requires: tuple[str, ...] | list[str] = ()) -> FileEntry:
         """Add one file at bundle path ``rel_path``; ``data`` is its content or a file to copy
-        (hashed while it streams). ``requires`` names the bundle files this one cannot be used
-        without (``FileEntry.requires``; checked in ``finish``). Returns its
+        (hashed while it streams). ``requires`` names the other bundle files this one cannot be
+        used without (an ONNX part's shared weights): whoever selects it gets them too; they
+        may be added before or after it (``finish`` checks they were). Returns its
         :class:`FileEntry`."""
         staging = self._require_open()
         check_rel_path(rel_path)
@@ -242,6 +244,10 @@ class BundleWriter:
         except ManifestError as exc:
             raise exc.from_source("finish") from None
         content = final.to_bytes()
+        try:
+            check_manifest_size(content)  # never write what readers refuse
+        except ManifestError as exc:
+            raise exc.from_source("finish") from None
         _write(staging / MANIFEST_NAME, content)
         if sign_key is not None:
             signature = sign_bytes(content, sign_key, password=password)

@@ -123,8 +123,8 @@ def test_tensorrt_defer_records_sequence_dims_for_the_device(tmp_path):
                    [_weight("w", (16, 8)), _weight("w2", (8, 2), 1)])
     result = _compile(model, tmp_path, targets=("cloud-l4",), engines="defer")
     trt = [a for a in result.manifest.artifacts if a.target == "tensorrt"]
-    assert trt and all(a.extra["build"] == "on-device" for a in trt)
-    assert any(a.extra["unresolved_dims"] for a in trt)
+    assert trt and all(a.build_on_device for a in trt)
+    assert any(a.engine_recipe.unresolved_dims for a in trt)
 
 
 def test_samples_that_are_not_an_npz_are_a_one_line_error(tmp_path):
@@ -211,3 +211,24 @@ def test_sizes_shape_inference_cannot_resolve_are_measured(tmp_path):
     assert [r.cut.frontier for r in result.cuts] == [("x",), ()]
     with load_bundle(tmp_path / "b") as bundle:
         _check_bundle_reproduces(bundle, model, batch=3)
+
+
+def test_frontiers_the_wire_cannot_carry_are_refused(tmp_path):
+    # float64 in, cast to float32 after one op; an int16 tensor inside: only cuts whose
+    # frontier can travel (tandem.protocol.dtypes) survive
+    nodes = [h.make_node("Relu", ["x"], ["a"]), h.make_node("Cast", ["a"], ["b"], to=TP.FLOAT),
+             h.make_node("MatMul", ["b", "w"], ["c"]),
+             h.make_node("Cast", ["c"], ["d"], to=TP.INT16),
+             h.make_node("Cast", ["d"], ["e"], to=TP.FLOAT), h.make_node("Relu", ["e"], ["y"])]
+    model = _model(nodes, [_vi("x", [1, 64], TP.DOUBLE)], [_vi("y", [1, 4])],
+                   [_weight("w", (64, 4))])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _compile(model, tmp_path)
+    kept = {r.cut.id: r.cut.frontier for r in result.cuts}
+    assert 0 not in kept  # the raw input is float64
+    assert any("x is float64, which cannot travel" in str(w.message) for w in caught)
+    assert all(f not in (("a",), ("d",)) for f in kept.values())  # float64 / int16 never cross
+    assert any(f in (("b",), ("c",)) for f in kept.values())
+    with load_bundle(tmp_path / "b") as bundle:
+        assert {t.dtype for c in bundle.manifest.cuts for t in c.frontier} <= {"float32"}
