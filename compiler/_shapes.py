@@ -341,11 +341,11 @@ def _emit(e: Any, inputs: set[str], sympy: Any) -> str:
         num, den = sympy.fraction(sympy.together(sympy.nsimplify(e.args[0], rational=True)))
         if not den.is_Integer or int(den) <= 0:
             raise _Unexpressible(f"divisor {den} is not a positive integer")
-        p = _emit(sympy.expand(num), inputs, sympy)
+        p = _wrap(_emit(sympy.expand(num), inputs, sympy))
         q = int(den)
         if q == 1:
-            return f"({p})"
-        return f"(({p})//{q})" if isinstance(e, sympy.floor) else f"(-((-({p}))//{q}))"
+            return p
+        return f"({p}//{q})" if isinstance(e, sympy.floor) else f"(-((-{p})//{q}))"
     if e.is_Add:
         terms = sorted(e.args, key=sympy.default_sort_key)
         return "(" + " + ".join(_emit(t, inputs, sympy) for t in terms) + ")"
@@ -371,9 +371,25 @@ def _emit(e: Any, inputs: set[str], sympy: Any) -> str:
             text = f"{fn}({text}, {arg})"
         return text
     if isinstance(e, sympy.Mod):
-        a, b = (_emit(x, inputs, sympy) for x in e.args)
-        return f"(({a})%({b}))"
+        a, b = (_wrap(_emit(x, inputs, sympy)) for x in e.args)
+        return f"({a}%{b})"
     raise _Unexpressible(f"{type(e).__name__} {e}")
+
+
+def _wrap(text: str) -> str:
+    """``text`` as one operand: as it is when it is a name, a number or already one
+    parenthesized group, else in parentheses."""
+    if text.isidentifier() or text.isdigit():
+        return text
+    if text.startswith("(") and text.endswith(")"):
+        depth = 0
+        for i, c in enumerate(text):
+            depth += (c == "(") - (c == ")")
+            if depth == 0 and i < len(text) - 1:
+                break
+        else:
+            return text
+    return f"({text})"
 
 
 def _show(shape: Sequence) -> str:

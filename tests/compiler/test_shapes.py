@@ -198,3 +198,25 @@ def test_without_symbolic_inference_dims_fall_back_to_what_is_declared(monkeypat
     dims, problem = frontier_dims(model, info, ["input", inner], shapes.symbols)
     assert dims == {"input": ("batch", 3, "height", "width")}
     assert "AssertionError" in problem
+
+
+def test_sympy_dims_become_exact_dim_expressions():
+    sympy = pytest.importorskip("sympy")
+    from tandem.compiler._shapes import _to_text, _Unexpressible
+
+    h, w = sympy.symbols("height width", integer=True, positive=True)
+    half = sympy.Rational(1, 2)
+    exprs = [sympy.floor(h / 2 - half) + 1, sympy.floor(sympy.floor(h / 2 - half) / 2) + 1,
+             sympy.ceiling(h / 4), 4 * h * w, sympy.Min(512, h), sympy.Max(h, w, 3),
+             sympy.Mod(h, 3), 2 * sympy.floor(h / 2), sympy.floor(sympy.Float(2.0) * h),
+             h**2 - w, sympy.ceiling((h - 3) / 2)]
+    for expr in exprs:
+        text = _to_text(expr, {"height", "width"})
+        for hv, wv in ((3, 1), (7, 3), (64, 640), (513, 17)):
+            want = int(expr.subs({h: hv, w: wv}))
+            got = text if isinstance(text, int) else DimExpr.parse(text).evaluate(
+                {"height": hv, "width": wv})
+            assert got == want, (expr, text, hv, wv)
+    for bad in (h / 2, sympy.Symbol("unk__3"), sympy.sqrt(h), h**20):
+        with pytest.raises(_Unexpressible):
+            _to_text(bad, {"height", "width"})
