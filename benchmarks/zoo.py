@@ -1,6 +1,6 @@
 """Zoo benchmark: `tandem compile` on real architectures (random weights), one table.
 
-Models (exported by ``benchmarks/zoo_export.py`` into the git-ignored ``benchmarks/zoo_models/``;
+Models (exported by ``benchmarks/_zoo_export.py`` into the git-ignored ``benchmarks/zoo_models/``;
 torch is not a dependency of Tandem: with the models missing, pass ``--torch-python PY``, an
 interpreter that has torch, torchvision and transformers, and they are exported first):
 resnet18, mobilenet_v3_small, efficientnet_b0, deeplabv3_mobilenet_v3_large (dynamic H/W,
@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import Result, machine_info, parser, stats
+from benchmarks._common import Result, parser, stats, write_json
 
 NAME = "zoo"
 HERE = Path(__file__).resolve().parent
@@ -156,8 +156,8 @@ def _ensure_models(names: list[str], torch_python: str | None) -> None:
             raise SystemExit(
                 f"zoo models missing in {MODELS_DIR}: {', '.join(missing)}.\nExport them with an "
                 "interpreter that has torch, torchvision and transformers:\n  "
-                f"PY benchmarks/zoo_export.py {MODELS_DIR}\nor pass --torch-python PY")
-        subprocess.run([torch_python, str(HERE / "zoo_export.py"), str(MODELS_DIR), "--only",
+                f"PY benchmarks/_zoo_export.py {MODELS_DIR}\nor pass --torch-python PY")
+        subprocess.run([torch_python, str(HERE / "_zoo_export.py"), str(MODELS_DIR), "--only",
                         *missing], check=True)
     if "unet_example" in names and not (MODELS_DIR / "unet_example.onnx").exists():
         from tandem.compiler.examples import save, unet
@@ -268,18 +268,12 @@ def main(argv: list[str] | None = None) -> int:
             ]
     print()
     print(table(rows))
-    out = Path(args.json_path) if args.json_path else HERE / "results" / f"{NAME}.json"
-    if args.quick and not args.json_path:
-        out = Path(tempfile.gettempdir()) / f"tandem-{NAME}-quick.json"  # keep the repo's
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": NAME, "version": 1,
-           "command": " ".join(["python", "-m", f"benchmarks.{NAME}", *(argv or sys.argv[1:])]),
-           "machine": machine_info(
-               f"{reps} compile(s) per model, fresh process each, interleaved with the "
-               "baseline; machine shared with other work: medians are indicative; total "
-               f"{time.perf_counter() - t0:.0f} s"),
-           "results": [r.to_json() for r in results], "models": rows, "table": table(rows)}
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    out = write_json(
+        NAME, results, args.json_path,
+        notes=f"{reps} compile(s) per model, fresh process each, interleaved with the baseline; "
+              "machine shared with other work: medians are indicative; total "
+              f"{time.perf_counter() - t0:.0f} s",
+        extra={"models": rows, "table": table(rows)})
     print(f"wrote {out}")
     return 0 if all(r.met is not False for r in results) else 1
 

@@ -5,7 +5,7 @@ interpreter that has them, for example a separate virtual environment::
 
     python3 -m venv ../torchenv
     ../torchenv/bin/pip install torch==2.14.1 torchvision==0.29.1 transformers onnx onnxscript
-    ../torchenv/bin/python benchmarks/zoo_export.py benchmarks/zoo_models
+    ../torchenv/bin/python benchmarks/_zoo_export.py benchmarks/zoo_models
 
 (``python -m benchmarks.zoo --torch-python ../torchenv/bin/python`` runs it for you when the
 models are missing.) The output folder is git-ignored; nothing here is committed but this script.
