@@ -20,12 +20,15 @@ drops the tensors whose last consumer was node ``b - 1``, so all boundaries cost
 O(nodes + edges), and only frontiers of at most ``max_frontier`` tensors are materialized.
 
 Order. The frontier is exact for the order ``analyze`` chose (the model's own order where valid,
-else the stable Kahn order closest to it) with constants lifted out. For a model with long skips
+else the stable Kahn order closest to it) with constants lifted out and shape arithmetic
+(``Shape`` of a tensor and what only shapes and constants feed) hoisted to where it can first
+run: exporters read the input's shape at the very end (to resize an output back to it), which
+would keep the raw input live across every boundary. The few int64 values shape arithmetic makes
+are sent like any tensor but do not count against ``max_frontier``. For a model with long skips
 (U-Net) every boundary between an encoder level and the decoder Concat that reads it carries that
 skip: that is a property of the graph, not of the order, and such boundaries have frontier 2+
-and are rejected by ``max_frontier=1`` or kept with their honest byte count. What the order can
-change is where independent side chains sit (e.g. a Shape of the input computed early); we do
-not reorder those (a known gap: a liveness-minimizing schedule could find a few more cuts).
+and are rejected by ``max_frontier=1`` or kept with their honest byte count. Other independent
+side chains are not reordered; the minimum cuts below reach partitions no order-prefix does.
 
 Partitions that are not prefixes. Beside the sweep, :func:`find_cuts` takes the minimum cut of
 the DAG for each regime it is given (:mod:`tandem.compiler._mincut`, DADS): a down-set of the
