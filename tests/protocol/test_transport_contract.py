@@ -1,5 +1,7 @@
-"""The Transport contract: every test runs against the MQTT transport (a real mosquitto per test)
-and against the in-memory transport, and both must behave the same.
+"""The Transport contract: every test runs against the MQTT transport (a real mosquitto per test),
+the in-memory transport and the NATS transport (a real nats-server per test), and all must behave
+the same, except where core NATS has no such feature (retained messages, last wills, persistent
+sessions: skipped there, saying so).
 
 What only MQTT has (properties on the wire, packets, auth, TLS) is in test_transport.py; attacks
 replayed against a real mosquitto are in tests/security/.
@@ -36,6 +38,7 @@ from tandem.protocol.errors import (
 )
 from tandem.protocol.messages import InferenceRequest, InferenceResponse, new_request_id
 from tandem.protocol.mqtt import MqttTransport
+from tandem.protocol.nats import NatsTransport
 from tandem.protocol.tensors import DType, Tensor
 from tandem.protocol.transport import (
     IncomingMessage,
@@ -73,6 +76,9 @@ class Net:
             assert self._factory is not None
             opts = {} if max_packet_bytes is None else {"max_packet_size": max_packet_bytes}
             self.mosquitto = self._factory(**opts)
+        elif self.kind == "nats":
+            assert self._factory is not None
+            self.nats = self._factory(max_payload=max_packet_bytes)
         else:
             self.memory = MemoryBroker(max_packet_bytes=max_packet_bytes)
         return self
@@ -82,32 +88,47 @@ class Net:
         kw.setdefault("reconnect_max_s", 0.5)
         if self.kind == "mqtt":
             return TransportConfig(host=self.mosquitto.host, port=self.mosquitto.port, **kw)
+        if self.kind == "nats":
+            return TransportConfig(host=self.nats.host, port=self.nats.nats_port, **kw)
         return TransportConfig(**kw)
 
     def transport(self, **kw) -> Transport:
         cfg = self.config(**kw)
         if self.kind == "mqtt":
             return MqttTransport(cfg)
+        if self.kind == "nats":
+            return NatsTransport(cfg)
         assert self.memory is not None
         return MemoryTransport(self.memory, cfg)
 
     def outage(self) -> None:
         if self.kind == "mqtt":
             self.mosquitto.kill()
+        elif self.kind == "nats":
+            self.nats.kill()
         else:
             self.memory.stop()
 
     def recover(self) -> None:
         if self.kind == "mqtt":
             self.mosquitto.start()
+        elif self.kind == "nats":
+            self.nats.start()
         else:
             self.memory.start()
 
+    def lacks(self, feature: str) -> None:
+        """Skip a test of what core NATS does not have."""
+        if self.kind == "nats":
+            pytest.skip(f"core NATS has no {feature} (docs/deployment.md)")
 
-@pytest.fixture(params=["mqtt", "memory"])
+
+@pytest.fixture(params=["mqtt", "memory", "nats"])
 def net(request) -> Net:
     if request.param == "mqtt":
         return Net("mqtt", request.getfixturevalue("mosquitto_factory"))
+    if request.param == "nats":
+        return Net("nats", request.getfixturevalue("nats_factory"))
     return Net("memory", None)
 
 
@@ -718,6 +739,7 @@ def test_publish_returns_a_handle_for_the_brokers_acknowledgement(net):
 
 
 def test_retained_messages_reach_later_subscribers(net):
+    net.lacks("retained messages")
     async def main() -> None:
         async with net.transport() as a:
             await (await a.publish("tandem/v1/assign/cam-01", b"bundle-1", retain=True))
@@ -894,6 +916,7 @@ def test_an_outage_fails_fast_and_everything_comes_back(net):
 
 
 def test_a_persistent_sessions_backlog_is_held_for_its_handler_within_bounds(net):
+    net.lacks("persistent sessions")
     async def main() -> None:
         cid = f"cam-persist-{net.kind}"
         cfg = dict(client_id=cid, clean_start=False, session_expiry_s=300,
@@ -919,6 +942,7 @@ def test_a_persistent_sessions_backlog_is_held_for_its_handler_within_bounds(net
 
 
 def test_the_last_will_is_published_when_a_client_is_lost(net):
+    net.lacks("last wills")
     status = topics.status_topic(DEVICE)
 
     async def main() -> None:
@@ -955,7 +979,8 @@ async def _crash_a_process_with_a_will(net: Net, status: str) -> None:
         "from tandem.protocol.transport import TransportConfig, Will\n"
         "async def main():\n"
         f"    t = MqttTransport(TransportConfig(host={net.mosquitto.host!r}, "
-        f"port={net.mosquitto.port}, keepalive_s=60, will=Will({status!r}, b'offline')))\n"
+        f"port={net.mosquitto.port}, protocol={net.config().protocol}, keepalive_s=60, "
+        f"will=Will({status!r}, b'offline')))\n"
         "    await t.connect()\n"
         "    print('up', flush=True)\n"
         "    await asyncio.sleep(60)\n"
