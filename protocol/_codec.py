@@ -385,6 +385,34 @@ def _tail_ms(v: Any) -> tuple[tuple[str, int, float], ...]:
     return tuple(out)
 
 
+def _plan_mix(v: Any) -> tuple[tuple[str, int], ...]:
+    """DeviceStatus.plan_mix: [[plan: str, requests: uint], ...]."""
+    if isinstance(v, tuple):
+        v = list(v)
+    out = []
+    for e in _list(v):
+        if isinstance(e, tuple):
+            e = list(e)
+        if type(e) is not list or len(e) != 2:
+            raise _Bad("plan_mix entries are [plan, requests]")
+        out.append((_str(e[0]), _u63(e[1])))
+    return tuple(out)
+
+
+def _str_list(v: Any) -> tuple[str, ...]:
+    if isinstance(v, tuple):
+        v = list(v)
+    return tuple(_str(e) for e in _list(v))
+
+
+def _bin(v: Any) -> bytes:
+    if type(v) is not bytes:
+        if isinstance(v, (bytearray, memoryview)):
+            return bytes(v)
+        raise _Bad(f"expected bytes (bin), got {type(v).__name__}")
+    return v
+
+
 # -- message schemas --------------------------------------------------------------------------
 # Keys are the dataclass field names; required fields are the ones without a default.
 
@@ -418,6 +446,10 @@ _SCHEMAS: dict[MessageType, tuple[type, tuple[_Field, ...]]] = {
         _Field("uplink_bps", _nonneg_float, 0.0),
         _Field("rtt_ms", _nonneg_float, 0.0),
         _Field("queue_depth", _u63, 0),
+        _Field("p50_ms", _nonneg_float, 0.0),
+        _Field("p99_ms", _nonneg_float, 0.0),
+        _Field("fallbacks", _u63, 0),
+        _Field("plan_mix", _plan_mix, ()),
     )),
     MessageType.CLOUD_LOAD: (CloudLoad, (
         _Field("worker_id", _str),
@@ -433,6 +465,11 @@ _SCHEMAS: dict[MessageType, tuple[type, tuple[_Field, ...]]] = {
         _Field("bundle_digest", _str),
         _Field("bundle_uri", _str, ""),
         _Field("issued_at_ms", _u63, 0),
+        _Field("model_version", _str, ""),
+        _Field("archive_sha256", _str, ""),
+        _Field("archive_size", _u63, 0),
+        _Field("signature", _bin, b""),
+        _Field("mirror_uris", _str_list, ()),
     )),
 }
 _TYPE_OF: dict[type, MessageType] = {cls: t for t, (cls, _) in _SCHEMAS.items()}
@@ -452,6 +489,9 @@ def _over_limits(value: Any, lim: Limits, depth: int = 0) -> str | None:
                 len(value) * 4 > lim.max_string_len
                 and len(value.encode("utf-8", "surrogatepass")) > lim.max_string_len):
             return f"a string of over {lim.max_string_len} bytes"
+    elif isinstance(value, bytes):
+        if len(value) > lim.max_string_len:
+            return f"a bin of over {lim.max_string_len} bytes"
     elif isinstance(value, dict):
         if len(value) > lim.max_fields:
             return f"a map of over {lim.max_fields} keys"
@@ -603,7 +643,7 @@ def _read_envelope(mv: memoryview, limits: Limits) -> tuple[Any, int]:
         max_buffer_size=max(cap, 1),
         read_size=min(max(cap, 1), _FIRST_FEED),  # else msgpack mallocs max_buffer_size upfront
         max_str_len=limits.max_string_len,
-        max_bin_len=limits.max_string_len,  # only ids are bin in an envelope
+        max_bin_len=limits.max_string_len,  # ids and Assignment.signature are bin
         max_array_len=max(limits.max_tensors, limits.max_list_len, limits.max_rank, 3) + 1,
         max_map_len=limits.max_fields,
         max_ext_len=0,  # no ext types in v1 (this also refuses msgpack timestamps)
