@@ -21,6 +21,7 @@ __all__ = ["SERVICE_TYPE", "Discovered", "browse"]
 SERVICE_TYPE = "_tandem._tcp.local."
 _MAX_SERVICES = 4096  # a LAN full of announcements must not grow this without bound
 _TXT_KEYS = ("id", "profile", "fleet", "version")
+_RESOLVE_TIMEOUT_MS = 2000
 
 
 @dataclass(frozen=True)
@@ -70,13 +71,15 @@ def browse(timeout_s: float = 3.0, *, interfaces: list[str] | None = None) -> li
         with lock:
             candidates = list(names)
         for name in candidates:
-            info = zc.get_service_info(SERVICE_TYPE, name, timeout=1000)
-            if info is None:
-                continue
+            # the browse usually cached the records already; ask the network only if not
+            info = zeroconf.ServiceInfo(SERVICE_TYPE, name)
+            if not info.load_from_cache(zc):
+                info.request(zc, timeout=_RESOLVE_TIMEOUT_MS)
             props = {k.decode("utf-8", "replace"): _text(v)
                      for k, v in (info.properties or {}).items()
                      if isinstance(k, bytes) and k.decode("utf-8", "replace") in _TXT_KEYS}
             addresses = tuple(socket.inet_ntoa(a) for a in info.addresses if len(a) == 4)
+            # a service that did not resolve is still listed (by name, without an id)
             found.append(Discovered(name=_text(name.encode()), device_id=props.get("id", ""),
                                     addresses=addresses, port=info.port or 0,
                                     properties=props))

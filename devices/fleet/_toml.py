@@ -26,9 +26,10 @@ _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f
             "\r": "\\r"}
 
 
-def _string(s: str) -> str:
+def _string(s: str, *, multiline: bool = True) -> str:
     # a PEM reads best as a literal multi-line string; anything else as a basic string
-    if "\n" in s and "'''" not in s and all(c == "\n" or " " <= c < "\x7f" for c in s):
+    if multiline and "\n" in s and "'''" not in s and \
+            all(c == "\n" or " " <= c < "\x7f" for c in s):
         return "'''\n" + s + "'''"
     out = []
     for c in s:
@@ -56,7 +57,7 @@ def _value(v: Any) -> str:
 def _key(k: str) -> str:
     if k and all(c.isascii() and (c.isalnum() or c in "_-") for c in k):
         return k
-    return _string(k)
+    return _string(k, multiline=False)
 
 
 def dumps(doc: Mapping[str, Any], *, header: str = "") -> str:

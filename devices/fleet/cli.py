@@ -42,7 +42,16 @@ def _open(fleet_dir: str, db_url: str | None):
 
 
 def _say(text: str) -> None:
-    click.echo(text)
+    """Print a line; a reader that went away (``| head``) ends the command quietly."""
+    try:
+        click.echo(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # what Python's documentation advises: point stdout at /dev/null so that the
+        # interpreter's final flush does not fail again, and stop
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise click.exceptions.Exit(0) from None
 
 
 def _note(text: str) -> None:
@@ -72,11 +81,13 @@ def _run(coro):
 
 
 class _Column:
-    def __init__(self, name: str, *, drop: int = 0, cap: int = 40, right: bool = False) -> None:
+    def __init__(self, name: str, *, drop: int = 0, cap: int = 40, right: bool = False,
+                 whole: bool = False) -> None:
         self.name = name
         self.drop = drop  # 0 = always shown; higher = dropped earlier when the width is short
-        self.cap = cap
+        self.cap = 64 if whole else cap  # names are at most 64 characters
         self.right = right
+        self.whole = whole  # never cut (the key column: a cut name is a wrong name)
 
 
 def _render(columns: list[_Column], rows: list[list[str]], width: int | None = None) -> str:
@@ -97,7 +108,10 @@ def _render(columns: list[_Column], rows: list[list[str]], width: int | None = N
         keep.remove(max(keep, key=lambda i: (columns[i].drop, i)))
     widths = list(natural)
     while total(keep, widths) > width:
-        i = max(keep, key=lambda i: widths[i])
+        cuttable = [i for i in keep if not columns[i].whole]
+        if not cuttable:
+            break
+        i = max(cuttable, key=lambda i: widths[i])
         if widths[i] <= max(len(columns[i].name), 4):
             break
         widths[i] -= 1
@@ -288,7 +302,7 @@ def group_list_command(fleet_dir: str, db_url: str | None, as_json: bool) -> Non
     if as_json:
         _say(json.dumps(groups, indent=2))
         return
-    _say(_render([_Column("GROUP"), _Column("DEVICES", right=True), _Column("CREATED")],
+    _say(_render([_Column("GROUP", whole=True), _Column("DEVICES", right=True), _Column("CREATED")],
                  [[g["name"], str(g["devices"]), _iso(g["created_ms"])] for g in groups]))
 
 
@@ -307,11 +321,11 @@ def list_command(fleet_dir: str, db_url: str | None, include_removed: bool,
     if as_json:
         _say(json.dumps(clients, indent=2))
         return
-    columns = [_Column("NAME"), _Column("KIND"), _Column("PROFILE", drop=2, cap=22),
-               _Column("GROUP", drop=3, cap=16), _Column("BUNDLE", drop=1, cap=28),
-               _Column("CERT UNTIL", drop=4)]
+    columns = [_Column("NAME", whole=True), _Column("KIND", whole=True),
+               _Column("PROFILE", drop=2, cap=22), _Column("GROUP", drop=3, cap=16),
+               _Column("BUNDLE", drop=1, cap=28), _Column("CERT UNTIL", drop=4)]
     if include_removed:
-        columns.insert(2, _Column("STATE"))
+        columns.insert(2, _Column("STATE", whole=True))
     rows = []
     for c in clients:
         bundle = ""
@@ -419,10 +433,10 @@ def status_command(fleet_dir: str, db_url: str | None, as_json: bool, broker_url
                          "devices": [r.to_json() for r in rows]}, indent=2))
         return
     now = int(time.time() * 1000)
-    columns = [_Column("DEVICE", cap=32), _Column("STATE"), _Column("SEEN"),
-               _Column("BUNDLE", drop=2, cap=17), _Column("PLANS", drop=3, cap=30),
-               _Column("P50", right=True), _Column("P99", right=True),
-               _Column("FB", drop=1, right=True)]
+    columns = [_Column("DEVICE", whole=True), _Column("STATE", whole=True),
+               _Column("SEEN", whole=True), _Column("BUNDLE", drop=4, cap=17),
+               _Column("PLANS", drop=5, cap=30), _Column("P50", drop=1, right=True),
+               _Column("P99", drop=2, right=True), _Column("FB", drop=3, right=True)]
     table = []
     for r in rows:
         bundle = r.bundle_digest[:8] if r.bundle_digest else "-"
@@ -489,7 +503,7 @@ def discover_command(fleet_dir: str, db_url: str | None, timeout_s: float,
         address = f"{d.addresses[0]}:{d.port}" if d.addresses else f":{d.port}"
         table.append([d.device_id or "?", "yes" if d.device_id in enrolled else "no", address,
                       d.properties.get("profile", ""), d.name])
-    _say(_render([_Column("DEVICE", cap=32), _Column("ENROLLED"), _Column("ADDRESS"),
+    _say(_render([_Column("DEVICE", whole=True), _Column("ENROLLED"), _Column("ADDRESS"),
                   _Column("PROFILE", drop=1, cap=22), _Column("SERVICE", drop=2)], table))
     _say(f"{len(found)} found, {sum(d.device_id in enrolled for d in found)} enrolled")
 

@@ -36,22 +36,42 @@ def postgres_available() -> str | None:
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
 
 
-@pytest.fixture
-def pg_url():
-    """A fresh PostgreSQL database (``fleet_<random>``), dropped when the test ends."""
+@pytest.fixture(scope="session")
+def pg_database():
+    """A database of our own (``fleet_tests_<random>``) for this test session, dropped after;
+    None (with the reason) when the server cannot be reached."""
     why = postgres_available()
     if why is not None:
+        yield None, why
+        return
+    name = f"fleet_tests_{uuid.uuid4().hex[:10]}"
+    with _pg_admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}", None
+    finally:
+        with _pg_admin() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url(pg_database):
+    """A fresh PostgreSQL schema in the session's database (a URL whose search_path is it),
+    dropped when the test ends: creating a schema is much faster than a database."""
+    import psycopg
+
+    url, why = pg_database
+    if url is None:
         if PG_REQUIRED:
             pytest.fail(f"PostgreSQL test server {PG_ADMIN_URL} unreachable: {why}")
         pytest.skip(f"PostgreSQL test server {PG_ADMIN_URL} unreachable ({why}); "
                     ".ci/run starts it")
-    name = f"fleet_{uuid.uuid4().hex[:12]}"
-    with _pg_admin() as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
-    yield f"{base}/{name}"
-    with _pg_admin() as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    yield f"{url}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -72,12 +92,17 @@ class FleetPorts:
 def init_fleet(directory: Path, db_url: str | None, **options):
     from tandem.devices.fleet import Fleet
 
-    ports = FleetPorts(free_port(), free_port(), free_port())
+    chosen: list[int] = []
+    while len(chosen) < 3:  # free_port() may hand out the same port twice in a row
+        port = free_port()
+        if port not in chosen:
+            chosen.append(port)
+    ports = FleetPorts(*chosen)
     options.setdefault("broker_hosts", ("127.0.0.1", "localhost"))
+    options.setdefault("pid_file", str(directory.parent / "broker.pid"))
     fleet, _ = Fleet.init(directory, name="testfleet", db_url=db_url, bind="127.0.0.1",
                           tls_port=ports.tls, password_port=ports.password,
-                          plain_port=ports.plain,
-                          pid_file=str(directory.parent / "broker.pid"), **options)
+                          plain_port=ports.plain, **options)
     return fleet, ports
 
 
@@ -140,3 +165,16 @@ def fleet_broker(fleet, mosquitto_factory) -> FleetBroker:
         "log_type information\n"
         f"include_dir {fleet.layout.broker_conf.parent}"))
     return FleetBroker(broker, fleet)
+
+
+@pytest.fixture(scope="session")
+def compiled_bundle(tmp_path_factory) -> Path:
+    """An unsigned bundle compiled from the example CNN (copy it before changing it)."""
+    from tandem.compiler import BundleFromOnnx, CompileOptions
+    from tandem.compiler.examples import cnn_chain, save
+
+    root = tmp_path_factory.mktemp("compiled")
+    save(cnn_chain(), root / "model.onnx")
+    BundleFromOnnx(root / "model.onnx", root / "bundle",
+                   CompileOptions(targets=("onnxruntime",)))()
+    return root / "bundle"
