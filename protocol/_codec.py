@@ -371,32 +371,28 @@ def _timings_enc(v: Any) -> dict:
     return out
 
 
-def _tail_ms(v: Any) -> tuple[tuple[str, int, float], ...]:
-    """CloudLoad.tail_ms: [[model_digest: str, cut_id: uint, ms: float >= 0], ...]."""
+def _records(v: Any, checks: tuple[Callable[[Any], Any], ...], shape: str) -> tuple:
+    """A list of fixed-length records, each entry checked by its kind: [[a, b, ...], ...]."""
     if isinstance(v, tuple):
         v = list(v)
     out = []
     for e in _list(v):
         if isinstance(e, tuple):
             e = list(e)
-        if type(e) is not list or len(e) != 3:
-            raise _Bad("tail_ms entries are [model_digest, cut_id, ms]")
-        out.append((_str(e[0]), _u32(e[1]), _nonneg_float(e[2])))
+        if type(e) is not list or len(e) != len(checks):
+            raise _Bad(f"entries are {shape}")
+        out.append(tuple(check(x) for check, x in zip(checks, e, strict=True)))
     return tuple(out)
+
+
+def _tail_ms(v: Any) -> tuple[tuple[str, int, float], ...]:
+    """CloudLoad.tail_ms: [[model_digest: str, cut_id: uint, ms: float >= 0], ...]."""
+    return _records(v, (_str, _u32, _nonneg_float), "[model_digest, cut_id, ms]")
 
 
 def _plan_mix(v: Any) -> tuple[tuple[str, int], ...]:
     """DeviceStatus.plan_mix: [[plan: str, requests: uint], ...]."""
-    if isinstance(v, tuple):
-        v = list(v)
-    out = []
-    for e in _list(v):
-        if isinstance(e, tuple):
-            e = list(e)
-        if type(e) is not list or len(e) != 2:
-            raise _Bad("plan_mix entries are [plan, requests]")
-        out.append((_str(e[0]), _u63(e[1])))
-    return tuple(out)
+    return _records(v, (_str, _u63), "[plan, requests]")
 
 
 def _str_list(v: Any) -> tuple[str, ...]:

@@ -42,6 +42,7 @@ from tandem.devices.fleet._staging import (
     current_generation,
     stage_auth,
     stage_file,
+    write_new,
 )
 from tandem.protocol.errors import (
     FailedPrecondition,
@@ -643,6 +644,24 @@ class Fleet:
     def assigned_digests(self) -> dict[str, str]:
         return {r["device"]: r["digest"] for r in self.current_assignments()}
 
+    def crl_expiry_warning(self, within_days: int = 30) -> str:
+        """A warning when the installed CRL expires within ``within_days`` ("" otherwise):
+        an expired CRL makes mosquitto refuse every client certificate."""
+        from cryptography import x509
+
+        try:
+            crl = x509.load_pem_x509_crl((self.layout.auth_link / "crl.pem").read_bytes())
+        except (OSError, ValueError):
+            return "the broker's CRL is missing or unreadable: run 'tandem fleet sync'"
+        next_update = crl.next_update_utc
+        if next_update is None:
+            return ""
+        left = next_update - dt.datetime.now(dt.timezone.utc)
+        if left > dt.timedelta(days=within_days):
+            return ""
+        return (f"the broker's CRL expires {next_update:%Y-%m-%d} (then mosquitto refuses every "
+                "client certificate): run 'tandem fleet sync' and reload the broker")
+
     def auth_lagging(self) -> bool:
         """True when the installed auth files are older than the registry."""
         generation = self._read(self._auth_generation)
@@ -671,12 +690,7 @@ def _event(tx: Transaction, action: str, subject: str, detail: str = "") -> None
 def _write_file(path: Path, data: bytes, mode: int, *, parents: bool = False) -> None:
     if parents:
         path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(path, mode)
+    write_new(path, data, mode)
 
 
 def _auth_files(tx: Transaction, authority: _pki.Authority, fleet_name: str,

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,7 +204,3 @@ def read_settings(layout: Layout) -> FleetSettings:
         return FleetSettings(**fields)
     except InvalidArgument as exc:
         raise InvalidArgument(f"{where}: {exc}") from None
-
-
-def replace_settings(settings: FleetSettings, **changes: Any) -> FleetSettings:
-    return dataclasses.replace(settings, **changes)

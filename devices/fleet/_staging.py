@@ -28,6 +28,7 @@ __all__ = [
     "current_generation",
     "stage_auth",
     "stage_file",
+    "write_new",
 ]
 
 _GEN = re.compile(r"auth\.(\d+)\Z")
@@ -43,7 +44,8 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
+def write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` (it must not exist) with ``data``, fsynced, with ``mode``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
@@ -84,7 +86,7 @@ def stage_file(path: Path, data: bytes, mode: int = 0o644) -> StagedFile:
     tmp = Path(name)
     tmp.unlink()
     try:
-        _write_new(tmp, data, mode)
+        write_new(tmp, data, mode)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -158,7 +160,7 @@ def stage_auth(link: Path, generation: int, files: dict[str, tuple[bytes, int]])
     try:
         os.chmod(tmp_dir, 0o755)
         for name, (data, mode) in files.items():
-            _write_new(tmp_dir / name, data, mode)
+            write_new(tmp_dir / name, data, mode)
         _fsync_dir(tmp_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -337,8 +337,15 @@ def list_command(fleet_dir: str, db_url: str | None, include_removed: bool,
             cells.insert(2, c["state"])
         rows.append(cells)
     _say(_render(columns, rows))
+    _warn_auth(fleet)
+
+
+def _warn_auth(fleet) -> None:
     if fleet.auth_lagging():
         _note("the auth files lag the registry: run 'tandem fleet sync'")
+    warning = fleet.crl_expiry_warning()
+    if warning:
+        _note(warning)
 
 
 @fleet_command.command("show")
@@ -451,6 +458,7 @@ def status_command(fleet_dir: str, db_url: str | None, as_json: bool, broker_url
         counts[r.state] = counts.get(r.state, 0) + 1
     _say(f"{len(rows)} device(s): " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
                                         or "none enrolled"))
+    _warn_auth(fleet)
 
 
 @fleet_command.command("dashboard")

@@ -425,3 +425,15 @@ def test_enrollment_files_load_and_carry_the_fleet_keys(fleet):
     assert e.password_urls == (f"mqtts://127.0.0.1:{fleet.ports.password}",
                                f"mqtt://127.0.0.1:{fleet.ports.plain}")
     assert Path(fleet.layout.enrollment("gpu-1")).read_text().startswith("# Tandem enrollment")
+
+
+def test_an_expiring_crl_is_warned_about_and_sync_renews_it(fleet, monkeypatch):
+    assert fleet.crl_expiry_warning() == ""
+    with monkeypatch.context() as m:
+        original = _pki.Authority.crl
+        m.setattr(_pki.Authority, "crl",
+                  lambda self, revoked, days=10: original(self, revoked, days=days))
+        fleet.sync()
+    assert "expires" in fleet.crl_expiry_warning()
+    fleet.sync()
+    assert fleet.crl_expiry_warning() == ""
