@@ -3,18 +3,18 @@
 Both sides run through one mosquitto that this module starts itself (127.0.0.1, a free port,
 ``set_tcp_nodelay true``, no packet limit) and stops at the end:
 
-* ``rtt_<size>``: :meth:`tandem.protocol.mqtt.transport.AsyncTransport.request` awaited on the
-client's own
-  event loop (timed on that loop, from the call to its return), answered by a Transport's
-  ``serve`` (our codec and our transport on both ends; the echo returns the request's tensor) vs
+* ``rtt_<size>``: :meth:`tandem.protocol.transport.Transport.request` of an
+  :class:`~tandem.protocol.mqtt.MqttTransport` awaited on the client's own event loop (timed on
+  that loop, from the call to its return), answered by a transport's ``serve`` (our codec and
+  our transport on both ends; the async echo returns the request's tensor) vs
   ``raw_paho_echo_<size>``: a raw paho client (``loop_start`` network thread) publishes the same
   number of bytes from the caller's thread and a raw paho echo client publishes them back from
   its ``on_message``. MQTT 5, QoS 1, TCP_NODELAY on every socket, transports' default config
   (one PUBLISH per message at every size here), interleaved A B A B. Target: ratio <= 1.25.
-* ``rtt_sync_<size>``: the same with the sync :class:`tandem.protocol.mqtt.transport.Transport`
-``request``
-  called from a plain thread (it hands the request to its loop thread and waits for the reply:
-  one thread hop each way), timed from that thread like the raw baseline. Reported, no target.
+* ``rtt_sync_<size>``: the same with :class:`tandem.protocol.transport.SyncTransport`
+  ``request`` called from a plain thread (it hands the request to its loop thread and waits for
+  the reply: one thread hop each way), timed from that thread like the raw baseline. Reported,
+  no target.
 * ``rtt_vs_rpc_<size>``: the same figure against ``raw_paho_rpc_echo_<size>``, a raw paho echo
   that sets the MQTT 5 properties our protocol requires (paho parses each received property in
   Python, which costs the raw echo itself ~20 % at 1 KB). Reported, no target.
@@ -29,7 +29,7 @@ client's own
   client reuses its big packet buffers once nothing references them (``_mqtt_wire._BufferPool``),
   so steady same-size traffic faults in (almost) nothing new: ~250 faults per 1 MB round trip
   vs raw's ~250-990. The benchmark sets no ``MALLOC_*`` variables and calls no ``mallopt``.
-* ``throughput_200B``: 200-byte QoS 1 publishes from one client to another, our AsyncTransport vs
+* ``throughput_200B``: 200-byte QoS 1 publishes from one client to another, our MqttTransport vs
   raw paho, messages/s from the first publish to the last delivery (bounded in time; reported).
 
     python -m benchmarks._transport_bench [--quick]
@@ -58,8 +58,9 @@ from paho.mqtt.properties import Properties
 
 from benchmarks._common import Result, interleaved, print_table, stats
 from tandem.protocol.messages import InferenceRequest, InferenceResponse, new_request_id
-from tandem.protocol.mqtt.transport import AsyncTransport, Transport, TransportConfig
+from tandem.protocol.mqtt import MqttTransport
 from tandem.protocol.tensors import Tensor
+from tandem.protocol.transport import RequestContext, SyncTransport, TransportConfig
 
 __all__ = ["NOTES", "run"]
 
@@ -70,8 +71,8 @@ THROUGHPUT_TIME_LIMIT_S = 30.0
 
 
 def _broker_module():
-    """tests/_broker.py (the same mosquitto helper the tests use), loaded by path."""
-    path = Path(__file__).resolve().parents[1] / "tests" / "_broker.py"
+    """tests/_support/broker.py (the same mosquitto helper the tests use), loaded by path."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "_support" / "broker.py"
     spec = importlib.util.spec_from_file_location("_tandem_bench_broker", path)
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
@@ -91,10 +92,11 @@ def _mosquitto_version(binary: str) -> str:
 NOTES = (
     "mosquitto on 127.0.0.1 started by the benchmark (set_tcp_nodelay true, persistence off, "
     "max_queued_messages 100000); "
-    "MQTT 5, QoS 1, TCP_NODELAY on all client sockets; ours (rtt_) = AsyncTransport.request "
-    "awaited on its loop (timed there) + Transport.serve (async echo handler) with the msgpack "
-    "codec, default config (16 MiB chunk size on MQTT 5: every size is one PUBLISH); rtt_sync_ "
-    "= sync Transport.request from a plain thread; baseline = raw paho-mqtt 2.x publish from "
+    "MQTT 5, QoS 1, TCP_NODELAY on all client sockets; ours (rtt_) = MqttTransport.request "
+    "awaited on its loop (timed there) + MqttTransport.serve (async echo handler) with the "
+    "msgpack codec, default config (16 MiB chunk size on MQTT 5: every size is one PUBLISH); "
+    "rtt_sync_ = SyncTransport.request from a plain thread; baseline = raw paho-mqtt 2.x "
+    "publish from "
     "the caller's thread (loop_start) + raw paho echo client; interleaved A/B."
 )
 
@@ -186,15 +188,15 @@ class RawEcho:
 # -- ours -------------------------------------------------------------------------------------
 
 
-async def _echo(request: InferenceRequest) -> InferenceResponse:
+async def _echo(request: InferenceRequest, ctx: RequestContext) -> InferenceResponse:
     return InferenceResponse(id=request.id, outputs=request.tensors, worker_id="bench")
 
 
 class OursEcho:
     def __init__(self, port: int) -> None:
         cfg = TransportConfig(port=port)
-        self.server = Transport(cfg)
-        self.client = Transport(cfg)
+        self.server = SyncTransport(MqttTransport(cfg))
+        self.client = SyncTransport(MqttTransport(cfg))
         self.server.connect()
         self.client.connect()
         self.server.serve("tandem/v1/req/+/+", _echo)
@@ -202,7 +204,7 @@ class OursEcho:
     def round_trip(self, tensor: Tensor) -> None:
         req = InferenceRequest(id=new_request_id(), device_id="bench", model_digest="0" * 64,
                                cut_id=1, budget_ms=10_000, tensors=(tensor,))
-        resp = self.client.request("tandem/v1/req/bench/m", req, timeout=10)
+        resp = self.client.request("tandem/v1/req/bench/m", req, timeout_s=10)
         assert len(resp.outputs) == 1
 
     def close(self) -> None:
@@ -211,13 +213,13 @@ class OursEcho:
 
 
 class OursAsyncClient:
-    """An AsyncTransport on its own loop thread; each request is timed on that loop."""
+    """An MqttTransport on its own loop thread; each request is timed on that loop."""
 
     def __init__(self, port: int) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.client = AsyncTransport(TransportConfig(port=port))
+        self.client = MqttTransport(TransportConfig(port=port))
         self._run(self.client.connect())
         self.samples: list[float] = []
 
@@ -228,7 +230,7 @@ class OursAsyncClient:
         req = InferenceRequest(id=new_request_id(), device_id="bench", model_digest="0" * 64,
                                cut_id=1, budget_ms=10_000, tensors=(tensor,))
         t0 = time.perf_counter()
-        resp = await self.client.request("tandem/v1/req/bench/m", req, timeout=10)
+        resp = await self.client.request("tandem/v1/req/bench/m", req, timeout_s=10)
         dt = time.perf_counter() - t0
         assert len(resp.outputs) == 1
         return dt
@@ -347,7 +349,7 @@ async def _ours_throughput_async(port: int, n: int) -> tuple[int, float]:
         if count[0] >= n:
             done.set()
 
-    async with AsyncTransport(cfg) as sub, AsyncTransport(cfg) as pub:
+    async with MqttTransport(cfg) as sub, MqttTransport(cfg) as pub:
         await sub.subscribe("bench/tp/ours", on_message)
         payload = b"\x5a" * THROUGHPUT_MSG_BYTES
         t0 = time.perf_counter()

@@ -338,7 +338,7 @@ class BundleFromOnnx:
 
     def _lower_tensorrt(self, target: Target, parts: list[str], work: Path,
                         verifier: Verifier) -> list:
-        from tandem.compiler._tensorrt import (
+        from tandem.devices.engines import (
             EngineCache,
             EngineFromOnnx,
             EngineKey,

@@ -1,8 +1,10 @@
-"""Tandem's wire: messages, tensor encoding, chunking, topics, errors, the MQTT transport and
-the bundle format. Imports no other package of ours and nothing heavy (no onnx, no TensorRT).
+"""Tandem's wire: messages, tensor encoding, chunking, topics, errors, the transports (the
+``Transport`` interface, MQTT and in-memory) and the bundle format. Imports no other package of
+ours and nothing heavy (no onnx, no TensorRT).
 
-The transport (paho-mqtt) and the bundle format (cryptography, zstandard on use) load on first
-access of one of their names, so ``import tandem.protocol`` stays cheap for every CLI start.
+The transports (asyncio; paho-mqtt for MQTT) and the bundle format (cryptography, zstandard on
+use) load on first access of one of their names, so ``import tandem.protocol`` stays cheap for
+every CLI start.
 """
 
 from __future__ import annotations
@@ -43,10 +45,19 @@ from tandem.protocol.messages import (
 from tandem.protocol.tensors import DType, Encoding, Tensor
 
 _LAZY = {
-    "AsyncTransport": "tandem.protocol.mqtt.transport",
-    "Transport": "tandem.protocol.mqtt.transport",
-    "TransportConfig": "tandem.protocol.mqtt.transport",
-    "TlsConfig": "tandem.protocol.mqtt.transport",
+    "Transport": "tandem.protocol.transport",
+    "SyncTransport": "tandem.protocol.transport",
+    "MemoryBroker": "tandem.protocol.transport",
+    "MemoryTransport": "tandem.protocol.transport",
+    "MqttTransport": "tandem.protocol.mqtt",
+    "TransportConfig": "tandem.protocol.transport",
+    "TlsConfig": "tandem.protocol.transport",
+    "Will": "tandem.protocol.transport",
+    "IncomingMessage": "tandem.protocol.transport",
+    "RequestContext": "tandem.protocol.transport",
+    "PublishHandle": "tandem.protocol.transport",
+    "TransportStats": "tandem.protocol.transport",
+    "ServeStats": "tandem.protocol.transport",
     "Bundle": "tandem.protocol.bundle",
     "BundleWriter": "tandem.protocol.bundle",
     "Manifest": "tandem.protocol.bundle",
@@ -69,7 +80,6 @@ __all__ = [
     "DEFAULT_LIMITS",
     "PROTOCOL_VERSION",
     "Assignment",
-    "AsyncTransport",
     "Bundle",
     "BundleError",
     "BundleIntegrityError",
@@ -82,6 +92,7 @@ __all__ = [
     "Encoding",
     "ErrorInfo",
     "FailedPrecondition",
+    "IncomingMessage",
     "InferenceRequest",
     "InferenceResponse",
     "InternalError",
@@ -89,22 +100,31 @@ __all__ = [
     "Limits",
     "MalformedMessage",
     "Manifest",
+    "MemoryBroker",
+    "MemoryTransport",
     "MessageType",
     "MissingDependency",
+    "MqttTransport",
     "NotFound",
     "PayloadTooLarge",
     "PermissionDenied",
     "ProtocolError",
+    "PublishHandle",
     "Reassembler",
+    "RequestContext",
     "ResourceExhausted",
+    "ServeStats",
+    "SyncTransport",
     "TandemError",
     "Tensor",
     "Timings",
     "TlsConfig",
     "Transport",
     "TransportConfig",
+    "TransportStats",
     "Unavailable",
     "UnsupportedVersion",
+    "Will",
     "decode",
     "encode",
     "error_from_wire",

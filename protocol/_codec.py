@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "ChunkFrame",
     "Compression",
+    "FrameInfo",
     "Limits",
     "MessageType",
     "decode",
@@ -55,6 +56,7 @@ __all__ = [
     "encode",
     "encode_chunk",
     "is_chunk",
+    "peek",
 ]
 
 ALIGN = 8  # tensor payloads start at multiples of this many bytes from the frame start
@@ -742,6 +744,61 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
     except TandemError as exc:
         raise MalformedMessage(str(exc)) from exc
     except Exception as exc:  # the boundary: msgpack, zstd, numpy, unicode, recursion, ...
+        raise MalformedMessage(f"undecodable frame: {type(exc).__name__}: {exc}") from exc
+
+
+class FrameInfo(NamedTuple):
+    """What :func:`peek` reads from a frame's envelope (nothing of its data section)."""
+
+    type: MessageType
+    id: bytes | None  # the message's 16-byte id (requests, responses); None for other types
+    tensor_bytes: int  # declared decoded bytes of all its tensors (what decode would allocate)
+    compressed: bool  # whether any tensor is zstd-compressed (decode inflates it)
+
+
+_PEEK_TENSORS = {MessageType.INFERENCE_REQUEST: _TENSORS, MessageType.INFERENCE_RESPONSE: _OUTPUTS}
+
+
+def peek(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> FrameInfo:
+    """The type, id and declared tensor sizes of a frame, from its envelope alone: no tensor
+    payload is read and nothing is decompressed, so a receiver can look up, refuse or budget a
+    message (and answer it by id) before paying for it. Raises what :func:`decode` raises for
+    a bad envelope (only ProtocolError subclasses); a frame ``peek`` accepts may still fail
+    ``decode``."""
+    try:
+        mv = _as_view(data)
+        obj, _ = _read_envelope(mv, limits)
+        mtype, body = _check_version(obj)
+        try:
+            mtype = MessageType(mtype)
+        except ValueError:
+            raise MalformedMessage(f"unknown message type {mtype}") from None
+        body = _map(body)
+        key = _PEEK_TENSORS.get(mtype)
+        if key is None:
+            return FrameInfo(mtype, None, 0, False)
+        mid = _get(body, _Field("id", _id))
+        total, compressed = 0, False
+        for m in _list(body.get(key, [])):
+            m = _map(m)
+            dtype = _DTYPES.get(_get(m, _T_DTYPE))
+            encoding = _ENCODINGS.get(_get(m, _T_ENCODING))
+            item = _STORAGE.get((dtype, encoding)) if dtype and encoding is not None else None
+            if item is None:
+                raise _Bad("tensor with an unknown dtype or encoding")
+            n = item
+            for d in _get(m, _T_SHAPE):
+                if type(d) is not int or d < 0:
+                    raise _Bad(f"bad dimension {d!r}")
+                n *= d
+            total += n
+            compressed = compressed or _get(m, _T_COMPRESSION) == Compression.ZSTD
+        return FrameInfo(mtype, mid, total, compressed)
+    except ProtocolError:
+        raise
+    except _Bad as exc:
+        raise MalformedMessage(str(exc)) from None
+    except Exception as exc:
         raise MalformedMessage(f"undecodable frame: {type(exc).__name__}: {exc}") from exc
 
 

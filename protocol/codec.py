@@ -3,6 +3,7 @@
     frame = encode(msg)                       # bytes: msgpack envelope + aligned tensor payloads
     parts, n = encode_parts(msg)              # the same frame as pieces (views of the tensors)
     msg = decode(frame, limits=DEFAULT_LIMITS)  # strict; raises only ProtocolError subclasses
+    info = peek(frame)                        # type, id, declared tensor bytes: envelope only
 
 Schema evolution: a newer v1 peer may add map keys; this decoder ignores keys it does not know,
 and fills fields a peer did not send from their defaults. A different protocol major version is
@@ -12,19 +13,23 @@ a :class:`~tandem.protocol.errors.UnsupportedVersion`.
 from tandem.protocol._codec import (
     DEFAULT_LIMITS,
     Compression,
+    FrameInfo,
     Limits,
     MessageType,
     decode,
     encode,
     encode_parts,
+    peek,
 )
 
 __all__ = [
     "DEFAULT_LIMITS",
     "Compression",
+    "FrameInfo",
     "Limits",
     "MessageType",
     "decode",
     "encode",
     "encode_parts",
+    "peek",
 ]

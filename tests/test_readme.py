@@ -44,7 +44,7 @@ def test_setup_installs_what_ci_installs():
 
 def test_python_example_runs(tmp_path, mosquitto):
     from tandem.compiler.examples import cnn_chain, save
-    from tandem.protocol import InferenceResponse, Transport, TransportConfig
+    from tandem.protocol import InferenceResponse, MqttTransport, SyncTransport, TransportConfig
 
     block = re.search(r"```python\n(?P<code>.*?)```", README, re.DOTALL)
     assert block, "README has no Python example"
@@ -56,8 +56,9 @@ def test_python_example_runs(tmp_path, mosquitto):
         "assert result.manifest.source_digest == bundle.manifest.source_digest\n"
     )
     save(cnn_chain(), tmp_path / "model.onnx")
-    with Transport(TransportConfig(host=mosquitto.host, port=mosquitto.port)) as cloud:
-        cloud.serve("tandem/v1/req/+/+", lambda req: InferenceResponse(
+    with SyncTransport(MqttTransport(TransportConfig(host=mosquitto.host,
+                                                     port=mosquitto.port))) as cloud:
+        cloud.serve("tandem/v1/req/+/+", lambda req, ctx: InferenceResponse(
             id=req.id, outputs=req.tensors, worker_id="readme"))
         proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
                               text=True, timeout=120)  # the installed package, not the checkout

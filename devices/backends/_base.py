@@ -104,7 +104,9 @@ class Backend:
             self._active = False
 
     def __enter__(self) -> Backend:
-        return self.activate()
+        """Activate (unless already active, e.g. handed over by ``activate_cached``); the
+        ``with`` block then owns the backend and deactivates it on exit."""
+        return self if self._active else self.activate()
 
     def __exit__(self, *exc: object) -> None:
         if self._active:

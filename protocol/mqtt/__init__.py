@@ -1,37 +1,18 @@
-"""The MQTT transport: an asyncio core (:class:`AsyncTransport`) under a thin sync shell
-(:class:`Transport`), built on paho-mqtt 2.
+"""The MQTT transport: :class:`MqttTransport`, the :class:`~tandem.protocol.transport.Transport`
+interface over paho-mqtt 2 (wrap it in :class:`~tandem.protocol.transport.SyncTransport` for a
+blocking API).
 
 Modules, each importing only the ones below it:
 
-* :mod:`.transport` — requests, responses, subscriptions, chunking, serving;
+* :mod:`.transport` — :class:`MqttTransport`: the link under the interface's semantics;
 * :mod:`._client` — the paho client's lifecycle driven from an asyncio loop (connect, reconnect,
-  resubscribe, socket callbacks); paho's errors are translated here;
-* :mod:`._wire` — the packet fast path (PUBLISH building and parsing, buffer pool);
-* :mod:`._config` — plain configuration and message records, no paho.
+  resubscribe, acknowledgements, socket callbacks); paho's errors are translated here;
+* :mod:`._wire` — the packet fast path (PUBLISH building and parsing, buffer pool).
 
 Importing this package imports paho; ``import tandem.protocol`` does not (its transport names
 load on first use).
 """
 
-from tandem.protocol.mqtt._config import IncomingMessage, PublishProperties, TlsConfig, Will
-from tandem.protocol.mqtt.transport import (
-    AsyncTransport,
-    Handler,
-    RequestHandler,
-    Transport,
-    TransportConfig,
-    topic_matches,
-)
+from tandem.protocol.mqtt.transport import MqttTransport
 
-__all__ = [
-    "AsyncTransport",
-    "Handler",
-    "IncomingMessage",
-    "PublishProperties",
-    "RequestHandler",
-    "TlsConfig",
-    "Transport",
-    "TransportConfig",
-    "Will",
-    "topic_matches",
-]
+__all__ = ["MqttTransport"]

@@ -16,7 +16,14 @@ socket paho opens, and reports through callbacks (all on the loop thread):
 * ``on_message(IncomingMessage)`` for every PUBLISH received;
 * ``on_connection(connected: bool, reason: str)``: True once a connection is *ready* (CONNACK
   received and the subscription table re-subscribed), False when it is lost;
-* a SUBACK completion per :meth:`MqttClient.subscribe` call.
+* a SUBACK completion per :meth:`MqttClient.subscribe` call: None, or the error when the broker
+  refused the filter — by a SUBACK failure code, or by closing the connection before it answered
+  (what mosquitto does with a filter it calls malformed); a refused filter leaves the table;
+* ``on_refused(filter, error)`` when a filter of the table is refused on a re-subscribe (each
+  filter is re-sent in its own SUBSCRIBE so the broker's answer names it; a filter that was the
+  first unanswered one when the connection closed, twice in a row, counts as refused): it is
+  dropped from the table, so a filter the broker rejects is never replayed in a loop;
+* an acknowledgement future per :meth:`MqttClient.publish_frame` that asks for one.
 
 Nothing of paho — classes, return codes, exceptions — leaves this module: failures are
 :mod:`tandem.protocol.errors` exceptions, chained with ``from`` to the paho/OS error that
@@ -48,15 +55,6 @@ from tandem.protocol.errors import (
     TandemError,
     Unavailable,
 )
-from tandem.protocol.mqtt._config import (
-    DEFAULT_MAX_PAYLOAD_V5,
-    DEFAULT_MAX_PAYLOAD_V311,
-    IncomingMessage,
-    PublishProperties,
-    TlsConfig,
-    TransportConfig,
-    Will,
-)
 from tandem.protocol.mqtt._wire import (
     _FAST_PUBLISH,
     MAX_MQTT_PAYLOAD,
@@ -66,19 +64,21 @@ from tandem.protocol.mqtt._wire import (
     _PackedProperties,
     _PahoClient,
 )
+from tandem.protocol.transport import (
+    DEFAULT_MAX_PAYLOAD_V5,
+    DEFAULT_MAX_PAYLOAD_V311,
+    IncomingMessage,
+    PublishProperties,
+    TransportConfig,
+)
 
-__all__ = [
-    "MAX_MQTT_PAYLOAD",
-    "Frame",
-    "IncomingMessage",
-    "MqttClient",
-    "PublishProperties",
-    "TlsConfig",
-    "TransportConfig",
-    "Will",
-]
+__all__ = ["MAX_MQTT_PAYLOAD", "Frame", "MqttClient"]
 
-log = logging.getLogger("tandem.protocol.mqtt.transport")
+log = logging.getLogger("tandem.protocol.mqtt")
+
+# a filter that was the first unanswered one when the connection closed this many times in a
+# row (on re-subscribes) counts as refused by the broker and is dropped
+_REFUSAL_STRIKES = 2
 
 
 # CONNACK / SUBACK reason codes that mean "your credentials or ACL say no" (MQTT 5 values;
@@ -128,6 +128,13 @@ def _set_nodelay(sock: object) -> None:
 SubackCallback = Callable[["TandemError | None"], None]
 
 
+def _refusal(rc: object, topic_filter: str) -> TandemError:
+    value = _reason_value(rc)
+    cls = PermissionDenied if value in (0x80, 0x87) else InvalidArgument if value in (
+        0x8F, 0x9E, 0xA1, 0xA2) else Unavailable
+    return cls(f"broker refused the subscription {topic_filter!r}: {rc} (0x{value:02x})")
+
+
 class MqttClient:
     """A paho client driven by an asyncio loop, with our subscription table and our errors."""
 
@@ -138,19 +145,25 @@ class MqttClient:
         *,
         on_message: Callable[[IncomingMessage], None],
         on_connection: Callable[[bool, str], None],
+        on_refused: Callable[[str, TandemError], None] = lambda f, e: None,
     ) -> None:
         self.config = config
         self.client_id = config.client_id or f"tandem-{uuid.uuid4().hex[:16]}"
         self._loop = loop
         self._on_message_cb = on_message
         self._on_connection_cb = on_connection
+        self._on_refused_cb = on_refused
         self._subscriptions: dict[str, int] = {}  # filter → qos, replayed on every CONNACK
-        self._suback: dict[int, SubackCallback] = {}
+        self._suback: dict[int, tuple[str, SubackCallback]] = {}
         self._unsuback: dict[int, Callable[[], None]] = {}
+        self._resub: dict[int, str] = {}  # re-subscribe SUBACKs still awaited: mid → filter
+        self._strikes: dict[str, int] = {}
+        self._acks: dict[int, asyncio.Future] = {}  # QoS > 0 publishes waiting for their ack
         self._connected = False
         self._closing = False
         self._first: asyncio.Future[TandemError | None] | None = None
-        self._resub_mid: int | None = None
+        self._connect_sent = 0.0
+        self.connect_rtt_s: float | None = None  # CONNECT → CONNACK, the fastest seen
         self._sock: Any = None  # the socket registered with the loop
         self._writer = False
         self._flush_pending = False
@@ -209,6 +222,7 @@ class MqttClient:
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         client.on_unsubscribe = self._on_unsubscribe
+        client.on_publish = self._on_publish
         return client
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -216,6 +230,11 @@ class MqttClient:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def unacked(self) -> int:
+        """QoS > 0 publishes the broker has not acknowledged yet (paho keeps them to resend)."""
+        return len(self._client._out_messages)
 
     @property
     def max_payload_bytes(self) -> int:
@@ -260,7 +279,7 @@ class MqttClient:
                 if c.session_expiry_s:
                     props.SessionExpiryInterval = int(c.session_expiry_s)
             kwargs = {"clean_start": self.clean_start, "properties": props} if self.v5 else {}
-            call = lambda: self._client.connect(c.host, c.port, c.keepalive, **kwargs)  # noqa: E731
+            call = lambda: self._client.connect(c.host, c.port, c.keepalive_s, **kwargs)  # noqa: E731
         else:
             call = self._client.reconnect
         try:
@@ -270,26 +289,32 @@ class MqttClient:
         if self._closing:
             self._drop_socket()
             raise Unavailable("transport closed while connecting")
+        self._connect_sent = self._loop.time()
         self._attach()
 
-    async def close(self) -> None:
-        """DISCONNECT (when connected), unregister the socket, stop the timers. Idempotent."""
+    async def close(self, timeout_s: float = 2.0) -> None:
+        """DISCONNECT (when connected), unregister the socket, stop the timers, within
+        ``timeout_s`` (then the socket is closed without waiting further). Idempotent."""
         if self._closing and self._sock is None:
             return
         self._closing = True
+        deadline = self._loop.time() + timeout_s
         for timer in (self._misc_timer, self._reconnect_timer):
             if timer is not None:
                 timer.cancel()
         if self._reconnect_task is not None and not self._reconnect_task.done():
-            with contextlib.suppress(BaseException):
-                await self._reconnect_task
+            with contextlib.suppress(BaseException):  # a TCP connect in a thread: bounded
+                await asyncio.wait_for(asyncio.shield(self._reconnect_task),
+                                       max(0.0, deadline - self._loop.time()))
         if self._sock is not None and self._connected:
             self._socket_closed.clear()
             self._client.disconnect()  # paho closes the socket once DISCONNECT is written
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._socket_closed.wait(), 2.0)
+                await asyncio.wait_for(self._socket_closed.wait(),
+                                       max(0.0, min(2.0, deadline - self._loop.time())))
         self._drop_socket()
         self._connected = False
+        self._fail_acks(Unavailable("transport closed before the broker acknowledged"))
 
     def _drop_socket(self) -> None:
         sock = self._client.socket()
@@ -404,9 +429,11 @@ class MqttClient:
     # -- operations ----------------------------------------------------------------------------
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False,
-                props: PublishProperties | None = None) -> None:
+                props: PublishProperties | None = None,
+                want_ack: bool = False) -> asyncio.Future | None:
         """Queue a PUBLISH (non-blocking; written when the socket is writable). Raises
-        Unavailable at once while disconnected.
+        Unavailable at once while disconnected. With ``want_ack``, returns a future whose
+        result is None once the broker acknowledged it (at once for QoS 0) or the error.
 
         A QoS 1 publish queued just before a connection loss is re-sent by paho after the
         reconnect (at-least-once), so the peer may still see it."""
@@ -419,7 +446,7 @@ class MqttClient:
             if len(payload) > MAX_MQTT_PAYLOAD:
                 raise PayloadTooLarge(f"{len(payload)} bytes exceed the MQTT limit") from exc
             raise InvalidArgument(f"cannot publish to {topic!r}: {exc}") from exc
-        self._published(info.rc, topic)
+        return self._published(info.rc, info.mid, topic, qos, want_ack)
 
     def frame(self, topic: str, parts: list[bytes | memoryview] | tuple[bytes | memoryview, ...],
               total: int, qos: int, props: PublishProperties | None = None) -> Frame:
@@ -431,33 +458,62 @@ class MqttClient:
         InvalidArgument."""
         return _build_frame(topic, parts, total, qos, props, self.v5, self._tx_pool)
 
-    def publish_frame(self, frame: Frame, retain: bool = False) -> None:
+    def publish_frame(self, frame: Frame, retain: bool = False,
+                      want_ack: bool = False) -> asyncio.Future | None:
         """:meth:`publish` for a :class:`Frame` (its topic, QoS and properties); paho keeps it,
         as the message's payload, until its PUBACK and writes it without another copy."""
         if type(self._client) is not _PahoClient:  # the stock client: it builds the packet
-            self.publish(frame.topic, bytes(frame.payload()), frame.qos, retain, frame.props)
-            return
+            return self.publish(frame.topic, bytes(frame.payload()), frame.qos, retain,
+                                frame.props, want_ack)
         if not self._connected:
             raise Unavailable(f"not connected to the broker; cannot publish to {frame.topic!r}")
         try:
             info = self._client.publish(frame.topic, frame, frame.qos, retain)
         except ValueError as exc:
             raise InvalidArgument(f"cannot publish to {frame.topic!r}: {exc}") from exc
-        self._published(info.rc, frame.topic)
+        return self._published(info.rc, info.mid, frame.topic, frame.qos, want_ack)
 
-    def _published(self, rc: MQTTErrorCode, topic: str) -> None:
+    def _published(self, rc: MQTTErrorCode, mid: int, topic: str, qos: int,
+                   want_ack: bool) -> asyncio.Future | None:
         if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
             raise Unavailable(f"connection lost while publishing to {topic!r}")
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise Unavailable(f"publish to {topic!r} failed: {paho.error_string(rc)}")
+        ack = None
+        if want_ack:
+            ack = self._loop.create_future()
+            if qos == 0:
+                ack.set_result(None)
+            else:
+                self._acks[mid] = ack
         if not self._in_paho:
             self._flush()  # write now rather than one loop iteration later
+        return ack
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        ack = self._acks.pop(mid, None)
+        if ack is None or ack.done():
+            return
+        err = None
+        if reason_code is not None and reason_code.is_failure:
+            value = _reason_value(reason_code)
+            cls = PermissionDenied if value in (0x87, 0x86) else Unavailable
+            err = cls(f"broker refused the publish: {reason_code} (0x{value:02x})")
+        ack.set_result(err)
+
+    def _fail_acks(self, err: TandemError) -> None:
+        acks, self._acks = self._acks, {}
+        for ack in acks.values():
+            if not ack.done():
+                ack.set_result(err)
 
     def subscribe(self, topic_filter: str, qos: int, on_done: SubackCallback) -> None:
         """Add to the table (kept across reconnects) and, when connected, send SUBSCRIBE;
-        ``on_done(None | error)`` runs when the SUBACK arrives. While disconnected
-        ``on_done(None)`` runs at once: the filter is sent on the next CONNACK."""
+        ``on_done(None | error)`` runs when the broker answers (an error: the filter left the
+        table). While disconnected ``on_done(None)`` runs at once: the filter is sent on the
+        next CONNACK."""
         self._subscriptions[topic_filter] = qos
+        self._strikes.pop(topic_filter, None)
         if not self._connected:
             on_done(None)
             return
@@ -469,7 +525,7 @@ class MqttClient:
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             on_done(None)  # lost the connection just now: replayed on the next CONNACK
             return
-        self._suback[mid] = on_done
+        self._suback[mid] = (topic_filter, on_done)
 
     def unsubscribe(self, topic_filter: str, on_done: Callable[[], None]) -> None:
         if self._subscriptions.pop(topic_filter, None) is None or not self._connected:
@@ -522,24 +578,27 @@ class MqttClient:
                         self.config.port, err)
             self._resolve_first(err)
             return
-        self._reconnect_delay = self.config.reconnect_min_s
+        rtt = self._loop.time() - self._connect_sent
+        if self.connect_rtt_s is None or rtt < self.connect_rtt_s:
+            self.connect_rtt_s = rtt
         if self.v5 and properties is not None:
             self.broker_max_packet = getattr(properties, "MaximumPacketSize", None)
         self._connected = True
-        # Our table, not the broker session, decides what we are subscribed to: replay it in
-        # one SUBSCRIBE; "ready" is reported when its SUBACK arrives.
-        self._resub_mid = None
-        if self._subscriptions:
-            _rc, mid = client.subscribe(list(self._subscriptions.items()))
-            self._resub_mid = mid
-        pending = list(self._suback.values())
-        self._suback.clear()
-        for cb in pending:  # SUBSCRIBEs lost with the old connection were just re-sent
-            self._safe(cb, None)
-        if self._resub_mid is None:
+        # Our table, not the broker session, decides what we are subscribed to: replay it,
+        # one SUBSCRIBE per filter so that a refusal names its filter; "ready" is reported
+        # when every SUBACK has arrived.
+        self._resub.clear()
+        for topic_filter, qos in list(self._subscriptions.items()):
+            rc, mid = client.subscribe(topic_filter, qos)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+                return  # the connection is already gone again
+            self._resub[mid] = topic_filter
+        if not self._resub:
             self._ready()
 
     def _ready(self) -> None:
+        # the backoff starts over only once a connection is really usable (re-subscribed)
+        self._reconnect_delay = self.config.reconnect_min_s
         self._resolve_first(None)
         self._safe(self._on_connection_cb, True, "connected")
 
@@ -550,6 +609,10 @@ class MqttClient:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self._connected
         self._connected = False
+        self._fail_acks(Unavailable(f"connection lost before the broker acknowledged "
+                                    f"({reason_code}); the message may still be delivered "
+                                    "after the reconnect"))
+        self._subscriptions_unanswered(reason_code)
         self._resolve_first(Unavailable(f"connection closed before CONNACK: {reason_code}"))
         if self._closing:
             if was_connected:
@@ -577,21 +640,52 @@ class MqttClient:
         )
         self._safe(self._on_message_cb, incoming)
 
+    def _subscriptions_unanswered(self, reason_code: object) -> None:
+        """The connection closed while SUBSCRIBEs waited for their SUBACK. A broker closes the
+        connection on a filter it will not take (mosquitto on malformed UTF-8, brokers without
+        shared subscriptions on ``$share/``): a direct subscribe fails for its caller and its
+        filter leaves the table; on a re-subscribe, the first unanswered filter gets a strike
+        and is dropped at the second in a row. Never a reconnect loop replaying it."""
+        pending, self._suback = self._suback, {}
+        for topic_filter, cb in pending.values():
+            if self._subscriptions.pop(topic_filter, None) is not None:
+                self._strikes.pop(topic_filter, None)
+            self._safe(cb, Unavailable(
+                f"the connection closed before the broker answered the subscription to "
+                f"{topic_filter!r} ({reason_code}); a broker closes it on a filter it refuses. "
+                "Not re-subscribed", retryable=True))
+        if self._resub:
+            first = next(iter(self._resub.values()))  # the earliest unanswered
+            self._resub.clear()
+            strikes = self._strikes.get(first, 0) + 1
+            if strikes < _REFUSAL_STRIKES:
+                self._strikes[first] = strikes
+            else:
+                self._strikes.pop(first, None)
+                if self._subscriptions.pop(first, None) is not None:
+                    self._safe(self._on_refused_cb, first, Unavailable(
+                        f"the broker closed the connection in answer to the subscription "
+                        f"{first!r}, {strikes} times in a row"))
+
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        cb = self._suback.pop(mid, None)
-        resubscribed = self._resub_mid is not None and mid == self._resub_mid
-        if resubscribed:
-            self._resub_mid = None
-        err = None
-        for rc in reason_codes:
-            value = _reason_value(rc)
-            if value >= 0x80:
-                err = (PermissionDenied if value in (0x80, 0x87) else Unavailable)(
-                    f"broker refused the subscription: {rc} (0x{value:02x})")
-                log.warning("%s", err)
-        if cb is not None:
+        failed = next((rc for rc in reason_codes if _reason_value(rc) >= 0x80), None)
+        direct = self._suback.pop(mid, None)
+        if direct is not None:
+            topic_filter, cb = direct
+            err = None
+            if failed is not None:
+                err = _refusal(failed, topic_filter)
+                self._subscriptions.pop(topic_filter, None)
             self._safe(cb, err)
-        if resubscribed:
+            return
+        topic_filter = self._resub.pop(mid, None)
+        if topic_filter is None:
+            return
+        self._strikes.pop(topic_filter, None)
+        if failed is not None:
+            self._subscriptions.pop(topic_filter, None)
+            self._safe(self._on_refused_cb, topic_filter, _refusal(failed, topic_filter))
+        if not self._resub:
             self._ready()
 
     def _on_unsubscribe(self, client, userdata, mid, reason_codes, properties) -> None:

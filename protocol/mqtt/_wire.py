@@ -33,7 +33,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from tandem.protocol.errors import InvalidArgument, PayloadTooLarge
-from tandem.protocol.mqtt._config import MAX_MQTT_PAYLOAD, PublishProperties
+from tandem.protocol.transport import MAX_EXPIRY_S, MAX_MQTT_PAYLOAD, PublishProperties
 
 __all__ = ["MAX_MQTT_PAYLOAD", "Frame"]
 
@@ -48,7 +48,8 @@ class _PackedProperties:
     def __init__(self, p: PublishProperties) -> None:
         out = bytearray()
         if p.message_expiry_s is not None:  # 0x02, four byte integer
-            out += b"\x02" + struct.pack(">I", max(1, math.ceil(p.message_expiry_s)))
+            seconds = min(MAX_EXPIRY_S, max(1, math.ceil(p.message_expiry_s)))
+            out += b"\x02" + struct.pack(">I", seconds)
         if p.content_type:  # 0x03, UTF-8 string
             out += b"\x03" + _str16(p.content_type.encode())
         if p.response_topic:  # 0x08, UTF-8 string
@@ -415,9 +416,9 @@ class _PahoClient(paho.Client):
 
     def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
         # a plain success PUBACK (just the packet id) is what a broker sends almost always:
-        # skip paho's ReasonCode + Properties objects for it (we set no on_publish callback)
+        # skip paho's ReasonCode + Properties objects for it (shared constants instead)
         packet = self._in_packet["packet"]
-        if cmd != "PUBACK" or len(packet) != 2 or self.on_publish is not None:
+        if cmd != "PUBACK" or len(packet) != 2:
             return super()._handle_pubackcomp(cmd)
         (mid,) = _U16.unpack_from(packet, 0)
         with self._out_message_mutex:

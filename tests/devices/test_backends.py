@@ -180,3 +180,10 @@ def test_infer_batch_groups_requests_that_differ_beyond_the_leading_dim(monkeypa
     assert sorted(c["x"].shape for c in calls) == [(2, 3), (2, 5)]
     for req, out in zip(reqs, outs, strict=True):
         np.testing.assert_array_equal(out["y"], np.maximum(req["x"], 0))
+
+
+def test_with_block_takes_over_an_already_active_backend():
+    backend = OnnxRuntimeBackend(onnx_small.mlp()).activate()
+    with backend as same:
+        assert same is backend and backend.is_active
+    assert not backend.is_active  # the block owned it and deactivated it

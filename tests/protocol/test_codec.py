@@ -61,12 +61,32 @@ def too_large(data, match: str | None = None, limits: Limits = DEFAULT_LIMITS):
 
 
 def test_public_surface():
-    assert set(codec.__all__) == {"DEFAULT_LIMITS", "Compression", "Limits", "MessageType",
-                                  "decode", "encode", "encode_parts"}
+    assert set(codec.__all__) == {"DEFAULT_LIMITS", "Compression", "FrameInfo", "Limits",
+                                  "MessageType", "decode", "encode", "encode_parts", "peek"}
     assert {t.name: int(t) for t in MessageType} == {
         "INFERENCE_REQUEST": 1, "INFERENCE_RESPONSE": 2, "DEVICE_STATUS": 3, "CLOUD_LOAD": 4,
         "ASSIGNMENT": 5, "CHUNK": 6,
     }
+
+
+def test_peek_reads_the_envelope_only():
+    # a compressed tensor declaring 16 MiB (its zstd frame cut short) and a RAW one:
+    # peek reports type, id and declared sizes without touching the data section
+    big = np.zeros((4, 1024, 1024, 4), np.uint8)
+    frame_bytes = zstandard.ZstdCompressor().compress(big.tobytes())
+    bomb = Tensor("b", DType.UINT8, big.shape, frame_bytes, compressed=True)
+    data = encode(request(bomb, Tensor.from_array("r", np.ones(3, np.float32))))
+    cut = data[: len(data) - 8]  # its payload no longer decodes...
+    info = codec.peek(cut)  # ...but its envelope is whole
+    assert info == codec.FrameInfo(MessageType.INFERENCE_REQUEST, RID, big.nbytes + 12, True)
+    with pytest.raises(MalformedMessage):
+        decode(cut)
+    assert codec.peek(encode(InferenceResponse(id=RID))) == codec.FrameInfo(
+        MessageType.INFERENCE_RESPONSE, RID, 0, False)
+    assert codec.peek(encode(DeviceStatus("d", "online", 1))).id is None
+    for junk in (b"", b"\xc1", msgpack.packb([1, 1, {"id": b"short"}])):
+        with pytest.raises(MalformedMessage):
+            codec.peek(junk)
 
 
 # -- property round trips: every message type, every dtype and encoding, with/without zstd --

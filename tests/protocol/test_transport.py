@@ -1,4 +1,6 @@
-"""The MQTT transport against a real mosquitto (no mocks of the broker).
+"""The MQTT transport against a real mosquitto (no mocks of the broker): what is specific to
+MQTT (properties on the wire, packets, chunking through a capped broker, auth, TLS, broker
+restarts). The semantics every transport shares are in test_transport_contract.py.
 
 Every wait is on an event with a timeout; every test is bounded by pytest-timeout.
 """
@@ -20,21 +22,22 @@ from paho.mqtt.enums import CallbackAPIVersion
 from tandem.protocol import codec
 from tandem.protocol.errors import (
     DeadlineExceeded,
-    InternalError,
+    HandlerFailed,
     NotFound,
     PermissionDenied,
     Unavailable,
 )
 from tandem.protocol.messages import InferenceRequest, InferenceResponse, new_request_id
-from tandem.protocol.mqtt.transport import (
+from tandem.protocol.mqtt import MqttTransport
+from tandem.protocol.tensors import Tensor
+from tandem.protocol.transport import (
     CONTENT_TYPE,
-    AsyncTransport,
+    RequestContext,
+    SyncTransport,
     TlsConfig,
-    Transport,
     TransportConfig,
     topic_matches,
 )
-from tandem.protocol.tensors import Tensor
 from tests._support.broker import mosquitto_passwd_binary
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
@@ -52,7 +55,7 @@ def make_request(budget_ms: int = 3000, payload: np.ndarray | None = None) -> In
     )
 
 
-def echo(request: InferenceRequest) -> InferenceResponse:
+def echo(request: InferenceRequest, ctx: RequestContext) -> InferenceResponse:
     arr = request.tensors[0].to_array()
     return InferenceResponse(id=request.id, outputs=(Tensor.from_array("y", arr * 2),),
                              worker_id="echo")
@@ -63,6 +66,11 @@ def config(broker, **kw) -> TransportConfig:
     kw.setdefault("reconnect_max_s", 0.5)
     kw.setdefault("connect_timeout_s", 5.0)
     return TransportConfig(host=broker.host, port=broker.port, **kw)
+
+
+def Transport(cfg: TransportConfig) -> SyncTransport:
+    """The blocking shell over an MQTT transport."""
+    return SyncTransport(MqttTransport(cfg))
 
 
 class RawClient:
@@ -118,30 +126,30 @@ def test_request_response(mosquitto, protocol):
         server.serve(REQ_FILTER, echo)
         for _ in range(3):
             req = make_request()
-            resp = client.request(REQ, req, timeout=5)
+            resp = client.request(REQ, req, timeout_s=5)
             assert resp.id == req.id and resp.worker_id == "echo"
             np.testing.assert_array_equal(resp.outputs[0].to_array(),
                                           req.tensors[0].to_array() * 2)
 
 
 def test_async_request_response_with_async_handler(mosquitto):
-    async def handler(request: InferenceRequest) -> InferenceResponse:
+    async def handler(request: InferenceRequest, ctx: RequestContext) -> InferenceResponse:
         await asyncio.sleep(0)
-        return echo(request)
+        return echo(request, ctx)
 
     async def main() -> None:
-        async with AsyncTransport(config(mosquitto)) as server, \
-                AsyncTransport(config(mosquitto), reply_topic="custom/replies") as client:
+        async with MqttTransport(config(mosquitto)) as server, \
+                MqttTransport(config(mosquitto)) as client:
             await server.serve(REQ_FILTER, handler)
             reqs = [make_request() for _ in range(20)]
-            resps = await asyncio.gather(*(client.request(REQ, r, timeout=5) for r in reqs))
+            resps = await asyncio.gather(*(client.request(REQ, r, timeout_s=5) for r in reqs))
             assert [r.id for r in resps] == [r.id for r in reqs]
 
     asyncio.run(main())
 
 
 def test_error_responses_raise_typed_errors(mosquitto):
-    def handler(request: InferenceRequest) -> InferenceResponse:
+    def handler(request: InferenceRequest, ctx: RequestContext) -> InferenceResponse:
         if request.cut_id == 1:
             raise NotFound("no such model")
         raise RuntimeError("boom")
@@ -149,12 +157,12 @@ def test_error_responses_raise_typed_errors(mosquitto):
     with Transport(config(mosquitto)) as server, Transport(config(mosquitto)) as client:
         server.serve(REQ_FILTER, handler)
         with pytest.raises(NotFound, match="no such model"):
-            client.request(REQ, make_request(), timeout=5)
+            client.request(REQ, make_request(), timeout_s=5)
         req = make_request()
         other = InferenceRequest(id=req.id, device_id=req.device_id, model_digest="x",
                                  cut_id=2, budget_ms=3000, tensors=())
-        with pytest.raises(InternalError, match="boom"):
-            client.request(REQ, other, timeout=5)
+        with pytest.raises(HandlerFailed, match="boom"):
+            client.request(REQ, other, timeout_s=5)
 
 
 def test_mqtt5_properties_on_the_wire(mosquitto):
@@ -165,7 +173,7 @@ def test_mqtt5_properties_on_the_wire(mosquitto):
             req = make_request(budget_ms=2500)
             t0 = time.monotonic()
             with pytest.raises(DeadlineExceeded):
-                client.request(REQ, req, timeout=0.5)  # nobody answers
+                client.request(REQ, req, timeout_s=0.5)  # nobody answers
             assert time.monotonic() - t0 < 0.5 + SLACK_S
         assert raw.got.wait(5)
         msg = raw.messages[0]
@@ -184,12 +192,12 @@ def test_mqtt5_properties_on_the_wire(mosquitto):
 def test_serve_replies_with_correlation_data_to_the_response_topic(mosquitto):
     raw = RawClient(mosquitto)
     try:
-        raw.subscribe("raw/replies")
+        raw.subscribe("tandem/v1/resp/cam-01")
         with Transport(config(mosquitto)) as server:
             server.serve(REQ_FILTER, echo)
             req = make_request()
             props = paho.Properties(paho.PacketTypes.PUBLISH)
-            props.ResponseTopic = "raw/replies"
+            props.ResponseTopic = "tandem/v1/resp/cam-01"  # the only one a server answers on
             props.CorrelationData = b"corr-123"
             # reply_topic left empty in the payload: the ResponseTopic property is used
             raw.publish(REQ, codec.encode(req), properties=props)
@@ -214,7 +222,7 @@ def test_5mb_through_a_1mb_broker_is_chunked_and_bit_exact(mosquitto_factory, pr
         got = threading.Event()
         received: list[bytes] = []
         sub.subscribe("bulk/data", lambda m: (received.append(m.payload), got.set()))
-        assert pub.async_transport.chunk_size() < 1 << 20
+        assert pub.chunk_size() < 1 << 20
         pub.publish("bulk/data", payload)
         assert got.wait(20), "reassembled payload never arrived"
         assert len(received) == 1 and received[0] == payload
@@ -235,7 +243,7 @@ def test_large_request_response_round_trip(mosquitto_factory):
     arr = np.random.default_rng(0).standard_normal((1024, 1024), dtype=np.float32)  # 4 MiB
     with Transport(config(broker)) as server, Transport(config(broker)) as client:
         server.serve(REQ_FILTER, echo)
-        resp = client.request(REQ, make_request(payload=arr), timeout=20)
+        resp = client.request(REQ, make_request(payload=arr), timeout_s=20)
         np.testing.assert_array_equal(resp.outputs[0].to_array(), arr * 2)
 
 
@@ -247,7 +255,7 @@ def test_timeout_without_responder_raises_deadline_exceeded(mosquitto):
         for timeout in (0.3, 0.8):
             t0 = time.monotonic()
             with pytest.raises(DeadlineExceeded):
-                client.request(REQ, make_request(), timeout=timeout)
+                client.request(REQ, make_request(), timeout_s=timeout)
             elapsed = time.monotonic() - t0
             assert timeout - 0.05 <= elapsed <= timeout + SLACK_S
 
@@ -265,7 +273,7 @@ def test_malformed_payloads_do_not_kill_server_or_client(mosquitto):
     try:
         with Transport(config(mosquitto)) as server, Transport(config(mosquitto)) as client:
             server.serve(REQ_FILTER, echo)
-            assert client.request(REQ, make_request(), timeout=5).ok
+            assert client.request(REQ, make_request(), timeout_s=5).ok
             for junk in (b"", b"\x00garbage", b"\xc1" * 100, os.urandom(4096),
                          codec.encode(InferenceResponse(id=b"\x01" * 16))):
                 raw.publish(REQ, junk)
@@ -275,7 +283,7 @@ def test_malformed_payloads_do_not_kill_server_or_client(mosquitto):
                         codec.encode(InferenceResponse(id=new_request_id())))
             for _ in range(3):
                 req = make_request()
-                assert client.request(REQ, req, timeout=5).id == req.id
+                assert client.request(REQ, req, timeout_s=5).id == req.id
     finally:
         raw.close()
 
@@ -295,7 +303,7 @@ def test_duplicate_responses_are_ignored(mosquitto):
         with Transport(config(mosquitto)) as client:
             for _ in range(5):
                 req = make_request()
-                assert client.request(REQ, req, timeout=5).id == req.id
+                assert client.request(REQ, req, timeout_s=5).id == req.id
     finally:
         raw.close()
 
@@ -312,7 +320,7 @@ def test_publish_while_disconnected_raises_unavailable_fast(mosquitto):
             client.publish("a/b", b"x")
         assert info.value.retryable
         with pytest.raises(Unavailable):
-            client.request(REQ, make_request(), timeout=3)
+            client.request(REQ, make_request(), timeout_s=3)
         assert time.monotonic() - t0 < 0.5
 
 
@@ -328,8 +336,8 @@ def test_broker_restart_mid_stream(mosquitto):
     timeout = 2.0
 
     async def main() -> None:
-        async with AsyncTransport(config(mosquitto)) as server, \
-                AsyncTransport(config(mosquitto)) as client:
+        async with MqttTransport(config(mosquitto)) as server, \
+                MqttTransport(config(mosquitto)) as client:
             await server.serve(REQ_FILTER, echo)
             outcomes: list[tuple[str, float]] = []
             stop = asyncio.Event()
@@ -339,7 +347,7 @@ def test_broker_restart_mid_stream(mosquitto):
                 while not stop.is_set():
                     t0 = time.monotonic()
                     try:
-                        await client.request(REQ, make_request(), timeout=timeout)
+                        await client.request(REQ, make_request(), timeout_s=timeout)
                         outcomes.append(("ok", time.monotonic() - t0))
                         first_ok.set()
                     except Unavailable:
@@ -368,16 +376,16 @@ def test_broker_restart_mid_stream(mosquitto):
             await server.wait_connected(10)
             for _ in range(5):
                 req = make_request()
-                assert (await client.request(REQ, req, timeout=timeout)).id == req.id
+                assert (await client.request(REQ, req, timeout_s=timeout)).id == req.id
 
     asyncio.run(main())
 
 
 def test_pending_requests_fail_fast_when_the_connection_drops(mosquitto):
     async def main() -> None:
-        async with AsyncTransport(config(mosquitto)) as client:
+        async with MqttTransport(config(mosquitto)) as client:
             t0 = time.monotonic()
-            tasks = [asyncio.create_task(client.request(REQ, make_request(), timeout=5))
+            tasks = [asyncio.create_task(client.request(REQ, make_request(), timeout_s=5))
                      for _ in range(3)]
             await asyncio.sleep(0.1)  # let them be published; nobody answers
             await asyncio.get_running_loop().run_in_executor(None, mosquitto.kill)
@@ -413,7 +421,7 @@ def test_tls(mosquitto_factory, tmp_path):
     with Transport(TransportConfig(**tls_cfg, tls=TlsConfig(ca_file=str(files.ca_file)))) as a, \
             Transport(TransportConfig(**tls_cfg, tls=TlsConfig(ca_file=str(files.ca_file)))) as b:
         a.serve(REQ_FILTER, echo)
-        assert b.request(REQ, make_request(), timeout=5).ok
+        assert b.request(REQ, make_request(), timeout_s=5).ok
     # a client that does not trust the broker's CA is refused with a typed error
     from tests._support.broker import make_tls_files
 
@@ -483,7 +491,7 @@ def test_our_publish_decoder_agrees_with_paho():
 @pytest.mark.parametrize("protocol", [5, 311])
 def test_default_chunk_size_by_protocol(mosquitto, protocol):
     with Transport(config(mosquitto, protocol=protocol)) as t:
-        size = t.async_transport.chunk_size()
+        size = t.chunk_size()
     if protocol == 5:  # mosquitto announces no Maximum Packet Size here: 1 MB is one PUBLISH
         assert size == 16 * 1024 * 1024
     else:  # 3.1.1 cannot learn the broker's cap: stay under a 1 MB one (EMQX's default)
@@ -493,12 +501,12 @@ def test_default_chunk_size_by_protocol(mosquitto, protocol):
 def test_sync_fast_path_fails_fast_when_the_connection_drops(mosquitto):
     with Transport(config(mosquitto)) as server, Transport(config(mosquitto)) as client:
         server.serve(REQ_FILTER, echo)
-        assert client.request(REQ, make_request(), timeout=5).ok  # reply topic subscribed
+        assert client.request(REQ, make_request(), timeout_s=5).ok  # reply topic subscribed
         errors: list[BaseException] = []
 
         def silent_request() -> None:
             try:
-                client.request("nobody/answers", make_request(), timeout=5)
+                client.request("nobody/answers", make_request(), timeout_s=5)
             except BaseException as exc:
                 errors.append(exc)
 
@@ -511,41 +519,42 @@ def test_sync_fast_path_fails_fast_when_the_connection_drops(mosquitto):
         assert len(errors) == 1 and isinstance(errors[0], Unavailable), errors
         assert errors[0].retryable and time.monotonic() - t0 < 2.0
         with pytest.raises(Unavailable):  # still down: refused at once, not after 3 s
-            client.request(REQ, make_request(), timeout=3)
+            client.request(REQ, make_request(), timeout_s=3)
         assert time.monotonic() - t0 < 2.5
 
 
 def test_handlers_that_suspend_and_handlers_cancelled_on_close(mosquitto):
     never = threading.Event()
 
-    async def handler(request: InferenceRequest) -> InferenceResponse:
+    async def handler(request: InferenceRequest, ctx: RequestContext) -> InferenceResponse:
         if request.cut_id == 2:  # suspends forever: cancelled by close()
             while not never.is_set():
                 await asyncio.sleep(0.01)
         await asyncio.sleep(0.01)
         if request.cut_id == 3:
             raise NotFound("after a suspension")
-        return echo(request)
+        return echo(request, ctx)
 
     async def main() -> None:
-        server = AsyncTransport(config(mosquitto))
+        server = MqttTransport(config(mosquitto))
         await server.connect()
-        async with AsyncTransport(config(mosquitto)) as client:
+        async with MqttTransport(config(mosquitto)) as client:
             await server.serve(REQ_FILTER, handler)
-            assert (await client.request(REQ, make_request(), timeout=5)).ok
+            assert (await client.request(REQ, make_request(), timeout_s=5)).ok
             req = make_request()
             with pytest.raises(NotFound, match="after a suspension"):
                 await client.request(REQ, InferenceRequest(
                     id=req.id, device_id=req.device_id, model_digest="x", cut_id=3,
-                    budget_ms=3000, tensors=()), timeout=5)
+                    budget_ms=3000, tensors=()), timeout_s=5)
             with pytest.raises(DeadlineExceeded):
                 await client.request(REQ, InferenceRequest(
                     id=new_request_id(), device_id=req.device_id, model_digest="x", cut_id=2,
-                    budget_ms=3000, tensors=()), timeout=0.3)
-            assert server._tasks  # the stuck handler is still running ...
+                    budget_ms=3000, tensors=()), timeout_s=0.3)
+            assert server.stats().serving[REQ_FILTER].running == 1  # the stuck handler ...
             t0 = time.monotonic()
             await server.close()  # ... and close() cancels it
-            assert not server._tasks and time.monotonic() - t0 < 3
+            assert server.stats().serving[REQ_FILTER].running == 0
+            assert time.monotonic() - t0 < 3
 
     asyncio.run(main())
 
@@ -634,7 +643,7 @@ def test_buffer_pool_reuses_a_buffer_only_once_nothing_views_it():
 def test_received_tensors_keep_their_bytes_while_later_packets_arrive(mosquitto):
     """Big payloads are decoded in place (RAW tensors view the packet buffer) and buffers are
     reused for later packets of the same size: a response the caller keeps must not change."""
-    def tag(request: InferenceRequest) -> InferenceResponse:
+    def tag(request: InferenceRequest, ctx: RequestContext) -> InferenceResponse:
         arr = request.tensors[0].to_array()
         return InferenceResponse(id=request.id, outputs=(Tensor.from_array("y", arr + 1),))
 
@@ -645,14 +654,14 @@ def test_received_tensors_keep_their_bytes_while_later_packets_arrive(mosquitto)
         kept = []
         for i in range(6):
             arr = np.full(256 * 1024, i, dtype=np.float32)  # 1 MiB: one PUBLISH, a view
-            resp = client.request(REQ, make_request(payload=arr), timeout=10)
+            resp = client.request(REQ, make_request(payload=arr), timeout_s=10)
             kept.append(resp.outputs[0])
         for i, t in enumerate(kept):
             np.testing.assert_array_equal(t.to_array(), np.full(256 * 1024, i + 1, np.float32))
         kept.clear()
         for _ in range(3):  # and again once nothing holds the buffers any more
             resp = client.request(REQ, make_request(payload=np.full(256 * 1024, 7.0, np.float32)),
-                                  timeout=10)
+                                  timeout_s=10)
             assert float(resp.outputs[0].to_array()[-1]) == 8.0
         payload = os.urandom(200_000)
         client.publish("bulk/x", payload)
@@ -673,12 +682,12 @@ def test_stock_paho_client_fallback_behaves_the_same(mosquitto_factory, monkeypa
     big = np.random.default_rng(7).standard_normal(5 * 2**20 // 4).astype(np.float32)
     with Transport(config(broker, protocol=protocol)) as server, \
             Transport(config(broker, protocol=protocol)) as client:
-        assert type(client.async_transport._client()._client) is paho.Client
+        assert type(client.transport._mqtt._client) is paho.Client
         server.serve(REQ_FILTER, echo)
         small = make_request()
-        assert client.request(REQ, small, timeout=5).id == small.id
+        assert client.request(REQ, small, timeout_s=5).id == small.id
         req = make_request(budget_ms=20_000, payload=big)
-        resp = client.request(REQ, req, timeout=20)
+        resp = client.request(REQ, req, timeout_s=20)
         np.testing.assert_array_equal(resp.outputs[0].to_array(), big * 2)
 
 
@@ -689,13 +698,13 @@ def test_a_frozen_broker_never_hangs_a_request_past_its_timeout(mosquitto):
 
     with Transport(config(mosquitto)) as server, Transport(config(mosquitto)) as client:
         server.serve(REQ_FILTER, echo)
-        assert client.request(REQ, make_request(), timeout=5).worker_id == "echo"
+        assert client.request(REQ, make_request(), timeout_s=5).worker_id == "echo"
         os.kill(mosquitto.pid, signal.SIGSTOP)
         try:
             for timeout in (0.5, 1.0):
                 t0 = time.monotonic()
                 with pytest.raises((DeadlineExceeded, Unavailable)):
-                    client.request(REQ, make_request(), timeout=timeout)
+                    client.request(REQ, make_request(), timeout_s=timeout)
                 assert time.monotonic() - t0 <= timeout + SLACK_S
         finally:
             os.kill(mosquitto.pid, signal.SIGCONT)
@@ -703,7 +712,7 @@ def test_a_frozen_broker_never_hangs_a_request_past_its_timeout(mosquitto):
         deadline = time.monotonic() + 20
         while True:
             try:
-                assert client.request(REQ, make_request(), timeout=2).worker_id == "echo"
+                assert client.request(REQ, make_request(), timeout_s=2).worker_id == "echo"
                 break
             except (DeadlineExceeded, Unavailable):
                 assert time.monotonic() < deadline, "no answer 20 s after the broker resumed"
@@ -714,28 +723,32 @@ def test_a_long_stream_leaves_nothing_behind(mosquitto):
     # no pending request, no held message, no half-reassembled chunk set on either side
     seen = 0
 
-    def flaky(request: InferenceRequest) -> InferenceResponse | None:
+    def flaky(request: InferenceRequest, ctx: RequestContext) -> InferenceResponse | None:
         nonlocal seen
         seen += 1
         if seen % 10 == 0:
             raise DeadlineExceeded("dropped on purpose")  # answered as an error
-        return echo(request)
+        return echo(request, ctx)
 
     with Transport(config(mosquitto)) as server, Transport(config(mosquitto)) as client:
         server.serve(REQ_FILTER, flaky)
         ok = failed = 0
         for _ in range(1000):
             try:
-                client.request(REQ, make_request(), timeout=5)
+                client.request(REQ, make_request(), timeout_s=5)
                 ok += 1
             except DeadlineExceeded:
                 failed += 1
         assert (ok, failed) == (900, 100)
-        for t in (client.async_transport, server.async_transport):
-            assert not t._pending and not t._unclaimed
-            assert t._reassembler.pending_sets == 0 and t._reassembler.pending_bytes == 0
-            paho_client = t._mqtt._client  # every QoS 1 publish got its PUBACK and was dropped
+        for t in (client, server):
             deadline = time.monotonic() + 5
-            while paho_client._out_messages and time.monotonic() < deadline:
+            while t.stats().unacked_publishes and time.monotonic() < deadline:
                 time.sleep(0.01)  # the last PUBACKs may still be on their way
-            assert not paho_client._out_messages and not paho_client._in_messages
+            stats = t.stats()
+            assert stats.pending_requests == 0 and stats.unclaimed_messages == 0
+            assert stats.reassembly_sets == 0 and stats.reassembly_bytes == 0
+            assert stats.unacked_publishes == 0  # every QoS 1 publish got its PUBACK
+            assert not t.transport._mqtt._client._in_messages  # paho holds nothing received
+        serving = server.stats().serving[REQ_FILTER]
+        assert serving.answered == 1000 and serving.queued == serving.running == 0
+        assert serving.held_bytes == 0

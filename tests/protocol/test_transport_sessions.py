@@ -7,11 +7,16 @@ import queue
 
 import pytest
 
-from tandem.protocol.mqtt.transport import Transport, TransportConfig
+from tandem.protocol.mqtt import MqttTransport
+from tandem.protocol.transport import SyncTransport, TransportConfig
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 
 TOPIC = "tandem/v1/assign/cam-persist"
+
+
+def Transport(cfg: TransportConfig) -> SyncTransport:
+    return SyncTransport(MqttTransport(cfg))
 
 
 @pytest.mark.parametrize("protocol", [5, 311])

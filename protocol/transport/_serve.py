@@ -1,0 +1,393 @@
+"""The answering side of requests: one :class:`Server` per ``Transport.serve()`` call.
+
+A request goes through these steps, each bounded, before the handler sees it:
+
+1. **Topic**: it must be ``tandem/v1/req/<device>/<model>``; the answer goes to
+   ``tandem/v1/resp/<device>`` and nowhere else. A request whose ``reply_topic`` (payload or
+   MQTT 5 ResponseTopic) names anything else is refused and counted, never answered: a server
+   never publishes to a topic a peer chose freely.
+2. **Envelope** (:func:`tandem.protocol.codec.peek`): type, id and declared tensor sizes, read
+   before any tensor byte is touched or decompressed. A frame whose envelope is unreadable is
+   answered by id when the MQTT 5 correlation data carries one, else dropped and counted.
+3. **Admission**: a duplicate of a request in progress (QoS 1 redelivery) is dropped; when
+   ``max_queued`` requests already wait, or their bytes (payload + what compressed tensors
+   inflate to) would pass ``max_queued_bytes``, the request is answered RESOURCE_EXHAUSTED.
+4. **Decode** under the handler's ``limits`` (so decompression never exceeds what the handler
+   accepts); compressed tensors inflating to ``offloop_decode_bytes`` or more are decoded in a
+   thread, not on the event loop. An undecodable request is answered with its error.
+5. **Queue** by priority (higher first), then **start** when fewer than ``max_concurrency``
+   handlers run, unless its deadline has passed (answered DEADLINE_EXCEEDED, not run).
+
+A handler is ``handler(request, context) -> InferenceResponse`` (or a coroutine function). An
+async handler runs on the loop — one that awaits a future completed elsewhere is how a batcher
+collects requests; a sync one runs in ``executor`` (default: a pool of ``max_concurrency``
+threads owned by the server). Whatever a handler raises is answered: a TandemError with its own
+code, anything else (``SystemExit`` included) HANDLER_FAILED; the loop always survives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import heapq
+import inspect
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from tandem.protocol import codec, topics
+from tandem.protocol.errors import (
+    DeadlineExceeded,
+    HandlerFailed,
+    InvalidArgument,
+    PermissionDenied,
+    ProtocolError,
+    ResourceExhausted,
+    TandemError,
+    Unavailable,
+)
+from tandem.protocol.messages import ErrorInfo, InferenceRequest, InferenceResponse, Timings
+from tandem.protocol.transport._config import IncomingMessage, RequestContext
+from tandem.protocol.transport._log import Throttled, log
+
+__all__ = ["RequestHandler", "ServeStats", "Server", "is_async_callable"]
+
+RequestHandler = Callable[[InferenceRequest, RequestContext],
+                          "Awaitable[InferenceResponse] | InferenceResponse"]
+
+# a deadline further away than this is no deadline (a budget near 2**63 ms)
+_NO_DEADLINE_S = 10 * 365 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServeStats:
+    """Counters of one ``serve()`` (snapshot). ``held_bytes`` are the bytes admitted requests
+    hold (queued and running); ``refused`` counts requests never answered because their topic
+    or reply topic was not acceptable; ``undecodable`` those whose frame did not decode
+    (answered when their id was readable)."""
+
+    queued: int = 0
+    running: int = 0
+    held_bytes: int = 0
+    answered: int = 0
+    failed: int = 0  # handlers that raised something other than a TandemError
+    busy: int = 0  # answered RESOURCE_EXHAUSTED (queue or byte budget full)
+    expired: int = 0  # answered DEADLINE_EXCEEDED without running (deadline passed first)
+    refused: int = 0
+    undecodable: int = 0
+    duplicates: int = 0
+    replies_lost: int = 0  # answers that could not be published (connection lost)
+
+
+class Host(Protocol):
+    """What a server needs from its transport."""
+
+    def _send_reply(self, topic: str, response: InferenceResponse,
+                    correlation_data: bytes | None) -> bool: ...
+
+    def _spawn(self, coro: Any) -> asyncio.Task: ...
+
+    async def _decode_in_thread(self, payload: Any, limits: codec.Limits) -> Any: ...
+
+
+def is_async_callable(fn: object) -> bool:
+    """Whether calling ``fn`` returns a coroutine (a coroutine function, or an object whose
+    ``__call__`` is one)."""
+    return inspect.iscoroutinefunction(fn) or (
+        not inspect.isroutine(fn) and inspect.iscoroutinefunction(type(fn).__call__))
+
+
+class _ExpiredBeforeStart(DeadlineExceeded):
+    """The deadline passed while the request waited for a worker thread."""
+
+
+def _call_sync(handler: RequestHandler, request: InferenceRequest,
+               ctx: RequestContext) -> InferenceResponse:
+    """Runs in the executor: the deadline is checked again when a thread actually starts it."""
+    if ctx.deadline_s is not None and time.monotonic() >= ctx.deadline_s:
+        raise _ExpiredBeforeStart("the request's deadline passed before a worker was free")
+    return handler(request, ctx)  # type: ignore[return-value]
+
+
+def _error(request_id: bytes, exc: TandemError) -> InferenceResponse:
+    return InferenceResponse(id=request_id, error=ErrorInfo(exc.code, exc.message, exc.retryable))
+
+
+class _Job:
+    __slots__ = ("corr", "cost", "ctx", "key", "request")
+
+    def __init__(self, request: InferenceRequest, ctx: RequestContext, corr: bytes | None,
+                 cost: int, key: tuple[str, bytes]) -> None:
+        self.request = request
+        self.ctx = ctx
+        self.corr = corr
+        self.cost = cost
+        self.key = key
+
+
+class Server:
+    """State of one ``serve()``: admission, queue, running handlers, counters. Loop thread only."""
+
+    def __init__(
+        self,
+        host: Host,
+        topic_filter: str,
+        handler: RequestHandler,
+        *,
+        executor: concurrent.futures.Executor | None,
+        limits: codec.Limits,
+        max_concurrency: int | None,
+        max_queued: int,
+        max_queued_bytes: int,
+        offloop_decode_bytes: int,
+    ) -> None:
+        if not callable(handler):
+            raise InvalidArgument(f"handler must be callable, not {type(handler).__name__}")
+        self.is_async = is_async_callable(handler)
+        if executor is not None and self.is_async:
+            raise InvalidArgument("an async handler runs on the event loop: give no executor")
+        if max_concurrency is None:
+            max_concurrency = 256 if self.is_async else 4
+        if max_concurrency < 1 or max_queued < 0 or max_queued_bytes < 1:
+            raise InvalidArgument("need max_concurrency >= 1, max_queued >= 0, "
+                                  "max_queued_bytes >= 1")
+        self.host = host
+        self.topic_filter = topic_filter
+        self.handler = handler
+        self.limits = limits
+        self.max_concurrency = max_concurrency
+        self.max_queued = max_queued
+        self.max_queued_bytes = max_queued_bytes
+        self.offloop_decode_bytes = offloop_decode_bytes
+        self._owns_executor = executor is None and not self.is_async
+        self.executor = executor
+        if self._owns_executor:
+            self.executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max_concurrency, thread_name_prefix="tandem-transport-serve")
+        self._heap: list[tuple[int, int, _Job]] = []
+        self._seq = itertools.count()
+        self._inflight: set[tuple[str, bytes]] = set()
+        self._running: set[asyncio.Task] = set()
+        self._admitted = 0  # admitted and not started yet (decoding or queued)
+        self._held = 0
+        self._stopped = False
+        self._warn = Throttled()
+        self.answered = self.failed = self.busy = self.expired = 0
+        self.refused = self.undecodable = self.duplicates = self.replies_lost = 0
+
+    # -- counters ------------------------------------------------------------------------------
+
+    def stats(self) -> ServeStats:
+        return ServeStats(
+            queued=self._admitted, running=len(self._running), held_bytes=self._held,
+            answered=self.answered, failed=self.failed, busy=self.busy, expired=self.expired,
+            refused=self.refused, undecodable=self.undecodable, duplicates=self.duplicates,
+            replies_lost=self.replies_lost)
+
+    # -- arrival (on the loop) -----------------------------------------------------------------
+
+    def on_message(self, msg: IncomingMessage) -> None:
+        if self._stopped:
+            return
+        received = time.monotonic()
+        try:
+            device, model = topics.parse_request_topic(msg.topic)
+        except InvalidArgument:
+            self._refuse("topic", "refused a request on %r: not a request topic "
+                         "(tandem/v1/req/<device>/<model>)", msg.topic)
+            return
+        reply = topics.response_topic(device)
+        corr = msg.correlation_data
+        payload = msg.payload
+        try:
+            info = codec.peek(payload, self.limits)
+        except ProtocolError as exc:
+            self.undecodable += 1
+            if corr is not None and len(corr) == 16:  # MQTT 5: the request id, readable
+                self._answer(reply, _error(corr, exc), corr)
+            else:
+                self._warn.warning("undecodable", "dropped an undecodable request on %s: %s",
+                                   msg.topic, exc)
+            return
+        if info.type is not codec.MessageType.INFERENCE_REQUEST or info.id is None:
+            self.undecodable += 1
+            self._warn.warning("type", "dropped a %s on request topic %s", info.type.name,
+                               msg.topic)
+            return
+        rid = info.id
+        if msg.response_topic and msg.response_topic != reply:
+            self._refuse("reply", "refused request %s on %s: its ResponseTopic %r is not %r",
+                         rid.hex(), msg.topic, msg.response_topic, reply)
+            return
+        key = (device, rid)
+        if key in self._inflight:
+            self.duplicates += 1
+            return
+        cost = len(payload) + (info.tensor_bytes if info.compressed else 0)
+        full = self._admitted >= self.max_queued and len(self._running) >= self.max_concurrency
+        if full or self._held + cost > self.max_queued_bytes:
+            self.busy += 1
+            self._answer(reply, _error(rid, ResourceExhausted(
+                f"server busy: {self._admitted} requests queued, {self._held} bytes held "
+                f"(limits {self.max_queued}, {self.max_queued_bytes})")), corr)
+            return
+        self._admitted += 1
+        self._held += cost
+        self._inflight.add(key)
+        base = (msg.topic, device, model, reply, received, msg.message_expiry_s, corr, cost, key)
+        if info.compressed and info.tensor_bytes >= self.offloop_decode_bytes:
+            self.host._spawn(self._decode_in_thread(payload, rid, base))
+            return
+        try:
+            request = codec.decode(payload, self.limits)
+        except ProtocolError as exc:
+            self._undecodable(rid, base, exc)
+            return
+        del payload, msg
+        self._admit(request, base)
+
+    async def _decode_in_thread(self, payload: Any, rid: bytes, base: tuple) -> None:
+        try:
+            request = await self.host._decode_in_thread(payload, self.limits)
+        except ProtocolError as exc:
+            self._undecodable(rid, base, exc)
+            return
+        except BaseException:
+            self._release(base[7], base[8])
+            raise
+        del payload
+        if self._stopped:
+            self._release(base[7], base[8])
+            return
+        self._admit(request, base)
+
+    def _undecodable(self, rid: bytes, base: tuple, exc: ProtocolError) -> None:
+        self._release(base[7], base[8])
+        self.undecodable += 1
+        self._answer(base[3], _error(rid, exc), base[6])
+
+    def _admit(self, request: InferenceRequest, base: tuple) -> None:
+        topic, device, model, reply, received, expiry_s, corr, cost, key = base
+        if request.reply_topic and request.reply_topic != reply:
+            self._release(cost, key)
+            self._refuse("reply", "refused request %s on %s: its reply_topic %r is not %r",
+                         request.id.hex(), topic, request.reply_topic, reply)
+            return
+        if request.device_id != device:
+            self._release(cost, key)
+            self.refused += 1
+            self._answer(reply, _error(request.id, PermissionDenied(
+                f"request says device {request.device_id!r} but came on {topic!r}")), corr)
+            return
+        life_s = request.budget_ms / 1000
+        if expiry_s is not None:
+            life_s = min(life_s, float(expiry_s))
+        deadline = None if life_s >= _NO_DEADLINE_S else received + life_s
+        ctx = RequestContext(topic=topic, device_id=device, model=model, reply_topic=reply,
+                             received_at_s=received, deadline_s=deadline,
+                             message_expiry_s=expiry_s, correlation_data=corr,
+                             payload_bytes=cost)
+        job = _Job(request, ctx, corr, cost, key)
+        heapq.heappush(self._heap, (-request.priority, next(self._seq), job))
+        self._pump()
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        while self._heap and len(self._running) < self.max_concurrency and not self._stopped:
+            job = heapq.heappop(self._heap)[2]
+            self._admitted -= 1
+            if job.ctx.expired:
+                self.expired += 1
+                self._release(job.cost, job.key)
+                self._answer(job.ctx.reply_topic, _error(job.request.id, DeadlineExceeded(
+                    "the request's deadline passed before it could start")), job.corr)
+                continue
+            task = self.host._spawn(self._run(job))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._pump()
+
+    async def _run(self, job: _Job) -> None:
+        request, ctx = job.request, job.ctx
+        rid = request.id
+        started = time.monotonic()
+        try:
+            try:
+                if self.is_async:
+                    response = await self.handler(request, ctx)  # type: ignore[misc]
+                else:
+                    response = await asyncio.get_running_loop().run_in_executor(
+                        self.executor, _call_sync, self.handler, request, ctx)
+                if not isinstance(response, InferenceResponse):
+                    raise HandlerFailed(f"request handler returned {type(response).__name__}, "
+                                        "not an InferenceResponse")
+                if response.id != rid:
+                    raise HandlerFailed(f"request handler answered request {rid.hex()} with "
+                                        f"the id {response.id.hex()}")
+            except _ExpiredBeforeStart as exc:
+                self.expired += 1
+                response = _error(rid, exc)
+            except asyncio.CancelledError:
+                # close(): the request is answered, retryably, rather than left to time out
+                self._answer(ctx.reply_topic, _error(rid, Unavailable(
+                    "the server closed while the request was running", retryable=True)),
+                    job.corr)
+                raise
+            except TandemError as exc:
+                response = _error(rid, exc)
+            except BaseException as exc:  # SystemExit too: answered, the loop survives
+                self.failed += 1
+                log.error("request handler failed on request %s from %s", rid.hex(),
+                          ctx.device_id, exc_info=exc)
+                response = _error(rid, HandlerFailed(f"{type(exc).__name__}: {exc}"))
+        finally:
+            self._release(job.cost, job.key)
+        if response.ok and response.timings.queue_ms == 0.0 and response.timings.compute_ms == 0.0:
+            response = InferenceResponse(
+                id=response.id, outputs=response.outputs, error=None, worker_id=response.worker_id,
+                timings=Timings(queue_ms=(started - ctx.received_at_s) * 1e3,
+                                compute_ms=(time.monotonic() - started) * 1e3))
+        # drop our references to the request (and so to the packet buffer its RAW tensors
+        # view) before the response packet is built
+        del job, request
+        self._answer(ctx.reply_topic, response, ctx.correlation_data)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _answer(self, reply: str, response: InferenceResponse, corr: bytes | None) -> None:
+        if self.host._send_reply(reply, response, corr):
+            self.answered += 1
+        else:
+            self.replies_lost += 1
+
+    def _release(self, cost: int, key: tuple[str, bytes]) -> None:
+        self._held -= cost
+        self._inflight.discard(key)
+
+    def _refuse(self, kind: str, msg: str, *args: object) -> None:
+        self.refused += 1
+        self._warn.warning(kind, msg, *args)
+
+    def stop(self) -> None:
+        """On close: answer what waits with a retryable UNAVAILABLE, cancel what runs (each is
+        answered the same way), shut down the executor this server owns (without waiting for
+        a handler that is stuck in it)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        while self._heap:
+            job = heapq.heappop(self._heap)[2]
+            self._admitted -= 1
+            self._release(job.cost, job.key)
+            self._answer(job.ctx.reply_topic, _error(job.request.id, Unavailable(
+                "the server closed before the request could start", retryable=True)), job.corr)
+        for task in list(self._running):
+            task.cancel()
+        if self._owns_executor and self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
