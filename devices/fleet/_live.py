@@ -1,13 +1,13 @@
 """The fleet tools on the broker: publishing retained assignments, clearing a removed device's
 retained topics, and reading the devices' retained heartbeats — all as the fleet's admin
-client, through :class:`tandem.protocol.AsyncTransport`.
+client, through :class:`tandem.protocol.mqtt.MqttTransport`.
 
-**Knowing that the broker is done.** A retained message arrives some time after SUBACK, and a
-PUBLISH is processed some time after it is sent. The admin client therefore publishes a random
-marker to its own sync topic (see :func:`._auth.sync_topic`) and waits for it to come back: the
-broker handles one connection's packets in order and queues a client's deliveries in order, so
-once the marker is back every retained message before it has been delivered and every publish
-before it has been processed. No sleeping, no guessing a quiet period.
+**Knowing that the broker is done.** Publishes wait for the broker's PUBACK (MQTT 5: a refusal
+by the ACL raises PermissionDenied). Retained messages arrive some time after the SUBACK, so
+after subscribing the admin client publishes a random marker to its own sync topic (see
+:func:`._auth.sync_topic`) and waits for it to come back: the broker queues a client's
+deliveries in order, so once the marker is back every retained message queued before it has
+been delivered. No sleeping, no guessing a quiet period.
 """
 
 from __future__ import annotations
@@ -117,19 +117,17 @@ class AdminSession:
     async def publish_assignments(self, assignments: Iterable[Assignment]) -> int:
         """Publish each assignment retained (QoS 1) to its device's topic; waits until the
         broker has stored them. Returns how many."""
-        count = 0
-        for assignment in assignments:
-            await self.transport.publish_message(topics.assign_topic(assignment.device_id),
-                                                 assignment, qos=1, retain=True)
-            count += 1
-        await self.sync()
-        return count
+        handles = [await self.transport.publish_message(topics.assign_topic(a.device_id), a,
+                                                        qos=1, retain=True)
+                   for a in assignments]
+        for handle in handles:  # the broker's PUBACK: stored (or refused: PermissionDenied)
+            await handle
+        return len(handles)
 
     async def clear_retained(self, device: str) -> None:
         """Clear a device's retained assignment and heartbeat."""
         for topic in (topics.assign_topic(device), topics.status_topic(device)):
-            await self.transport.publish(topic, b"", qos=1, retain=True)
-        await self.sync()
+            await (await self.transport.publish(topic, b"", qos=1, retain=True))
 
     async def watch_statuses(self, board: StatusBoard) -> None:
         """Feed ``board`` from now on; returns once the retained heartbeats are in."""
@@ -143,7 +141,7 @@ async def admin_session(enrollment: Enrollment, *, broker_url: str | None = None
                         connect_timeout_s: float = 5.0) -> AsyncIterator[AdminSession]:
     """Connect as the fleet's admin client (username/password over the password listener, or
     ``broker_url``), with a fresh client id so several admin tools can run at once."""
-    from tandem.protocol.mqtt.transport import AsyncTransport
+    from tandem.protocol.mqtt import MqttTransport
 
     if broker_url:
         enrollment = dataclasses.replace(enrollment, password_urls=(broker_url,))
@@ -152,7 +150,7 @@ async def admin_session(enrollment: Enrollment, *, broker_url: str | None = None
             Path(secrets_dir), auth="password",
             client_id=f"{enrollment.id}-{os.urandom(4).hex()}",
             connect_timeout_s=connect_timeout_s, clean_start=True)
-        transport = AsyncTransport(config)
+        transport = MqttTransport(config)
         try:
             await transport.connect()
             yield AdminSession(transport, enrollment.id)

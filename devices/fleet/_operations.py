@@ -136,7 +136,7 @@ async def check_enrollment(enrollment, *, wait_s: float = 0.0,
 
     from tandem.devices.fleet._live import AdminSession
     from tandem.protocol import codec, topics
-    from tandem.protocol.mqtt.transport import AsyncTransport
+    from tandem.protocol.mqtt import MqttTransport
 
     results: list[CheckResult] = []
     assignment: Assignment | None = None
@@ -151,7 +151,7 @@ async def check_enrollment(enrollment, *, wait_s: float = 0.0,
                 config = dataclasses.replace(config,
                                              client_id=f"{enrollment.id}-check-{time.time_ns()}")
             while True:
-                transport = AsyncTransport(config)
+                transport = MqttTransport(config)
                 try:
                     await transport.connect()
                     detail = f"connected as {enrollment.id}"

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from tandem.devices.fleet import load_enrollment
-from tandem.protocol import InferenceRequest, InferenceResponse, Tensor, Transport, topics
+from tandem.protocol import InferenceRequest, InferenceResponse, Tensor, topics
 from tandem.protocol.errors import PermissionDenied, TandemError
 from tandem.protocol.messages import CloudLoad, DeviceStatus, new_request_id
+from tandem.protocol.mqtt import MqttTransport
+from tandem.protocol.transport import SyncTransport
 from tests._support.broker import make_tls_files
 
 pytestmark = pytest.mark.broker
@@ -30,15 +32,20 @@ def apply(fleet_broker) -> None:
     fleet_broker.wait_reload(before)
 
 
+def mqtt_client(config) -> SyncTransport:
+    """A blocking MQTT client with ``config``."""
+    return SyncTransport(MqttTransport(config))
+
+
 def client(fleet, name: str, secrets: Path, *, auth: str = "certificate", url_index: int = 0,
-           **overrides) -> Transport:
+           **overrides) -> SyncTransport:
     enrollment = load_enrollment(fleet.layout.enrollment(name))
     config = enrollment.transport_config(secrets / name, auth=auth, url_index=url_index,
                                          connect_timeout_s=3.0, reconnect_max_s=0.5)
-    return Transport(dataclasses.replace(config, **overrides))
+    return mqtt_client(dataclasses.replace(config, **overrides))
 
 
-def refused(transport: Transport) -> TandemError:
+def refused(transport: SyncTransport) -> TandemError:
     with pytest.raises(TandemError) as info:
         transport.connect()
     transport.close()
@@ -66,13 +73,13 @@ class Inbox:
 
 
 def echo_worker(name: str):
-    def handle(request: InferenceRequest) -> InferenceResponse:
+    def handle(request: InferenceRequest, context) -> InferenceResponse:
         return InferenceResponse(id=request.id, outputs=request.tensors, worker_id=name)
 
     return handle
 
 
-def ask(device: Transport, device_id: str) -> InferenceResponse:
+def ask(device: SyncTransport, device_id: str) -> InferenceResponse:
     x = Tensor.from_array("x", __import__("numpy").arange(6, dtype="float32"))
     request = InferenceRequest(id=new_request_id(), device_id=device_id, model_digest="m",
                                cut_id=0, budget_ms=5000, tensors=(x,))
@@ -114,13 +121,13 @@ def test_a_wrong_password_is_refused(enrolled, tmp_path):
 
 def test_no_certificate_and_a_foreign_certificate_are_refused(enrolled, tmp_path):
     no_cert = client(enrolled, "cam-01", tmp_path)
-    no_cert = Transport(dataclasses.replace(no_cert.config, tls=dataclasses.replace(
+    no_cert = mqtt_client(dataclasses.replace(no_cert.config, tls=dataclasses.replace(
         no_cert.config.tls, cert_file=None, key_file=None)))
     assert not no_cert.connected
     refused(no_cert)
     foreign = make_tls_files(tmp_path / "foreign")  # a client certificate of another CA
     t = client(enrolled, "cam-01", tmp_path)
-    refused(Transport(dataclasses.replace(t.config, tls=dataclasses.replace(
+    refused(mqtt_client(dataclasses.replace(t.config, tls=dataclasses.replace(
         t.config.tls, cert_file=str(foreign.client_cert_file),
         key_file=str(foreign.client_key_file)))))
 
@@ -164,7 +171,7 @@ def test_a_worker_may_write_replies_and_its_own_load_only(enrolled, tmp_path):
     enrolled.add_worker("gpu-2")
     admin_seen = Inbox()
     admin = load_enrollment(enrolled.layout.enrollment("tandem-admin"))
-    with Transport(admin.transport_config(tmp_path / "admin", auth="password")) as watcher, \
+    with mqtt_client(admin.transport_config(tmp_path / "admin", auth="password")) as watcher, \
             client(enrolled, "gpu-1", tmp_path) as worker, \
             client(enrolled, "cam-01", tmp_path) as device:
         watcher.subscribe(f"{topics.PREFIX}/cloud/+/load", admin_seen)
@@ -229,7 +236,7 @@ def test_a_removed_device_cannot_connect_after_the_reload(enrolled, fleet_broker
     secrets = tmp_path / "kept"
     for auth, index in (("certificate", 0), ("password", PASSWORD_TLS),
                         ("password", PASSWORD_PLAIN)):
-        error = refused(Transport(cert.transport_config(secrets, auth=auth, url_index=index,
+        error = refused(mqtt_client(cert.transport_config(secrets, auth=auth, url_index=index,
                                                          connect_timeout_s=3.0)))
         assert isinstance(error, TandemError)
         if auth == "password":
@@ -246,13 +253,13 @@ def test_a_rotated_devices_old_credentials_fail_and_new_ones_work(enrolled, flee
     apply(fleet_broker)
     new = load_enrollment(enrolled.layout.enrollment("cam-01"))
     assert new.password != old.password and new.cert_pem != old.cert_pem
-    error = refused(Transport(old.transport_config(tmp_path / "old", auth="password",
+    error = refused(mqtt_client(old.transport_config(tmp_path / "old", auth="password",
                                                    url_index=PASSWORD_PLAIN)))
     assert isinstance(error, PermissionDenied)
-    refused(Transport(old.transport_config(tmp_path / "old", auth="certificate")))
+    refused(mqtt_client(old.transport_config(tmp_path / "old", auth="certificate")))
     for auth, index in (("certificate", 0), ("password", PASSWORD_TLS),
                         ("password", PASSWORD_PLAIN)):
-        with Transport(new.transport_config(tmp_path / "new", auth=auth, url_index=index)):
+        with mqtt_client(new.transport_config(tmp_path / "new", auth=auth, url_index=index)):
             pass
 
 

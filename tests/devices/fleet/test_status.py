@@ -98,10 +98,10 @@ def test_forged_malformed_and_hostile_heartbeats(devices, tmp_path):
     """The admin account may write status topics (to clear them): use it as the worst sender
     the ACL allows there."""
     from tandem.devices.fleet import load_enrollment
-    from tandem.protocol import Transport
+    from tests.devices.fleet.test_broker import mqtt_client
 
     admin = load_enrollment(devices.layout.enrollment("tandem-admin"))
-    with Transport(admin.transport_config(tmp_path / "admin", auth="password")) as t:
+    with mqtt_client(admin.transport_config(tmp_path / "admin", auth="password")) as t:
         # on cam-01's topic, a heartbeat naming cam-02
         t.publish_message(topics.status_topic("cam-01"),
                           DeviceStatus("cam-02", "online", now_ms()), retain=True)
