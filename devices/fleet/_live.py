@@ -34,6 +34,11 @@ log = logging.getLogger("tandem.devices.fleet")
 
 HISTORY_SAMPLES = 60  # latency samples kept per device for the dashboard's sparkline
 SYNC_TIMEOUT_S = 10.0
+# what the admin client accepts from devices: a heartbeat is a few hundred bytes, so a device
+# sending megabytes on its status topic is refused before anything of that size is decoded
+STATUS_LIMITS = codec.Limits(max_message_bytes=256 * 1024, max_header_bytes=256 * 1024,
+                             max_tensors=0, max_tensor_bytes=0, max_list_len=1024)
+_ADMIN_REASSEMBLY_BYTES = 1 << 20
 
 
 class StatusBoard:
@@ -61,7 +66,7 @@ class StatusBoard:
             self.history.pop(device, None)
             return
         try:
-            status = codec.decode(payload)
+            status = codec.decode(payload, STATUS_LIMITS)
         except ProtocolError as exc:
             log.warning("dropped an undecodable status on %s: %s", topic, exc)
             self.rejected += 1
@@ -149,7 +154,8 @@ async def admin_session(enrollment: Enrollment, *, broker_url: str | None = None
         config = enrollment.transport_config(
             Path(secrets_dir), auth="password",
             client_id=f"{enrollment.id}-{os.urandom(4).hex()}",
-            connect_timeout_s=connect_timeout_s, clean_start=True)
+            connect_timeout_s=connect_timeout_s, clean_start=True,
+            max_reassembly_bytes=_ADMIN_REASSEMBLY_BYTES)
         transport = MqttTransport(config)
         try:
             await transport.connect()

@@ -129,7 +129,9 @@ def test_the_status_board_keeps_a_bounded_history_and_forgets_cleared_devices():
     assert "cam-01" not in board.statuses and "cam-01" not in board.history
     board.feed("tandem/v1/status/x/y", b"")
     board.feed(topics.status_topic("cam-02"), b"\xc1")
-    assert board.rejected == 2
+    huge = DeviceStatus("cam-02", "online", 1, plan_mix=tuple((f"p{i}", 1) for i in range(3000)))
+    board.feed(topics.status_topic("cam-02"), codec.encode(huge))  # over the status limits
+    assert board.rejected == 3 and "cam-02" not in board.statuses
 
 
 def test_status_with_the_broker_down_is_one_line(devices, fleet_broker, capsys):
