@@ -207,6 +207,17 @@ class Fleet:
             except (OSError, ValueError) as exc:
                 raise Unavailable(f"cannot reload the broker: pid file {s.pid_file}: {exc}") \
                     from exc
+            # a stale pid file can name another process by now: SIGHUP would end most of them
+            comm = Path(f"/proc/{pid}/comm")
+            if Path("/proc/self/comm").exists():  # Linux: check what the pid is
+                try:
+                    name = comm.read_text().strip()
+                except OSError:
+                    raise Unavailable(f"cannot reload the broker: no process {pid} (from "
+                                      f"{s.pid_file}); is mosquitto running?") from None
+                if "mosquitto" not in name:
+                    raise Unavailable(f"cannot reload the broker: pid {pid} (from {s.pid_file}) "
+                                      f"is {name!r}, not mosquitto; the pid file is stale")
             try:
                 os.kill(pid, signal.SIGHUP)
             except OSError as exc:

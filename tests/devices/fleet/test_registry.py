@@ -437,3 +437,20 @@ def test_an_expiring_crl_is_warned_about_and_sync_renews_it(fleet, monkeypatch):
     assert "expires" in fleet.crl_expiry_warning()
     fleet.sync()
     assert fleet.crl_expiry_warning() == ""
+
+
+def test_a_stale_pid_file_naming_another_process_is_not_signalled(fleet):
+    import sys
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        Path(fleet.settings.pid_file).write_text(f"{other.pid}\n")
+        with pytest.raises(Unavailable, match="not mosquitto; the pid file is stale"):
+            fleet.broker_reload()
+        assert other.poll() is None  # still running: no SIGHUP was sent
+    finally:
+        other.kill()
+        other.wait()
+    Path(fleet.settings.pid_file).write_text(f"{other.pid}\n")  # gone now
+    with pytest.raises(Unavailable, match="is mosquitto running"):
+        fleet.broker_reload()
