@@ -86,6 +86,13 @@ class Transaction:
         row = self.one(sql, params)
         return None if row is None else next(iter(row.values()))
 
+    def lock(self) -> None:
+        """Take the registry's write lock for the rest of this transaction (PostgreSQL: a
+        transaction-scoped advisory lock; SQLite: its database lock, taken by the first
+        write)."""
+        if self.dialect == "postgresql":
+            self.execute("SELECT pg_advisory_xact_lock(?)", (_PG_LOCK_KEY,))
+
     def table_exists(self, name: str) -> bool:
         if self.dialect == "sqlite":
             sql = "SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?"
@@ -159,17 +166,18 @@ class Database:
                               f"{_redact_text(first, self._target)}") from exc
 
     @contextlib.contextmanager
-    def transaction(self, *, create: bool = False) -> Iterator[Transaction]:
-        """One transaction holding the registry's write lock; commit on success, rollback on
-        any exception. ``create`` lets SQLite create a missing file (``init`` only)."""
+    def transaction(self, *, create: bool = False, write: bool = True) -> Iterator[Transaction]:
+        """One transaction; commit on success, rollback on any exception. ``write`` takes the
+        registry's write lock at once (readers pass False and may take it later with
+        :meth:`Transaction.lock`). ``create`` lets SQLite create a missing file (``init``)."""
         conn = self._connect(create=create)
         try:
+            tx = Transaction(self, conn)
             with self._translated("BEGIN"):
                 if self.dialect == "sqlite":
-                    conn.execute("BEGIN IMMEDIATE")
-                else:
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK_KEY,))
-            tx = Transaction(self, conn)
+                    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            if write:
+                tx.lock()
             try:
                 yield tx
             except BaseException:

@@ -147,6 +147,7 @@ class Fleet:
             raise NotFound(f"database {self.db.display_url} holds no fleet registry "
                            "(run 'tandem fleet init')")
         if version != LATEST:
+            tx.lock()
             self.db.migrate(tx, MIGRATIONS)  # older: upgraded here; newer: refused
         row = tx.one("SELECT name FROM fleet WHERE id = 1")
         if row is None:
@@ -157,7 +158,7 @@ class Fleet:
                 f"{self.layout.root} is fleet {self.settings.name!r}")
 
     def _read(self, fn: Callable[[Transaction], _T]) -> _T:
-        with self.db.transaction() as tx:
+        with self.db.transaction(write=False) as tx:
             self._check_schema(tx)
             return fn(tx)
 
