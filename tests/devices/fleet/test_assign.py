@@ -163,7 +163,7 @@ def test_a_tampered_signature_is_refused(lobby, bundle):
 @pytest.mark.parametrize("kwargs,error,match", [
     ({"devices": ("cam-99",)}, NotFound, "no enrolled device 'cam-99'"),
     ({"devices": ("tandem-admin",)}, NotFound, "no enrolled device"),
-    ({"devices": ("bad/id",)}, InvalidArgument, "forbidden"),
+    ({"devices": ("bad/id",)}, InvalidArgument, "must not contain"),
     ({"group": "nope"}, NotFound, "no group 'nope'"),
     ({"devices": ()}, InvalidArgument, "name a device"),
     ({"devices": ("cam-01",), "urls": ("ftp://x/y",)}, InvalidArgument, "http"),

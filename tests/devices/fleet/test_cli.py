@@ -48,8 +48,8 @@ def one_error_line(capsys) -> str:
 
 
 @pytest.mark.parametrize("args,message", [
-    (["add", "cam/01", "--profile", "cpu-x86_64"], "forbidden characters"),
-    (["add", "cam+01", "--profile", "cpu-x86_64"], "forbidden characters"),
+    (["add", "cam/01", "--profile", "cpu-x86_64"], "must not contain"),
+    (["add", "cam+01", "--profile", "cpu-x86_64"], "must not contain"),
     (["add", "$SYS", "--profile", "cpu-x86_64"], "must not start with '$'"),
     (["add", "cam 01", "--profile", "cpu-x86_64"], "is not usable"),
     (["add", "cam-02", "--profile", "nope"], "no device profile 'nope'"),

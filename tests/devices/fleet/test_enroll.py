@@ -91,7 +91,7 @@ def _broken(text: str, old: str, new: str) -> str:
     ("format = 1", "format = 2", "format 2 is not supported"),
     ("format = 1", "format = true", "'format' must be a int"),
     ('kind = "device"', 'kind = "root"', "kind must be one of"),
-    ('id = "cam-01"', 'id = "cam/01"', "forbidden characters"),
+    ('id = "cam-01"', 'id = "cam/01"', "must not contain"),
     ('id = "cam-01"', 'id = "$SYS"', "must not start"),
     ('id = "cam-01"', "id = 7", "'id' must be a str"),
     ('urls = ["mqtts://broker.example:8883"]', 'urls = ["http://x"]', "scheme"),
