@@ -43,13 +43,18 @@ class AssignResult:
     assignments: list[Assignment]
 
 
-def _bundle_uris(fleet: Fleet, archive: str, urls: Sequence[str]) -> list[str]:
+def _bundle_uris(fleet: Fleet, digest: str, archive: str, urls: Sequence[str]) -> list[str]:
+    """The archive's URLs: ``urls`` with ``{digest}`` replaced (e.g. the cloud endpoint's
+    ``http://HOST:8080/v2/bundles/{digest}``), else ``bundles.base_url`` + ``/bundles/NAME``
+    (what ``tandem fleet dashboard`` serves)."""
     if urls:
+        out = []
         for url in urls:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise InvalidArgument(f"--url must be an http(s) URL, not {url!r}")
-        return list(urls)
+            out.append(url.replace("{digest}", digest))
+        return out
     base = fleet.settings.bundle_base_url
     if not base:
         raise InvalidArgument(
@@ -66,7 +71,7 @@ async def assign(fleet: Fleet, bundle_path: str, *, devices: Sequence[str] = (),
     fleet._read(lambda tx: fleet.resolve_targets(tx, devices, group))
     prepared = prepare_bundle(fleet.layout, bundle_path, sign=sign)
     try:
-        uris = _bundle_uris(fleet, prepared.row["archive_name"], urls)
+        uris = _bundle_uris(fleet, prepared.row["digest"], prepared.row["archive_name"], urls)
         enrollment = fleet.admin_enrollment()
         async with admin_session(enrollment, broker_url=broker_url) as session:
             targets, at = fleet.record_assignment(

@@ -394,8 +394,8 @@ def show_command(fleet_dir: str, db_url: str | None, name: str, as_json: bool) -
 @click.option("--sign", is_flag=True,
               help="sign the bundle with the fleet's key if it is not signed with it")
 @click.option("--url", "urls", multiple=True, metavar="URL",
-              help="where devices fetch the archive (repeatable: mirrors); default: "
-                   "bundles.base_url from fleet.toml")
+              help="where devices fetch the archive (repeatable: mirrors; {digest} is "
+                   "replaced by the bundle digest); default: bundles.base_url from fleet.toml")
 @click.option("--broker", "broker_url", metavar="URL", help="broker URL for the admin client")
 def assign_command(fleet_dir: str, db_url: str | None, args: tuple[str, ...],
                    group: str | None, sign: bool, urls: tuple[str, ...],
@@ -415,7 +415,7 @@ def assign_command(fleet_dir: str, db_url: str | None, args: tuple[str, ...],
     _say(f"assigned {result.model} {result.digest[:12]} to {len(result.devices)} device(s): "
          + ", ".join(result.devices))
     for uri in result.uris:
-        _say(f"  fetched from {uri}")
+        _say(f"  devices fetch it from {uri}")
 
 
 @fleet_command.command("status")

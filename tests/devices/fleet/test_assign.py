@@ -109,6 +109,13 @@ def test_assign_uses_the_fleets_bundle_base_url(lobby, bundle):
     assert result.uris == [f"{BASE}/bundles/{result.digest}.tar.zst"]
 
 
+def test_a_url_may_name_the_digest(lobby, bundle):
+    """e.g. the cloud endpoint, which serves its repository's archives by bundle digest."""
+    result = run_assign(lobby, bundle, devices=("cam-01",), sign=True,
+                        urls=("http://cloud.example:8080/v2/bundles/{digest}",))
+    assert result.uris == [f"http://cloud.example:8080/v2/bundles/{result.digest}"]
+
+
 def test_an_already_signed_bundle_is_assigned_as_it_is(lobby, bundle):
     sign_bundle(bundle, lobby.layout.signing_key)
     result = run_assign(lobby, bundle, devices=("cam-01",))
