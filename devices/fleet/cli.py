@@ -189,10 +189,15 @@ def init_command(fleet_dir: str, db_url: str | None, name: str | None,
 
 
 def _enrolled(fleet, result) -> None:
+    from tandem.devices.fleet import ADMIN_NAME
+
     _say(result.message)
     for path in result.files:
-        _say(f"  enrollment file: {path}  (secret: install it on the machine, then delete it "
-             "here)")
+        if path.stem == ADMIN_NAME:
+            _say(f"  enrollment file: {path}  (secret: the fleet commands use it; keep it here)")
+        else:
+            _say(f"  enrollment file: {path}  (secret: install it on the machine, then delete "
+                 "it here)")
     _reload(fleet)
 
 
@@ -422,7 +427,8 @@ def assign_command(fleet_dir: str, db_url: str | None, args: tuple[str, ...],
 @_common
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--broker", "broker_url", metavar="URL", help="broker URL for the admin client")
-@click.option("--stale-after", "stale_after_s", type=float, default=90.0, show_default=True,
+@click.option("--stale-after", "stale_after_s", type=click.FloatRange(min=1), default=90.0,
+              show_default=True,
               help="seconds after which an 'online' heartbeat shows as stale")
 def status_command(fleet_dir: str, db_url: str | None, as_json: bool, broker_url: str | None,
                    stale_after_s: float) -> None:
@@ -464,7 +470,7 @@ def status_command(fleet_dir: str, db_url: str | None, as_json: bool, broker_url
 @fleet_command.command("dashboard")
 @_common
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
-@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--refresh", "refresh_s", type=click.IntRange(1, 3600), default=5,
               show_default=True, help="seconds between page refreshes")
 @click.option("--broker", "broker_url", metavar="URL", help="broker URL for the admin client")
@@ -487,8 +493,8 @@ def dashboard_command(fleet_dir: str, db_url: str | None, host: str, port: int,
 
 @fleet_command.command("discover")
 @_common
-@click.option("--timeout", "timeout_s", type=float, default=3.0, show_default=True,
-              help="seconds to listen")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(0.1, 600), default=3.0,
+              show_default=True, help="seconds to listen")
 @click.option("--interface", "interfaces", multiple=True, metavar="ADDR",
               help="browse only on this interface address (repeatable; default: all)")
 @click.option("--json", "as_json", is_flag=True)
@@ -518,7 +524,7 @@ def discover_command(fleet_dir: str, db_url: str | None, timeout_s: float,
 
 @fleet_command.command("check")
 @click.argument("enrollment_file", metavar="ENROLLMENT")
-@click.option("--wait", "wait_s", type=float, default=0.0, show_default=True,
+@click.option("--wait", "wait_s", type=click.FloatRange(0, 3600), default=0.0, show_default=True,
               help="keep retrying a broker that refuses or is unreachable this many seconds "
                    "(one that is starting or reloading)")
 def check_command(enrollment_file: str, wait_s: float) -> None:

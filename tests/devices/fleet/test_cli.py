@@ -77,6 +77,9 @@ def test_usage_errors_exit_2(fleet, capsys):
     assert main(fleet_args(fleet, "add", "cam-01")) == 2  # --profile is required
     assert "Missing option '--profile'" in capsys.readouterr().err
     assert main(["fleet", "init", "--tls-port", "many"]) == 2
+    assert main(fleet_args(fleet, "dashboard", "--port", "99999")) == 2
+    assert main(fleet_args(fleet, "discover", "--timeout", "-1")) == 2
+    assert main(["fleet", "check", "x.toml", "--wait", "-5"]) == 2
 
 
 def test_a_missing_fleet_and_an_unreachable_database(tmp_path, capsys, fleet):
