@@ -42,16 +42,7 @@ def _open(fleet_dir: str, db_url: str | None):
 
 
 def _say(text: str) -> None:
-    """Print a line; a reader that went away (``| head``) ends the command quietly."""
-    try:
-        click.echo(text)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # what Python's documentation advises: point stdout at /dev/null so that the
-        # interpreter's final flush does not fail again, and stop
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        raise click.exceptions.Exit(0) from None
+    click.echo(text)  # a closed stdout (| head) is the dispatcher's to end quietly
 
 
 def _note(text: str) -> None:
@@ -78,52 +69,6 @@ def _run(coro):
     import asyncio
 
     return asyncio.run(coro)
-
-
-class _Column:
-    def __init__(self, name: str, *, drop: int = 0, cap: int = 40, right: bool = False,
-                 whole: bool = False) -> None:
-        self.name = name
-        self.drop = drop  # 0 = always shown; higher = dropped earlier when the width is short
-        self.cap = 64 if whole else cap  # names are at most 64 characters
-        self.right = right
-        self.whole = whole  # never cut (the key column: a cut name is a wrong name)
-
-
-def _render(columns: list[_Column], rows: list[list[str]], width: int | None = None) -> str:
-    """A plain-text table that fits ``width`` (the terminal's, else $COLUMNS, else 80): the
-    least important columns are dropped first, then the widest cells cut with an ellipsis.
-    Plain text on purpose: the same bytes on a terminal, in a pipe and in grep."""
-    import shutil
-
-    width = width or shutil.get_terminal_size((80, 24)).columns
-    keep = list(range(len(columns)))
-    natural = [min(c.cap, max([len(c.name)] + [len(r[i]) for r in rows]))
-               for i, c in enumerate(columns)]
-
-    def total(idx: list[int], w: list[int]) -> int:
-        return sum(w[i] for i in idx) + 2 * (len(idx) - 1)
-
-    while total(keep, natural) > width and any(columns[i].drop for i in keep):
-        keep.remove(max(keep, key=lambda i: (columns[i].drop, i)))
-    widths = list(natural)
-    while total(keep, widths) > width:
-        cuttable = [i for i in keep if not columns[i].whole]
-        if not cuttable:
-            break
-        i = max(cuttable, key=lambda i: widths[i])
-        if widths[i] <= max(len(columns[i].name), 4):
-            break
-        widths[i] -= 1
-
-    def cell(text: str, i: int) -> str:
-        if len(text) > widths[i]:
-            text = text[: widths[i] - 1] + "…"
-        return text.rjust(widths[i]) if columns[i].right else text.ljust(widths[i])
-
-    lines = ["  ".join(cell(columns[i].name, i) for i in keep).rstrip()]
-    lines += ["  ".join(cell(r[i], i) for i in keep).rstrip() for r in rows]
-    return "\n".join(lines)
 
 
 def _iso(ms: int | None) -> str:
@@ -307,8 +252,10 @@ def group_list_command(fleet_dir: str, db_url: str | None, as_json: bool) -> Non
     if as_json:
         _say(json.dumps(groups, indent=2))
         return
-    _say(_render([_Column("GROUP", whole=True), _Column("DEVICES", right=True), _Column("CREATED")],
-                 [[g["name"], str(g["devices"]), _iso(g["created_ms"])] for g in groups]))
+    from tandem.console import Column, print_table
+
+    print_table([Column("GROUP"), Column("DEVICES", justify="right"), Column("CREATED")],
+                [[g["name"], str(g["devices"]), _iso(g["created_ms"])] for g in groups])
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -326,11 +273,12 @@ def list_command(fleet_dir: str, db_url: str | None, include_removed: bool,
     if as_json:
         _say(json.dumps(clients, indent=2))
         return
-    columns = [_Column("NAME", whole=True), _Column("KIND", whole=True),
-               _Column("PROFILE", drop=2, cap=22), _Column("GROUP", drop=3, cap=16),
-               _Column("BUNDLE", drop=1, cap=28), _Column("CERT UNTIL", drop=4)]
+    from tandem.console import Column, print_table
+
+    columns = [Column("NAME"), Column("KIND"), Column("PROFILE", fold=2),
+               Column("GROUP", fold=3), Column("BUNDLE", fold=1), Column("CERT UNTIL", fold=4)]
     if include_removed:
-        columns.insert(2, _Column("STATE", whole=True))
+        columns.insert(2, Column("STATE"))
     rows = []
     for c in clients:
         bundle = ""
@@ -341,7 +289,7 @@ def list_command(fleet_dir: str, db_url: str | None, include_removed: bool,
         if include_removed:
             cells.insert(2, c["state"])
         rows.append(cells)
-    _say(_render(columns, rows))
+    print_table(columns, rows)
     _warn_auth(fleet)
 
 
@@ -446,10 +394,11 @@ def status_command(fleet_dir: str, db_url: str | None, as_json: bool, broker_url
                          "devices": [r.to_json() for r in rows]}, indent=2))
         return
     now = int(time.time() * 1000)
-    columns = [_Column("DEVICE", whole=True), _Column("STATE", whole=True),
-               _Column("SEEN", whole=True), _Column("BUNDLE", drop=4, cap=17),
-               _Column("PLANS", drop=5, cap=30), _Column("P50", drop=1, right=True),
-               _Column("P99", drop=2, right=True), _Column("FB", drop=3, right=True)]
+    from tandem.console import Column, print_table
+
+    columns = [Column("DEVICE"), Column("STATE"), Column("SEEN"), Column("BUNDLE", fold=4),
+               Column("PLANS", fold=5), Column("P50", justify="right", fold=1),
+               Column("P99", justify="right", fold=2), Column("FB", justify="right", fold=3)]
     table = []
     for r in rows:
         bundle = r.bundle_digest[:8] if r.bundle_digest else "-"
@@ -458,7 +407,7 @@ def status_command(fleet_dir: str, db_url: str | None, as_json: bool, broker_url
         table.append([r.id, r.state, age_text(r.last_seen_ms, now), bundle,
                       plan_text(r.plan_mix) or "-", f"{r.p50_ms:.1f}" if r.p50_ms else "-",
                       f"{r.p99_ms:.1f}" if r.p99_ms else "-", str(r.fallbacks)])
-    _say(_render(columns, table))
+    print_table(columns, table)
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.state] = counts.get(r.state, 0) + 1
@@ -517,8 +466,10 @@ def discover_command(fleet_dir: str, db_url: str | None, timeout_s: float,
         address = f"{d.addresses[0]}:{d.port}" if d.addresses else f":{d.port}"
         table.append([d.device_id or "?", "yes" if d.device_id in enrolled else "no", address,
                       d.properties.get("profile", ""), d.name])
-    _say(_render([_Column("DEVICE", whole=True), _Column("ENROLLED"), _Column("ADDRESS"),
-                  _Column("PROFILE", drop=1, cap=22), _Column("SERVICE", drop=2)], table))
+    from tandem.console import Column, print_table
+
+    print_table([Column("DEVICE"), Column("ENROLLED"), Column("ADDRESS"),
+                 Column("PROFILE", fold=1), Column("SERVICE", fold=2, shorten=True)], table)
     _say(f"{len(found)} found, {sum(d.device_id in enrolled for d in found)} enrolled")
 
 

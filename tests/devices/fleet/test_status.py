@@ -65,22 +65,28 @@ def test_status_reads_the_retained_heartbeats(devices, tmp_path, capsys):
     assert by_id["cam-01"]["plan_mix"] == [["local", 30], ["cut 2", 10]]
 
 
-def test_the_status_table_fits_80_columns_and_keeps_names_whole(devices, tmp_path, capsys,
-                                                                monkeypatch):
+def test_the_status_table_fits_a_terminal_and_is_complete_in_a_pipe(devices, tmp_path):
+    from tests._support.terminal import on_terminal, piped
+
     heartbeat(devices, tmp_path, "cam-01", bundle_digest="cd" * 32, p50_ms=12.5, p99_ms=48.0,
               plan_mix=(("local", 74), ("cut 3", 25), ("cloud", 1), ("cut 1", 1)))
-    for columns in ("80", "60"):
-        monkeypatch.setenv("COLUMNS", columns)
-        assert main(cli(devices, "status")) == 0
-        out = capsys.readouterr().out.splitlines()
-        assert out[0].split()[:3] == ["DEVICE", "STATE", "SEEN"]
-        assert all(len(line) <= int(columns) for line in out), out
-        body = "\n".join(out)
-        assert "a-device-with-a-rather-long-name-01" in body  # the key column is never cut
-        assert "unseen" in body and "never" in body
-        if columns == "80":
-            assert "48.0" in body
-        assert out[-1] == "3 device(s): 1 online, 2 unseen"
+    args = cli(devices, "status")[1:]
+    args = ["fleet", *args]
+    for columns in (80, 60):
+        rc, shown, err = on_terminal(args, columns=columns)
+        assert rc == 0, err
+        lines = shown.splitlines()
+        assert lines[0].split()[:3] == ["DEVICE", "STATE", "SEEN"], shown
+        assert all(len(line) <= columns for line in lines), shown
+        assert "a-device-with-a-rather-long-name-01" in shown  # a name is never cut
+        assert "unseen" in shown and "never" in shown
+        assert "3 device(s): 1 online, 2 unseen" in shown
+    proc = piped(args)
+    assert proc.returncode == 0, proc.stderr
+    # in a pipe every value is there in full, whatever the width
+    assert "48.0" in proc.stdout and "local 73% cut 3 25% cloud 1% …" in proc.stdout, \
+        proc.stdout
+    assert proc.stdout.splitlines()[-1] == "3 device(s): 1 online, 2 unseen"
 
 
 def test_a_pending_rollout_and_a_stale_heartbeat_show(devices, tmp_path):
