@@ -114,8 +114,9 @@ def _curve_rows(cal) -> list[list[str]]:
     picked[id(chosen)] = chosen
     rows = []
     for p in sorted(picked.values(), key=lambda p: p.escalation_rate):
+        accuracy = [_pct(p.accuracy)] if cal.labelled else []
         rows.append([_pct(p.escalation_rate), f"{p.threshold:.4g}", _pct(p.agreement),
-                     _pct(p.accuracy), "chosen" if p is chosen else ""])
+                     *accuracy, "chosen" if p is chosen else ""])
     return rows
 
 
@@ -155,7 +156,7 @@ def print_cascade(manifest: Any, out=None) -> None:
     print_lines(*lines, out=out)
     if cal is not None and cal.curve:
         print_lines("", out=out)
+        accuracy = [Column("accuracy", justify="right", fold=1)] if cal.labelled else []
         print_table([Column("escalated", justify="right"), Column("threshold", justify="right"),
-                     Column("agreement", justify="right"),
-                     Column("accuracy", justify="right", fold=1), Column("", fold=2)],
+                     Column("agreement", justify="right"), *accuracy, Column("", fold=2)],
                     _curve_rows(cal), title="calibration curve", out=out)
