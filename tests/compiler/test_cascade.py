@@ -303,3 +303,32 @@ def test_every_curve_point_escalates_exactly_its_rate(rows, kind, target):
         assert up.sum() == round(p.escalation_rate * n)
         assert np.mean(up | agree) == pytest.approx(p.agreement)
     json.dumps(cal.to_dict(), allow_nan=False)
+
+
+def test_models_with_a_fixed_batch_calibrate_one_row_per_sample(pair, tmp_path):
+    from tests._support.cascade import _mlp
+
+    small = save(_mlp(pair.small_layers, batch=1), tmp_path / "small1.onnx")
+    large = save(_mlp(pair.large_layers, batch=1), tmp_path / "large1.onnx")
+    rows = pair.rows(300, 6)
+    np.savez(tmp_path / "s.npz", **{f"sample{i}/x": rows[i:i + 1] for i in range(len(rows))})
+    result = CascadeBundleFromOnnx(small, large, tmp_path / "b",
+                                   CompileOptions(samples=tmp_path / "s.npz"),
+                                   CascadeOptions(escalation_rate=0.2))()
+    cal = result.manifest.cascade.calibration
+    assert cal.samples == 300 and cal.chosen.escalation_rate <= 0.2
+    assert result.manifest.input_shapes == {"x": (1, 16)}
+    # the large model's cuts were verified on the first rows, not on all 300
+    assert {c.verification.samples for c in result.manifest.cuts} == {8}
+
+
+def test_an_answer_that_is_not_batch_by_classes_is_refused(tmp_path, files):
+    from tests._support.cascade import _mlp
+
+    rng = np.random.default_rng(1)
+    one = [(rng.standard_normal((16, 1)), np.zeros(1))]
+    small = save(_mlp(one), tmp_path / "s1.onnx")
+    large = save(_mlp(one), tmp_path / "l1.onnx")
+    with pytest.raises(CascadeError, match=r"top-1 class of a \[batch, classes\] output"):
+        CascadeBundleFromOnnx(small, large, tmp_path / "b",
+                              CompileOptions(samples=files["samples"]))()
