@@ -1,0 +1,241 @@
+"""Rollout on the device: a new :class:`~tandem.protocol.Assignment` on
+``tandem/v1/assign/<device>`` (retained) becomes the bundle being served.
+
+1. **Download** with resume and **verify** (the fleet's ``fetch_bundle``: archive sha256 and
+   size, every file's digest, the manifest's digest = the assignment's, the ed25519 signature
+   with the bundle-signing public key) into ``<state_dir>/bundles/<digest>``. A daemon without
+   a public key refuses every assignment (bundles must be signed).
+2. **Not older** than the bundle being served (:func:`is_older`) unless ``allow_downgrade``.
+3. **Load and profile** it beside the running one (the profile table is stored under its own
+   digest); a bundle that fails here is refused and the running one keeps serving.
+4. **Switch** atomically (:meth:`EdgeDaemon._install`): a request already running finishes on
+   the bundle it started on, the next one runs on the new one; the old one is closed once its
+   last request ends. The new digest goes out in a heartbeat at once.
+5. ``<state_dir>/current.json`` records the bundle and the one before it, so a restart serves
+   the assigned bundle, and one that no longer loads falls back to the previous (roll back).
+
+Every outcome is logged, counted (``tandem_edge_rollouts_total{result}``) and shown in
+``GET /v2/edge/status`` (``rollout``); a refused digest is not downloaded again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tandem.protocol.errors import (
+    FailedPrecondition,
+    MissingDependency,
+    PermissionDenied,
+    TandemError,
+)
+
+__all__ = ["Rollout", "is_older"]
+
+log = logging.getLogger("tandem.edge.rollout")
+
+_KEEP_BUNDLES = 2  # the current bundle and the previous one
+
+
+def _version_key(text: str) -> tuple[int, ...] | None:
+    parts = re.findall(r"\d+", text)
+    if not parts or not re.fullmatch(r"[vV]?\d+([.\-_+]\d+)*", text.strip()):
+        return None
+    return tuple(int(p) for p in parts)
+
+
+def is_older(new: Any, current: Any) -> bool:
+    """True when manifest ``new`` is an older release than ``current``: by ``bundle_version``
+    when both manifests carry one, else by ``model_version`` when both are dotted numbers, else
+    by ``created_at``."""
+    a, b = getattr(new, "bundle_version", None), getattr(current, "bundle_version", None)
+    if isinstance(a, int) and isinstance(b, int):
+        return a < b
+    ka, kb = _version_key(new.model_version), _version_key(current.model_version)
+    if ka is not None and kb is not None:
+        return ka < kb
+    return new.created_at < current.created_at
+
+
+class Rollout:
+    """Applies assignments for an :class:`~tandem.edge._daemon.EdgeDaemon` (module docstring).
+    ``fetch_bundle(assignment, dest, public_key) -> Path`` defaults to the fleet's."""
+
+    def __init__(self, daemon: Any, *, fetch_bundle: Callable[..., Path] | None = None) -> None:
+        self.daemon = daemon
+        self._fetch = fetch_bundle
+        self.dir = daemon.state_dir / "bundles"
+        self.record = daemon.state_dir / "current.json"
+        self._latest: Any = None
+        self._task: asyncio.Task | None = None
+        self._refused: dict[str, str] = {}
+
+    # -- which bundle to start with -------------------------------------------------------------
+
+    def _read_record(self) -> dict[str, Any]:
+        try:
+            doc = json.loads(self.record.read_text(encoding="utf-8"))
+            return doc if isinstance(doc, dict) else {}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring %s: %s", self.record, exc)
+            return {}
+
+    def _write_record(self, current: Path, previous: Path | None) -> None:
+        doc = {"current": str(current), "previous": str(previous) if previous else None,
+               "updated_at": time.time()}
+        fd, tmp = tempfile.mkstemp(prefix=".current-", dir=self.record.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(doc, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.record)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def initial_bundle_path(self) -> Path | None:
+        """The bundle to serve at start: the assigned one a rollout recorded (so a restart
+        keeps it), else ``--bundle``. See :meth:`fallback_paths`."""
+        paths = self.candidate_paths()
+        return paths[0] if paths else None
+
+    def candidate_paths(self) -> list[Path]:
+        doc = self._read_record()
+        out = [Path(p) for p in (doc.get("current"), doc.get("previous")) if isinstance(p, str)
+               and Path(p).exists()]
+        if self.daemon.config.bundle is not None:
+            out.append(Path(self.daemon.config.bundle))
+        seen: list[Path] = []
+        for p in out:
+            if p not in seen:
+                seen.append(p)
+        return seen
+
+    # -- assignments ----------------------------------------------------------------------------
+
+    def submit(self, assignment: Any) -> None:
+        """Apply ``assignment`` (the latest wins; one rollout at a time)."""
+        self._latest = assignment
+        if self._task is None or self._task.done():
+            self._task = self.daemon.spawn(self._run(), "edge rollout")
+
+    async def _run(self) -> None:
+        while self._latest is not None:
+            assignment, self._latest = self._latest, None
+            try:
+                await self.apply(assignment)
+            except Exception:  # our bug: the daemon keeps serving what it serves
+                log.exception("rollout of %s failed", assignment.bundle_digest[:12])
+
+    def _report(self, result: str, assignment: Any, detail: str) -> None:
+        d = self.daemon
+        d.last_rollout = {"result": result, "digest": assignment.bundle_digest,
+                          "model": assignment.model_name, "detail": detail,
+                          "at": time.time()}
+        if d.metrics is not None:
+            d.metrics.rollouts.labels(result).inc()
+        (log.info if result in ("applied", "current") else log.error)(
+            "assignment of bundle %s: %s (%s)", assignment.bundle_digest[:12], result, detail)
+
+    async def apply(self, assignment: Any) -> bool:
+        """Download, verify, load, profile and switch; True when the new bundle serves."""
+        d = self.daemon
+        digest = assignment.bundle_digest
+        if d.model is not None and d.model.digest == digest:
+            self._report("current", assignment, "already serving it")
+            return True
+        if digest in self._refused:
+            self._report("refused", assignment, self._refused[digest] + " (refused before)")
+            return False
+        loop = asyncio.get_running_loop()
+        try:
+            if d.public_key is None:
+                raise PermissionDenied("no bundle-signing public key is configured (--public-key "
+                                       "or --enroll): refusing an assignment")
+            path = await loop.run_in_executor(None, self._download, assignment)
+            model = await loop.run_in_executor(None, d._load_model, path)
+        except (PermissionDenied, FailedPrecondition) as exc:
+            self._refuse(assignment, exc)
+            return False
+        except TandemError as exc:
+            if exc.retryable:
+                self._report("failed", assignment, f"download failed, kept serving: {exc}")
+                return False
+            self._refuse(assignment, exc)
+            return False
+        if model.digest != digest:
+            await loop.run_in_executor(None, model.close)
+            self._refuse(assignment, PermissionDenied(
+                f"the downloaded bundle is {model.digest[:12]}, not the assigned one"))
+            return False
+        current = d.model
+        if current is not None and not d.config.allow_downgrade and \
+                is_older(model.bundle.manifest, current.bundle.manifest):
+            await loop.run_in_executor(None, model.close)
+            self._refuse(assignment, FailedPrecondition(
+                f"version {model.bundle.manifest.model_version!r} is older than the running "
+                f"{current.bundle.manifest.model_version!r} (allow_downgrade is off)"))
+            return False
+        old = current
+        d._install(model)
+        self._write_record(path, old.path if old is not None else None)
+        self._report("applied", assignment, f"serving {model.name} "
+                                            f"{model.bundle.manifest.model_version}")
+        await d._heartbeat()
+        if d._advertiser is not None:
+            try:
+                await loop.run_in_executor(None, d._advertiser.update, d._txt_properties())
+            except TandemError as exc:
+                log.debug("mDNS update failed: %s", exc)
+        if old is not None:
+            d.spawn(self._retire(old), "edge retire bundle")
+        return True
+
+    def _refuse(self, assignment: Any, exc: TandemError) -> None:
+        self._refused[assignment.bundle_digest] = str(exc)
+        if len(self._refused) > 64:
+            self._refused.pop(next(iter(self._refused)))
+        self._report("refused", assignment, str(exc))
+
+    def _download(self, assignment: Any) -> Path:
+        fetch = self._fetch
+        if fetch is None:
+            try:
+                from tandem.devices.fleet import fetch_bundle as fetch
+            except ImportError as exc:
+                raise MissingDependency(f"rollout needs tandem.devices.fleet ({exc})") from exc
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return Path(fetch(assignment, self.dir, self.daemon.public_key))
+
+    async def _retire(self, old: Any) -> None:
+        """Close the replaced bundle once its last request ended; keep its files as the
+        previous bundle and delete older downloads."""
+        d = self.daemon
+        if not await old.drained(60.0):
+            log.warning("requests still run on the replaced bundle after 60 s; closing it")
+        if d.previous is old:
+            d.previous = None
+        await asyncio.get_running_loop().run_in_executor(None, old.close)
+        self._prune()
+
+    def _prune(self) -> None:
+        record = self._read_record()
+        keep = {Path(p).resolve() for p in (record.get("current"), record.get("previous"))
+                if isinstance(p, str)}
+        if not self.dir.is_dir():
+            return
+        for entry in sorted(self.dir.iterdir(), key=lambda p: p.stat().st_mtime)[:-_KEEP_BUNDLES]:
+            if entry.is_dir() and entry.resolve() not in keep and not entry.name.startswith("."):
+                shutil.rmtree(entry, ignore_errors=True)
