@@ -78,6 +78,7 @@ class LinkEstimator:
         self._tail: dict[tuple[int, Hashable], Ewma] = {}
         self._timeout_tails: set[tuple[int, Hashable]] = set()
         self._workers: dict[str, _WorkerLoad] = {}
+        self._reported: dict[tuple[str, int], tuple[float, float]] = {}
         self.connected = False
         self.failures = 0  # offloads in a row that failed
         self.degraded_since: float | None = None
@@ -106,20 +107,36 @@ class LinkEstimator:
         """The cloud may be offloaded to: connected and not degraded."""
         return self.connected and self.degraded_since is None
 
-    def cloud_tail_ms(self, model_digest: str, cut_id: int,
-                      shape_key: Hashable) -> float | None:
+    def cloud_tail_ms(self, model_digest: str, cut_id: int, shape_key: Hashable,
+                      now_s: float | None = None) -> float | None:
         """Expected cloud compute time of cut ``cut_id``'s tail for this input shape, or None
         when nothing measured it."""
         e = self._tail.get((cut_id, shape_key))
-        if e is not None and e.value is not None:
+        if e is not None:
             return e.value
-        return self._reported_tail(model_digest, cut_id)
+        reported = self._reported.get((model_digest, cut_id))
+        if reported is None:
+            return None
+        if (time.monotonic() if now_s is None else now_s) > reported[1]:
+            self._reported_tails()
+            reported = self._reported.get((model_digest, cut_id))
+        return None if reported is None else reported[0]
 
-    def _reported_tail(self, model_digest: str, cut_id: int) -> float | None:
+    def _reported_tails(self) -> None:
+        """The mean tail time per (digest, cut) over the fresh load reports, each with the time
+        it stops being fresh (recomputed on each report and when one expires)."""
         now = time.monotonic()
-        values = [w.tail_ms[(model_digest, cut_id)] for w in self._workers.values()
-                  if now - w.received_s < _LOAD_FRESH_S and (model_digest, cut_id) in w.tail_ms]
-        return sum(values) / len(values) if values else None
+        sums: dict[tuple[str, int], list[float]] = {}
+        for w in self._workers.values():
+            if now - w.received_s >= _LOAD_FRESH_S:
+                continue
+            until = w.received_s + _LOAD_FRESH_S
+            for key, ms in w.tail_ms.items():
+                entry = sums.setdefault(key, [0.0, 0, until])
+                entry[0] += ms
+                entry[1] += 1
+                entry[2] = min(entry[2], until)
+        self._reported = {k: (v[0] / v[1], v[2]) for k, v in sums.items()}
 
     def cut_measured(self, cut_id: int, shape_key: Hashable) -> bool:
         return (cut_id, shape_key) in self._tail
@@ -177,6 +194,7 @@ class LinkEstimator:
         """A worker's retained load report (a :class:`~tandem.protocol.CloudLoad`)."""
         if getattr(load, "state", "online") == "offline":
             self._workers.pop(load.worker_id, None)
+            self._reported_tails()
             return
         tails = {(d, int(c)): float(ms) for d, c, ms in load.tail_ms[:_MAX_TAIL_KEYS]}
         self._workers[load.worker_id] = _WorkerLoad(time.monotonic(), float(load.queue_ms),
@@ -188,6 +206,7 @@ class LinkEstimator:
                  if time.monotonic() - w.received_s < _LOAD_FRESH_S]
         if fresh:
             self.queue.add(sum(fresh) / len(fresh))
+        self._reported_tails()
 
     def workers(self) -> int:
         now = time.monotonic()

@@ -110,7 +110,7 @@ class Decision:
 class _ShapeCosts:
     """What does not change between requests of one input shape."""
 
-    __slots__ = ("bytes", "encode_ms", "key", "ratio", "reply_bytes", "shapes")
+    __slots__ = ("base_ms", "bytes", "encode_ms", "key", "ratio", "reply_bytes", "shapes")
 
     def __init__(self, key: Hashable, shapes: dict[str, tuple[int, ...]], ratio: float) -> None:
         self.key = key
@@ -119,6 +119,7 @@ class _ShapeCosts:
         self.bytes: dict[tuple[int, str], int] = {}
         self.encode_ms: dict[tuple[int, str], float] = {}
         self.reply_bytes = 0
+        self.base_ms: dict[str, float] = {}  # part -> profiled time scaled to this shape
 
 
 class CostModel:
@@ -224,10 +225,12 @@ class CostModel:
         e = self._local.get((part, sc.key))
         if e is not None:
             return e.value  # type: ignore[return-value]
-        runner = self.kinds.get(part)
-        kind = getattr(runner, "kind", "onnxruntime")
-        base = self.table.part_ms(part, kind)
-        return 0.0 if base is None else base * sc.ratio
+        ms = sc.base_ms.get(part)
+        if ms is None:
+            runner = self.kinds.get(part)
+            base = self.table.part_ms(part, getattr(runner, "kind", "onnxruntime"))
+            ms = sc.base_ms[part] = 0.0 if base is None else base * sc.ratio
+        return ms
 
     def observe_local(self, part: str, key: Hashable, ms: float) -> None:
         """A part ran here in ``ms`` for inputs of shape key ``key``."""
@@ -242,6 +245,7 @@ class CostModel:
         """Drop what was measured for ``part`` (its backend changed). Safe from any thread:
         the table is replaced, not edited (a sample landing meanwhile is lost, harmlessly)."""
         self._local = {k: v for k, v in list(self._local.items()) if k[0] != part}
+        self._shapes = OrderedDict()  # profiled times per shape are computed again
 
     # -- estimates ------------------------------------------------------------------------------
 
@@ -252,25 +256,34 @@ class CostModel:
         ms = self.part_ms(self.local_cut.head_part, sc)
         return Estimate(plan, ms, head_ms=ms)
 
-    def _estimate_offload(self, plan: Plan, sc: _ShapeCosts) -> Estimate:
-        cut = self.cuts[plan.cut_id]
-        link = self.link
+    def _cut_terms(self, cut_id: int, sc: _ShapeCosts, now_s: float) -> tuple:
+        """(head, local tail, cloud tail, measured) of one cut at one shape."""
+        cut = self.cuts[cut_id]
         head = self.part_ms(cut.head_part, sc)
-        local_tail = self.part_ms(cut.tail_part if cut.tail_part and cut.head_part else
+        local_tail = self.part_ms(cut.tail_part if cut.head_part else
                                   self.local_cut.head_part, sc)
+        tail = self.link.cloud_tail_ms(self.model_digest, cut_id, sc.key, now_s)
+        if tail is None:
+            return head, local_tail, local_tail / self.cloud_speedup, False
+        return head, local_tail, tail, True
+
+    def _offload_terms(self, plan: Plan, sc: _ShapeCosts, now_s: float,
+                       cut_terms: tuple | None = None) -> tuple:
+        """(total, head, encode, uplink, rtt, queue, tail, reply, local tail, bytes, measured):
+        the offload cost as plain numbers (the planner's fast path)."""
+        head, local_tail, tail, measured = cut_terms or self._cut_terms(plan.cut_id, sc, now_s)
+        link = self.link
         k = (plan.cut_id, plan.encoding)
         nbytes = sc.bytes[k]
         bps = link.uplink_bps
-        tail = link.cloud_tail_ms(self.model_digest, plan.cut_id, sc.key)
-        measured = tail is not None
-        if tail is None:
-            tail = local_tail / self.cloud_speedup
         up = nbytes * 8000.0 / bps
         reply = sc.reply_bytes * 8000.0 / bps
         rtt, queue, enc = link.rtt_ms, link.queue_ms, sc.encode_ms[k]
-        total = head + enc + up + rtt + queue + tail + reply
-        return Estimate(plan, total, head, enc, up, rtt, queue, tail, reply, local_tail, nbytes,
-                        measured)
+        return (head + enc + up + rtt + queue + tail + reply, head, enc, up, rtt, queue, tail,
+                reply, local_tail, nbytes, measured)
+
+    def _estimate_offload(self, plan: Plan, sc: _ShapeCosts) -> Estimate:
+        return Estimate(plan, *self._offload_terms(plan, sc, time.monotonic()))
 
 
 class Planner:
@@ -321,50 +334,66 @@ class Planner:
             why = "not connected" if not link.connected else "degraded"
             return Decision(self.local_plan, local, f"cloud unavailable ({why}): local")
         sc = cost.shape_costs(key)
-        limit = max(deadline_ms, local.total_ms)
-        best = local
-        options: dict[Plan, Estimate] = {self.local_plan: local}
-        explore: Estimate | None = None
+        local_ms = local.total_ms
+        limit = deadline_ms if deadline_ms > local_ms else local_ms
         now = time.monotonic()
-        for plan in cost.plans():
-            if plan.kind == "local":
+        interval = self.explore_interval_s
+        samples, explored = link.last_cut_sample_s, self._explored
+        offload_terms, cut_terms, kinds = cost._offload_terms, cost._cut_terms, cost._kinds
+        per_cut: dict[int, tuple] = {}
+        best_plan, best_ms = self.local_plan, local_ms
+        totals: dict[Plan, float] = {self.local_plan: local_ms}
+        explore: Plan | None = None
+        explore_ms = math.inf
+        for plan in cost._plans:
+            kind = plan.kind
+            if kind == "local":
                 continue
-            est = cost._kinds[plan.kind](plan, sc)
-            options[plan] = est
-            if est.head_ms + est.encode_ms + est.local_tail_ms > limit:
-                continue  # a failed offload could not finish locally in time
-            if est.total_ms < best.total_ms:
-                best = est
-            if plan.offloads and est.total_ms <= deadline_ms and (
-                    explore is None or est.total_ms < explore.total_ms) and \
-                    now - link.last_cut_sample_s.get(plan.cut_id, 0.0) > \
-                    self.explore_interval_s and \
-                    now - self._explored.get(plan.cut_id, 0.0) > self.explore_interval_s:
-                explore = est
-        current = self._current.get(key)
-        chosen, reason = best, ""
-        if current is not None and current != best.plan:
-            kept = options.get(current)
-            if kept is not None and kept.fallback_ms <= limit and \
-                    kept.total_ms <= best.total_ms * (1 + self.hysteresis):
-                chosen = kept
-                reason = (f"kept {current.label} ({kept.total_ms:.2f} ms): within "
-                          f"{self.hysteresis:.0%} of {best.plan.label} ({best.total_ms:.2f} ms)")
-        if explore is not None and explore.plan != chosen.plan and \
-                explore.plan.cut_id != chosen.plan.cut_id:
-            self._explored[explore.plan.cut_id] = now
-            return Decision(explore.plan, explore,
-                            f"exploring {explore.plan.label}: its cloud time was not measured "
-                            f"in the last {self.explore_interval_s:g} s", exploring=True)
-        if not reason:
-            if chosen.plan.kind == "local":
-                reason = f"local ({local.total_ms:.2f} ms) is the fastest expected"
+            if kind == "cloud" or kind == "split":
+                ct = per_cut.get(plan.cut_id)
+                if ct is None:
+                    ct = per_cut[plan.cut_id] = cut_terms(plan.cut_id, sc, now)
+                terms = offload_terms(plan, sc, now, ct)
+                total = terms[0]
+                fallback = terms[1] + terms[2] + terms[8]
             else:
-                reason = (f"lowest expected latency ({chosen.total_ms:.2f} ms, local "
-                          f"{local.total_ms:.2f} ms)")
-            if chosen.total_ms > deadline_ms:
+                est = kinds[kind](plan, sc)
+                total, fallback = est.total_ms, est.fallback_ms
+            totals[plan] = total
+            if fallback > limit:
+                continue  # a failed offload could not finish locally in time
+            if total < best_ms:
+                best_plan, best_ms = plan, total
+            if total <= deadline_ms and total < explore_ms and plan.offloads and \
+                    now - samples.get(plan.cut_id, -math.inf) > interval and \
+                    now - explored.get(plan.cut_id, -math.inf) > interval:
+                explore, explore_ms = plan, total
+        chosen, chosen_ms, reason = best_plan, best_ms, ""
+        current = self._current.get(key)
+        if current is not None and current != best_plan and current in totals:
+            kept_ms = totals[current]
+            if kept_ms <= best_ms * (1 + self.hysteresis) and (
+                    current.kind == "local" or self._fallback_ms(current, sc) <= limit):
+                chosen, chosen_ms = current, kept_ms
+                reason = (f"kept {current.label} ({kept_ms:.2f} ms): within "
+                          f"{self.hysteresis:.0%} of {best_plan.label} ({best_ms:.2f} ms)")
+        if explore is not None and explore.cut_id != chosen.cut_id:
+            explored[explore.cut_id] = now
+            return Decision(explore, cost.estimate(explore, key),
+                            f"exploring {explore.label}: its cloud time was not measured "
+                            f"in the last {interval:g} s", exploring=True)
+        if not reason:
+            if chosen.kind == "local":
+                reason = f"local ({local_ms:.2f} ms) is the fastest expected"
+            else:
+                reason = f"lowest expected latency ({chosen_ms:.2f} ms, local {local_ms:.2f} ms)"
+            if chosen_ms > deadline_ms:
                 reason += f"; no plan is expected to meet the {deadline_ms:g} ms deadline"
-        self._current[key] = chosen.plan
+        self._current[key] = chosen
         if len(self._current) > _MAX_SHAPES:
             self._current.popitem(last=False)
-        return Decision(chosen.plan, chosen, reason)
+        estimate = local if chosen is self.local_plan else cost.estimate(chosen, key)
+        return Decision(chosen, estimate, reason)
+
+    def _fallback_ms(self, plan: Plan, sc: _ShapeCosts) -> float:
+        return self.cost._kinds[plan.kind](plan, sc).fallback_ms
