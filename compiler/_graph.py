@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tandem.compiler._errors import InvalidModelError, ModelLoadError
+from tandem.protocol.dtypes import DTypeInfo, UnsupportedDType, by_onnx
 from tandem.protocol.lazy import require
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,34 +54,6 @@ __all__ = [
 ]
 
 Dim = int | str
-
-# ONNX TensorProto.DataType -> bytes per element (sub-byte types rounded up to 1).
-_DTYPE_SIZE = {
-    1: 4,  # FLOAT
-    2: 1,  # UINT8
-    3: 1,  # INT8
-    4: 2,  # UINT16
-    5: 2,  # INT16
-    6: 4,  # INT32
-    7: 8,  # INT64
-    8: 8,  # STRING (pointer-sized guess; strings never cross a cut in practice)
-    9: 1,  # BOOL
-    10: 2,  # FLOAT16
-    11: 8,  # DOUBLE
-    12: 4,  # UINT32
-    13: 8,  # UINT64
-    14: 8,  # COMPLEX64
-    15: 16,  # COMPLEX128
-    16: 2,  # BFLOAT16
-    17: 1,  # FLOAT8E4M3FN
-    18: 1,  # FLOAT8E4M3FNUZ
-    19: 1,  # FLOAT8E5M2
-    20: 1,  # FLOAT8E5M2FNUZ
-    21: 1,  # UINT4
-    22: 1,  # INT4
-}
-_FLOAT_TYPES = frozenset({1, 10, 11, 16})
-
 
 def _ops(text: str) -> frozenset[str]:
     return frozenset(text.split())
@@ -120,7 +93,8 @@ class GraphTensor:
 
     @property
     def is_float(self) -> bool:
-        return self.dtype in _FLOAT_TYPES
+        row = _dtype_row(self.dtype)
+        return row is not None and row.is_float
 
     @property
     def is_static(self) -> bool:
@@ -213,7 +187,16 @@ class GraphInfo:
 
 def dtype_size(dtype: int) -> int:
     """Bytes per element of an ONNX ``TensorProto`` data type (0 if unknown)."""
-    return _DTYPE_SIZE.get(dtype, 0)
+    row = _dtype_row(dtype)
+    return 0 if row is None else row.itemsize
+
+
+def _dtype_row(dtype: int) -> DTypeInfo | None:
+    """The row of the one dtype table (``tandem.protocol.dtypes``) for an ONNX code, or None."""
+    try:
+        return by_onnx(dtype)
+    except UnsupportedDType:
+        return None
 
 
 # --------------------------------------------------------------------------------------------

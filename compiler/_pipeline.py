@@ -22,6 +22,7 @@ an error (``NoValidCut``). Nothing is written unless everything succeeded.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -44,6 +45,7 @@ from tandem.compiler._graph import (
     unresolved_tensors,
 )
 from tandem.compiler._verify import CutVerification, Verifier, load_samples, measure_shapes
+from tandem.protocol.dtypes import UnsupportedDType, by_onnx
 from tandem.protocol.errors import FailedPrecondition, InvalidArgument, NotFound
 from tandem.protocol.lazy import require
 
@@ -62,11 +64,6 @@ __all__ = [
 ]
 
 TOOL_VERSION = "tandem-rt 0.1.0"
-_ONNX_DTYPE_NAMES = {
-    1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
-    9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16",
-    21: "uint4", 22: "int4",
-}
 _PROTO_LIMIT = 1_800_000_000  # protobuf's 2 GiB cap, with margin: larger parts use external data
 
 
@@ -152,8 +149,8 @@ def resolve_targets(names: Sequence[str]) -> list[Target]:
 
 def _dtype_name(code: int) -> str:
     try:
-        return _ONNX_DTYPE_NAMES[code]
-    except KeyError:
+        return by_onnx(code).name  # the one dtype table (tandem.protocol.dtypes)
+    except UnsupportedDType:
         raise CompileError(f"tensor element type {code} cannot be described in a bundle") from None
 
 
@@ -344,7 +341,7 @@ class BundleFromOnnx:
             EngineKey,
             shape_profile_id,
         )
-        from tandem.protocol.bundle import Artifact
+        from tandem.protocol.bundle import Artifact, EngineRecipe
 
         profile = target.profile
         assert profile is not None
@@ -359,21 +356,18 @@ class BundleFromOnnx:
                     f"{Path(part).name}: inputs {sorted(unresolved)} have symbolic dims beyond "
                     "the batch dimension; TensorRT needs concrete shape profiles (build on the "
                     "device with --engines defer)")
-            recipe = {
-                "workspace_mb": profile.workspace_mb,
-                "shapes": {k: [list(s) for s in v] for k, v in shapes.items()},
-                "shape_profile": shape_profile_id(shapes),
-                "unresolved_dims": unresolved,
-                "compute_capability": profile.compute_capability,
-                "version_compatible": self.options.version_compatible,
-                "dla_core": dla_core,
-            }
+            recipe = EngineRecipe(
+                workspace_mb=profile.workspace_mb, shapes=shapes,
+                shape_profile=shape_profile_id(shapes), unresolved_dims=unresolved,
+                compute_capability=profile.compute_capability,
+                version_compatible=self.options.version_compatible, dla_core=dla_core,
+            )
             if not build_here:
                 # Deferred: the device builds the engine from the ONNX part into its cache.
                 out.append(Artifact(
                     part=part, target="tensorrt", path=part, precision=self.options.precision,
                     device_profile=profile.id, builder="deferred: built on the device",
-                    extra={**recipe, "build": "on-device"},
+                    engine_recipe=recipe,
                 ))
                 continue
             trt = require("tensorrt", "tensorrt")
@@ -396,7 +390,7 @@ class BundleFromOnnx:
             out.append(Artifact(
                 part=part, target="tensorrt", path=rel, precision=self.options.precision,
                 device_profile=profile.id, builder=f"tensorrt {trt.__version__}",
-                extra={**recipe, "build": "prebuilt", "tensorrt_version": trt.__version__},
+                engine_recipe=dataclasses.replace(recipe, tensorrt_version=trt.__version__),
             ))
         return out
 

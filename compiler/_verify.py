@@ -40,6 +40,7 @@ from tandem.compiler._errors import (
 )
 from tandem.compiler._graph import GraphTensor, input_specs
 from tandem.protocol.bundle import ENCODINGS  # the lossy transfer encodings, one table
+from tandem.protocol.dtypes import encoding_by_name
 from tandem.protocol.errors import TandemError
 from tandem.protocol.lazy import require
 
@@ -339,7 +340,7 @@ def _encode(name: str, arr: np.ndarray, encoding: str) -> np.ndarray:
     if arr.dtype != np.float32:
         return arr
     from tandem.protocol import tensors  # the codec the edge uses: verify exactly what it sends
-    code = {"fp16": tensors.Encoding.FP16, "int8": tensors.Encoding.INT8_AFFINE}[encoding]
+    code = encoding_by_name(encoding)  # the one encoding table (tandem.protocol.dtypes)
     return np.asarray(tensors.Tensor.from_array(name, arr, encoding=code).to_array(),
                       dtype=np.float32)
 

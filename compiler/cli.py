@@ -176,10 +176,10 @@ def _print_summary(result, out: Path) -> None:
             ",".join(v.usable_encodings),
         )
     console.print(table)
-    targets = sorted({(a.target, a.device_profile, a.extra.get("build", "")) for a in m.artifacts})
-    for target, profile, build in targets:
+    targets = sorted({(a.target, a.device_profile, a.build_on_device) for a in m.artifacts})
+    for target, profile, on_device in targets:
         where = f" for {profile}" if profile else ""
-        note = " (engines built on the device from the ONNX parts)" if build == "on-device" else ""
+        note = " (engines built on the device from the ONNX parts)" if on_device else ""
         console.print(f"target {target}{where}{note}")
     for cut, why in result.dropped:
         console.print(f"[yellow]dropped cut {cut.id}:[/yellow] {why}")

@@ -28,6 +28,7 @@ from tandem.protocol.errors import (
     ResourceExhausted,
     TandemError,
     Unavailable,
+    UnsupportedDType,
     UnsupportedVersion,
     error_from_wire,
 )
@@ -62,6 +63,7 @@ _LAZY = {
     "BundleWriter": "tandem.protocol.bundle",
     "Manifest": "tandem.protocol.bundle",
     "load_bundle": "tandem.protocol.bundle",
+    "open_bundle": "tandem.protocol.bundle",
     "BundleError": "tandem.protocol.bundle",
     "BundleIntegrityError": "tandem.protocol.bundle",
 }
@@ -123,6 +125,7 @@ __all__ = [
     "TransportConfig",
     "TransportStats",
     "Unavailable",
+    "UnsupportedDType",
     "UnsupportedVersion",
     "Will",
     "decode",
@@ -130,5 +133,6 @@ __all__ = [
     "error_from_wire",
     "load_bundle",
     "new_request_id",
+    "open_bundle",
     "split",
 ]

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import msgpack
 import numpy as np
 
+from tandem.protocol.dtypes import DType, Encoding, storage_itemsize
 from tandem.protocol.errors import (
     Code,
     InvalidArgument,
@@ -41,7 +42,7 @@ from tandem.protocol.messages import (
     Message,
     Timings,
 )
-from tandem.protocol.tensors import _STORAGE, DType, Encoding, Tensor, _decompress
+from tandem.protocol.tensors import Tensor, _decompress
 
 __all__ = [
     "CHUNK_PREFIX",
@@ -279,7 +280,7 @@ class _DecodeCtx:
         if code not in (Compression.NONE, Compression.ZSTD):
             raise _Bad(f"tensor {name!r}: unknown compression code {code}")
         compressed = code == Compression.ZSTD
-        item = _STORAGE.get((dtype, encoding))
+        item = storage_itemsize(dtype, encoding)
         if item is None:
             raise _Bad(f"tensor {name!r}: encoding {encoding.name} is not defined for {dtype.name}")
         shape = _get(m, _T_SHAPE)
@@ -448,16 +449,22 @@ _ENCODERS: dict[str, Callable[[Any], Any]] = {
 
 
 def _over_limits(value: Any, lim: Limits, depth: int = 0) -> str | None:
-    """What in an encoded body a reader with ``lim`` would refuse (strings, lists), or None."""
+    """What in an encoded body a reader with ``lim`` would refuse (strings, map keys, bin,
+    lists, maps), or None."""
     if isinstance(value, str):
         if len(value) > lim.max_string_len or (
                 len(value) * 4 > lim.max_string_len
                 and len(value.encode("utf-8", "surrogatepass")) > lim.max_string_len):
             return f"a string of over {lim.max_string_len} bytes"
+    elif isinstance(value, bytes):
+        if len(value) > lim.max_string_len:  # msgpack's bin limit is the string limit
+            return f"a bin of over {lim.max_string_len} bytes"
     elif isinstance(value, dict):
         if len(value) > lim.max_fields:
             return f"a map of over {lim.max_fields} keys"
-        for v in value.values():
+        for k, v in value.items():
+            if (why := _over_limits(k, lim, depth + 1)) is not None:
+                return f"{why} (a key)"
             if (why := _over_limits(v, lim, depth + 1)) is not None:
                 return why
     elif isinstance(value, list | tuple):
@@ -545,6 +552,9 @@ def encode_parts(msg: Message, limits: Limits = DEFAULT_LIMITS
             parts.append(_ZEROS[:pad])
         parts.append(t.data)
         pos += pad + len(t.data)
+    if pos > limits.max_message_bytes:
+        raise PayloadTooLarge(f"{type(msg).__name__}: frame of {pos} bytes (readers accept "
+                              f"{limits.max_message_bytes})")
     return parts, pos
 
 
@@ -623,6 +633,9 @@ def _read_envelope(mv: memoryview, limits: Limits) -> tuple[Any, int]:
             raise
         except msgpack.OutOfData:
             if fed >= n:
+                why = _declared_over_limits(mv[:fed], limits)
+                if why is not None:  # msgpack checks a str/bin length only once it holds it all
+                    raise PayloadTooLarge(f"envelope over limits: {why}") from None
                 raise MalformedMessage(f"truncated frame ({n} bytes)") from None
             if fed >= cap:
                 raise PayloadTooLarge(
@@ -630,6 +643,49 @@ def _read_envelope(mv: memoryview, limits: Limits) -> tuple[Any, int]:
                 ) from None
             continue
         return obj, unpacker.tell()
+
+
+# msgpack str/bin headers: first byte -> (kind, bytes of the length field)
+_LENGTH_HEADERS = {0xD9: ("str", 1), 0xDA: ("str", 2), 0xDB: ("str", 4),
+                   0xC4: ("bin", 1), 0xC5: ("bin", 2), 0xC6: ("bin", 4)}
+# other first bytes -> bytes that follow them (containers: just their header; ext: refused)
+_FIXED_SIZES = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4,
+                0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8, 0xDC: 2, 0xDD: 4, 0xDE: 2,
+                0xDF: 4}
+
+
+def _declared_over_limits(buf: memoryview, limits: Limits) -> str | None:
+    """The first str or bin in ``buf`` whose *declared* length is over ``limits``, or None.
+
+    msgpack checks ``max_str_len`` only once the whole string is buffered, so a truncated frame
+    whose str32 declares 4 GiB would otherwise say "truncated". Hand-written: msgpack has no API
+    that reads a str header alone. Walks the tokens in order (containers need no bookkeeping:
+    their items follow inline) until the data ends or something it does not know appears.
+    """
+    pos, n = 0, len(buf)
+    while pos < n:
+        b = buf[pos]
+        pos += 1
+        if b <= 0x7F or b >= 0xE0 or 0x80 <= b <= 0x9F:  # fixint, fixmap, fixarray
+            continue
+        if 0xA0 <= b <= 0xBF:  # fixstr: at most 31 bytes
+            pos += b & 0x1F
+            continue
+        header = _LENGTH_HEADERS.get(b)
+        if header is not None:
+            kind, width = header
+            if pos + width > n:
+                return None
+            length = int.from_bytes(buf[pos:pos + width], "big")
+            if length > limits.max_string_len:
+                return f"a {kind} of {length} bytes (limit {limits.max_string_len})"
+            pos += width + length
+            continue
+        size = _FIXED_SIZES.get(b)
+        if size is None:  # ext types and 0xC1: the full parse says what is wrong
+            return None
+        pos += size
+    return None
 
 
 def _peek_version(mv: memoryview) -> None:
@@ -680,6 +736,10 @@ def _decode(data: Any, limits: Limits) -> Message:
     kwargs: dict[str, Any] = {}
     for f in schema:  # unknown keys are ignored (schema evolution, see SPEC.md)
         if f.check is not None:
+            value = body.get(f.key)
+            if type(value) is list and len(value) > limits.max_list_len:
+                raise PayloadTooLarge(f"field {f.key!r}: {len(value)} entries "
+                                      f"(limit {limits.max_list_len})")
             kwargs[f.key] = _get(body, f)
         elif f.key in body:
             kwargs[f.key] = ctx.tensors(body[f.key])
@@ -747,7 +807,7 @@ def peek(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) 
             m = _map(m)
             dtype = _DTYPES.get(_get(m, _T_DTYPE))
             encoding = _ENCODINGS.get(_get(m, _T_ENCODING))
-            item = _STORAGE.get((dtype, encoding)) if dtype and encoding is not None else None
+            item = storage_itemsize(dtype, encoding) if dtype and encoding is not None else None
             if item is None:
                 raise _Bad("tensor with an unknown dtype or encoding")
             n = item

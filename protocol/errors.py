@@ -8,6 +8,7 @@ Tree (by code; domain errors subclass the code they carry)::
 
     TandemError                      code                retryable
     ├── InvalidArgument              INVALID_ARGUMENT    no
+    │   ├── UnsupportedDType         an element type or encoding Tandem cannot carry
     │   └── MalformedMessage         (also a ProtocolError)
     ├── NotFound                     NOT_FOUND           no
     ├── FailedPrecondition           FAILED_PRECONDITION no
@@ -52,6 +53,7 @@ __all__ = [
     "TandemError",
     "Unavailable",
     "UnknownError",
+    "UnsupportedDType",
     "UnsupportedVersion",
     "error_class",
     "error_from_wire",
@@ -103,6 +105,11 @@ def _rebuild(cls: type[TandemError], message: str, retryable: bool) -> TandemErr
 
 class InvalidArgument(TandemError):
     code = Code.INVALID_ARGUMENT
+
+
+class UnsupportedDType(InvalidArgument):
+    """An element type (or encoding) that Tandem does not know, or that cannot travel on the
+    wire (``tandem.protocol.dtypes.wire_dtype_for``); the message names it."""
 
 
 class NotFound(TandemError):

@@ -27,70 +27,23 @@ an :class:`~tandem.protocol.errors.InvalidArgument`.
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from tandem.protocol.errors import InvalidArgument, MalformedMessage
+from tandem.protocol.dtypes import DType, Encoding, by_numpy, storage_itemsize
+from tandem.protocol.errors import InvalidArgument, MalformedMessage, UnsupportedDType
 
 __all__ = ["DType", "Encoding", "Tensor"]
 
 
-class DType(enum.IntEnum):
-    """Logical element type of a tensor. Codes never change meaning; new types get new codes."""
-
-    FLOAT32 = 1
-    FLOAT16 = 2
-    BFLOAT16 = 3  # raw 16-bit patterns; numpy sees them as uint16
-    INT8 = 4
-    UINT8 = 5
-    INT32 = 6
-    INT64 = 7
-    BOOL = 8
-
-    @property
-    def itemsize(self) -> int:
-        return _ITEMSIZE[self]
-
-    @property
-    def numpy_dtype(self) -> np.dtype:
-        """The little-endian numpy dtype of a RAW tensor of this type (uint16 for bfloat16)."""
-        return _NUMPY[self]
-
-
-class Encoding(enum.IntEnum):
-    """How a tensor's elements are stored on the wire. Codes never change meaning."""
-
-    RAW = 0  # the logical dtype's little-endian bytes
-    FP16 = 1  # a float32 tensor cast to float16 (decoded back to float32)
-    INT8_AFFINE = 2  # a float32 tensor quantized per tensor with (scale, zero_point)
-
-
-_NUMPY: dict[DType, np.dtype] = {
-    DType.FLOAT32: np.dtype("<f4"),
-    DType.FLOAT16: np.dtype("<f2"),
-    DType.BFLOAT16: np.dtype("<u2"),
-    DType.INT8: np.dtype("i1"),
-    DType.UINT8: np.dtype("u1"),
-    DType.INT32: np.dtype("<i4"),
-    DType.INT64: np.dtype("<i8"),
-    DType.BOOL: np.dtype("?"),
-}
-_ITEMSIZE = {d: nd.itemsize for d, nd in _NUMPY.items()}
-_FROM_NUMPY: dict[np.dtype, DType] = {nd.newbyteorder("="): d for d, nd in _NUMPY.items()}
-del _FROM_NUMPY[np.dtype("=u2")]  # uint16 is not a Tandem dtype; bfloat16 must be asked for
+_NUMPY: dict[DType, np.dtype] = {d: d.numpy_dtype for d in DType}
 _F32 = np.dtype("<f4")
 _F16 = np.dtype("<f2")
 _I8 = np.dtype("i1")
 _TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32
 _F32_MAX = float(np.finfo(np.float32).max)
-
-# storage item size per (dtype, encoding); only these combinations exist
-_STORAGE: dict[tuple[DType, Encoding], int] = {(d, Encoding.RAW): d.itemsize for d in DType}
-_STORAGE[(DType.FLOAT32, Encoding.FP16)] = 2
-_STORAGE[(DType.FLOAT32, Encoding.INT8_AFFINE)] = 1
 
 _ZSTD_LEVEL = 3
 
@@ -177,7 +130,7 @@ class Tensor:
         for d in shape:
             if type(d) is not int or d < 0:
                 raise InvalidArgument(f"tensor {self.name!r}: bad dimension {d!r} in {shape}")
-        item = _STORAGE.get((dtype, encoding))
+        item = storage_itemsize(dtype, encoding)
         if item is None:
             raise InvalidArgument(
                 f"tensor {self.name!r}: encoding {encoding.name} needs a FLOAT32 tensor, "
@@ -205,14 +158,11 @@ class Tensor:
             plain = data
         elif plain is not None and len(plain) != nbytes:
             raise InvalidArgument(f"tensor {self.name!r}: decompressed size disagrees with shape")
-        elif plain is None:  # compressed bytes from outside: the frame must declare our size
-            try:
-                declared = _zstd().frame_content_size(data)
-            except Exception as exc:  # zstandard.ZstdError: not a zstd frame
-                raise InvalidArgument(f"tensor {self.name!r}: not a zstd frame: {exc}") from exc
-            if declared != nbytes:
-                raise InvalidArgument(f"tensor {self.name!r}: zstd frame declares {declared} "
-                                      f"bytes, shape {shape} needs {nbytes}")
+        elif plain is None:  # compressed bytes from outside: hold them to what decoders accept
+            try:  # one zstd frame declaring our size, nothing after it (SPEC §3)
+                plain = _decompress(data, nbytes)
+            except MalformedMessage as exc:
+                raise InvalidArgument(f"tensor {self.name!r}: {exc}") from exc
         if dtype is DType.BOOL and plain is not None and len(plain) and \
                 np.frombuffer(plain, np.uint8).max() > 1:
             raise InvalidArgument(f"tensor {self.name!r}: bool bytes must be 0 or 1")
@@ -263,8 +213,11 @@ class Tensor:
         if arr.dtype.name == "bfloat16" and arr.dtype.itemsize == 2:
             arr = arr.view(np.uint16)
             dtype = DType.BFLOAT16 if dtype is None else dtype
-        if dtype is None:
-            found = _FROM_NUMPY.get(arr.dtype.newbyteorder("="))
+        if dtype is None:  # uint16 is not a wire dtype: bfloat16 bit patterns must be asked for
+            try:
+                found = by_numpy(arr.dtype).wire
+            except UnsupportedDType:
+                found = None
             if found is None:
                 raise InvalidArgument(
                     f"tensor {name!r}: numpy dtype {arr.dtype} has no Tandem dtype "
@@ -274,7 +227,7 @@ class Tensor:
         dtype = DType(dtype)
         if arr.dtype.newbyteorder("=") != _NUMPY[dtype].newbyteorder("="):
             raise InvalidArgument(f"tensor {name!r}: array dtype {arr.dtype} is not {dtype.name}")
-        if _STORAGE.get((dtype, encoding)) is None:
+        if storage_itemsize(dtype, encoding) is None:
             raise InvalidArgument(
                 f"tensor {name!r}: encoding {encoding.name} needs a FLOAT32 tensor, "
                 f"not {dtype.name}"
@@ -300,7 +253,7 @@ class Tensor:
     @property
     def nbytes(self) -> int:
         """Bytes of the stored elements before compression (shape product x storage size)."""
-        return math.prod(self.shape) * _STORAGE[(self.dtype, self.encoding)]
+        return math.prod(self.shape) * storage_itemsize(self.dtype, self.encoding)  # type: ignore[operator]
 
     def plain(self) -> bytes | memoryview:
         """The stored elements, decompressed if needed (still fp16/int8 if so encoded)."""

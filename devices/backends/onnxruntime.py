@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tandem.devices.backends._base import Backend, TensorMeta
+from tandem.protocol.dtypes import UnsupportedDType, by_ort
 from tandem.protocol.errors import FailedPrecondition, InternalError, InvalidArgument, NotFound
 from tandem.protocol.lazy import require
 
@@ -25,23 +26,6 @@ __all__ = ["OnnxRuntimeBackend"]
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
-
-# ONNX type strings (NodeArg.type) -> numpy dtypes.
-_ORT_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int8)": np.int8,
-    "tensor(int16)": np.int16,
-    "tensor(int32)": np.int32,
-    "tensor(int64)": np.int64,
-    "tensor(uint8)": np.uint8,
-    "tensor(uint16)": np.uint16,
-    "tensor(uint32)": np.uint32,
-    "tensor(uint64)": np.uint64,
-    "tensor(bool)": np.bool_,
-}
-
 
 def _translate(exc: Exception, what: str) -> Exception:
     """The one boundary for ONNX Runtime errors: map its exception classes to ours."""
@@ -115,7 +99,10 @@ class OnnxRuntimeBackend(Backend):
 
     def _io_impl(self) -> tuple[list[TensorMeta], list[TensorMeta]]:
         def meta(arg) -> TensorMeta:
-            dtype = _ORT_TYPES.get(arg.type)
+            try:  # ONNX Runtime's type string -> numpy, from the one dtype table
+                dtype = by_ort(arg.type).numpy
+            except UnsupportedDType:
+                dtype = None
             if dtype is None:
                 raise FailedPrecondition(f"{self.name}: tensor {arg.name!r} has type {arg.type}, "
                                          "which Tandem backends do not carry")

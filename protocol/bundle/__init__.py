@@ -11,11 +11,14 @@ Write::
         w.add_file("parts/head_1.onnx", head_bytes)
         w.finish(Manifest(model_name=..., ...), sign_key="keys/release.pem")
 
-Read::
+Read what one role runs on one device (only those files are verified, or extracted)::
 
-    bundle = load_bundle("resnet.tar.zst", public_key="keys/release.pub")
-    cut = bundle.manifest.cut(1)
-    head = bundle.path_of(cut.head_part)
+    with open_bundle("resnet.tar.zst", public_key="keys/release.pub") as bundle:
+        check_not_older(installed_version, bundle)          # no rollback unless forced
+        sel = bundle.select(("head", "tail", "full"), "jetson-orin-nano-8gb")
+        head = sel.heads[1]        # Runnable: .path, .backend, .source, .recipe, .optimized
+
+or load and verify everything (``load_bundle``) and find files with ``path_of``.
 
 Errors (each one line naming the file or field)::
 
@@ -26,6 +29,7 @@ Errors (each one line naming the file or field)::
     UnsupportedVersion                   unknown manifest schema_version
     BundleIntegrityError(PermissionDenied)  digest or size mismatch, unlisted file, link,
                                          unsafe archive member, missing or bad signature
+    BundleRollback(PermissionDenied)     an older bundle_version than the installed one
 """
 
 from __future__ import annotations
@@ -34,33 +38,38 @@ import os as _os
 import tempfile as _tempfile
 from pathlib import Path
 
-from tandem.protocol.bundle._archive import extract_into as _extract_into
 from tandem.protocol.bundle._archive import pack, unpack
 from tandem.protocol.bundle._errors import (
     BundleError,
     BundleExists,
     BundleIntegrityError,
     BundleNotFound,
+    BundleRollback,
     ManifestError,
 )
 from tandem.protocol.bundle._files import BundleWriter
-from tandem.protocol.bundle._files import remove_tree as _remove_tree
 from tandem.protocol.bundle._load import Bundle
 from tandem.protocol.bundle._load import verify_dir as _verify_dir
+from tandem.protocol.bundle._open import load_bundle, open_bundle
 from tandem.protocol.bundle._schema import (
     DTYPES,
     ENCODINGS,
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    MAX_MANIFEST_ELEMENTS,
     SCHEMA_VERSION,
     SIGNATURE_NAME,
     Artifact,
     CutSpec,
     EncodingCheck,
+    EngineRecipe,
     FileEntry,
     Manifest,
     TensorSpec,
     Verification,
+    check_not_older,
 )
+from tandem.protocol.bundle._select import Role, Runnable, Selection
 from tandem.protocol.bundle._sign import KeySource, generate_keypair, key_fingerprint
 from tandem.protocol.bundle._sign import encode_signature as _encode_signature
 from tandem.protocol.bundle._sign import sign_bytes as _sign_bytes
@@ -69,6 +78,8 @@ __all__ = [
     "DTYPES",
     "ENCODINGS",
     "MANIFEST_NAME",
+    "MAX_MANIFEST_BYTES",
+    "MAX_MANIFEST_ELEMENTS",
     "SCHEMA_VERSION",
     "SIGNATURE_NAME",
     "Artifact",
@@ -77,67 +88,29 @@ __all__ = [
     "BundleExists",
     "BundleIntegrityError",
     "BundleNotFound",
+    "BundleRollback",
     "BundleWriter",
     "CutSpec",
     "EncodingCheck",
+    "EngineRecipe",
     "FileEntry",
     "KeySource",
     "Manifest",
     "ManifestError",
+    "Role",
+    "Runnable",
+    "Selection",
     "TensorSpec",
     "Verification",
+    "check_not_older",
     "generate_keypair",
     "key_fingerprint",
     "load_bundle",
+    "open_bundle",
     "pack",
     "sign_bundle",
     "unpack",
 ]
-
-
-def load_bundle(
-    path: Path | str,
-    public_key: KeySource | None = None,
-    verify_digests: bool = True,
-    *,
-    extract_to: Path | str | None = None,
-) -> Bundle:
-    """Load and verify a bundle directory or archive file.
-
-    With ``public_key`` (PEM path, PEM bytes, raw 32 bytes or a key object) the bundle must
-    carry a manifest.sig that verifies. ``verify_digests=False`` still checks that every listed
-    file exists with its size and that nothing unlisted is there, but skips hashing.
-
-    An archive is extracted to ``extract_to`` (which must not exist; it stays after the bundle
-    is closed) or else to a temporary directory that ``Bundle.close()`` removes.
-    """
-    path = Path(path)
-    if not _os.path.exists(path):
-        raise BundleNotFound(f"{path}: no bundle directory or archive here")
-    if path.is_dir():
-        return _verify_dir(path, public_key=public_key, verify_digests=verify_digests)
-    if extract_to is not None:
-        target = unpack(path, extract_to, verify=False)
-        try:
-            return _verify_dir(
-                target, public_key=public_key, verify_digests=verify_digests, label=str(path)
-            )
-        except BaseException:
-            _remove_tree(target)
-            raise
-    tmp = Path(_tempfile.mkdtemp(prefix="tandem-bundle-"))
-    try:
-        _extract_into(path, tmp)
-        return _verify_dir(
-            tmp,
-            public_key=public_key,
-            verify_digests=verify_digests,
-            label=str(path),
-            owned_dir=tmp,
-        )
-    except BaseException:
-        _remove_tree(tmp)
-        raise
 
 
 def sign_bundle(

@@ -12,8 +12,9 @@ Tree (each subclasses the wire code it carries)::
     UnsupportedVersion           (raised as is) a manifest ``schema_version`` this reader
                                  does not know
     PermissionDenied
-    └── BundleIntegrityError     tampering: digest or size mismatch, unlisted file, link, unsafe
-                                 archive member, missing or bad signature
+    ├── BundleIntegrityError     tampering: digest or size mismatch, unlisted file, link, unsafe
+    │                            archive member, missing or bad signature
+    └── BundleRollback           a bundle older (lower bundle_version) than the one installed
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "BundleExists",
     "BundleIntegrityError",
     "BundleNotFound",
+    "BundleRollback",
     "ManifestError",
 ]
 
@@ -79,3 +81,8 @@ class BundleExists(FailedPrecondition):
 
 class BundleIntegrityError(PermissionDenied):
     """The bundle was changed after it was written, or its signature does not verify."""
+
+
+class BundleRollback(PermissionDenied):
+    """A bundle whose ``bundle_version`` is lower than the installed one: an older release,
+    perhaps signed by the same key, that would roll the device back."""

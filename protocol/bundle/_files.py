@@ -27,6 +27,7 @@ from tandem.protocol.bundle._schema import (
     FileEntry,
     Manifest,
     ManifestError,
+    check_manifest_size,
     path_problem,
 )
 from tandem.protocol.bundle._sign import KeySource, encode_signature, sign_bytes
@@ -178,9 +179,13 @@ class BundleWriter:
             raise BundleError("use BundleWriter as a context manager (with BundleWriter(...) as w)")
         return self._staging
 
-    def add_file(self, rel_path: str, data: bytes | bytearray | memoryview | Path) -> FileEntry:
+    def add_file(self, rel_path: str, data: bytes | bytearray | memoryview | Path, *,
+                 requires: tuple[str, ...] | list[str] = ()) -> FileEntry:
         """Add one file at bundle path ``rel_path``; ``data`` is its content or a file to copy
-        (hashed while it streams). Returns its :class:`FileEntry`."""
+        (hashed while it streams). ``requires`` names the other bundle files this one cannot be
+        used without (an ONNX part's shared weights): whoever selects it gets them too; they
+        may be added before or after it (``finish`` checks they were). Returns its
+        :class:`FileEntry`."""
         staging = self._require_open()
         check_rel_path(rel_path)
         if rel_path in RESERVED_NAMES:
@@ -212,7 +217,7 @@ class BundleWriter:
                 )
             out.flush()
             os.fsync(out.fileno())
-        entry = FileEntry(path=rel_path, sha256=digest, size=size)
+        entry = FileEntry(path=rel_path, sha256=digest, size=size, requires=tuple(requires))
         self._entries[rel_path] = entry
         self._dirs.update("/".join(parents[:n]) for n in range(1, len(parents) + 1))
         return entry
@@ -239,6 +244,10 @@ class BundleWriter:
         except ManifestError as exc:
             raise exc.from_source("finish") from None
         content = final.to_bytes()
+        try:
+            check_manifest_size(content)  # never write what readers refuse
+        except ManifestError as exc:
+            raise exc.from_source("finish") from None
         _write(staging / MANIFEST_NAME, content)
         if sign_key is not None:
             signature = sign_bytes(content, sign_key, password=password)

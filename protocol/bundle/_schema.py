@@ -13,28 +13,34 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from tandem.protocol.bundle._errors import BundleNotFound, ManifestError
-from tandem.protocol.errors import UnsupportedVersion
+from tandem.protocol import dtypes as _dtypes
+from tandem.protocol.bundle._errors import BundleNotFound, BundleRollback, ManifestError
+from tandem.protocol.errors import InvalidArgument, UnsupportedVersion
 
 __all__ = [
     "DTYPES",
     "ENCODINGS",
     "MANIFEST_NAME",
+    "MAX_MANIFEST_BYTES",
+    "MAX_MANIFEST_ELEMENTS",
     "RESERVED_NAMES",
     "SCHEMA_VERSION",
     "SIGNATURE_NAME",
     "Artifact",
     "CutSpec",
     "EncodingCheck",
+    "EngineRecipe",
     "FileEntry",
     "Manifest",
     "TensorSpec",
     "Verification",
+    "check_manifest_size",
+    "check_not_older",
     "path_problem",
     "utc_now",
 ]
@@ -44,21 +50,23 @@ MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 RESERVED_NAMES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})
 
-#: Element types a TensorSpec may name (numpy / ONNX names).
-DTYPES = frozenset(
-    {
-        "bool",
-        "int4", "int8", "int16", "int32", "int64",
-        "uint4", "uint8", "uint16", "uint32", "uint64",
-        "float16", "bfloat16", "float32", "float64",
-        "float8e4m3fn", "float8e4m3fnuz", "float8e5m2", "float8e5m2fnuz",
-        "complex64", "complex128",
-        "string",
-    }
-)  # fmt: skip
+#: Element types a TensorSpec may name (the names of :data:`tandem.protocol.dtypes.DTYPES`).
+DTYPES = frozenset(info.name for info in _dtypes.DTYPES)
 
 #: Lossy frontier encodings this version knows (a manifest may name others; readers skip them).
-ENCODINGS = ("fp16", "int8")
+ENCODINGS = tuple(_dtypes.LOSSY_ENCODINGS)
+
+#: What a manifest may hold: far more than a real one needs (a few KiB for a model with a dozen
+#: cuts; ~1.5 MiB for 10,000 files), far less than what costs a reader real memory. Checked on
+#: the bytes before they are parsed, and by every dataclass (so a writer cannot make one).
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_MANIFEST_ELEMENTS = 200_000  # JSON objects + arrays + commas, counted before parsing
+MAX_FILES = 10_000
+MAX_CUTS = 1024
+MAX_ARTIFACTS = 10_000
+MAX_TENSORS = 1024  # inputs, outputs, one cut's frontier
+MAX_RANK = 64
+MAX_REQUIRES = 256
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAX_PATH = 1024
@@ -181,9 +189,11 @@ def _timestamp(value: object, name: str) -> str:
     return value  # type: ignore[return-value]
 
 
-def _tuple(value: object, name: str, item: type) -> tuple:
+def _tuple(value: object, name: str, item: type, limit: int | None = None) -> tuple:
     if not isinstance(value, (list, tuple)):
         raise ManifestError(name, f"expected a list, got {_type_name(value)}")
+    if limit is not None and len(value) > limit:
+        raise ManifestError(name, f"{len(value)} entries, at most {limit}")
     for i, element in enumerate(value):
         if not isinstance(element, item):
             raise ManifestError(
@@ -258,9 +268,12 @@ def _build(cls: type, data: object, path: str, convert: dict[str, Callable[[Any,
         raise exc.under(path) if path else exc from None
 
 
-def _many(cls: type) -> Callable[[Any, str], tuple]:
+def _many(cls: type, limit: int) -> Callable[[Any, str], tuple]:
     def convert(value: object, path: str) -> tuple:
-        return tuple(cls._from_dict(v, f"{path}[{i}]") for i, v in enumerate(_list(value, path)))
+        items = _list(value, path)
+        if len(items) > limit:  # before converting any of them
+            raise ManifestError(path, f"{len(items)} entries, at most {limit}")
+        return tuple(cls._from_dict(v, f"{path}[{i}]") for i, v in enumerate(items))
 
     return convert
 
@@ -281,7 +294,7 @@ class TensorSpec:
         _str(self.dtype, "dtype")
         if self.dtype not in DTYPES:
             raise ManifestError("dtype", f"unknown dtype {self.dtype!r}")
-        shape = _tuple(self.shape, "shape", object)
+        shape = _tuple(self.shape, "shape", object, MAX_RANK)
         for i, dim in enumerate(shape):
             if isinstance(dim, str):
                 _str(dim, f"shape[{i}]")
@@ -391,7 +404,7 @@ class CutSpec:
     def __post_init__(self) -> None:
         _int(self.id, "id")
         _int(self.position, "position")
-        _set(self, "frontier", _tuple(self.frontier, "frontier", TensorSpec))
+        _set(self, "frontier", _tuple(self.frontier, "frontier", TensorSpec, MAX_TENSORS))
         _int(self.frontier_bytes, "frontier_bytes")
         _int(self.head_flops, "head_flops")
         _int(self.tail_flops, "tail_flops")
@@ -431,7 +444,7 @@ class CutSpec:
             cls,
             data,
             path,
-            {"frontier": _many(TensorSpec), "verification": Verification._from_dict},
+            {"frontier": _many(TensorSpec, MAX_TENSORS), "verification": Verification._from_dict},
         )
 
 
@@ -453,7 +466,7 @@ class FileEntry:
             raise ManifestError("path", f"{self.path!r} is reserved")
         _sha256(self.sha256, "sha256")
         _int(self.size, "size")
-        _set(self, "requires", _tuple(self.requires, "requires", str))
+        _set(self, "requires", _tuple(self.requires, "requires", str, MAX_REQUIRES))
         for i, ref in enumerate(self.requires):
             _path(ref, f"requires[{i}]")
 
@@ -470,9 +483,96 @@ class FileEntry:
         return _build(cls, data, path, {"requires": lambda v, p: _tuple(v, p, str)})
 
 
+def _shape_triple(value: object, name: str) -> tuple[tuple[int, ...], ...]:
+    triple = _tuple(value, name, object, 3)
+    if len(triple) != 3:
+        raise ManifestError(name, "expected [min, opt, max] shapes")
+    out = []
+    for i, shape in enumerate(triple):
+        dims = _tuple(shape, f"{name}[{i}]", object, MAX_RANK)
+        out.append(tuple(_int(d, f"{name}[{i}]") for d in dims))
+    return tuple(out)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineRecipe:
+    """How to build a TensorRT engine from a part's ONNX: what a device needs to build it into
+    its engine cache when the bundle carries none for it (``Artifact.build_on_device``), or to
+    rebuild one its TensorRT cannot load.
+
+    ``shapes`` maps an input with a dynamic batch dimension to its (min, opt, max) shapes;
+    ``unresolved_dims`` the inputs with other symbolic dims (their shape profile needs sizes
+    only the device knows); ``tensorrt_version`` is the version that built the bundled engine
+    (``""`` when none was built).
+    """
+
+    workspace_mb: int | None = None
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(
+        default_factory=dict)
+    shape_profile: str = "static"
+    unresolved_dims: dict[str, tuple[int | str, ...]] = field(default_factory=dict)
+    compute_capability: str | None = None
+    version_compatible: bool = False
+    dla_core: int | None = None
+    tensorrt_version: str = ""
+
+    def __post_init__(self) -> None:
+        if self.workspace_mb is not None:
+            _int(self.workspace_mb, "workspace_mb", minimum=1)
+        shapes = _obj(self.shapes, "shapes")
+        if len(shapes) > MAX_TENSORS:
+            raise ManifestError("shapes", f"{len(shapes)} entries, at most {MAX_TENSORS}")
+        _set(self, "shapes", {_str(k, "shapes key"): _shape_triple(v, f"shapes[{k!r}]")
+                              for k, v in shapes.items()})
+        _str(self.shape_profile, "shape_profile")
+        dims = _obj(self.unresolved_dims, "unresolved_dims")
+        if len(dims) > MAX_TENSORS:
+            raise ManifestError("unresolved_dims", f"{len(dims)} entries, at most {MAX_TENSORS}")
+        unresolved = {}
+        for k, v in dims.items():
+            where = f"unresolved_dims[{k!r}]"
+            shape = _tuple(v, where, object, MAX_RANK)
+            for i, d in enumerate(shape):
+                _str(d, f"{where}[{i}]") if isinstance(d, str) else _int(d, f"{where}[{i}]")
+            unresolved[_str(k, "unresolved_dims key")] = shape
+        _set(self, "unresolved_dims", unresolved)
+        if self.compute_capability is not None:
+            _str(self.compute_capability, "compute_capability")
+        _bool(self.version_compatible, "version_compatible")
+        if self.dla_core is not None:
+            _int(self.dla_core, "dla_core")
+        _str(self.tensorrt_version, "tensorrt_version", empty=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "workspace_mb": self.workspace_mb,
+            "shapes": {k: [list(s) for s in v] for k, v in self.shapes.items()},
+            "shape_profile": self.shape_profile,
+            "unresolved_dims": {k: list(v) for k, v in self.unresolved_dims.items()},
+            "compute_capability": self.compute_capability,
+            "version_compatible": self.version_compatible,
+            "dla_core": self.dla_core,
+            "tensorrt_version": self.tensorrt_version,
+        }
+
+    @classmethod
+    def _from_dict(cls, data: object, path: str) -> EngineRecipe:
+        return _build(cls, data, path, {})
+
+
+# The keys compilers before EngineRecipe wrote into a TensorRT artifact's ``extra``.
+_LEGACY_RECIPE_KEYS = ("workspace_mb", "shapes", "shape_profile", "unresolved_dims",
+                       "compute_capability", "version_compatible", "dla_core",
+                       "tensorrt_version")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Artifact:
-    """A part lowered for one target (an ORT-optimized model, a TensorRT engine, ...)."""
+    """A part lowered for one target (an ORT-optimized model, a TensorRT engine, ...).
+
+    ``engine_recipe`` (TensorRT targets) says how the engine is built; when ``path`` is the
+    part itself the bundle carries no engine and the device builds it (:attr:`build_on_device`).
+    """
 
     part: str  # bundle path of the source part ONNX
     target: str  # "onnxruntime" | "tensorrt" | ...
@@ -481,6 +581,7 @@ class Artifact:
     device_profile: str = ""  # profile name it was built for; "" = any device
     builder: str = ""  # e.g. "onnxruntime 1.32 optimized level=extended"
     extra: dict[str, Any] = field(default_factory=dict)
+    engine_recipe: EngineRecipe | None = None
 
     def __post_init__(self) -> None:
         _path(self.part, "part")
@@ -490,13 +591,36 @@ class Artifact:
         _str(self.device_profile, "device_profile", empty=True)
         _str(self.builder, "builder", empty=True)
         _set(self, "extra", _json_map(self.extra, "extra"))
+        if self.engine_recipe is not None and not isinstance(self.engine_recipe, EngineRecipe):
+            raise ManifestError("engine_recipe",
+                                f"expected EngineRecipe, got {_type_name(self.engine_recipe)}")
+
+    @property
+    def build_on_device(self) -> bool:
+        """True when the device must build this engine from the part (no engine in the bundle)."""
+        return self.engine_recipe is not None and self.path == self.part
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["extra"] = dict(self.extra)
+        if self.engine_recipe is None:
+            del out["engine_recipe"]  # artifacts without one keep their bytes
+        else:
+            out["engine_recipe"] = self.engine_recipe.to_dict()
+        return out
 
     @classmethod
     def _from_dict(cls, data: object, path: str) -> Artifact:
-        return _build(cls, data, path, {})
+        data = _obj(data, path)
+        convert: dict[str, Callable[[Any, str], Any]] = {
+            "engine_recipe": lambda v, p: None if v is None else EngineRecipe._from_dict(v, p)}
+        extra = data.get("extra")
+        if ("engine_recipe" not in data and data.get("target") == "tensorrt"
+                and isinstance(extra, Mapping) and "build" in extra):
+            # written before EngineRecipe: the recipe was loose keys of ``extra``
+            legacy = {k: extra[k] for k in _LEGACY_RECIPE_KEYS if k in extra}
+            data = {**data, "engine_recipe": legacy}
+        return _build(cls, data, path, convert)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -515,6 +639,7 @@ class Manifest:
     tool_version: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    bundle_version: int = 0  # monotonic per model: a device refuses to go below it (rollback)
 
     def __post_init__(self) -> None:
         _int(self.schema_version, "schema_version")
@@ -527,14 +652,15 @@ class Manifest:
         _str(self.model_version, "model_version")
         _sha256(self.source_digest, "source_digest")
         _timestamp(self.created_at, "created_at")
-        for name, item in (
-            ("inputs", TensorSpec),
-            ("outputs", TensorSpec),
-            ("cuts", CutSpec),
-            ("files", FileEntry),
-            ("artifacts", Artifact),
+        for name, item, limit in (
+            ("inputs", TensorSpec, MAX_TENSORS),
+            ("outputs", TensorSpec, MAX_TENSORS),
+            ("cuts", CutSpec, MAX_CUTS),
+            ("files", FileEntry, MAX_FILES),
+            ("artifacts", Artifact, MAX_ARTIFACTS),
         ):
-            _set(self, name, _tuple(getattr(self, name), name, item))
+            _set(self, name, _tuple(getattr(self, name), name, item, limit))
+        _int(self.bundle_version, "bundle_version")
         _str(self.tool_version, "tool_version", empty=True)
         _set(self, "extra", _json_map(self.extra, "extra"))
         _unique([t.name for t in self.inputs], "inputs", "name")
@@ -579,6 +705,35 @@ class Manifest:
             if entry.path == path:
                 return entry
         raise BundleNotFound(f"{path!r} is not a file of bundle {self.model_name!r}")
+
+    def closure(self, paths: Iterable[str]) -> tuple[str, ...]:
+        """``paths`` and every file they ``require``, transitively, in a stable order; an
+        unlisted path is :class:`BundleNotFound`."""
+        by_path = {f.path: f for f in self.files}
+        out: dict[str, None] = {}
+        todo = list(paths)
+        while todo:
+            path = todo.pop(0)
+            if path in out:
+                continue
+            entry = by_path.get(path)
+            if entry is None:
+                raise BundleNotFound(f"{path!r} is not a file of bundle {self.model_name!r}")
+            out[path] = None
+            todo.extend(entry.requires)
+        return tuple(out)
+
+    @property
+    def full_part(self) -> str | None:
+        """Bundle path of the whole model: the tail of the cloud-only cut, else the head of
+        the all-local cut (None when the bundle has neither)."""
+        for cut in self.cuts:
+            if cut.head_part is None and cut.tail_part is not None:
+                return cut.tail_part
+        for cut in self.cuts:
+            if cut.tail_part is None and cut.head_part is not None:
+                return cut.head_part
+        return None
 
     def artifacts_for(
         self, part: str, *, target: str | None = None, device_profile: str | None = None
@@ -626,6 +781,7 @@ class Manifest:
             "artifacts": [a.to_dict() for a in self.artifacts],
             "tool_version": self.tool_version,
             "extra": dict(self.extra),
+            **({"bundle_version": self.bundle_version} if self.bundle_version else {}),
         }
 
     def to_json(self) -> str:
@@ -646,10 +802,14 @@ class Manifest:
         """Parse and validate; errors are :class:`ManifestError` naming the field, or
         :class:`UnsupportedVersion` for an unknown ``schema_version``."""
         if isinstance(text, (bytes, bytearray, memoryview)):
+            text = bytes(text)
+            check_manifest_size(text)
             try:
-                text = bytes(text).decode("utf-8")
+                text = text.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise ManifestError("", f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        else:
+            check_manifest_size(text.encode("utf-8", "surrogatepass"))
         try:
             data = json.loads(text, parse_constant=_reject_constant,
                               object_pairs_hook=_unique_keys)
@@ -680,13 +840,57 @@ class Manifest:
             data,
             "",
             {
-                "inputs": _many(TensorSpec),
-                "outputs": _many(TensorSpec),
-                "cuts": _many(CutSpec),
-                "files": _many(FileEntry),
-                "artifacts": _many(Artifact),
+                "inputs": _many(TensorSpec, MAX_TENSORS),
+                "outputs": _many(TensorSpec, MAX_TENSORS),
+                "cuts": _many(CutSpec, MAX_CUTS),
+                "files": _many(FileEntry, MAX_FILES),
+                "artifacts": _many(Artifact, MAX_ARTIFACTS),
             },
         )
+
+
+def check_manifest_size(content: bytes) -> None:
+    """ManifestError unless ``content`` is within :data:`MAX_MANIFEST_BYTES` and
+    :data:`MAX_MANIFEST_ELEMENTS` (counted on the bytes, before anything is parsed: a JSON bomb
+    of ``{}`` costs a parser ~50 bytes of memory per byte of text)."""
+    if len(content) > MAX_MANIFEST_BYTES:
+        raise ManifestError("", f"{len(content)} bytes, at most {MAX_MANIFEST_BYTES}")
+    elements = content.count(b"{") + content.count(b"[") + content.count(b",")
+    if elements > MAX_MANIFEST_ELEMENTS:
+        raise ManifestError("", f"over {MAX_MANIFEST_ELEMENTS} JSON elements "
+                                f"({elements} braces, brackets and commas)")
+
+
+def check_not_older(current: Manifest | int | Any, candidate: Manifest | Any, *,
+                    force: bool = False) -> None:
+    """Refuse a rollback: :class:`BundleRollback` when ``candidate`` (a Manifest, or a Bundle)
+    has a lower ``bundle_version`` than ``current`` (the newest bundle of the same model the
+    device has accepted: a Manifest, a Bundle, or its version as an int), unless ``force``.
+
+    An older bundle signed by the same key verifies like a new one; only the version says it is
+    older. Versions are compared within one model: two manifests of different ``model_name``
+    are an InvalidArgument (a device keeps the highest version per model it runs). Equal
+    versions pass (reinstalling the same release).
+    """
+    cand = getattr(candidate, "manifest", candidate)
+    if not isinstance(cand, Manifest):
+        raise InvalidArgument(f"candidate must be a Manifest or a Bundle, not "
+                              f"{_type_name(candidate)}")
+    if isinstance(current, int) and not isinstance(current, bool):
+        version, what = current, f"version {current}"
+    else:
+        cur = getattr(current, "manifest", current)
+        if not isinstance(cur, Manifest):
+            raise InvalidArgument(f"current must be a Manifest, a Bundle or an int, not "
+                                  f"{_type_name(current)}")
+        if cur.model_name != cand.model_name:
+            raise InvalidArgument(f"cannot order bundles of different models "
+                                  f"({cur.model_name!r}, {cand.model_name!r})")
+        version, what = cur.bundle_version, f"{cur.model_name!r} version {cur.bundle_version}"
+    if cand.bundle_version < version and not force:
+        raise BundleRollback(
+            f"bundle {cand.model_name!r} version {cand.bundle_version} is older than the "
+            f"installed {what}; refusing a rollback (force it to install anyway)")
 
 
 def _reject_constant(name: str) -> None:

@@ -35,8 +35,9 @@ BUILDERS = {
 }
 
 
-def _run(bundle, rel: str, feeds: dict) -> dict:
-    with OnnxRuntimeBackend(bundle.path_of(rel), optimized=True) as backend:
+def _run(runnable, feeds: dict) -> dict:
+    assert runnable.backend == "onnxruntime"
+    with OnnxRuntimeBackend(runnable.path, optimized=runnable.optimized) as backend:
         names = {m.name for m in backend.inputs}
         return backend.infer({k: v for k, v in feeds.items() if k in names})
 
@@ -47,23 +48,27 @@ def _ort_artifact(manifest, part: str) -> str:
 
 
 def _check_bundle_reproduces(bundle, model, batch: int = 1) -> None:
-    """Run every cut's lowered head then tail and compare with the full model, within the
-    tolerance the manifest recorded, for raw and for each allowed encoding."""
+    """Run every cut's lowered head then tail, as ``Bundle.select`` picks them for ONNX Runtime,
+    and compare with the full model, within the tolerance the manifest recorded, for raw and
+    for each allowed encoding."""
     m = bundle.manifest
     x = random_inputs(model, seed=123, batch=batch)
-    full = _run(bundle, _ort_artifact(m, "parts/full.onnx"), x)
+    selection = bundle.select(("head", "tail", "full"), "onnxruntime")
+    assert all(r.optimized and r.source is not None for r in selection.distinct())
+    full = _run(selection.full, x)
     assert m.cuts, "a bundle without cuts"
     for cut in m.cuts:
+        head, tail = selection.for_cut(cut.id)
         crossing = dict(x)
-        if cut.head_part:
-            crossing.update(_run(bundle, _ort_artifact(m, cut.head_part), x))
-        if not cut.tail_part:
+        if head is not None:
+            crossing.update(_run(head, x))
+        if tail is None:
             got = crossing
             for name, ref in full.items():
                 np.testing.assert_allclose(got[name], ref, rtol=1e-5, atol=1e-5)
             continue
         frontier = {t.name: crossing[t.name] for t in cut.frontier}
-        got = _run(bundle, _ort_artifact(m, cut.tail_part), frontier)
+        got = _run(tail, frontier)
         for name, ref in full.items():
             atol = 1e-4 * max(1, np.abs(ref).max())
             np.testing.assert_allclose(got[name], ref, rtol=1e-3, atol=atol)
@@ -74,7 +79,7 @@ def _check_bundle_reproduces(bundle, model, batch: int = 1) -> None:
                 k: Tensor.from_array(k, v, encoding=wire).to_array() if v.dtype == np.float32
                 else v for k, v in frontier.items()
             }
-            got = _run(bundle, _ort_artifact(m, cut.tail_part), coded)
+            got = _run(tail, coded)
             for name, ref in full.items():
                 err = np.abs(got[name].astype(np.float64) - ref).max()
                 # new inputs, so allow the recorded worst case with margin
@@ -136,12 +141,12 @@ def test_tensorrt_target_without_tensorrt_defers_engines_to_the_device(tmp_path)
     result = BundleFromOnnx(src, tmp_path / "b", CompileOptions(
         targets=("onnxruntime", "jetson-orin-nano-8gb")))()
     trt = [a for a in result.manifest.artifacts if a.target == "tensorrt"]
-    assert trt and all(a.extra["build"] == "on-device" for a in trt)
+    assert trt and all(a.build_on_device for a in trt)
     assert all(a.path == a.part and a.device_profile == "jetson-orin-nano-8gb" for a in trt)
     from tandem.devices.profiles import get_profile
 
     expected = get_profile("jetson-orin-nano-8gb").workspace_mb
-    assert {a.extra["workspace_mb"] for a in trt} == {expected}
+    assert {a.engine_recipe.workspace_mb for a in trt} == {expected}
 
 
 def test_tensorrt_engines_built_with_the_fake(fake_trt, tmp_path):
@@ -150,7 +155,7 @@ def test_tensorrt_engines_built_with_the_fake(fake_trt, tmp_path):
         targets=("cloud-t4",), engines="build", precision="fp16", max_batch=8))()
     engines = [a for a in result.manifest.artifacts if a.target == "tensorrt"]
     assert engines and all(a.path.endswith(".fp16.engine") for a in engines)
-    profiles = [triple for a in engines for triple in a.extra["shapes"].values()]
+    profiles = [triple for a in engines for triple in a.engine_recipe.shapes.values()]
     assert profiles, "a dynamic-batch model must get optimization profiles"
     assert all(lo[0] == 1 and hi[0] == 8 for lo, _, hi in profiles)
     with load_bundle(tmp_path / "b") as bundle:
@@ -198,7 +203,7 @@ def test_tensorrt_build_options_reach_the_builder(fake_trt, tmp_path):
         targets=("jetson-agx-orin-64gb",), engines="build", precision="fp16",
         timing_cache=cache, version_compatible=True, dla_core=1))()
     engines = [a for a in result.manifest.artifacts if a.target == "tensorrt"]
-    assert engines and all(a.extra["dla_core"] == 1 and a.extra["version_compatible"]
+    assert engines and all(a.engine_recipe.dla_core == 1 and a.engine_recipe.version_compatible
                            for a in engines)
     keyed = list(tmp_path.glob("timing.*.cache"))  # keyed by GPU and TensorRT version
     assert len(keyed) == 1 and keyed[0].stat().st_size > 0

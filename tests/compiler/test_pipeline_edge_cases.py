@@ -136,8 +136,8 @@ def test_tensorrt_defer_records_sequence_dims_for_the_device(tmp_path):
                    [_weight("w", (16, 8)), _weight("w2", (8, 2), 1)])
     result = _compile(model, tmp_path, targets=("cloud-l4",), engines="defer")
     trt = [a for a in result.manifest.artifacts if a.target == "tensorrt"]
-    assert trt and all(a.extra["build"] == "on-device" for a in trt)
-    assert any(a.extra["unresolved_dims"] for a in trt)
+    assert trt and all(a.build_on_device for a in trt)
+    assert any(a.engine_recipe.unresolved_dims for a in trt)
 
 
 def test_samples_that_are_not_an_npz_are_a_one_line_error(tmp_path):

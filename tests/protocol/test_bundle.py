@@ -2,38 +2,48 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tandem.protocol.bundle as bundle_mod
 from tandem.protocol.bundle import (
+    MAX_MANIFEST_BYTES,
+    MAX_MANIFEST_ELEMENTS,
     Artifact,
     BundleError,
     BundleExists,
     BundleIntegrityError,
     BundleNotFound,
+    BundleRollback,
     BundleWriter,
     CutSpec,
     EncodingCheck,
+    EngineRecipe,
     FileEntry,
     Manifest,
     ManifestError,
     TensorSpec,
     Verification,
+    check_not_older,
     generate_keypair,
     key_fingerprint,
     load_bundle,
+    open_bundle,
     pack,
     sign_bundle,
     unpack,
@@ -789,3 +799,321 @@ def test_duplicate_keys_and_deep_nesting_in_manifest_json():
         Manifest.from_json('{"model_name": "evil", "model_name": "m"}')
     with pytest.raises(ManifestError, match="nested too deeply"):
         Manifest.from_json('{"extra": ' + "[" * 100_000 + "]" * 100_000 + "}")
+
+
+# -- attack review: archives are read manifest first; bounded manifests; rollback ----------------
+
+
+def _tar_bytes(members: list[tuple[str, bytes]], compression: str = "none") -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = raw.getvalue()
+    if compression == "zstd":
+        return zstandard.ZstdCompressor(level=3).compress(data)
+    if compression == "gzip":
+        return gzip.compress(data, mtime=0)
+    return data
+
+
+def _bundle_members(bundle_dir: Path) -> list[tuple[str, bytes]]:
+    return [("manifest.json", (bundle_dir / "manifest.json").read_bytes()),
+            *((rel, data) for rel, data in sorted(FILES.items()))]
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch) -> Path:
+    """tempfile's directory for this test only (where tandem-bundle-* directories go)."""
+    d = tmp_path / "tmpdir"
+    d.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
+
+
+def test_manifest_must_be_the_first_member(tmp_path: Path, bundle_dir: Path, private_tmp):
+    members = _bundle_members(bundle_dir)
+    archive = tmp_path / "late.tar"
+    archive.write_bytes(_tar_bytes(members[1:] + members[:1]))
+    for call in (load_bundle, open_bundle):
+        with pytest.raises(BundleError, match="first member"):
+            call(archive)
+    with pytest.raises(BundleError, match="first member"):
+        unpack(archive, tmp_path / "out")
+    assert list(private_tmp.iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+def test_a_member_whose_size_differs_from_the_listed_one_is_refused_before_writing(
+        tmp_path: Path, bundle_dir: Path):
+    members = [(n, d + b"!" if n == "parts/full.onnx" else d)
+               for n, d in _bundle_members(bundle_dir)]
+    archive = tmp_path / "grown.tar"
+    archive.write_bytes(_tar_bytes(members))
+    with pytest.raises(BundleIntegrityError, match="17 bytes, the manifest lists 16"):
+        unpack(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_a_member_whose_sha256_differs_is_deleted_and_refused(tmp_path: Path, bundle_dir: Path):
+    members = [(n, d.upper() if n == "parts/head_1.onnx" else d)
+               for n, d in _bundle_members(bundle_dir)]
+    archive = tmp_path / "swapped.tar"
+    archive.write_bytes(_tar_bytes(members))
+    with pytest.raises(BundleIntegrityError, match=r"head_1\.onnx: sha256"):
+        unpack(archive, tmp_path / "out")
+    with open_bundle(archive) as b:
+        assert b.read("parts/tail_1.onnx") == FILES["parts/tail_1.onnx"]  # others still fine
+        with pytest.raises(BundleIntegrityError, match="sha256"):
+            b.path_of("parts/head_1.onnx")
+        assert not (b.root / "parts" / "head_1.onnx").exists()
+
+
+def test_the_signature_is_checked_before_anything_is_extracted(tmp_path: Path, keys,
+                                                               private_tmp):
+    src = tmp_path / "src"
+    _write(src, sign_key=keys["priv"])
+    archive = pack(src, tmp_path / "b.tar.zst")
+    for call in (load_bundle, open_bundle):
+        with pytest.raises(BundleIntegrityError, match="does not verify"):
+            call(archive, public_key=keys["other_pub"])
+    with pytest.raises(BundleIntegrityError, match="does not verify"):
+        unpack(archive, tmp_path / "out", public_key=keys["other_pub"])
+    assert list(private_tmp.iterdir()) == [] and not (tmp_path / "out").exists()
+    unsigned = pack(bundle_dir_of(tmp_path), tmp_path / "u.tar.zst")
+    with pytest.raises(BundleIntegrityError, match="unsigned"):
+        open_bundle(unsigned, public_key=keys["pub"])
+    with open_bundle(archive, public_key=keys["pub"]) as b:
+        assert b.signature_verified and b.signed
+
+
+def bundle_dir_of(tmp_path: Path) -> Path:
+    out = tmp_path / "plain"
+    if not out.exists():
+        _write(out)
+    return out
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip", "none"])
+def test_a_truncated_archive_says_truncated(tmp_path: Path, bundle_dir: Path, compression,
+                                            private_tmp):
+    whole = pack(bundle_dir, tmp_path / "b.tar", compression=compression).read_bytes()
+    plain = pack(bundle_dir, tmp_path / "b.raw.tar", compression="none").read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
+        last = tar.getmembers()[-1]
+        content_end = last.offset_data + last.size  # then only the end marker and padding
+    cuts = sorted({len(whole) * k // 29 for k in range(1, 29)} | {len(whole) - 1, 10, 700})
+    for n in cuts:
+        archive = tmp_path / f"cut-{n}"
+        archive.write_bytes(whole[:n])
+        for call in (load_bundle, lambda p: unpack(p, tmp_path / "out")):
+            try:
+                call(archive)
+            except BundleError as exc:
+                if compression == "none" and n < 512:  # not even a tar header: not an archive
+                    assert "not a bundle archive" in str(exc), (n, str(exc))
+                else:
+                    assert "truncated archive" in str(exc), (n, len(whole), str(exc))
+            else:  # only a cut in the end-of-archive padding leaves every file whole
+                assert compression == "none" and n >= content_end, (n, len(whole))
+                shutil.rmtree(tmp_path / "out", ignore_errors=True)
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_a_fifo_is_refused_without_blocking_and_without_a_temp_dir(tmp_path: Path, private_tmp):
+    fifo = tmp_path / "bundle.fifo"
+    os.mkfifo(fifo)
+    for call in (load_bundle, open_bundle, lambda p: unpack(p, tmp_path / "out")):
+        with pytest.raises(BundleError, match="FIFO"):
+            call(fifo)
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_temp_dirs_of_killed_processes_are_swept(tmp_path: Path, bundle_dir: Path, private_tmp):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    stale = private_tmp / f"tandem-bundle-{int(gone.stdout)}-abc"
+    (stale / "parts").mkdir(parents=True)
+    mine = private_tmp / f"tandem-bundle-{os.getpid()}-live"
+    mine.mkdir()
+    other = private_tmp / "tandem-bundle-notapid"
+    other.mkdir()
+    archive = pack(bundle_dir, tmp_path / "b.tar.zst")
+    with open_bundle(archive) as b:
+        assert b.root.parent == private_tmp and b.root.name.startswith(
+            f"tandem-bundle-{os.getpid()}-")
+        assert not stale.exists() and mine.exists() and other.exists()
+    assert not b.root.exists()
+
+
+def test_an_archive_changed_after_it_was_opened_is_refused(tmp_path: Path, bundle_dir: Path):
+    archive = pack(bundle_dir, tmp_path / "b.tar", compression="none")
+    with open_bundle(archive) as b:
+        archive.write_bytes(archive.read_bytes())  # same bytes, but another file now
+        os.utime(archive, ns=(1, 1))
+        with pytest.raises(BundleIntegrityError, match="changed since it was opened"):
+            b.path_of("parts/full.onnx")
+
+
+def test_open_bundle_verifies_a_file_only_when_it_is_used(bundle_dir: Path):
+    (bundle_dir / "parts" / "tail_1.onnx").write_bytes(b"TAIL bytes")  # same size, tampered
+    with pytest.raises(BundleIntegrityError, match=r"tail_1\.onnx"):
+        load_bundle(bundle_dir)
+    b = open_bundle(bundle_dir)
+    assert b.verified_files == frozenset()
+    assert b.path_of("parts/head_1.onnx").read_bytes() == b"head bytes"
+    assert b.verified_files == {"parts/head_1.onnx"}
+    with pytest.raises(BundleIntegrityError, match=r"tail_1\.onnx"):
+        b.path_of("parts/tail_1.onnx")
+    (bundle_dir / "parts" / "stray.onnx").write_bytes(b"x")  # the layout is still checked
+    with pytest.raises(BundleIntegrityError, match="not listed"):
+        open_bundle(bundle_dir)
+
+
+def test_an_archive_opened_lazily_extracts_only_what_is_used(tmp_path: Path, bundle_dir: Path):
+    archive = pack(bundle_dir, tmp_path / "b.tar.zst")
+    with open_bundle(archive) as b:
+        on_disk = lambda: sorted(  # noqa: E731
+            p.relative_to(b.root).as_posix() for p in b.root.rglob("*") if p.is_file())
+        assert on_disk() == ["manifest.json"]
+        assert b.read("parts/head_1.onnx") == b"head bytes"
+        assert on_disk() == ["manifest.json", "parts/head_1.onnx"]
+        b.verify(["parts/head_1.onnx", "parts/tail_1.onnx"])
+        assert on_disk() == ["manifest.json", "parts/head_1.onnx", "parts/tail_1.onnx"]
+        assert b.digest == load_bundle(bundle_dir).digest
+    assert b.closed
+    with pytest.raises(BundleError, match="closed"):
+        b.path_of("parts/full.onnx")
+    assert not open_bundle(bundle_dir).closed
+
+
+# -- manifest bombs -------------------------------------------------------------------------------
+
+
+def test_manifest_json_bombs_are_refused_before_parsing():
+    bomb = b'{"extra": [' + b"{}," * (MAX_MANIFEST_ELEMENTS // 2 + 10) + b"{}]}"
+    assert len(bomb) < MAX_MANIFEST_BYTES
+    with pytest.raises(ManifestError, match="JSON elements"):
+        Manifest.from_json(bomb)
+    with pytest.raises(ManifestError, match=f"at most {MAX_MANIFEST_BYTES}"):
+        Manifest.from_json(b" " * (MAX_MANIFEST_BYTES + 1))
+    with pytest.raises(ManifestError, match="JSON elements"):
+        Manifest.from_json(bomb.decode())
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("cuts", [{}] * 1025, "cuts: 1025 entries, at most 1024"),
+    ("files", [{}] * 10_001, "files: 10001 entries, at most 10000"),
+    ("inputs", [{}] * 1025, "inputs: 1025 entries"),
+])
+def test_manifest_element_counts_are_bounded(field, value, match):
+    data = json.loads(_manifest().to_json())
+    data[field] = value
+    with pytest.raises(ManifestError, match=match):
+        Manifest.from_dict(data)
+    with pytest.raises(ManifestError, match="shape: 65 entries, at most 64"):
+        TensorSpec(name="x", dtype="float32", shape=(1,) * 65)
+
+
+def test_a_signed_directory_checks_the_signature_before_parsing(tmp_path, keys):
+    src = tmp_path / "src"
+    _write(src, sign_key=keys["priv"])
+    (src / "manifest.json").write_bytes(b"[" * 1000 + b"]" * 1000)  # not even a manifest
+    with pytest.raises(BundleIntegrityError, match="does not verify"):
+        load_bundle(src, public_key=keys["pub"])
+    with pytest.raises(ManifestError):
+        load_bundle(src)
+
+
+def test_the_writer_refuses_a_manifest_readers_would_refuse(tmp_path):
+    huge = {f"k{i}": list(range(40)) for i in range(6000)}  # ~250,000 elements
+    with pytest.raises(BundleError, match="JSON elements"), BundleWriter(tmp_path / "b") as w:
+        w.add_file("parts/full.onnx", b"x")
+        w.finish(_manifest(cuts=(), artifacts=(), extra=huge))
+    assert not (tmp_path / "b").exists()
+
+
+# -- rollback ---------------------------------------------------------------------------------
+
+
+def test_bundle_version_round_trips_and_is_omitted_when_zero():
+    m = _manifest(bundle_version=7)
+    assert Manifest.from_json(m.to_json()).bundle_version == 7
+    assert "bundle_version" not in _manifest().to_dict()  # older manifests keep their bytes
+    assert Manifest.from_json(_manifest().to_json()).bundle_version == 0
+    with pytest.raises(ManifestError, match="bundle_version"):
+        _manifest(bundle_version=-1)
+
+
+def test_check_not_older_refuses_a_rollback_unless_forced(tmp_path):
+    v3, v5 = _manifest(bundle_version=3), _manifest(bundle_version=5)
+    check_not_older(v3, v5)
+    check_not_older(v5, v5)  # reinstalling the same release
+    with pytest.raises(BundleRollback, match="version 3 is older than the installed") as info:
+        check_not_older(v5, v3)
+    assert isinstance(info.value, PermissionDenied)
+    check_not_older(v5, v3, force=True)
+    check_not_older(3, v5)
+    with pytest.raises(BundleRollback):
+        check_not_older(6, v5)
+    with pytest.raises(InvalidArgument, match="different models"):
+        check_not_older(_manifest(model_name="other", bundle_version=1), v3)
+    with pytest.raises(InvalidArgument):
+        check_not_older(v3, "v5")
+    out = tmp_path / "b"
+    with BundleWriter(out) as w:
+        for rel, data in FILES.items():
+            w.add_file(rel, data)
+        w.finish(v3)
+    with pytest.raises(BundleRollback):
+        check_not_older(v5, load_bundle(out))  # a Bundle works too
+
+
+# -- engine recipes -------------------------------------------------------------------------
+
+
+def test_engine_recipe_is_typed_and_round_trips():
+    recipe = EngineRecipe(workspace_mb=1024, shapes={"x": ((1, 3), (4, 3), (8, 3))},
+                          shape_profile="x:1x3/4x3/8x3", unresolved_dims={"s": ("N", "S", 16)},
+                          compute_capability="8.7", version_compatible=True, dla_core=0)
+    deferred = Artifact(part="parts/tail_1.onnx", target="tensorrt", path="parts/tail_1.onnx",
+                        precision="fp16", device_profile="jetson-orin-nano-8gb",
+                        engine_recipe=recipe)
+    assert deferred.build_on_device
+    m = _manifest(artifacts=(deferred,))
+    again = Manifest.from_json(m.to_json())
+    assert again.artifacts[0].engine_recipe == recipe and again == m
+    with pytest.raises(ManifestError, match=r"shapes\['x'\]"):
+        EngineRecipe(shapes={"x": ((1,), (2,))})
+    with pytest.raises(ManifestError, match="workspace_mb"):
+        EngineRecipe(workspace_mb=0)
+    assert "engine_recipe" not in _manifest().artifacts[0].to_dict()
+
+
+def test_engine_recipes_written_into_extra_by_older_compilers_are_read():
+    data = json.loads(_manifest().to_json())
+    data["artifacts"].append({
+        "part": "parts/tail_1.onnx", "target": "tensorrt", "path": "parts/tail_1.onnx",
+        "precision": "fp16", "device_profile": "cloud-t4", "builder": "deferred",
+        "extra": {"build": "on-device", "workspace_mb": 2048, "shapes": {"h": [[1], [4], [8]]},
+                  "shape_profile": "h:1/4/8", "unresolved_dims": {}, "compute_capability": "7.5",
+                  "version_compatible": False, "dla_core": None},
+    })
+    art = Manifest.from_dict(data).artifacts[-1]
+    assert art.build_on_device
+    assert art.engine_recipe == EngineRecipe(workspace_mb=2048, shapes={"h": ((1,), (4,), (8,))},
+                                             shape_profile="h:1/4/8", compute_capability="7.5")
+
+
+def test_add_file_records_what_a_file_requires(tmp_path):
+    with BundleWriter(tmp_path / "b") as w:
+        w.add_file("parts/full.onnx", b"x", requires=["weights/w.bin"])
+        w.add_file("weights/w.bin", b"w")
+        m = w.finish(_manifest(cuts=(_manifest().cuts[0],), artifacts=()))
+    assert m.file("parts/full.onnx").requires == ("weights/w.bin",)
+    assert load_bundle(tmp_path / "b").manifest == m
+    with pytest.raises(ManifestError, match="requires"), BundleWriter(tmp_path / "c") as w:
+        w.add_file("parts/full.onnx", b"x", requires=["weights/missing.bin"])
+        w.finish(_manifest(cuts=(_manifest().cuts[0],), artifacts=()))
+    assert not (tmp_path / "c").exists()

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import sys
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -10,7 +13,14 @@ from hypothesis import strategies as st
 
 from tandem.protocol import chunking
 from tandem.protocol._codec import encode_chunk
-from tandem.protocol.chunking import CHUNK_COST, CHUNK_PREFIX, Reassembler, is_chunk, split
+from tandem.protocol.chunking import (
+    CHUNK_COST,
+    CHUNK_PREFIX,
+    SET_COST,
+    Reassembler,
+    is_chunk,
+    split,
+)
 from tandem.protocol.codec import decode, encode
 from tandem.protocol.errors import Code, InvalidArgument, MalformedMessage, PayloadTooLarge
 from tandem.protocol.messages import DeviceStatus, InferenceRequest
@@ -33,8 +43,8 @@ def big_frame(n_floats: int = 3 * 2**20 // 4) -> bytes:
 
 
 def test_public_surface():
-    assert set(chunking.__all__) == {"CHUNK_COST", "CHUNK_PREFIX", "Reassembler", "is_chunk",
-                                     "split"}
+    assert set(chunking.__all__) == {"CHUNK_COST", "CHUNK_PREFIX", "SET_COST", "Reassembler",
+                                     "is_chunk", "split"}
 
 
 def test_small_payload_is_returned_unchanged():
@@ -138,8 +148,10 @@ def test_declared_total_over_limit_is_refused_before_storing():
     assert r.pending_bytes == 0 and r.pending_sets == 0
 
 
-def test_oldest_sets_are_evicted_to_stay_under_the_limits():
-    r = Reassembler(max_total_bytes=8000, max_pending_sets=2)  # chunks cost data + CHUNK_COST
+def test_a_senders_oldest_sets_are_evicted_to_stay_under_its_quota():
+    budget = 12_000
+    r = Reassembler(max_total_bytes=budget, max_bytes_per_origin=budget, max_pending_sets=2,
+                    max_sets_per_origin=2)
     firsts = [split(os.urandom(4000), 1000)[0] for _ in range(3)]
     for p in firsts:
         r.feed(p)
@@ -147,7 +159,7 @@ def test_oldest_sets_are_evicted_to_stay_under_the_limits():
     big = split(os.urandom(4900), 1000)
     for p in big[:4]:
         r.feed(p)
-    assert r.pending_bytes <= 8000
+    assert r.pending_bytes <= budget
     assert r.evicted >= 2
 
 
@@ -215,10 +227,10 @@ def test_tiny_chunks_are_charged_their_real_cost():
     payload = os.urandom(3000)
     mid = os.urandom(16)
     chunks = [encode_chunk(mid, i, 3000, 3000, i, payload[i:i + 1]) for i in range(3000)]
-    r = Reassembler(max_total_bytes=4 << 20)
+    r = Reassembler(max_total_bytes=8 << 20)
     for c in chunks[:100]:
         r.feed(c)
-    assert r.pending_bytes == 100 * (1 + CHUNK_COST)
+    assert r.pending_bytes == 100 * (1 + CHUNK_COST) + SET_COST + sys.getsizeof("")
     tight = Reassembler(max_total_bytes=100_000)  # 3000 bytes of data, but 3000 chunks
     with pytest.raises(PayloadTooLarge, match="3000 chunks"):
         tight.feed(chunks[0])
@@ -228,10 +240,12 @@ def test_tiny_chunks_are_charged_their_real_cost():
 def test_a_set_that_fits_its_declared_budget_completes():
     payload = os.urandom(1000)
     parts = split(payload, 300)
-    budget = len(payload) + len(parts) * CHUNK_COST
-    r = Reassembler(max_total_bytes=budget)
+    budget = len(payload) + len(parts) * CHUNK_COST + SET_COST + sys.getsizeof("")
+    r = Reassembler(max_total_bytes=budget, max_bytes_per_origin=budget)
     out = [r.feed(p) for p in parts]
     assert out[-1] == payload and r.pending_bytes == 0
+    with pytest.raises(PayloadTooLarge, match="one sender may hold"):
+        Reassembler(max_total_bytes=budget, max_bytes_per_origin=budget - 1).feed(parts[0])
 
 
 def test_split_counts_bytes_of_any_memoryview():
@@ -250,3 +264,98 @@ def test_expiry_runs_on_every_feed_even_for_whole_messages():
     now[0] = 5.0
     r.feed(encode(DeviceStatus("d", "online", 1)))
     assert r.pending_sets == 0 and r.pending_bytes == 0 and r.expired == 1
+
+
+# -- attack review: per-sender quotas, sets bound to their origin, the real cost of a chunk -----
+
+
+def _first_chunk(mid: bytes, total: int = 2, count: int = 2, data: bytes = b"x") -> bytes:
+    return encode_chunk(mid, 0, count, total, 0, data)
+
+
+def test_one_sender_cannot_evict_another_senders_set_with_many_tiny_sets():
+    payload = os.urandom(5000)
+    victim = split(payload, 1000, MID)
+    r = Reassembler()  # defaults: 64 sets, 16 per sender
+    for p in victim[:-1]:
+        assert r.feed(p, origin="tandem/v1/req/cam-01/m") is None
+    for _ in range(64):  # 64 one-byte sets from another device: each starts a set
+        r.feed(_first_chunk(os.urandom(16)), origin="tandem/v1/req/evil/m")
+    assert r.held_by("tandem/v1/req/evil/m")[0] == r.max_sets_per_origin == 16
+    assert r.evicted == 64 - 16  # all of them the attacker's own
+    assert r.feed(victim[-1], origin="tandem/v1/req/cam-01/m") == payload
+
+
+def test_one_sender_cannot_evict_a_smaller_set_of_another_by_filling_bytes():
+    legit = os.urandom(20_000)
+    parts = split(legit, 2000)
+    r = Reassembler(max_total_bytes=400_000, max_pending_sets=64)
+    for p in parts[:-1]:
+        r.feed(p, origin="good")
+    for _ in range(2000):  # as many bytes as the attacker may hold, and more
+        with contextlib.suppress(PayloadTooLarge):
+            r.feed(_first_chunk(os.urandom(16), total=200, count=2, data=b"x" * 100),
+                   origin="evil")
+    assert r.held_by("evil")[1] <= r.max_bytes_per_origin
+    assert r.pending_bytes <= r.max_total_bytes
+    assert r.feed(parts[-1], origin="good") == legit
+
+
+def test_under_total_pressure_the_sender_holding_the_most_loses():
+    r = Reassembler(max_total_bytes=60_000, max_bytes_per_origin=30_000, max_pending_sets=64)
+    small = split(os.urandom(6000), 1000)
+    for p in small[:-1]:
+        r.feed(p, origin="small")
+    for o in ("big-1", "big-2"):  # two senders near their quota: the total is exceeded
+        for _ in range(10):
+            with contextlib.suppress(PayloadTooLarge):
+                r.feed(_first_chunk(os.urandom(16), total=4000, count=2, data=b"x" * 2000),
+                       origin=o)
+    assert r.pending_bytes <= r.max_total_bytes
+    assert r.held_by("small")[0] == 1  # never the smallest holder
+    assert r.feed(small[-1], origin="small") is not None
+
+
+def test_a_chunk_never_joins_a_set_of_another_origin():
+    victim_payload, evil_payload = os.urandom(3000), os.urandom(3000)
+    victim = split(victim_payload, 1000, MID)
+    evil = split(evil_payload, 1000, MID)  # the victim's set id, from the attacker's topic
+    assert len(victim) == len(evil) == 4
+    r = Reassembler()
+    assert r.feed(victim[0], origin="tandem/v1/req/cam-01/m") is None
+    for p in evil[1:]:  # everything the victim has not sent yet
+        assert r.feed(p, origin="tandem/v1/req/evil/m") is None
+    for p in victim[1:-1]:
+        assert r.feed(p, origin="tandem/v1/req/cam-01/m") is None
+    assert r.feed(victim[-1], origin="tandem/v1/req/cam-01/m") == victim_payload
+    assert r.pending_sets == 1 and r.held_by("tandem/v1/req/evil/m")[0] == 1
+    # a conflicting chunk on the victim's own topic drops only the victim's set
+    r.feed(victim[0], origin="tandem/v1/req/cam-01/m")  # late duplicate: ignored
+    assert r.held_by("tandem/v1/req/cam-01/m") == (0, 0)
+
+
+def test_tiny_chunks_cost_no_more_memory_than_they_are_charged():
+    # 1-byte chunks: the per-chunk bookkeeping, not the data, is what costs memory
+    mid = os.urandom(16)
+    n = 20_000
+    r = Reassembler(max_total_bytes=64 << 20)
+    frames = (encode_chunk(mid, i, n + 1, n + 1, i, b"x") for i in range(n))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for f in frames:
+            r.feed(f)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert r.pending_sets == 1
+    assert grown <= r.pending_bytes, (grown / n, r.pending_bytes / n)
+
+
+def test_quota_arguments_are_checked():
+    with pytest.raises(InvalidArgument):
+        Reassembler(max_total_bytes=100, max_bytes_per_origin=101)
+    with pytest.raises(InvalidArgument):
+        Reassembler(max_pending_sets=4, max_sets_per_origin=5)
+    r = Reassembler(max_total_bytes=1000, max_pending_sets=8)
+    assert (r.max_bytes_per_origin, r.max_sets_per_origin) == (500, 2)

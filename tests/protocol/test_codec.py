@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import zstandard
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tandem.protocol import codec
 from tandem.protocol.codec import DEFAULT_LIMITS, Limits, MessageType, decode, encode
@@ -32,6 +33,7 @@ from tests._support.strategies import (
     error_responses,
     frame,
     loads,
+    messages,
     ok_responses,
     request_body,
     requests,
@@ -569,3 +571,85 @@ def test_decoded_int8_scale_must_be_a_normal_float32():
 def test_another_major_version_is_reported_before_the_body_is_parsed(body):
     with pytest.raises(UnsupportedVersion, match="version 2"):
         decode(msgpack.packb([2, 1, body]))
+
+
+# -- attack review: the encoder never emits what the decoder refuses; lists and lengths -------
+
+
+def _refused_by_encoder(build) -> None:
+    """``build()`` makes a tensor or a frame; either it or encoding it raises InvalidArgument."""
+    with pytest.raises(InvalidArgument):
+        t = build()
+        encode(request(t))
+
+
+def test_encode_refuses_a_compressed_bool_tensor_holding_a_2():
+    payload = zstandard.ZstdCompressor().compress(b"\x01\x00\x02\x01")
+    malformed(frame(request_body(dtype=int(DType.BOOL), shape=[4], compression=1,
+                                 size=len(payload)), payloads=(payload,)), "bool")
+    _refused_by_encoder(lambda: Tensor("b", DType.BOOL, (4,), payload, compressed=True))
+
+
+@pytest.mark.parametrize("how", ["two frames", "junk after", "truncated"])
+def test_encode_refuses_zstd_payloads_the_decoder_refuses(how):
+    good = zstandard.ZstdCompressor().compress(np.arange(4, dtype="<f4").tobytes())
+    payload = {"two frames": good + good, "junk after": good + b"junk",
+               "truncated": good[:-3]}[how]
+    malformed(_zstd_tensor_frame(payload, [4]))
+    _refused_by_encoder(lambda: Tensor("x", DType.FLOAT32, (4,), payload, compressed=True))
+
+
+def test_encode_refuses_a_frame_longer_than_max_message_bytes():
+    # tensors of exactly the limit: the envelope and padding make the frame longer
+    lim = Limits(max_message_bytes=1000, max_tensor_bytes=1000)
+    msg = request(Tensor.from_array("x", np.zeros(1000, np.uint8)))
+    too_large(encode(msg), "frame of", limits=lim)
+    with pytest.raises(PayloadTooLarge, match="1000"):
+        encode(msg, lim)
+
+
+def _cloud_load_frame(n: int) -> bytes:
+    return frame({"worker_id": "w", "timestamp_ms": 1, "tail_ms": [["d", 1, 1.0]] * n},
+                 mtype=int(MessageType.CLOUD_LOAD))
+
+
+def test_max_list_len_is_enforced_when_decoding():
+    assert len(decode(_cloud_load_frame(4096)).tail_ms) == 4096
+    too_large(_cloud_load_frame(4097), "tail_ms.*4097 entries.*4096")
+    small = Limits(max_list_len=3)
+    too_large(_cloud_load_frame(4), "tail_ms", limits=small)
+    assert len(decode(_cloud_load_frame(3), small).tail_ms) == 3
+    # the encoder agrees at the same limit
+    with pytest.raises(InvalidArgument, match="list of over 3"):
+        encode(CloudLoad("w", 1, tail_ms=(("d", 1, 1.0),) * 4), small)
+
+
+@pytest.mark.parametrize(("head", "what"), [(b"\xdb", "str"), (b"\xc6", "bin")])
+def test_a_truncated_length_over_the_limit_is_too_large_not_truncated(head, what):
+    declared = (2**32 - 1).to_bytes(4, "big")
+    data = b"\x93\x01\x03\x81\xa9device_id" + head + declared + b"abc"
+    too_large(data, f"{what} of 4294967295 bytes")
+    # ext types are never allowed in v1, whatever their length
+    ext = b"\x93\x01\x03\x81\xa9device_id\xc9" + declared + b"\x05abc"
+    assert "truncated" not in str(malformed(ext))
+    # a short declared length that the frame does not hold is still "truncated"
+    short = b"\x93\x01\x03\x81\xa9device_id" + b"\xd9\x20" + b"abc"
+    malformed(short, "truncated")
+
+
+_small_limits = st.builds(
+    Limits, max_message_bytes=st.integers(0, 4096), max_header_bytes=st.integers(0, 512),
+    max_tensors=st.integers(0, 4), max_tensor_bytes=st.integers(0, 512),
+    max_rank=st.integers(0, 3), max_dim=st.integers(0, 6), max_string_len=st.integers(0, 32),
+    max_list_len=st.integers(0, 4), max_fields=st.integers(0, 10),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(msg=messages, limits=_small_limits)
+def test_whatever_encode_emits_decodes_under_the_same_limits(msg, limits):
+    try:
+        data = encode(msg, limits)
+    except (InvalidArgument, PayloadTooLarge):
+        return
+    assert decode(data, limits) == msg

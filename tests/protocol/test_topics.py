@@ -80,6 +80,47 @@ def test_validate_id_accepts(good):
     assert validate_id(good) == good
 
 
+# What MQTT 5 §1.5.4 lets a broker refuse (mosquitto does: a SUBSCRIBE or PUBLISH holding one
+# of these is a malformed packet; tests/security/test_wire_ids.py replays them on a real broker).
+BROKER_REFUSED = [
+    "cam\u0085",  # C1 control (NEL)
+    "cam\u0080", "cam\u009f",  # both ends of the C1 block
+    "cam\u0001", "cam\u001f", "cam\x7f",  # C0 controls and DEL
+    "cam\ufdd0", "cam\ufdef",  # the noncharacter block U+FDD0..U+FDEF
+    "cam\ufffe", "cam\uffff",  # U+xFFFE / U+xFFFF on the BMP...
+    "cam\U0001fffe", "cam\U0010ffff",  # ...and on every other plane
+]
+
+
+@pytest.mark.parametrize("bad", BROKER_REFUSED)
+def test_validate_id_refuses_what_brokers_refuse(bad):
+    with pytest.raises(InvalidArgument, match="device_id") as info:
+        validate_id(bad, "device_id")
+    assert f"U+{ord(bad[-1]):04X}" in str(info.value)  # names the character
+    with pytest.raises(InvalidArgument):
+        response_topic(bad)
+    with pytest.raises(InvalidArgument):
+        parse_request_topic(f"tandem/v1/req/{bad}/m")
+    with pytest.raises(InvalidArgument):
+        validate_id(bad.encode("utf-8"), "device_id")
+
+
+@pytest.mark.parametrize("good", [
+    "cam\u00a0",  # NO-BREAK SPACE: right after the C1 block
+    "cam\ufdcf", "cam\ufdf0",  # just outside the noncharacter block
+    "cam\ufffd",  # REPLACEMENT CHARACTER
+    "cam\U0001fffd", "cam\U0010fffd", "\U0001f4f7-01",  # astral planes, emoji
+])
+def test_validate_id_accepts_the_neighbours(good):
+    assert validate_id(good) == good
+
+
+def test_refused_character_is_the_rule_alone():
+    assert topics.refused_character("tandem/v1/resp/cam-01") is None
+    assert topics.refused_character("a/b\u0085/c\ufdd0") == "\u0085"
+    assert topics.refused_character("x\U0003ffff") == "\U0003ffff"
+
+
 def test_builders_validate_their_ids():
     for build in (response_topic, status_topic, load_topic, assign_topic):
         with pytest.raises(InvalidArgument):
