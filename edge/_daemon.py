@@ -44,6 +44,7 @@ from tandem.edge._planner import Decision
 from tandem.edge._serving import ServingModel, build_serving_model
 from tandem.edge._spool import Spool
 from tandem.protocol import codec, topics
+from tandem.protocol.dtypes import LOSSY_ENCODINGS
 from tandem.protocol.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -68,7 +69,7 @@ __all__ = ["Answer", "Deferred", "EdgeDaemon", "RequestOptions"]
 
 log = logging.getLogger("tandem.edge")
 
-_ENCODING = {"raw": Encoding.RAW, "fp16": Encoding.FP16, "int8": Encoding.INT8_AFFINE}
+_ENCODING = {"raw": Encoding.RAW, **LOSSY_ENCODINGS}
 _PROBE_BUDGET_MS = 2000
 _WINDOW_S = 60.0
 _STATUS_FIELDS = {f.name for f in dataclasses.fields(DeviceStatus)}
@@ -249,9 +250,9 @@ class EdgeDaemon:
 
     def _load_model(self, path: Path) -> ServingModel:
         """Verify, load and profile the bundle at ``path`` (blocking)."""
-        from tandem.protocol.bundle import load_bundle
+        from tandem.protocol.bundle import open_bundle
 
-        bundle = load_bundle(path, public_key=self.public_key)
+        bundle = open_bundle(path, public_key=self.public_key)
         try:
             model = build_serving_model(bundle, Path(path), self.profile, self.link, self.config,
                                         self.state_dir, progress=self.progress)

@@ -40,7 +40,6 @@ log = logging.getLogger("tandem.edge.profiler")
 
 FORMAT = 1
 _DEFAULT_OPEN_DIM = 64
-_ENCODINGS = {"raw": 0, "fp16": 1, "int8": 2}  # protocol Encoding values
 
 
 @dataclass(frozen=True)
@@ -216,11 +215,12 @@ class _Progress:
 def _encode_costs(frontier: dict[str, np.ndarray], encodings: tuple[str, ...],
                   runs: int) -> tuple[dict[str, float], dict[str, int]]:
     """(ms, bytes) to encode ``frontier`` in each encoding (raw and the verified ones)."""
+    from tandem.protocol.dtypes import LOSSY_ENCODINGS
     from tandem.protocol.tensors import Encoding, Tensor
 
     ms, sizes = {}, {}
     for enc in ("raw", *encodings):
-        code = Encoding(_ENCODINGS[enc])
+        code = LOSSY_ENCODINGS.get(enc, Encoding.RAW)
 
         def encode(code=code) -> int:
             return sum(Tensor.from_array(n, a, code if a.dtype == np.float32 else

@@ -5,7 +5,8 @@
    size, every file's digest, the manifest's digest = the assignment's, the ed25519 signature
    with the bundle-signing public key) into ``<state_dir>/bundles/<digest>``. A daemon without
    a public key refuses every assignment (bundles must be signed).
-2. **Not older** than the bundle being served (:func:`is_older`) unless ``allow_downgrade``.
+2. **Not older** than the bundle being served (``check_not_older``: its ``bundle_version``)
+   unless ``allow_downgrade``; a bundle of another model is not ordered against it.
 3. **Load and profile** it beside the running one (the profile table is stored under its own
    digest); a bundle that fails here is refused and the running one keeps serving.
 4. **Switch** atomically (:meth:`EdgeDaemon._install`): a request already running finishes on
@@ -24,7 +25,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tandem.protocol.bundle import check_not_older
 from tandem.protocol.errors import (
     FailedPrecondition,
     MissingDependency,
@@ -39,31 +40,11 @@ from tandem.protocol.errors import (
     TandemError,
 )
 
-__all__ = ["Rollout", "is_older"]
+__all__ = ["Rollout"]
 
 log = logging.getLogger("tandem.edge.rollout")
 
 _KEEP_BUNDLES = 2  # the current bundle and the previous one
-
-
-def _version_key(text: str) -> tuple[int, ...] | None:
-    parts = re.findall(r"\d+", text)
-    if not parts or not re.fullmatch(r"[vV]?\d+([.\-_+]\d+)*", text.strip()):
-        return None
-    return tuple(int(p) for p in parts)
-
-
-def is_older(new: Any, current: Any) -> bool:
-    """True when manifest ``new`` is an older release than ``current``: by ``bundle_version``
-    when both manifests carry one, else by ``model_version`` when both are dotted numbers, else
-    by ``created_at``."""
-    a, b = getattr(new, "bundle_version", None), getattr(current, "bundle_version", None)
-    if isinstance(a, int) and isinstance(b, int):
-        return a < b
-    ka, kb = _version_key(new.model_version), _version_key(current.model_version)
-    if ka is not None and kb is not None:
-        return ka < kb
-    return new.created_at < current.created_at
 
 
 class Rollout:
@@ -181,13 +162,13 @@ class Rollout:
                 f"the downloaded bundle is {model.digest[:12]}, not the assigned one"))
             return False
         current = d.model
-        if current is not None and not d.config.allow_downgrade and \
-                is_older(model.bundle.manifest, current.bundle.manifest):
-            await loop.run_in_executor(None, model.close)
-            self._refuse(assignment, FailedPrecondition(
-                f"version {model.bundle.manifest.model_version!r} is older than the running "
-                f"{current.bundle.manifest.model_version!r} (allow_downgrade is off)"))
-            return False
+        if current is not None and current.name == model.name:
+            try:
+                check_not_older(current.bundle, model.bundle, force=d.config.allow_downgrade)
+            except PermissionDenied as exc:
+                await loop.run_in_executor(None, model.close)
+                self._refuse(assignment, exc)
+                return False
         old = current
         d._install(model)
         self._write_record(path, old.path if old is not None else None)

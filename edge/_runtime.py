@@ -31,24 +31,25 @@ from typing import Any
 
 import numpy as np
 
+from tandem.protocol import dtypes
 from tandem.protocol.errors import InvalidArgument, MissingDependency, TandemError
 
 __all__ = ["ModelRuntime", "PartRunner", "check_feeds"]
 
 log = logging.getLogger("tandem.edge.runtime")
 
-_NUMPY = {"bool": np.bool_, "int8": np.int8, "int16": np.int16, "int32": np.int32,
-          "int64": np.int64, "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32,
-          "uint64": np.uint64, "float16": np.float16, "float32": np.float32,
-          "float64": np.float64, "bfloat16": np.uint16}
 _MAX_ELEMENTS = 1 << 31
 
 
 def numpy_dtype(manifest_dtype: str) -> np.dtype:
-    try:
-        return np.dtype(_NUMPY[manifest_dtype])
-    except KeyError:
-        raise InvalidArgument(f"the edge daemon does not carry {manifest_dtype} tensors") from None
+    """The numpy dtype holding a manifest dtype's values (bfloat16: uint16 bit patterns, as on
+    the wire); InvalidArgument for a type the daemon does not carry."""
+    info = dtypes.by_name(manifest_dtype)
+    if info.numpy is not None:
+        return info.numpy
+    if info.name == "bfloat16":
+        return np.dtype("<u2")
+    raise InvalidArgument(f"the edge daemon does not carry {manifest_dtype} tensors")
 
 
 class PartRunner:
@@ -219,21 +220,18 @@ class ModelRuntime:
                 out.append(p)
         return out
 
-    def _ort_source(self, part: str) -> tuple[Path, bool]:
-        for art in self.manifest.artifacts_for(part, target="onnxruntime",
-                                               device_profile=self.profile.id):
-            return self.bundle.path_of(art.path), True
-        return self.bundle.path_of(part), False
-
     def load(self) -> None:
-        """Activate every part on ONNX Runtime (raises what ONNX Runtime raises, translated)."""
+        """Activate every part on ONNX Runtime (the bundle's ONNX Runtime artifact of a part
+        when it has one, else the part; :meth:`Bundle.select` verifies what it picks)."""
         from tandem.devices.backends import OnnxRuntimeBackend
 
+        selection = self.bundle.select(("head", "tail", "full"), "onnxruntime")
+        runnables = {r.part: r for r in selection.distinct()}
         try:
             for part in self.part_paths():
-                path, optimized = self._ort_source(part)
-                backend = OnnxRuntimeBackend(path, intra_op_threads=self.intra_op_threads or None,
-                                             optimized=optimized, name=part).activate()
+                r = runnables[part]
+                backend = OnnxRuntimeBackend(r.path, intra_op_threads=self.intra_op_threads or None,
+                                             optimized=r.optimized, name=part).activate()
                 self.parts[part] = PartRunner(part, backend, "onnxruntime")
                 self.engine_status[part] = "onnxruntime"
         except BaseException:
@@ -287,9 +285,9 @@ class ModelRuntime:
 
     # -- TensorRT -------------------------------------------------------------------------------
 
-    def engine_plan(self) -> list[tuple[str, Any]]:
-        """(part, TensorRT artifact) for each part that has one for this profile, or [] when
-        TensorRT is not wanted or not importable."""
+    def engine_plan(self) -> list[Any]:
+        """The TensorRT :class:`~tandem.protocol.bundle.Runnable` of each part that has one for
+        this profile, or [] when TensorRT is not wanted or not importable."""
         if self.backend_choice == "onnxruntime" or self.profile.compute_capability is None:
             return []
         try:
@@ -301,17 +299,15 @@ class ModelRuntime:
                 raise
             log.debug("TensorRT not used: %s", exc)
             return []
+        selection = self.bundle.select(("head", "tail", "full"), self.profile.id)
         plan = []
-        for part in self.parts:
-            arts = self.manifest.artifacts_for(part, target="tensorrt",
-                                               device_profile=self.profile.id)
-            arts = [a for a in arts if a.device_profile == self.profile.id]
-            if not arts:
+        for r in selection.distinct():
+            if r.backend != "tensorrt" or r.part not in self.parts:
                 continue
-            if arts[0].extra.get("unresolved_dims"):
-                self.engine_status[part] = "onnxruntime (TensorRT needs concrete shapes)"
+            if r.recipe is not None and r.recipe.unresolved_dims and r.build_on_device:
+                self.engine_status[r.part] = "onnxruntime (TensorRT needs concrete shapes)"
                 continue
-            plan.append((part, arts[0]))
+            plan.append(r)
         return plan
 
     def start_engines(self) -> bool:
@@ -319,8 +315,8 @@ class ModelRuntime:
         plan = self.engine_plan()
         if not plan:
             return False
-        for part, _ in plan:
-            self.engine_status[part] = "onnxruntime (TensorRT engine building)"
+        for r in plan:
+            self.engine_status[r.part] = "onnxruntime (TensorRT engine building)"
         self._engine_thread = threading.Thread(target=self._build_engines, args=(plan,),
                                                name="tandem-edge-engines", daemon=True)
         self._engine_thread.start()
@@ -334,13 +330,14 @@ class ModelRuntime:
         t.join(timeout_s)
         return not t.is_alive()
 
-    def _build_engines(self, plan: list[tuple[str, Any]]) -> None:
-        for part, artifact in plan:
+    def _build_engines(self, plan: list[Any]) -> None:
+        for runnable in plan:
+            part = runnable.part
             if self._stop.is_set():
                 return
             started = time.monotonic()
             try:
-                backend = self._engine_backend(part, artifact)
+                backend = self._engine_backend(runnable)
             except TandemError as exc:
                 self.engine_status[part] = f"onnxruntime (TensorRT failed: {exc})"
                 log.warning("TensorRT engine for %s failed; ONNX Runtime keeps serving it: %s",
@@ -364,20 +361,23 @@ class ModelRuntime:
                 except Exception:
                     log.exception("engine switch hook failed")
 
-    def _engine_backend(self, part: str, artifact: Any) -> Any:
+    def _engine_backend(self, runnable: Any) -> Any:
+        """An active TensorRT backend for ``runnable``: its bundled engine when this TensorRT
+        loads it, else one built from the part (its recipe) into the engine cache."""
         from tandem.devices.engines import EngineCache, EngineFromOnnx, activate_cached
 
-        onnx_path = self.bundle.path_of(part)
-        if artifact.extra.get("build") == "prebuilt" and artifact.path != part:
+        part = runnable.part
+        if not runnable.build_on_device:
             from tandem.devices.backends import TensorRTBackend
 
             try:
-                return TensorRTBackend(self.bundle.path_of(artifact.path).read_bytes(),
-                                       name=part, foreign_engine="error").activate()
+                return TensorRTBackend(runnable.path, name=part,
+                                       foreign_engine="error").activate()
             except TandemError as exc:
-                log.info("prebuilt engine for %s not usable here (%s); building one", part, exc)
-        build = EngineFromOnnx.from_recipe(onnx_path, self.profile, artifact.precision,
-                                           artifact.extra)
+                log.info("bundled engine for %s not usable here (%s); building one", part, exc)
+        source = runnable.source or self.bundle.path_of(part)
+        build = EngineFromOnnx.from_recipe(source, self.profile, runnable.precision,
+                                           runnable.recipe or {})
         cache = EngineCache(self.engine_cache or Path.home() / ".cache" / "tandem" / "engines")
         return activate_cached(cache, build.engine_key(), build, name=part)
 

@@ -36,7 +36,7 @@ def test_precedence_option_env_file_enrollment_default(tmp_path):
     ({"api_port": 70000}, {}, "api_port must be in"),
     ({"mode": "split:x"}, {}, "mode must be auto, local, cloud or split"),
     ({"broker": "http://x"}, {}, "scheme must be mqtt or mqtts"),
-    ({"device_id": "a/b"}, {}, "forbidden characters"),
+    ({"device_id": "a/b"}, {}, "device_id must not contain"),
     ({"profile_shapes": "x=1xq"}, {}, "NAME=DxDx"),
     ({"hysteresis": 1.5}, {}, r"hysteresis must be in \[0, 1\)"),
 ])
