@@ -300,7 +300,7 @@ class LocalApi:
         kserve = self.kserve
         outputs = tuple(kserve.InferTensor.from_array(n, a) for n, a in answer.outputs.items()
                         if req.selects(n))
-        response = kserve.InferResponse(answer.model, outputs, answer.model_version or None,
+        response = kserve.InferResponse(answer.model, outputs, answer.version or None,
                                         req.id, _params(params or answer.parameters))
         if sum(int(a.nbytes) for a in answer.outputs.values()) > _BIG_BODY:
             body, header_length = await asyncio.get_running_loop().run_in_executor(
