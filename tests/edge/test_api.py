@@ -255,7 +255,7 @@ def test_deferrable_requests_are_spooled_and_fetched_once(api):
         deadline.wait(0.01)
     pending = client.infer(x, mode="cloud", deferrable=True)
     assert isinstance(pending, Deferred)
-    status, data, headers = api.raw("GET", f"/v2/spool/{pending.id}")
+    status, data, _ = api.raw("GET", f"/v2/spool/{pending.id}")
     assert status == 202 and json.loads(data)["state"] == "pending"
     assert client.result(pending.id) is None
     listing = json.loads(api.raw("GET", "/v2/spool")[1])

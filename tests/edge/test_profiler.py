@@ -54,7 +54,7 @@ def test_profile_shapes():
     class M:
         inputs = (TensorSpec(name="x", dtype="float32", shape=("N", 3, "H", "W")),
                   TensorSpec(name="m", dtype="float32", shape=(1, 4)))
-        input_shapes = {}
+        input_shapes: dict = {}  # noqa: RUF012
 
     assert profile_shapes(M, {}) == {"x": (1, 3, 64, 64), "m": (1, 4)}
     assert profile_shapes(M, {"x": (2, 3, 32, 48)})["x"] == (2, 3, 32, 48)

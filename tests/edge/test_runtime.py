@@ -206,7 +206,6 @@ def test_an_unloadable_part_is_a_clean_error(residual_bundle, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(residual_bundle, broken)
     (broken / "ort" / "full.onnx").write_bytes(b"not onnx" + b"\0" * 10)
-    with pytest.raises(Exception) as info:
-        with open_bundle(broken) as bundle:
-            ModelRuntime(bundle, get_profile("cpu-x86_64")).load()
+    with pytest.raises(Exception) as info, open_bundle(broken) as bundle:
+        ModelRuntime(bundle, get_profile("cpu-x86_64")).load()
     assert "full.onnx" in str(info.value)

@@ -45,7 +45,7 @@ def test_a_full_spool_refuses_new_requests_and_keeps_the_old(tmp_path):
     spool = Spool(tmp_path / "s.db", max_items=2, max_bytes=100)
     spool.put("1" * 32, "m", b"x" * 10, {})
     spool.put("2" * 32, "m", b"x" * 10, {})
-    with pytest.raises(ResourceExhausted, match="spool is full.*2 requests waiting"):
+    with pytest.raises(ResourceExhausted, match=r"spool is full.*2 requests waiting"):
         spool.put("3" * 32, "m", b"x", {})
     assert {e.id for e in spool.due()} == {"1" * 32, "2" * 32}
     spool.complete("1" * 32, b"r", {})
