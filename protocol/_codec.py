@@ -202,6 +202,9 @@ class _Field(NamedTuple):
     key: str  # map key on the wire == attribute name of the message class
     check: Callable[[Any], Any]  # scalar check, or None for the special kinds below
     default: Any = _REQUIRED  # a value, a zero-argument factory (callable), or _REQUIRED
+    # fields added after v1.0 are written only when not at their default, so every message an
+    # older writer could write still encodes to the same bytes (SPEC.md §7)
+    omit_default: bool = False
 
 
 def _get(body: dict, f: _Field) -> Any:
@@ -412,6 +415,7 @@ _SCHEMAS: dict[MessageType, tuple[type, tuple[_Field, ...]]] = {
         _Field("timings", _timings_dec, Timings),
         _Field("worker_id", _str, ""),
         _Field(_OUTPUTS, None, ()),
+        _Field("queue_depth", _u63, 0, omit_default=True),
     )),
     MessageType.DEVICE_STATUS: (DeviceStatus, (
         _Field("device_id", _str),
@@ -429,6 +433,8 @@ _SCHEMAS: dict[MessageType, tuple[type, tuple[_Field, ...]]] = {
         _Field("inflight", _u63, 0),
         _Field("queue_ms", _nonneg_float, 0.0),
         _Field("tail_ms", _tail_ms, ()),
+        _Field("state", _str, "online", omit_default=True),
+        _Field("batch_size", _tail_ms, (), omit_default=True),
     )),
     MessageType.ASSIGNMENT: (Assignment, (
         _Field("device_id", _str),
@@ -528,6 +534,8 @@ def encode_parts(msg: Message, limits: Limits = DEFAULT_LIMITS
                 except _Bad as exc:
                     raise _Bad(f"field {f.key!r}: {exc}") from None
                 body[f.key] = [_tensor_map(t) for t in tensors]
+            elif f.omit_default and getattr(msg, f.key) == f.default:
+                continue
             elif f.key in _ENCODERS:
                 body[f.key] = _ENCODERS[f.key](getattr(msg, f.key))
             else:

@@ -78,6 +78,7 @@ class InferenceResponse:
     error: ErrorInfo | None = None
     timings: Timings = field(default_factory=Timings)
     worker_id: str = ""
+    queue_depth: int = 0  # requests waiting at the answering worker when this one finished
     version: int = PROTOCOL_VERSION
 
     @property
@@ -110,6 +111,9 @@ class CloudLoad:
     queue_ms: float = 0.0  # expected wait before a new request starts
     # measured tail latency per (model digest, cut id) → ms, for the edge planners
     tail_ms: tuple[tuple[str, int, float], ...] = ()
+    state: str = "online"  # "online" | "draining" | "offline" (the last will)
+    # mean batch size per (model digest, cut id), same layout as tail_ms
+    batch_size: tuple[tuple[str, int, float], ...] = ()
     version: int = PROTOCOL_VERSION
 
 

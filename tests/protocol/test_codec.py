@@ -653,3 +653,19 @@ def test_whatever_encode_emits_decodes_under_the_same_limits(msg, limits):
     except (InvalidArgument, PayloadTooLarge):
         return
     assert decode(data, limits) == msg
+
+
+def test_v1_1_fields_round_trip_and_are_written_only_when_set():
+    """queue_depth (responses), state and batch_size (cloud load) came after v1.0: a message
+    that leaves them at their defaults encodes to exactly what a v1.0 writer wrote."""
+    rid = bytes(range(16))
+    plain = InferenceResponse(id=rid, worker_id="w")
+    assert b"queue_depth" not in encode(plain)
+    busy = InferenceResponse(id=rid, worker_id="w", queue_depth=7)
+    assert decode(encode(busy)) == busy and b"queue_depth" in encode(busy)
+    load = CloudLoad(worker_id="w", timestamp_ms=1, tail_ms=(("d" * 64, 2, 1.5),))
+    assert b"state" not in encode(load) and b"batch_size" not in encode(load)
+    offline = CloudLoad(worker_id="w", timestamp_ms=1, state="offline",
+                        batch_size=(("d" * 64, 2, 3.25),))
+    assert decode(encode(offline)) == offline
+    assert decode(encode(load)).state == "online"

@@ -1,0 +1,70 @@
+"""One configuration layer: options > TANDEM_* environment > TOML file > defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tandem.cloud import CloudConfig, load_config, parse_broker
+from tandem.protocol import InvalidArgument, NotFound
+
+
+def test_defaults_and_precedence(tmp_path):
+    cfg_file = tmp_path / "cloud.toml"
+    cfg_file.write_text('[cloud]\nrepo = "bundles"\nmax_batch = 4\nmax_delay_ms = 7\n'
+                        'group = "from-file"\n')
+    env = {"TANDEM_MAX_BATCH": "16", "TANDEM_GROUP": "from-env"}
+    cfg = load_config({"group": "from-option", "max_batch": None}, env=env,
+                      config_file=cfg_file)
+    assert cfg.group == "from-option"  # option beats environment
+    assert cfg.max_batch == 16  # environment beats file (the option was not given)
+    assert cfg.max_delay_ms == 7.0  # file beats default
+    assert cfg.repo == tmp_path / "bundles"  # relative to the config file
+    assert cfg.broker == "mqtt://127.0.0.1:1883" and cfg.queue_limit == 256
+    assert cfg.http_port is None and cfg.inflight_limit == 32
+
+
+def test_config_file_from_the_environment_and_top_level_keys(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text(f'repo = "{tmp_path}"\nhttp_port = 0\n')
+    cfg = load_config({}, env={"TANDEM_CONFIG": str(f), "TANDEM_HTTP_PORT": "off"})
+    assert cfg.repo == tmp_path and cfg.http_port is None
+
+
+@pytest.mark.parametrize(("options", "env", "toml", "match"), [
+    ({}, {}, None, "no model repository"),
+    ({"repo": "r"}, {"TANDEM_MAX_BATCH": "x"}, None, "TANDEM_MAX_BATCH: expected an integer"),
+    ({"repo": "r"}, {"TANDEM_MAX_DELAY_MS": "nan"}, None, "finite"),
+    ({"repo": "r", "max_batch": 0}, {}, None, "max_batch must be in"),
+    ({"repo": "r", "broker": "http://h"}, {}, None, "scheme must be mqtt"),
+    ({"repo": "r", "worker_id": "a/b"}, {}, None, "must not contain"),
+    ({}, {}, '[cloud]\nrepo = "r"\nmax_bach = 3\n', "unknown key"),
+    ({}, {}, "repo = [", "not valid TOML"),
+    ({}, {}, '[cloud]\nrepo = "r"\nmax_batch = true\n', "max_batch: expected an integer"),
+    ({}, {}, 'repo = "r"\n[cloud]\nmax_batch = 2\n', r"outside \[cloud\]"),
+])
+def test_bad_values_are_one_line_errors(tmp_path, options, env, toml, match):
+    f = None
+    if toml is not None:
+        f = tmp_path / "c.toml"
+        f.write_text(toml)
+    with pytest.raises(InvalidArgument, match=match):
+        load_config(options, env=env, config_file=f)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(NotFound):
+        load_config({"repo": "r"}, env={}, config_file=tmp_path / "none.toml")
+
+
+def test_broker_urls():
+    b = parse_broker("mqtts://user:p%40ss@broker.example:8884")
+    assert (b.scheme, b.host, b.port, b.username, b.password, b.tls) == (
+        "mqtts", "broker.example", 8884, "user", "p@ss", True)
+    assert "p@ss" not in str(b)
+    assert parse_broker("mqtt://h").port == 1883 and parse_broker("mqtts://h").port == 8883
+    for bad in ("h:1883", "mqtt://", "mqtt://h:99999", "mqtt://h/path"):
+        with pytest.raises(InvalidArgument):
+            parse_broker(bad)
+    assert CloudConfig(repo=Path("r")).worker_id  # a default id from host and pid
