@@ -18,9 +18,12 @@ thread); an :class:`AsyncClient` shares a connection pool between tasks.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import socket
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +35,8 @@ from tandem.protocol.errors import InvalidArgument, NotFound, TandemError, Unava
 from tandem.protocol.lazy import require
 
 __all__ = ["AsyncClient", "Client", "InferResult"]
+
+_HEADER_LENGTH_LOWER = "inference-header-content-length"
 
 
 @dataclass
@@ -104,6 +109,118 @@ def _spool_result(status: int, body: bytes, header_length: str | None) -> InferR
     return _result(status, body, header_length)
 
 
+class _Connection:
+    """One kept-alive HTTP/1.1 connection to the daemon, written for this API's answers (a
+    status line, headers, a Content-Length or chunked body). Hand-written because
+    ``http.client`` parses every response's headers with the email package: on this API's
+    small answers that doubled the client's share of a round trip (measured: 333 us against
+    149 us for the same exchange with a loopback aiohttp server)."""
+
+    _IDLE_S = 30.0  # reconnect before the server's keep-alive timeout (aiohttp: 75 s)
+    _MAX_HEAD = 64 * 1024
+
+    def __init__(self, host: str, port: int, timeout_s: float) -> None:
+        self.host, self.port, self.timeout_s = host, port, timeout_s
+        self._sock: socket.socket | None = None
+        self._buf = bytearray()
+        self._used_s = 0.0
+
+    def close(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._sock = None
+        self._buf.clear()
+
+    def request(self, method: str, path: str, body: bytes | None,
+                headers: Mapping[str, str]) -> tuple[int, bytes, dict[str, str]]:
+        if self._sock is not None and time.monotonic() - self._used_s > self._IDLE_S:
+            self.close()
+        if self._sock is None:
+            self._sock = socket.create_connection((self.host, self.port), self.timeout_s)
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        body = body or b""
+        head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}",
+                f"Content-Length: {len(body)}"]
+        head += [f"{k}: {v}" for k, v in headers.items()]
+        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        if len(body) < 64 * 1024:
+            self._sock.sendall(data + body)
+        else:
+            self._sock.sendall(data)
+            self._sock.sendall(body)
+        status, fields = self._read_head()
+        if fields.get("transfer-encoding", "").lower() == "chunked":
+            payload = self._read_chunked()
+        elif "content-length" in fields:
+            payload = self._read_exactly(int(fields["content-length"]))
+        else:
+            payload = self._read_to_close()
+        if fields.get("connection", "").lower() == "close":
+            self.close()
+        self._used_s = time.monotonic()
+        return status, payload, fields
+
+    def _fill(self) -> None:
+        assert self._sock is not None
+        chunk = self._sock.recv(262144)
+        if not chunk:
+            raise ConnectionResetError("the daemon closed the connection")
+        self._buf += chunk
+
+    def _read_head(self) -> tuple[int, dict[str, str]]:
+        while True:
+            end = self._buf.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(self._buf) > self._MAX_HEAD:
+                raise http.client.HTTPException("response headers too long")
+            self._fill()
+        lines = bytes(self._buf[:end]).decode("latin-1").split("\r\n")
+        del self._buf[:end + 4]
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise http.client.HTTPException(f"bad status line {lines[0][:80]!r}")
+        fields = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            fields[name.strip().lower()] = value.strip()
+        return int(parts[1]), fields
+
+    def _read_exactly(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            self._fill()
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def _read_line(self) -> bytes:
+        while (end := self._buf.find(b"\r\n")) < 0:
+            self._fill()
+        line = bytes(self._buf[:end])
+        del self._buf[:end + 2]
+        return line
+
+    def _read_chunked(self) -> bytes:
+        out = bytearray()
+        while True:
+            size = int(self._read_line().split(b";", 1)[0], 16)
+            if size == 0:
+                while self._read_line():  # trailers, then the empty line
+                    pass
+                return bytes(out)
+            out += self._read_exactly(size)
+            self._read_line()
+
+    def _read_to_close(self) -> bytes:
+        with contextlib.suppress(ConnectionResetError):
+            while True:
+                self._fill()
+        out = bytes(self._buf)
+        self.close()
+        return out
+
+
 class Client:
     """A blocking client of one edge daemon (module docstring)."""
 
@@ -114,9 +231,7 @@ class Client:
             raise InvalidArgument(f"the edge daemon's URL must be http://HOST:PORT, not {url!r}")
         self.url = url
         self.binary = binary
-        self._host, self._port = parts.hostname, parts.port or 80
-        self._timeout_s = timeout_s
-        self._conn: http.client.HTTPConnection | None = None
+        self._conn = _Connection(parts.hostname, parts.port or 80, timeout_s)
         self._lock = threading.Lock()
         self._model: str | None = None
 
@@ -124,23 +239,14 @@ class Client:
                  headers: Mapping[str, str] | None = None) -> tuple[int, bytes, Any]:
         with self._lock:
             for attempt in (0, 1):
-                if self._conn is None:
-                    self._conn = http.client.HTTPConnection(self._host, self._port,
-                                                            timeout=self._timeout_s)
                 try:
-                    self._conn.request(method, path, body=body, headers=dict(headers or {}))
-                    resp = self._conn.getresponse()
-                    data = resp.read()
-                    return resp.status, data, resp.headers
-                except (http.client.RemoteDisconnected, ConnectionResetError,
-                        BrokenPipeError) as exc:
+                    return self._conn.request(method, path, body, headers or {})
+                except (ConnectionResetError, BrokenPipeError) as exc:
                     self._conn.close()
-                    self._conn = None
                     if attempt or method != "GET":
                         raise Unavailable(f"edge daemon at {self.url}: {exc}") from exc
-                except (OSError, http.client.HTTPException) as exc:
+                except (OSError, http.client.HTTPException, ValueError) as exc:
                     self._conn.close()
-                    self._conn = None
                     raise Unavailable(f"edge daemon at {self.url}: {exc}") from exc
         raise Unavailable(f"edge daemon at {self.url}: no answer")
 
@@ -190,18 +296,16 @@ class Client:
                                request_id=request_id)
         status, data, h = self._request("POST", f"/v2/models/{model or self.model_name()}/infer",
                                         body, headers)
-        return _result(status, data, h.get(_kserve().HEADER_LENGTH))
+        return _result(status, data, h.get(_HEADER_LENGTH_LOWER))
 
     def result(self, spool_id: str) -> InferResult | None:
         """A spooled request's result: None while pending, the result once, then NotFound."""
         status, data, h = self._request("GET", f"/v2/spool/{spool_id}")
-        return _spool_result(status, data, h.get(_kserve().HEADER_LENGTH))
+        return _spool_result(status, data, h.get(_HEADER_LENGTH_LOWER))
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._conn.close()
 
     def __enter__(self) -> Client:
         return self

@@ -126,6 +126,7 @@ class EdgeConfig:
     explore_interval_s: float = 10.0  # re-measure a plan that has not run for this long
     failures_to_degrade: int = 3
     cloud_budget_floor_ms: float = 5.0  # never offload with less time than this for the cloud
+    deadline_margin_ms: float = 2.0  # kept for answering after a fallback (hand-offs, HTTP)
     # profiling
     profile_warmup: int = 3
     profile_runs: int = 20
@@ -177,6 +178,7 @@ class EdgeConfig:
         need(self.explore_interval_s > 0, "explore_interval_s must be > 0")
         need(self.failures_to_degrade >= 1, "failures_to_degrade must be >= 1")
         need(self.cloud_budget_floor_ms >= 0, "cloud_budget_floor_ms must be >= 0")
+        need(self.deadline_margin_ms >= 0, "deadline_margin_ms must be >= 0")
         need(0 <= self.profile_warmup <= 1000, "profile_warmup must be in [0, 1000]")
         need(1 <= self.profile_runs <= 10_000, "profile_runs must be in [1, 10000]")
         parse_shapes(self.profile_shapes)

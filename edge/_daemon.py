@@ -14,7 +14,8 @@ Exactly one answer per accepted request: :meth:`EdgeDaemon.infer` returns an :cl
 more than one of these, whatever the broker, the link or a worker does.
 
 Offload (plan ``cloud`` or ``split:<k>``): the head runs here (cut 0: none), the frontier is
-encoded and sent as an InferenceRequest with a budget of *deadline - now - local tail time*;
+encoded and sent as an InferenceRequest with a budget of *deadline - now - local tail time -
+deadline_margin_ms* (the margin pays for the hand-offs of answering after a fallback);
 on a timeout, UNAVAILABLE, RESOURCE_EXHAUSTED, a lost connection or any other error the tail
 runs here **from the frontier already computed** (the head does not run again). A cloud answer
 arriving after that is dropped by the transport (it waits for nobody).
@@ -576,8 +577,7 @@ class EdgeDaemon:
             decide_s = time.perf_counter() - t0
             metrics = self.metrics
             assert metrics is not None
-            metrics.decision.observe(decide_s)
-            metrics.plans.labels(decision.plan.label).inc()
+            metrics.decided(decision.plan.label, decide_s)
             if options.deferrable and decision.plan.offloads and options.mode == "cloud" and \
                     not self.link.available:
                 return await self._defer(model, feeds, options)
@@ -649,7 +649,8 @@ class EdgeDaemon:
             cost.observe_local(head.path, key, head_ms)
         info: dict[str, Any] = {"head_ms": round(head_ms, 3), "encode_ms": round(encode_ms, 3)}
         local_tail_ms = est.local_tail_ms
-        budget_ms = (deadline - time.monotonic()) * 1e3 - local_tail_ms
+        budget_ms = (deadline - time.monotonic()) * 1e3 - local_tail_ms - \
+            self.config.deadline_margin_ms
         transport = self.transport
         reason = None
         if transport is None or not transport.connected:

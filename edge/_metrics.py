@@ -76,17 +76,29 @@ class Metrics:
                                   ["part", "backend"], registry=r)
         self._answered = 0
         self._cloud = 0
+        self._children: dict[tuple, Any] = {}  # labelled children, looked up once
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def answered(self, plan: str, ran: str, seconds: float) -> None:
-        self.requests.labels(plan, ran, "ok").inc()
-        self.latency.labels(plan, ran).observe(seconds)
+        self._child(self.requests, plan, ran, "ok").inc()
+        self._child(self.latency, plan, ran).observe(seconds)
         self._answered += 1
         if ran == "cloud":
             self._cloud += 1
         self.offload_ratio.set(self._cloud / self._answered)
 
+    def decided(self, plan: str, seconds: float) -> None:
+        self.decision.observe(seconds)
+        self._child(self.plans, plan).inc()
+
     def failed(self, plan: str, ran: str) -> None:
-        self.requests.labels(plan, ran, "error").inc()
+        self._child(self.requests, plan, ran, "error").inc()
 
     def link(self, snapshot: dict[str, Any]) -> None:
         self.uplink.set(snapshot["uplink_bps"])
