@@ -1,5 +1,11 @@
-"""Shared plumbing for benchmarks: machine description, statistics, the results JSON (see
-../shared/BENCHMARKS.md), and the printed table."""
+"""Shared plumbing for benchmarks: machine description, statistics, the results JSON, and the
+printed table.
+
+Results of record live in ``benchmarks/results/<name>.json`` (tracked; the README quotes them).
+A ``--quick`` run is a smoke run: it writes ``out/benchmarks/<name>.json`` (``out/`` is ignored
+by git) and refuses a ``--json`` path inside ``benchmarks/results/``, so it never rewrites a
+result of record.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +32,10 @@ __all__ = [
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+QUICK_DIR = Path(__file__).resolve().parent.parent / "out" / "benchmarks"  # ignored by git
+
+# What the running benchmark was asked (set when its arguments are parsed).
+_RUN: dict = {"quick": False, "argv": None}
 
 
 @dataclass
@@ -105,14 +115,21 @@ def machine_info(notes: str = "") -> dict:
     }
 
 
+def default_json_path(name: str, quick: bool) -> Path:
+    """Where a run's results go without ``--json``: the result of record, or for a quick run
+    the ignored ``out/benchmarks/``."""
+    return (QUICK_DIR if quick else RESULTS_DIR) / f"{name}.json"
+
+
 def write_json(name: str, results: list[Result], path: str | None, notes: str = "") -> Path:
-    """Write the results JSON to ``path`` (default benchmarks/results/<name>.json)."""
-    out = Path(path) if path else RESULTS_DIR / f"{name}.json"
+    """Write the results JSON to ``path`` (default: :func:`default_json_path`)."""
+    out = Path(path) if path else default_json_path(name, _RUN["quick"])
     out.parent.mkdir(parents=True, exist_ok=True)
+    argv = sys.argv[1:] if _RUN["argv"] is None else _RUN["argv"]
     doc = {
         "benchmark": name,
         "version": 1,
-        "command": " ".join([Path(sys.executable).name, "-m", f"benchmarks.{name}", *sys.argv[1:]]),
+        "command": " ".join(["python", "-m", f"benchmarks.{name}", *argv]),
         "machine": machine_info(notes),
         "results": [r.to_json() for r in results],
     }
@@ -123,15 +140,16 @@ def write_json(name: str, results: list[Result], path: str | None, notes: str = 
 
 
 def print_table(title: str, results: list[Result]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from tandem.console import Column
+    from tandem.console import print_table as show
 
-    table = Table(title=title)
-    for col in ("metric", "value", "p99", "baseline", "ratio", "target", "met"):
-        table.add_column(col)
+    columns = [Column("metric"), Column("value", justify="right"),
+               Column("p99", justify="right", fold=1), Column("baseline", fold=2, shorten=True),
+               Column("ratio", justify="right"), Column("target", fold=3), Column("met")]
+    rows = []
     for r in results:
         ratio = r.ratio
-        table.add_row(
+        rows.append([
             r.metric,
             f"{r.value:.4g} {r.unit}",
             "" if r.p99 is None else f"{r.p99:.4g}",
@@ -139,13 +157,29 @@ def print_table(title: str, results: list[Result]) -> None:
             "" if ratio is None else f"{ratio:.3f}",
             r.target or "",
             "" if r.met is None else ("yes" if r.met else "NO"),
-        )
-    Console().print(table)
+        ])
+    show(columns, rows, title=title)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Records what the benchmark was asked, and keeps quick runs out of the results of
+    record."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns = super().parse_args(args, namespace)
+        _RUN["quick"] = bool(getattr(ns, "quick", False))
+        _RUN["argv"] = list(sys.argv[1:] if args is None else args)
+        path = getattr(ns, "json_path", None)
+        if _RUN["quick"] and path and RESULTS_DIR in Path(path).resolve().parents:
+            self.error(f"--json {path}: a --quick run is a smoke run, not a result of record; "
+                       f"write it outside {RESULTS_DIR}")
+        return ns
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--json", dest="json_path", help="results JSON path "
-                   "(default: benchmarks/results/<name>.json)")
-    p.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
+    p = _Parser(description=description)
+    p.add_argument("--json", dest="json_path", help="results JSON path (default: "
+                   "benchmarks/results/<name>.json; with --quick out/benchmarks/<name>.json)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer repetitions (a smoke run; never written to benchmarks/results/)")
     return p

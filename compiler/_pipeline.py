@@ -346,7 +346,9 @@ class BundleFromOnnx:
         profile = target.profile
         assert profile is not None
         build_here = self._can_build_engines(profile)
-        dla_core = self.options.dla_core if profile.has_dla else None
+        dla_core = self.options.dla_core
+        if dla_core is not None and dla_core >= profile.dla_cores:
+            dla_core = None  # this profile has no such DLA core (the CLI warns about it)
         out = []
         for i, part in enumerate(parts):
             self.progress(f"lowering for {target.name}", i, len(parts))

@@ -2,6 +2,14 @@
 
 Light at import (click only): onnx, onnxruntime and rich load inside the commands, so ``--help``
 works on a core install and a missing extra is reported by name.
+
+Every file the user names is checked before any work starts (a 20 s compile never ends in "no
+such key file"). Outputs follow one rule, whatever their kind: an existing output is refused
+unless ``--overwrite``, and ``--overwrite`` replaces only what the command itself writes there —
+``compile``: a Tandem bundle (a directory with a bundle manifest, an empty directory, or a
+bundle archive), never the current directory or one of its parents, nor a directory holding an
+input; ``keygen``: a PEM key file; ``example``: an ONNX model. Anything else is refused with one
+line, ``error: …`` (exit 1), and nothing is deleted.
 """
 
 from __future__ import annotations
@@ -16,12 +24,21 @@ __all__ = ["compile_command", "example_command", "inspect_command", "keygen_comm
 
 
 def _share(part: int, total: int) -> str:
+    """``part`` of ``total`` as a percentage; exactly 0 and all show 0% and 100%, and a real
+    split never rounds to either (<1%, >99%)."""
     if total <= 0:
         return "-"
     pct = 100 * part / total
-    if 0 < part < total and round(pct) in (0, 100):  # never show 0% or 100% of a real split
+    if 0 < part < total and round(pct) in (0, 100):
         return "<1%" if pct < 50 else ">99%"
     return f"{pct:.0f}%"
+
+
+def _cut_shares(head_flops: int, tail_flops: int) -> tuple[str, str]:
+    """A cut's head and tail shares of its own work (head + tail): the all-local cut is 100% /
+    0% and cut 0 is 0% / 100% exactly, whatever the model's total counts besides."""
+    total = head_flops + tail_flops
+    return _share(head_flops, total), _share(tail_flops, total)
 
 
 def _human_bytes(n: int) -> str:
@@ -33,30 +50,176 @@ def _human_bytes(n: int) -> str:
 
 
 def _err(e: float | None) -> str:
-    return "-" if e is None else f"{e:.1e}"
+    if e is None:
+        return "-"
+    return "0" if e == 0 else f"{e:.1e}"
+
+
+# --- outputs and inputs: checked before any work ---------------------------------------------
+
+# An output name decides the form: a directory, or an archive by its suffix (compression).
+_ARCHIVES = ((".tar.zst", "zstd"), (".tar.gz", "gzip"), (".tar", "none"))
+_NOT_WRITTEN = (".zip", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".7z", ".rar", ".gz",
+                ".zst", ".bz2", ".xz", ".onnx")
+
+
+def _output_form(out: Path) -> str | None:
+    """The archive compression ``-o`` asks for, or None for a bundle directory."""
+    from tandem.protocol.errors import InvalidArgument
+
+    name = out.name.lower()
+    for suffix, compression in _ARCHIVES:
+        if name.endswith(suffix):
+            return compression
+    for suffix in _NOT_WRITTEN:
+        if name.endswith(suffix):
+            raise InvalidArgument(
+                f"-o {out}: a bundle is written as a directory (a name without an archive "
+                f"suffix) or as a .tar.zst archive (.tar.gz and .tar work too), not as {suffix}")
+    return None
+
+
+def _input_file(path: Path, what: str) -> None:
+    """``path`` is an existing, readable regular file, or a one-line error naming it."""
+    from tandem.protocol.errors import InvalidArgument, NotFound
+
+    if not path.exists():
+        raise NotFound(f"no {what} file at {path}" if what == "model"
+                       else f"{what} {path}: no such file")
+    if path.is_dir():
+        raise InvalidArgument(f"{what} {path} is a directory, not a file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise InvalidArgument(f"{what} {path}: {exc.strerror or exc}") from exc
+
+
+def _check_inputs(model: Path, samples: Path | None, sign_key: Path | None,
+                  timing_cache: Path | None, engine_cache: Path | None) -> None:
+    import zipfile
+
+    from tandem.protocol.bundle import load_private_key
+    from tandem.protocol.errors import InvalidArgument
+
+    _input_file(model, "model")
+    if samples is not None:
+        _input_file(samples, "--samples")
+        if not zipfile.is_zipfile(samples):
+            raise InvalidArgument(f"--samples {samples}: not an .npz file (numpy.savez writes one)")
+    if sign_key is not None:
+        _input_file(sign_key, "--sign-key")
+        load_private_key(sign_key)  # a key that cannot sign fails now, not after the compile
+    if timing_cache is not None:
+        if timing_cache.exists():
+            _input_file(timing_cache, "--timing-cache")
+        elif not timing_cache.absolute().parent.is_dir():
+            raise InvalidArgument(f"--timing-cache {timing_cache}: directory "
+                                  f"{timing_cache.absolute().parent} does not exist")
+    if engine_cache is not None and engine_cache.exists() and not engine_cache.is_dir():
+        raise InvalidArgument(f"--engine-cache {engine_cache} is not a directory")
+
+
+def _check_dla(dla_core: int | None, targets) -> list[str]:
+    """Refuse a DLA core no target has; the warnings for targets it does not apply to."""
+    from tandem.devices.profiles import load_profiles
+    from tandem.protocol.errors import InvalidArgument
+
+    if dla_core is None:
+        return []
+    gpu = [t for t in targets if t.backend == "tensorrt"]
+
+    def why_not(t) -> str:
+        n = t.profile.dla_cores
+        return f"{t.name} has no DLA" if n == 0 else \
+            f"{t.name} has {n} DLA core{'s' if n > 1 else ''} (0-{n - 1})"
+
+    usable = [t for t in gpu if t.profile.dla_cores > dla_core]
+    if not usable:
+        with_dla = [p.id for p in load_profiles().values() if p.dla_cores > dla_core]
+        reason = "; ".join(why_not(t) for t in gpu) or "no TensorRT target was given"
+        raise InvalidArgument(f"--dla-core {dla_core}: {reason} (profiles with DLA core "
+                              f"{dla_core}: {', '.join(with_dla)})")
+    return [f"--dla-core {dla_core} is used for {', '.join(t.name for t in usable)} only: "
+            f"{why_not(t)}" for t in gpu if t not in usable]
+
+
+def _check_output(out: Path, overwrite: bool, archive: bool, inputs: list[Path]) -> None:
+    """The output may be written: its directory exists and takes files; an existing output is
+    replaced only with ``--overwrite`` and only when it is a Tandem bundle (of the form asked
+    for; an empty directory too) that is neither the current directory nor one of its parents
+    and holds none of the inputs. Nothing is ever deleted otherwise."""
+    import os
+    import tempfile
+
+    from tandem.protocol.bundle import bundle_kind
+    from tandem.protocol.errors import FailedPrecondition
+
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise FailedPrecondition(f"-o {out}: directory {parent} does not exist (create it first)")
+    if os.path.lexists(out):
+        if not overwrite:
+            raise FailedPrecondition(
+                f"{out} already exists; pass --overwrite to replace it (only a Tandem bundle is "
+                "ever replaced)")
+        target, cwd = out.resolve(), Path.cwd().resolve()
+        refuse = None
+        if target == cwd:
+            refuse = "it is the current directory"
+        elif target in cwd.parents:
+            refuse = "it is a parent of the current directory"
+        elif out.is_symlink():
+            refuse = "it is a symbolic link"
+        for path in inputs:
+            resolved = path.resolve()
+            if refuse is None and (resolved == target or target in resolved.parents):
+                refuse = f"it holds the input {path}"
+        if refuse is None:
+            kind = bundle_kind(out)
+            if archive and kind != "archive":
+                refuse = "it is not a Tandem bundle archive"
+            elif not archive and kind != "directory" and not (
+                    out.is_dir() and not any(out.iterdir())):
+                refuse = ("it is a bundle archive, and -o without an archive suffix writes a "
+                          "directory" if kind == "archive" else "it is not a Tandem bundle")
+        if refuse:
+            raise FailedPrecondition(f"--overwrite refuses to replace {out}: {refuse}")
+    try:
+        with tempfile.TemporaryFile(dir=parent, prefix=".tandem-probe-"):
+            pass
+    except OSError as exc:
+        raise FailedPrecondition(f"cannot write in {parent}: {exc.strerror or exc}") from exc
+
+
+def _warn(err, message: str) -> None:
+    from rich.text import Text
+
+    err.print(Text.assemble(("warning:", "yellow"), " ", str(message)),
+              soft_wrap=not err.is_terminal)
 
 
 @click.command(name="compile")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
 @click.option("-t", "--target", "targets", multiple=True, required=True, metavar="TARGET",
               help="onnxruntime, or a device profile id from 'tandem devices' (repeatable)")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
-              help="bundle directory to create (or .tar.zst archive)")
+              help="bundle directory to create, or an archive OUT.tar.zst (.tar.gz, .tar)")
 @click.option("--max-cuts", default=8, show_default=True, type=click.IntRange(1, 64),
               help="split points kept (cut 0 and all-local come on top)")
 @click.option("--max-frontier", default=2, show_default=True, type=click.IntRange(1, 16),
               help="most tensors a cut may send")
-@click.option("--samples", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--samples", type=click.Path(path_type=Path),
               help=".npz of real inputs for verification (default: seeded random)")
-@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--sign-key", type=click.Path(path_type=Path),
               help="ed25519 private key (PEM) to sign the manifest with")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16",
               show_default=True, help="TensorRT engine precision")
 @click.option("--engines", type=click.Choice(["auto", "build", "defer"]), default="auto",
               show_default=True, help="build TensorRT engines here, or defer to the device")
-@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--timing-cache", type=click.Path(path_type=Path),
               help="TensorRT timing cache file (reused and updated)")
-@click.option("--engine-cache", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--engine-cache", type=click.Path(path_type=Path),
               help="where built TensorRT engines are kept and reused "
                    "(default: $TANDEM_ENGINE_CACHE or ~/.cache/tandem/engines)")
 @click.option("--version-compatible", is_flag=True,
@@ -66,7 +229,8 @@ def _err(e: float | None) -> str:
 @click.option("--name", "model_name", help="model name (default: file name)")
 @click.option("--version", "model_version", default="1", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="seed of the random samples")
-@click.option("--overwrite", is_flag=True, help="replace an existing output")
+@click.option("--overwrite", is_flag=True,
+              help="replace an existing output (only ever a Tandem bundle)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: int,
                     max_frontier: int, samples: Path | None, sign_key: Path | None,
@@ -75,21 +239,31 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
                     version_compatible: bool, dla_core: int | None, model_name: str | None,
                     model_version: str,
                     seed: int, overwrite: bool, as_json: bool) -> None:
-    """Cut MODEL (ONNX) at good split points, verify and lower the parts, write a bundle."""
+    """Cut MODEL (ONNX) at good split points, verify and lower the parts, write a bundle.
+
+    OUT is a bundle directory, or a single-file archive when it ends in .tar.zst (.tar.gz,
+    .tar). An existing OUT is replaced only with --overwrite, and only if it is a Tandem bundle.
+    """
     from tandem.protocol.lazy import require
 
     require("onnx")
     require("onnxruntime")
-    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tandem.compiler._pipeline import BundleFromOnnx, CompileOptions, resolve_targets
+    from tandem.console import console
     from tandem.protocol.bundle import pack
 
-    resolve_targets(targets)  # fail on an unknown target before any work
-    archive = out.name.endswith((".tar.zst", ".tar.gz", ".tar"))
-    if archive and out.exists() and not overwrite:
-        raise click.UsageError(f"{out} already exists (use --overwrite)")
+    # Everything the user gave is checked before any work.
+    resolved = resolve_targets(targets)
+    compression = _output_form(out)
+    archive = compression is not None
+    _check_inputs(model, samples, sign_key, timing_cache, engine_cache)
+    notes = _check_dla(dla_core, resolved)
+    if engines == "build" and any(t.backend == "tensorrt" for t in resolved):
+        require("tensorrt", "tensorrt")
+    inputs = [p for p in (model, samples, sign_key, timing_cache, engine_cache) if p is not None]
+    _check_output(out, overwrite, archive, inputs)
     options = CompileOptions(
         targets=targets, max_cuts=max_cuts, max_frontier=max_frontier, samples=samples,
         sign_key=sign_key, precision=precision, engines=engines, timing_cache=timing_cache,
@@ -97,7 +271,9 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
         version_compatible=version_compatible, dla_core=dla_core, model_name=model_name,
         model_version=model_version, seed=seed, overwrite=overwrite,
     )
-    err = Console(stderr=True)
+    err = console(stderr=True)
+    for note in notes:
+        _warn(err, note)
     with warnings.catch_warnings(record=True) as caught, Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), console=err, transient=True, disable=as_json or not err.is_terminal,
@@ -115,11 +291,12 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
 
             with tempfile.TemporaryDirectory(prefix="tandem-bundle-") as tmp:
                 result = BundleFromOnnx(model, Path(tmp) / "bundle", options, progress)()
-                pack(Path(tmp) / "bundle", out, overwrite=overwrite)
+                pack(Path(tmp) / "bundle", out, compression=compression, overwrite=overwrite)
+                result.out_dir = out
         else:
             result = BundleFromOnnx(model, out, options, progress)()
     for w in caught:
-        err.print(f"[yellow]warning:[/yellow] {w.message}")
+        _warn(err, str(w.message))
     if as_json:
         click.echo(json.dumps(_summary_json(result), indent=2))
         return
@@ -127,10 +304,11 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
 
 
 def _summary_json(result) -> dict:
+    m = result.manifest
     return {
         "bundle": str(result.out_dir),
-        "model": result.manifest.model_name,
-        "source_digest": result.manifest.source_digest,
+        "model": m.model_name,
+        "source_digest": m.source_digest,
         "nodes": result.n_nodes,
         "total_flops": result.total_flops,
         "cuts": [
@@ -140,114 +318,192 @@ def _summary_json(result) -> dict:
                 "head_flops": r.cut.head_flops, "tail_flops": r.cut.tail_flops,
                 "max_abs_err": {"raw": r.verification.raw.max_abs_err,
                                 **{k: c.max_abs_err for k, c in r.verification.encodings.items()}},
-                "encodings": list(r.verification.usable_encodings),
+                "encodings": list(m.allowed_encodings(r.cut.id)),
             }
             for r in result.cuts
         ],
         "dropped": [{"id": c.id, "reason": why} for c, why in result.dropped],
-        "artifacts": [a.to_dict() for a in result.manifest.artifacts],
+        "artifacts": [a.to_dict() for a in m.artifacts],
     }
 
 
 def _print_summary(result, out: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from tandem.console import Column, console, print_lines, print_table
 
-    console = Console()
     m = result.manifest
-    table = Table(title=f"{m.model_name}: {result.n_nodes} nodes, "
-                        f"{result.total_flops / 1e9:.3g} GFLOP, {len(result.cuts)} cuts")
-    for col in ("cut", "frontier", "fp32", "fp16", "int8", "head", "tail", "err raw",
-                "err fp16", "err int8", "encodings"):
-        table.add_column(col, overflow="fold")
-    total = result.total_flops
+    columns = [
+        Column("cut", justify="right"), Column("frontier", shorten=True, min_width=14),
+        Column("bytes", justify="right"), Column("fp16 bytes", justify="right", fold=4),
+        Column("int8 bytes", justify="right", fold=4), Column("head", justify="right"),
+        Column("tail", justify="right", fold=3), Column("err raw", justify="right", fold=2),
+        Column("err fp16", justify="right", fold=1), Column("err int8", justify="right", fold=1),
+        Column("encodings"),
+    ]
+    rows = []
     for r in result.cuts:
         v = r.verification
         enc = v.encodings
-        frontier = ", ".join(r.cut.frontier) if r.cut.frontier else "(nothing sent)"
-        table.add_row(
-            str(r.cut.id), frontier,
+        head, tail = _cut_shares(r.cut.head_flops, r.cut.tail_flops)
+        rows.append([
+            str(r.cut.id), list(r.cut.frontier) or "(nothing sent)",
             _human_bytes(r.bytes_by_encoding["raw"]), _human_bytes(r.bytes_by_encoding["fp16"]),
-            _human_bytes(r.bytes_by_encoding["int8"]),
-            _share(r.cut.head_flops, total), _share(r.cut.tail_flops, total),
+            _human_bytes(r.bytes_by_encoding["int8"]), head, tail,
             _err(v.raw.max_abs_err if v.raw else None),
             _err(enc["fp16"].max_abs_err if "fp16" in enc else None),
             _err(enc["int8"].max_abs_err if "int8" in enc else None),
-            ",".join(v.usable_encodings),
-        )
-    console.print(table)
+            ",".join(m.allowed_encodings(r.cut.id)) or "-",
+        ])
+    stdout = console()
+    print_table(columns, rows, out=stdout, title=(
+        f"{m.model_name}: {result.n_nodes} nodes, {result.total_flops / 1e9:.3g} GFLOP, "
+        f"{len(result.cuts)} cuts"))
+    print_lines("", out=stdout)
     targets = sorted({(a.target, a.device_profile, a.build_on_device) for a in m.artifacts})
     for target, profile, on_device in targets:
         where = f" for {profile}" if profile else ""
         note = " (engines built on the device from the ONNX parts)" if on_device else ""
-        console.print(f"target {target}{where}{note}")
+        print_lines(f"target {target}{where}{note}", out=stdout)
     for cut, why in result.dropped:
-        console.print(f"[yellow]dropped cut {cut.id}:[/yellow] {why}")
-    console.print(f"bundle written to {out}")
+        print_lines(f"dropped cut {cut.id}: {why}", out=stdout, style="yellow")
+    print_lines(f"bundle written to {out}", out=stdout)
+
+
+def _head(path: Path, n: int) -> bytes:
+    """The first ``n`` bytes of a file (fewer for a short one; none if it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def _is_archive_file(path: Path) -> bool:
+    """zstd, gzip or tar by its first bytes (what load_bundle would try to unpack)."""
+    head = _head(path, 262)
+    return head[:4] == b"\x28\xb5\x2f\xfd" or head[:2] == b"\x1f\x8b" or head[257:262] == b"ustar"
+
+
+def _is_onnx_model(path: Path) -> bool:
+    if path.suffix.lower() == ".onnx":
+        return True
+    try:
+        import onnx
+
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # not parseable as ONNX (or onnx missing): not a model we can name
+        return False
+    return len(model.graph.node) > 0
+
+
+def _not_a_bundle(path: Path) -> None:
+    """A plain file that is no archive: say what it is instead of an unpacking error."""
+    from tandem.protocol.errors import InvalidArgument
+
+    if path.is_file() and not _is_archive_file(path):
+        if _is_onnx_model(path):
+            raise InvalidArgument(f"{path} is an ONNX model, not a bundle; compile it into one "
+                                  f"first: tandem compile {path} -t onnxruntime -o bundle")
+        raise InvalidArgument(f"{path} is not a Tandem bundle (a bundle is a directory with "
+                              "manifest.json, or a .tar.zst archive written by tandem compile)")
 
 
 @click.command(name="inspect")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--public-key", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--public-key", type=click.Path(path_type=Path),
               help="refuse the bundle unless its signature verifies with this key")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
 def inspect_command(bundle: Path, public_key: Path | None, as_json: bool) -> None:
     """Verify a bundle (digests, signature) and describe its cuts and artifacts."""
     from tandem.protocol.bundle import load_bundle
 
+    if public_key is not None:
+        _input_file(public_key, "--public-key")
+    _not_a_bundle(bundle)
     with load_bundle(bundle, public_key=public_key) as b:
         m = b.manifest
         if as_json:
             click.echo(m.to_json())
             return
-        from rich.console import Console
-        from rich.table import Table
+        _print_bundle(b)
 
-        console = Console()
-        sig = ("signature verified" if b.signature_verified
-               else "signed (not checked: no --public-key)" if b.signed else "unsigned")
-        console.print(f"[bold]{m.model_name}[/bold] v{m.model_version}  source "
-                      f"{m.source_digest[:16]}…  bundle {b.digest[:16]}…  {len(m.files)} files "
-                      f"verified, {sig}")
-        io = Table(title="inputs / outputs")
-        for col in ("", "name", "dtype", "shape"):
-            io.add_column(col)
-        for kind, specs in (("in", m.inputs), ("out", m.outputs)):
-            for s in specs:
-                io.add_row(kind, s.name, s.dtype, str(list(s.shape)))
-        console.print(io)
-        total = max(1, sum((m.cuts[0].tail_flops, m.cuts[0].head_flops)) if m.cuts else 1)
-        cuts = Table(title="cuts")
-        for col in ("cut", "frontier", "bytes (fp32)", "head", "tail", "max abs err",
-                    "encodings", "head part", "tail part"):
-            cuts.add_column(col, overflow="fold")
-        for c in m.cuts:
-            errs = c.verification.max_abs_err.values()
-            cuts.add_row(
-                str(c.id), ", ".join(t.name for t in c.frontier) or "(nothing sent)",
-                _human_bytes(c.frontier_bytes), _share(c.head_flops, total),
-                _share(c.tail_flops, total), _err(max(errs, default=None)),
-                ",".join(("raw", *m.allowed_encodings(c.id))) if c.verification.passed else "-",
-                c.head_part or "-", c.tail_part or "-",
-            )
-        console.print(cuts)
-        arts = Table(title="artifacts")
-        for col in ("part", "target", "profile", "precision", "path", "builder"):
-            arts.add_column(col, overflow="fold")
-        for a in m.artifacts:
-            arts.add_row(a.part, a.target, a.device_profile or "any", a.precision, a.path,
-                         a.builder)
-        console.print(arts)
+
+def _print_bundle(b) -> None:
+    from tandem.console import Column, console, print_lines, print_table
+
+    m = b.manifest
+    out = console()
+    sig = ("signature verified" if b.signature_verified
+           else "signed (not checked: no --public-key)" if b.signed else "unsigned")
+    print_lines(f"{m.model_name} v{m.model_version}: {len(m.files)} files verified, {sig}",
+                f"source digest  {m.source_digest}", f"bundle digest  {b.digest}", "", out=out)
+    print_table(
+        [Column(""), Column("name", shorten=True), Column("dtype"), Column("shape")],
+        [[kind, s.name, s.dtype, str(list(s.shape))]
+         for kind, specs in (("in", m.inputs), ("out", m.outputs)) for s in specs],
+        title="inputs / outputs", out=out)
+    print_lines("", out=out)
+    rows = []
+    for c in m.cuts:
+        errs = c.verification.max_abs_err.values()
+        head, tail = _cut_shares(c.head_flops, c.tail_flops)
+        rows.append([
+            str(c.id), [t.name for t in c.frontier] or "(nothing sent)",
+            _human_bytes(c.frontier_bytes), head, tail, _err(max(errs, default=None)),
+            ",".join(m.allowed_encodings(c.id)) or "-", c.head_part or "-", c.tail_part or "-",
+        ])
+    print_table(
+        [Column("cut", justify="right"), Column("frontier", shorten=True, min_width=14),
+         Column("bytes", justify="right"), Column("head", justify="right"),
+         Column("tail", justify="right", fold=3), Column("max abs err", justify="right", fold=2),
+         Column("encodings"), Column("head part", shorten=True, fold=4),
+         Column("tail part", shorten=True, fold=4)],
+        rows, title="cuts", out=out)
+    print_lines("", out=out)
+    print_table(
+        [Column("part", shorten=True), Column("target"), Column("profile"),
+         Column("precision", fold=1), Column("path", shorten=True, fold=2),
+         Column("builder", shorten=True, fold=3)],
+        [[a.part, a.target, a.device_profile or "any", a.precision, a.path, a.builder]
+         for a in m.artifacts],
+        title="artifacts", out=out)
+
+
+def _replaceable(path: Path, overwrite: bool, what: str, is_ours) -> None:
+    """An existing output: refused without --overwrite; with it, replaced only when
+    ``is_ours(path)`` says it is what this command writes (``what``)."""
+    import os
+
+    from tandem.protocol.errors import FailedPrecondition
+
+    if not path.absolute().parent.is_dir():
+        raise FailedPrecondition(f"{path}: directory {path.absolute().parent} does not exist "
+                                 "(create it first)")
+    if not os.path.lexists(path):
+        return
+    if not overwrite:
+        raise FailedPrecondition(f"{path} already exists; pass --overwrite to replace it")
+    if path.is_symlink() or not path.is_file() or not is_ours(path):
+        raise FailedPrecondition(f"--overwrite refuses to replace {path}: it is not {what}")
+
+
+def _is_pem_key(path: Path) -> bool:
+    head = _head(path, 64)
+    return head.startswith(b"-----BEGIN ") and b"KEY-----" in head
 
 
 @click.command(name="keygen")
-@click.argument("private_key", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("public_key", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--overwrite", is_flag=True)
+@click.argument("private_key", type=click.Path(path_type=Path))
+@click.argument("public_key", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="replace existing key files (PEM keys only)")
 def keygen_command(private_key: Path, public_key: Path, overwrite: bool) -> None:
     """Create an ed25519 key pair for signing bundles (private key written with mode 0600)."""
     from tandem.protocol.bundle import generate_keypair
+    from tandem.protocol.errors import InvalidArgument
 
+    if private_key.absolute() == public_key.absolute():
+        raise InvalidArgument("the private and the public key need two different files")
+    for path in (private_key, public_key):
+        _replaceable(path, overwrite, "a PEM key file", _is_pem_key)
     fingerprint = generate_keypair(private_key, public_key, overwrite=overwrite)
     click.echo(f"wrote {private_key} and {public_key} ({fingerprint})")
 
@@ -255,9 +511,15 @@ def keygen_command(private_key: Path, public_key: Path, overwrite: bool) -> None
 @click.command(name="example")
 @click.argument("kind", type=click.Choice(["cnn", "residual", "unet", "multi-io",
                                            "dynamic-batch", "big"]))
-@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
-def example_command(kind: str, output: Path) -> None:
-    """Write a seeded example ONNX model (for trying Tandem without a model at hand)."""
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="replace an existing ONNX model file")
+def example_command(kind: str, output: Path, overwrite: bool) -> None:
+    """Write a seeded example ONNX model (for trying Tandem without a model at hand).
+
+    Missing parent directories of OUTPUT are created."""
+    import os
+    import tempfile
+
     from tandem.protocol.lazy import require
 
     onnx = require("onnx")
@@ -266,6 +528,15 @@ def example_command(kind: str, output: Path) -> None:
     build = {"cnn": _examples.cnn_chain, "residual": _examples.residual,
              "unet": _examples.unet, "multi-io": _examples.multi_io,
              "dynamic-batch": _examples.dynamic_batch, "big": _examples.big_model}[kind]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(build(), str(output))
+    output.absolute().parent.mkdir(parents=True, exist_ok=True)
+    _replaceable(output, overwrite, "an ONNX model", _is_onnx_model)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.tmp-", dir=output.absolute().parent)
+    os.close(fd)
+    try:
+        onnx.save_model(build(), tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     click.echo(f"wrote {output}")

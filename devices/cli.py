@@ -1,6 +1,7 @@
 """``tandem devices``: list device profiles, mark the detected local device, or print it.
 
-Light at import (click only); rich is imported when the table is printed.
+Light at import (click only); rich is imported when the table is printed (tandem.console: fitted
+to a terminal, plain and complete in a pipe).
 """
 
 from __future__ import annotations
@@ -43,19 +44,18 @@ def devices_command(as_json: bool, detect_only: bool, override: str | None) -> N
         click.echo(json.dumps({"detected": found.profile.id, "source": found.source,
                                "profiles": [p.to_dict() for p in profiles.values()]}, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
+    from tandem.console import Column, console, print_lines, print_table
 
-    table = Table(title="Tandem device profiles")
-    for col in ("", "id", "kind", "CC", "memory", "FP16 TFLOPS", "INT8 TOPS", "DLA", "backend"):
-        table.add_column(col, no_wrap=col in ("id", "backend"))
-    for p in profiles.values():
-        table.add_row(
-            "*" if p.id == found.profile.id else "",
-            p.id, p.kind, p.compute_capability or "-", _fmt(p.memory_gb, " GB"),
-            _fmt(p.fp16_tflops, sparse=p.fp16_sparse), _fmt(p.int8_tops, sparse=p.int8_sparse),
-            str(p.dla_cores), p.default_backend,
-        )
-    console = Console()
-    console.print(table)
-    console.print(f"* detected: {found.profile.id} (by {found.source}: {found.detail})")
+    columns = [Column(""), Column("id"), Column("kind", fold=1), Column("CC"),
+               Column("memory", justify="right"), Column("FP16 TFLOPS", justify="right"),
+               Column("INT8 TOPS", justify="right"), Column("DLA", justify="right"),
+               Column("backend", fold=2)]
+    rows = [
+        ["*" if p.id == found.profile.id else "", p.id, p.kind, p.compute_capability or "-",
+         _fmt(p.memory_gb, " GB"), _fmt(p.fp16_tflops, sparse=p.fp16_sparse),
+         _fmt(p.int8_tops, sparse=p.int8_sparse), str(p.dla_cores), p.default_backend]
+        for p in profiles.values()
+    ]
+    out = console()
+    print_table(columns, rows, title="Tandem device profiles", out=out)
+    print_lines(f"* detected: {found.profile.id} (by {found.source}: {found.detail})", out=out)

@@ -130,6 +130,20 @@ def _read(path: str) -> str | None:
         return None
 
 
+def _smi_failure(exc: BaseException, timeout: float) -> str:
+    """Why nvidia-smi told us nothing, in words (never a raw exception name)."""
+    if isinstance(exc, FileNotFoundError):
+        return "no NVIDIA driver (nvidia-smi not found)"
+    if isinstance(exc, PermissionError):
+        return "nvidia-smi is not executable here"
+    if isinstance(exc, subprocess.TimeoutExpired):
+        return f"nvidia-smi did not answer within {timeout:g} s"
+    if isinstance(exc, subprocess.CalledProcessError):
+        said = (exc.stderr or exc.stdout or "").strip().splitlines()
+        return f"nvidia-smi failed (exit {exc.returncode}{': ' + said[0] if said else ''})"
+    return f"nvidia-smi could not run ({exc})"
+
+
 def detect(
     override: str | None = None,
     *,
@@ -160,7 +174,7 @@ def detect(
     try:
         out = run(NVIDIA_SMI, timeout)
     except (OSError, subprocess.SubprocessError) as exc:  # no driver, no GPU, or it hung
-        notes.append(f"nvidia-smi: {type(exc).__name__}")
+        notes.append(_smi_failure(exc, timeout))
     else:
         for line in out.splitlines():
             parts = [p.strip() for p in line.split(",")]

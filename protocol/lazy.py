@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 
 from tandem.protocol.errors import MissingDependency
 
-__all__ = ["lazy_module", "require"]
+__all__ = ["install_command", "lazy_module", "require"]
 
 _EXTRA_FOR = {
     "onnx": "cpu",
@@ -19,14 +20,46 @@ _EXTRA_FOR = {
 }
 
 
+_JETSON_NOTE = (
+    "; on a Jetson, TensorRT comes with JetPack, not from PyPI: make the virtual environment "
+    "with --system-site-packages so it sees JetPack's tensorrt"
+)
+
+
+def _checkout() -> Path | None:
+    """The source checkout this code runs from (an editable install), or None for a wheel."""
+    root = Path(__file__).resolve().parent.parent  # <checkout>/protocol/lazy.py
+    pyproject = root / "pyproject.toml"
+    try:
+        if (root / "protocol").is_dir() and 'name = "tandem-rt"' in pyproject.read_text():
+            return root
+    except OSError:
+        pass
+    return None
+
+
+def install_command(extra: str) -> str:
+    """The command that installs ``extra`` for this installation: in a source checkout
+    ``cd <checkout> && pip install -e '.[extra]'``, else ``pip install 'tandem-rt[extra]'``."""
+    root = _checkout()
+    if root is not None:
+        return f"cd {root} && pip install -e '.[{extra}]'"
+    return f"pip install 'tandem-rt[{extra}]'"
+
+
 def require(module: str, extra: str | None = None) -> ModuleType:
-    """Import ``module`` or raise :class:`MissingDependency` naming the extra that provides it."""
+    """Import ``module`` or raise :class:`MissingDependency` naming the extra that provides it
+    and the command that installs it here."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         extra = extra or _EXTRA_FOR.get(module) or _EXTRA_FOR.get(module.split(".")[0], "dev")
+        missing = isinstance(exc, ModuleNotFoundError) and exc.name is not None and \
+            module.split(".")[0] == exc.name.split(".")[0]
+        why = "" if missing else f" ({exc})"  # e.g. a library the module itself could not load
+        note = _JETSON_NOTE if extra == "tensorrt" else ""
         raise MissingDependency(
-            f"{module} is not installed: pip install 'tandem-rt[{extra}]' ({exc})"
+            f"{module} is not installed{why}: {install_command(extra)}{note}"
         ) from exc
 
 

@@ -38,6 +38,7 @@ import os as _os
 import tempfile as _tempfile
 from pathlib import Path
 
+from tandem.protocol.bundle._archive import is_bundle_archive as _is_bundle_archive
 from tandem.protocol.bundle._archive import pack, unpack
 from tandem.protocol.bundle._errors import (
     BundleError,
@@ -48,6 +49,7 @@ from tandem.protocol.bundle._errors import (
     ManifestError,
 )
 from tandem.protocol.bundle._files import BundleWriter
+from tandem.protocol.bundle._files import is_bundle_dir as _is_bundle_dir
 from tandem.protocol.bundle._load import Bundle
 from tandem.protocol.bundle._load import verify_dir as _verify_dir
 from tandem.protocol.bundle._open import load_bundle, open_bundle
@@ -70,7 +72,13 @@ from tandem.protocol.bundle._schema import (
     check_not_older,
 )
 from tandem.protocol.bundle._select import Role, Runnable, Selection
-from tandem.protocol.bundle._sign import KeySource, generate_keypair, key_fingerprint
+from tandem.protocol.bundle._sign import (
+    KeySource,
+    generate_keypair,
+    key_fingerprint,
+    load_private_key,
+    load_public_key,
+)
 from tandem.protocol.bundle._sign import encode_signature as _encode_signature
 from tandem.protocol.bundle._sign import sign_bytes as _sign_bytes
 
@@ -102,15 +110,30 @@ __all__ = [
     "Selection",
     "TensorSpec",
     "Verification",
+    "bundle_kind",
     "check_not_older",
     "generate_keypair",
     "key_fingerprint",
     "load_bundle",
+    "load_private_key",
+    "load_public_key",
     "open_bundle",
     "pack",
     "sign_bundle",
     "unpack",
 ]
+
+
+def bundle_kind(path: Path | str) -> str | None:
+    """``"directory"`` for a directory holding a bundle manifest, ``"archive"`` for an archive
+    file whose first member is manifest.json, else None. Cheap, and no verification (that is
+    :func:`load_bundle`): it answers "is this ours?", e.g. before replacing it."""
+    path = Path(path)
+    if _is_bundle_dir(path):
+        return "directory"
+    if _is_bundle_archive(path):
+        return "archive"
+    return None
 
 
 def sign_bundle(

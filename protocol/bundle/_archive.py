@@ -64,6 +64,7 @@ __all__ = [
     "MAX_WINDOW_BYTES",
     "ArchiveHead",
     "extract_members",
+    "is_bundle_archive",
     "open_regular",
     "pack",
     "read_head",
@@ -146,8 +147,12 @@ def pack(
     if compression == "auto":
         compression = "zstd" if _has_zstd() else "gzip"
     bundle_dir, archive_path = Path(bundle_dir), Path(archive_path).absolute()
-    if os.path.lexists(archive_path) and not overwrite:
-        raise BundleExists(f"{archive_path} exists (pass overwrite=True to replace it)")
+    if os.path.lexists(archive_path):
+        if not overwrite:
+            raise BundleExists(f"{archive_path} exists (pass overwrite=True to replace it)")
+        if archive_path.is_symlink() or not is_bundle_archive(archive_path):
+            raise BundleExists(
+                f"{archive_path} exists and is not a bundle archive; refusing to replace it")
     if not archive_path.parent.is_dir():
         raise BundleError(f"{archive_path.parent} is not an existing directory")
     bundle = verify_dir(bundle_dir)
@@ -307,6 +312,25 @@ def _corrupt(archive: Path, exc: BaseException, tracked: _Tracked) -> BundleErro
 def _truncated(archive: Path) -> BundleError:
     return BundleError(f"{archive}: truncated archive (it ends before its end-of-archive "
                        "marker; was the download or copy cut short?)")
+
+
+def is_bundle_archive(path: Path | str) -> bool:
+    """Whether ``path`` is a regular file holding a tar archive (zstd, gzip or plain) whose first
+    member is manifest.json, as :func:`pack` writes it. Reads only up to that first member; it
+    does not verify the bundle."""
+    path = Path(path)
+    try:
+        if path.is_symlink() or not path.is_file():
+            return False
+        with _open_tar(path) as (tar, _):
+            first = next(iter(tar), None)
+    except (BundleError, BundleNotFound, tarfile.TarError, OSError, EOFError):
+        return False
+    except Exception as exc:
+        if _is_zstd_error(exc):
+            return False
+        raise
+    return first is not None and first.isreg() and first.name.removeprefix("./") == MANIFEST_NAME
 
 
 def _refuse(archive: Path, name: str, why: str) -> BundleIntegrityError:

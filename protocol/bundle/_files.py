@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from types import TracebackType
@@ -37,6 +39,7 @@ __all__ = [
     "check_rel_path",
     "fsync_dir",
     "install_dir",
+    "is_bundle_dir",
     "remove_tree",
     "sha256_file",
     "sha256_stream",
@@ -95,7 +98,30 @@ def staging_dir(final: Path) -> Path:
     return path
 
 
+_MAX_MANIFEST_PEEK = 64 << 20
+
+
+def is_bundle_dir(path: Path) -> bool:
+    """Whether ``path`` is a directory holding a bundle manifest (a regular manifest.json whose
+    JSON object has ``schema_version`` and ``files``), valid or not. Cheap: nothing else is
+    read; :func:`load_bundle` is what verifies a bundle."""
+    manifest = Path(path) / MANIFEST_NAME
+    try:
+        if Path(path).is_symlink():
+            return False
+        st = manifest.lstat()
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_MANIFEST_PEEK:
+            return False
+        doc = json.loads(manifest.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and "schema_version" in doc and "files" in doc
+
+
 def check_target(final: Path, overwrite: bool) -> None:
+    """``final`` may become a bundle: it does not exist, or ``overwrite`` is set and it is a
+    bundle directory or an empty directory. Anything else is refused: overwriting never
+    deletes what is not a bundle."""
     if not final.parent.is_dir():
         raise BundleError(f"{final.parent} is not an existing directory")
     if os.path.lexists(final):
@@ -103,6 +129,8 @@ def check_target(final: Path, overwrite: bool) -> None:
             raise BundleExists(f"{final} exists (pass overwrite=True to replace it)")
         if not final.is_dir() or final.is_symlink():
             raise BundleError(f"{final} exists and is not a directory; refusing to replace it")
+        if not is_bundle_dir(final) and any(final.iterdir()):
+            raise BundleExists(f"{final} exists and is not a bundle; refusing to replace it")
 
 
 def install_dir(staged: Path, final: Path, overwrite: bool) -> None:

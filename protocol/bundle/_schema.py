@@ -687,17 +687,19 @@ class Manifest:
         raise BundleNotFound(f"cut {cut_id} is not in model {self.model_name!r} (cuts: {known})")
 
     def allowed_encodings(self, cut_id: int) -> tuple[str, ...]:
-        """Lossy encodings verified for this cut's frontier, in :data:`ENCODINGS` order.
+        """The transfer encodings the edge may use for this cut's frontier: ``"raw"`` (each
+        tensor in its own dtype) first, then the lossy :data:`ENCODINGS` whose check passed, in
+        that order.
 
-        Empty when the cut's own verification did not pass. Sending the frontier in its own
-        dtype (no lossy encoding) is always allowed for a cut whose verification passed.
-        Encodings this version does not know are left out.
+        Empty when the cut's own verification did not pass (the cut must not be used at all);
+        ``"raw"`` is always allowed for a cut whose verification passed. Lossy encodings this
+        version does not know are left out. ``tandem inspect`` and ``tandem compile`` show this.
         """
         verification = self.cut(cut_id).verification
         if not verification.passed:
             return ()
         checks = verification.encodings
-        return tuple(e for e in ENCODINGS if e in checks and checks[e].passed)
+        return ("raw", *(e for e in ENCODINGS if e in checks and checks[e].passed))
 
     def file(self, path: str) -> FileEntry:
         """The entry for a bundle path, or :class:`BundleNotFound`."""

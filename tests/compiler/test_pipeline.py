@@ -72,7 +72,8 @@ def _check_bundle_reproduces(bundle, model, batch: int = 1) -> None:
         for name, ref in full.items():
             atol = 1e-4 * max(1, np.abs(ref).max())
             np.testing.assert_allclose(got[name], ref, rtol=1e-3, atol=atol)
-        for enc in m.allowed_encodings(cut.id):
+        assert m.allowed_encodings(cut.id)[0] == "raw"
+        for enc in m.allowed_encodings(cut.id)[1:]:
             check = cut.verification.encodings[enc]
             wire = Encoding.FP16 if enc == "fp16" else Encoding.INT8_AFFINE
             coded = {
@@ -191,8 +192,12 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
     with pytest.raises(FailedPrecondition, match="already exists"):
         BundleFromOnnx(src, tmp_path / "b", CompileOptions())()
     assert (tmp_path / "b" / "keep").exists()
-    BundleFromOnnx(src, tmp_path / "b", CompileOptions(overwrite=True))()
-    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["model_name"] == "m"
+    with pytest.raises(FailedPrecondition, match="not a bundle"):  # overwrite replaces bundles
+        BundleFromOnnx(src, tmp_path / "b", CompileOptions(overwrite=True))()
+    assert (tmp_path / "b" / "keep").read_text() == "x"
+    BundleFromOnnx(src, tmp_path / "c", CompileOptions())()
+    BundleFromOnnx(src, tmp_path / "c", CompileOptions(overwrite=True, model_version="2"))()
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["model_version"] == "2"
 
 
 def test_tensorrt_build_options_reach_the_builder(fake_trt, tmp_path):

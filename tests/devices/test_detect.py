@@ -83,7 +83,24 @@ def test_nvidia_smi_timeout_falls_back_to_cpu():
         raise subprocess.TimeoutExpired(cmd, timeout)
 
     d = detect(env={}, model_paths=[], run=hang, machine="AMD64")
-    assert d.profile.id == "cpu-x86_64" and "TimeoutExpired" in d.detail
+    assert d.profile.id == "cpu-x86_64" and "nvidia-smi did not answer within 5 s" in d.detail
+
+
+@pytest.mark.parametrize("exc, words", [
+    (FileNotFoundError(2, "No such file or directory", "nvidia-smi"),
+     "no NVIDIA driver (nvidia-smi not found)"),
+    (PermissionError(13, "Permission denied", "nvidia-smi"), "nvidia-smi is not executable"),
+    (subprocess.CalledProcessError(9, ["nvidia-smi"], "", "NVIDIA-SMI has failed because it "
+                                   "couldn't communicate with the NVIDIA driver.\n"),
+     "nvidia-smi failed (exit 9: NVIDIA-SMI has failed because it couldn't communicate"),
+])
+def test_nvidia_smi_failures_are_said_in_words(exc, words):
+    def fail(cmd, timeout):
+        raise exc
+
+    d = detect(env={}, model_paths=[], run=fail, machine="x86_64")
+    assert d.profile.id == "cpu-x86_64" and words in d.detail
+    assert type(exc).__name__ not in d.detail
 
 
 def test_override_argument_then_env_win():

@@ -347,8 +347,8 @@ def test_queries_for_the_edge_daemon():
     m = _manifest()
     assert m.cut(1).head_part == "parts/head_1.onnx"
     assert m.cut(0).cloud_only and not m.cut(0).local_only
-    assert m.allowed_encodings(1) == ("fp16",)  # int8 failed its check
-    assert m.allowed_encodings(0) == ()
+    assert m.allowed_encodings(1) == ("raw", "fp16")  # int8 failed its check
+    assert m.allowed_encodings(0) == ("raw",)  # verified, no lossy encoding checked
     failed = Verification(samples=1, passed=False, encodings=m.cut(1).verification.encodings)
     cut = CutSpec(**{**vars(m.cut(1)), "verification": failed})
     assert _manifest(cuts=(cut,)).allowed_encodings(1) == ()  # cut itself not verified
