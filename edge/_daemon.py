@@ -174,6 +174,15 @@ class EdgeDaemon:
         self._spool_thread = None
         self.last_rollout: dict[str, Any] = {}
         self.on_model_change: list[Callable[[ServingModel], None]] = []
+        self._executors: dict[str, Callable[..., Any]] = {
+            "local": self._run_local_plan, "cloud": self._offload, "split": self._offload}
+
+    def register_executor(self, kind: str, execute: Callable[..., Any]) -> None:
+        """Run plans of ``kind`` (costed by :meth:`CostModel.register_kind`) with
+        ``await execute(model, decision, feeds, key, deadline, priority)``, which returns
+        ``(outputs, info)``; ``info["ran"]`` says where the result came from (``local``,
+        ``cloud`` or ``fallback``), the other entries go into the response's parameters."""
+        self._executors[kind] = execute
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -422,7 +431,7 @@ class EdgeDaemon:
         if self._transport_factory is None:
             self.broker_url = await self._resolve_broker()
         delay = 0.2
-        while True:
+        while self._state == "serving":  # not True: 3.11 wait_for can swallow a cancel
             transport = self._make_transport()
             transport.add_connection_listener(self._on_connection)
             try:
@@ -483,7 +492,7 @@ class EdgeDaemon:
         degraded): a request for the all-local cut, which a worker answers at once (an error
         saying there is no tail) without computing."""
         interval = self.config.probe_interval_s
-        while True:
+        while self._state == "serving":  # not True: 3.11 wait_for can swallow a cancel
             await asyncio.sleep(interval)
             t = self.transport
             model = self.model
@@ -524,7 +533,7 @@ class EdgeDaemon:
         return rtt_ms
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while self._state == "serving":  # not True: 3.11 wait_for can swallow a cancel
             await asyncio.sleep(self.config.heartbeat_s)
             await self._heartbeat()
             if self.spool is not None:
@@ -582,13 +591,11 @@ class EdgeDaemon:
                     not self.link.available:
                 return await self._defer(model, feeds, options)
             deadline = started + options.deadline_ms / 1000
-            if decision.plan.kind == "local":
-                outputs, info = await self._run_local(model, feeds, key, options.priority)
-            elif decision.plan.offloads:
-                outputs, info = await self._offload(model, decision, feeds, key, deadline,
-                                                    options.priority)
-            else:
+            execute = self._executors.get(decision.plan.kind)
+            if execute is None:
                 raise FailedPrecondition(f"plan kind {decision.plan.kind!r} has no executor")
+            outputs, info = await execute(model, decision, feeds, key, deadline,
+                                          options.priority)
         except TandemError:
             if self.metrics is not None and decision is not None:
                 self.metrics.failed(decision.plan.label, "local")
@@ -612,8 +619,14 @@ class EdgeDaemon:
         m = model.bundle.manifest
         return Answer(outputs, parameters, m.model_name, m.model_version)
 
-    async def _run_local(self, model: ServingModel, feeds: dict[str, np.ndarray], key: Any,
-                         priority: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    async def _run_local_plan(self, model: ServingModel, decision: Decision,
+                              feeds: dict[str, np.ndarray], key: Any, deadline: float,
+                              priority: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        return await self.run_local(model, feeds, key, priority)
+
+    async def run_local(self, model: ServingModel, feeds: dict[str, np.ndarray], key: Any,
+                        priority: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Run the full model here (for executors of other plan kinds too)."""
         runtime = model.runtime
 
         def run() -> tuple[dict[str, np.ndarray], float]:
@@ -761,7 +774,7 @@ class EdgeDaemon:
 
     async def _spool_loop(self) -> None:
         """Send pending spooled requests while the cloud is available; store each answer."""
-        while True:
+        while self._state == "serving":  # not True: 3.11 wait_for can swallow a cancel
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._spool_wake.wait(), self.config.probe_interval_s)
             self._spool_wake.clear()
