@@ -25,7 +25,6 @@ Runtime.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -267,7 +266,7 @@ def stalled_cloud(bundle: Path, tmp: Path, n: int) -> tuple[list[Result], int]:
 
 
 def baseline_rss(bundle: Path) -> int:
-    path, optimized = _full_model_artifact(bundle)
+    path, _ = _full_model_artifact(bundle)
     code = (
         "import numpy as np, onnxruntime as ort\n"
         "so = ort.SessionOptions(); so.intra_op_num_threads = 1\n"

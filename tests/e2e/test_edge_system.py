@@ -156,8 +156,7 @@ def test_the_spool_survives_a_daemon_sigkill_and_delivers_each_result_once(syste
     bundle = system.add_to_repo(e2e_bundles["residual"])
     system.broker.stop()  # no broker: the cloud is unreachable
     edge = system.start_edge(bundle, wait_cloud=False)
-    x, manifest = _inputs(bundle)
-    want = reference(bundle, x)
+    x, _ = _inputs(bundle)
     with system.client() as client:
         ids = []
         for i in range(5):
@@ -189,7 +188,6 @@ def test_the_spool_survives_a_daemon_sigkill_and_delivers_each_result_once(syste
                                        rtol=1e-4, atol=1e-5)
             with pytest.raises(Exception, match="already delivered"):
                 client.result(rid)  # once
-    assert want  # the reference ran
 
 
 def test_malformed_requests_never_disturb_valid_ones(system, e2e_bundles):
