@@ -192,11 +192,13 @@ class _Progress:
         self._bar = None
         self.label = label
         if enabled and sys.stderr.isatty():
+            from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(),
                                  TextColumn("{task.completed}/{task.total}"),
-                                 TimeElapsedColumn(), transient=True)
+                                 TimeElapsedColumn(), transient=True,
+                                 console=Console(stderr=True))
             self._bar.start()
             self._task = self._bar.add_task(label, total=total)
 
