@@ -153,7 +153,7 @@ class CostModel:
             if cut.local_only or not cut.verification.passed:
                 continue
             kind = "cloud" if cut.cloud_only else "split"
-            for enc in ("raw", *manifest.allowed_encodings(cut.id)):
+            for enc in dict.fromkeys(("raw", *manifest.allowed_encodings(cut.id))):
                 self._plans.append(Plan(kind, cut.id, enc))
 
     # -- the plan set (open to new kinds) -------------------------------------------------------

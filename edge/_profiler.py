@@ -221,7 +221,7 @@ def _encode_costs(frontier: dict[str, np.ndarray], encodings: tuple[str, ...],
     from tandem.protocol.tensors import Encoding, Tensor
 
     ms, sizes = {}, {}
-    for enc in ("raw", *encodings):
+    for enc in dict.fromkeys(("raw", *encodings)):
         code = LOSSY_ENCODINGS.get(enc, Encoding.RAW)
 
         def encode(code=code) -> int:

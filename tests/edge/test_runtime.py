@@ -205,7 +205,10 @@ def test_switch_releases_the_old_backend_after_its_last_call():
 def test_an_unloadable_part_is_a_clean_error(residual_bundle, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(residual_bundle, broken)
-    (broken / "ort" / "full.onnx").write_bytes(b"not onnx" + b"\0" * 10)
+    with open_bundle(residual_bundle) as bundle:
+        full = bundle.select("full", "onnxruntime").full
+        target = full.path.relative_to(bundle.root)
+    (broken / target).write_bytes(b"not onnx" + b"\0" * 10)
     with pytest.raises(Exception) as info, open_bundle(broken) as bundle:
         ModelRuntime(bundle, get_profile("cpu-x86_64")).load()
-    assert "full.onnx" in str(info.value)
+    assert target.name in str(info.value)
