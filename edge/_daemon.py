@@ -282,6 +282,14 @@ class EdgeDaemon:
                  model.digest[:12], len(m.cuts), ", ".join(
                      f"{p.rsplit('/', 1)[-1]}: {r.kind}" for p, r in model.runtime.parts.items()),
                  self.profile.id)
+        previous_hook = model.runtime.on_switch
+
+        def on_switch(part: str, kind: str) -> None:  # in the engine thread
+            if previous_hook is not None:
+                previous_hook(part, kind)
+            self._report_serving()
+
+        model.runtime.on_switch = on_switch
         if model.runtime.start_engines():
             log.info("building TensorRT engines in the background; ONNX Runtime serves "
                      "meanwhile")

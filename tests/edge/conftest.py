@@ -21,7 +21,7 @@ from tandem.protocol.messages import ErrorInfo, InferenceResponse, Timings
 pytest.importorskip("onnxruntime")
 
 
-def compile_example(directory: Path, kind: str) -> Path:
+def compile_example(directory: Path, kind: str, **options) -> Path:
     from tandem.compiler import BundleFromOnnx, CompileOptions
     from tandem.compiler import examples as ex
 
@@ -29,13 +29,19 @@ def compile_example(directory: Path, kind: str) -> Path:
     out = directory / f"{kind}.bundle"
     if out.exists():
         shutil.rmtree(out)
-    BundleFromOnnx(model, out, CompileOptions(targets=("onnxruntime",)))()
+    BundleFromOnnx(model, out, CompileOptions(targets=("onnxruntime",), **options))()
     return out
 
 
 @pytest.fixture(scope="session")
 def residual_bundle(tmp_path_factory) -> Path:
     return compile_example(tmp_path_factory.mktemp("bundles"), "residual")
+
+
+@pytest.fixture(scope="session")
+def dynamic_hw_bundle(tmp_path_factory) -> Path:
+    return compile_example(tmp_path_factory.mktemp("bundles"), "dynamic_hw",
+                           input_shapes={"image": (1, 3, 32, 32)})
 
 
 @pytest.fixture(scope="session")

@@ -226,3 +226,22 @@ def test_new_plan_kinds_use_the_same_model(manifest):
     assert planner.decide(KEY, 100).plan.kind == "answer-small"
     with pytest.raises(InvalidArgument):
         cost.add_plan(Plan("unknown-kind", 0))
+
+
+def test_a_dynamic_hw_request_is_costed_at_its_own_shape(dynamic_hw_bundle):
+    with load_bundle(dynamic_hw_bundle) as b:
+        m = b.manifest
+    assert any(c.frontier_dims for c in m.cuts)  # compiler v2: sizes as functions of H, W
+    t = ProfileTable("d" * 64, "cpu-x86_64", {"image": (1, 3, 32, 32)})
+    t.parts["parts/full.onnx"] = {"onnxruntime": PartTiming(4.0, 4.0, 10)}
+    link = _link()
+    cost = CostModel(m, "d" * 64, t, link)
+    for h, w in ((32, 32), (64, 96), (17, 9)):
+        key = ((1, 3, h, w),)
+        for plan in cost.plans():
+            if plan.offloads:
+                est = cost.estimate(plan, key)
+                assert est.frontier_bytes == m.frontier_bytes(
+                    plan.cut_id, {"image": (1, 3, h, w)}, encoding=plan.encoding)
+        assert cost.estimate(cost.plans()[0], key).total_ms == pytest.approx(
+            4.0 * h * w / (32 * 32))

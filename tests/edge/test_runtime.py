@@ -212,3 +212,38 @@ def test_an_unloadable_part_is_a_clean_error(residual_bundle, tmp_path):
     with pytest.raises(Exception) as info, open_bundle(broken) as bundle:
         ModelRuntime(bundle, get_profile("cpu-x86_64")).load()
     assert target.name in str(info.value)
+
+
+def test_the_daemon_serves_through_the_switch_and_reports_it(fake_trt, trt_bundle, tmp_path):
+    import asyncio
+
+    from tandem.edge import EdgeDaemon, RequestOptions
+    from tandem.protocol.transport import MemoryBroker, MemoryTransport
+    from tests.edge.conftest import make_config
+
+    async def main():
+        broker = MemoryBroker()
+        d = EdgeDaemon(make_config(tmp_path, trt_bundle, profile=ORIN),
+                       transport_factory=lambda: MemoryTransport(broker), progress=False)
+        await d.start()
+        try:
+            x = _x(4)
+            want = reference(trt_bundle, x)["logits"]
+            answers = []
+            while not d.model.runtime.wait_engines(0):
+                answers.append(await d.infer(x, RequestOptions(mode="local")))
+                await asyncio.sleep(0.01)
+            answers.append(await d.infer(x, RequestOptions(mode="local")))
+            for a in answers:
+                np.testing.assert_allclose(a.outputs["logits"], want, rtol=1e-4, atol=1e-5)
+            st = d.status()
+            assert set(st["bundle"]["backends"].values()) == {"tensorrt"}
+            text = d.metrics.exposition()[0].decode()
+            assert 'tandem_edge_backend_info{backend="tensorrt",part="parts/full.onnx"} 1.0' \
+                in text
+            table = d.model.table
+            assert all("tensorrt" in table.parts[p] for p in d.model.runtime.parts)
+        finally:
+            await d.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
