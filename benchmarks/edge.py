@@ -10,6 +10,8 @@ Runtime.
   API, timed from the caller with :class:`tandem.edge.Client` (binary tensors, then JSON), minus
   the same full-model ONNX Runtime artifact run by ``OnnxRuntimeBackend.infer`` in the caller
   (one intra-op thread), interleaved call by call. Target: <= 1 ms at p50.
+* ``kserve_{encode,decode}_request_json``: the share of the JSON form in that overhead: the
+  KServe codec encoding the request (client) and decoding it (daemon), JSON against binary.
 * ``planner_decide``: ``Planner.decide`` on the bundle's measured profile (every plan: local,
   cloud and each cut in each verified encoding), per call, in this process; and the mean the
   daemon itself recorded (``tandem_edge_decision_seconds``). Target: <= 50 us.
@@ -164,10 +166,36 @@ def api_overhead(bundle: Path, tmp: Path, repeats: int) -> tuple[list[Result], i
                           met=overhead <= 1.0, notes="tandem edge run process, mode=local, "
                           "tandem.edge.Client over HTTP/1.1 keep-alive, interleaved with the "
                           "direct call"))
+    out += _json_share(x)
     out.append(Result("planner_decide_in_daemon_mean", mean_us, "us", target="<= 50 us",
                       met=mean_us <= 50, notes="tandem_edge_decision_seconds sum/count "
                       "recorded by the daemon while serving the requests above"))
     return out, rss, d.n
+
+
+def _json_share(x: dict[str, np.ndarray]) -> list[Result]:
+    """What the JSON form alone costs on this input: the codec's encode (client) and decode
+    (daemon) of the request, JSON against binary, in this process."""
+    from tandem.protocol import kserve
+
+    req = kserve.InferRequest((kserve.InferTensor.from_array("input", x["input"]),), (), None,
+                              {"mode": "local"})
+    bodies = {b: kserve.encode_request(req, binary=b) for b in (True, False)}
+    times = interleaved({
+        "enc_json": lambda: kserve.encode_request(req, binary=False),
+        "enc_bin": lambda: kserve.encode_request(req, binary=True),
+        "dec_json": lambda: kserve.decode_request(*bodies[False]),
+        "dec_bin": lambda: kserve.decode_request(*bodies[True]),
+    }, repeats=300, warmup=20)
+    med = {k: stats(v).median * 1e3 for k, v in times.items()}
+    n = x["input"].size
+    return [
+        Result("kserve_encode_request_json", med["enc_json"], "ms", baseline="binary",
+               baseline_value=med["enc_bin"], notes=f"{n} float32 values as JSON numbers "
+               "(Python's json), in the caller"),
+        Result("kserve_decode_request_json", med["dec_json"], "ms", baseline="binary",
+               baseline_value=med["dec_bin"], notes="the same body parsed as the daemon does"),
+    ]
 
 
 def planner_time(bundle: Path, n: int) -> list[Result]:

@@ -240,7 +240,7 @@ def test_oversize_and_compressed_bombs_are_refused(tmp_path, residual_bundle):
         bomb = gzip.compress(b"{" + b" " * (64 << 20))
         status, data, _ = api.raw("POST", "/v2/models/residual/infer", bomb,
                                   {"Content-Encoding": "gzip"})
-        assert status in (400, 413), data[:200]
+        assert status == 413, data[:200]  # bounded after decompression too
         assert Client(f"http://{api.url}").infer({"input": _x()}, mode="local").ran == "local"
 
 
