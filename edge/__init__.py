@@ -19,7 +19,7 @@ prometheus-client when the daemon starts, zeroconf when presence starts.
 """
 
 from tandem.edge._client import AsyncClient, Client, InferResult
-from tandem.edge._config import MODES, BrokerAddress, EdgeConfig, load_config, parse_mode
+from tandem.edge._config import MODES, EdgeConfig, load_config, parse_mode
 from tandem.edge._daemon import Answer, Deferred, EdgeDaemon, RequestOptions
 from tandem.edge._link import LinkEstimator
 from tandem.edge._planner import CostModel, Decision, Estimate, Plan, Planner
@@ -29,7 +29,6 @@ __all__ = [
     "MODES",
     "Answer",
     "AsyncClient",
-    "BrokerAddress",
     "Client",
     "CostModel",
     "Decision",

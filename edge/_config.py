@@ -1,13 +1,15 @@
 """The edge daemon's configuration: one layer over command-line options, ``TANDEM_*`` environment
-variables, a TOML file and defaults.
+variables, a TOML file and defaults (:mod:`tandem.protocol.settings`, shared with the cloud
+endpoint).
 
 Precedence (highest first): command-line option; environment variable ``TANDEM_<NAME>`` (the
 option's name in upper case, ``-`` as ``_``: ``TANDEM_API_PORT``, ``TANDEM_DEVICE_ID``); the TOML
 file (``--config FILE`` or ``TANDEM_CONFIG``; keys in an ``[edge]`` table, or at the top level
-of a file without one); an enrollment file (``--enroll FILE``: device id, broker, TLS and the
-bundle-signing key, below every explicit setting); the defaults below. Unknown keys in the file
-and malformed values anywhere are one-line
-:class:`~tandem.protocol.errors.InvalidArgument` errors naming where the value came from.
+of a file without one); an enrollment file (``--enroll FILE``: device id and profile, below
+every explicit setting; its broker, credentials, TLS files and bundle-signing key reach the
+daemon as the enrollment itself); the defaults below. Unknown keys in the file and malformed
+values anywhere are one-line :class:`~tandem.protocol.errors.InvalidArgument` errors naming
+where the value came from.
 
 Relative paths in the TOML file are relative to the file.
 """
@@ -17,18 +19,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-from tandem.protocol.errors import InvalidArgument, NotFound
+from tandem.protocol.broker_url import parse_broker_url
+from tandem.protocol.errors import InvalidArgument
+from tandem.protocol.settings import field_parsers, merge_settings, to_str
 from tandem.protocol.topics import validate_id
 
-__all__ = ["MODES", "BrokerAddress", "EdgeConfig", "load_config", "parse_broker", "parse_mode"]
+__all__ = ["MODES", "EdgeConfig", "load_config", "parse_mode"]
 
-ENV_PREFIX = "TANDEM_"
 MODES = ("auto", "local", "cloud")  # and "split:<cut id>"
 _MODE_SPLIT = re.compile(r"split:(\d{1,9})")
 
@@ -43,47 +45,6 @@ def parse_mode(value: object) -> tuple[str, int | None]:
             return "split", int(m.group(1))
     shown = repr(value)[:64]
     raise InvalidArgument(f"mode must be auto, local, cloud or split:<cut id>, not {shown}")
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerAddress:
-    """Where the broker is: ``mqtt://host:port`` (TCP) or ``mqtts://host:port`` (TLS)."""
-
-    scheme: str
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = None
-
-    @property
-    def tls(self) -> bool:
-        return self.scheme == "mqtts"
-
-    def __str__(self) -> str:  # never shows the password
-        user = f"{self.username}@" if self.username else ""
-        return f"{self.scheme}://{user}{self.host}:{self.port}"
-
-
-def parse_broker(url: str) -> BrokerAddress:
-    """``mqtt[s]://[user[:password]@]host[:port]``; the port defaults to 1883 (8883 for mqtts)."""
-    if not isinstance(url, str) or "://" not in url:
-        raise InvalidArgument(f"broker must be a URL like mqtt://HOST:PORT, not {url!r}")
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("mqtt", "mqtts"):
-        raise InvalidArgument(f"broker URL scheme must be mqtt or mqtts, not {scheme!r} ({url})")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise InvalidArgument(f"broker URL takes no path or query: {url}")
-    try:
-        port = parts.port
-    except ValueError:
-        raise InvalidArgument(f"broker URL has a bad port: {url}") from None
-    if not parts.hostname:
-        raise InvalidArgument(f"broker URL has no host: {url}")
-    return BrokerAddress(
-        scheme, parts.hostname, port or (8883 if scheme == "mqtts" else 1883),
-        unquote(parts.username) if parts.username else None,
-        unquote(parts.password) if parts.password else None)
 
 
 def _default_state_dir() -> Path:
@@ -101,7 +62,8 @@ class EdgeConfig:
 
     bundle: Path | None = None  # None: wait for an assignment (needs --enroll or a broker)
     device_id: str = ""
-    broker: str | None = None  # None: a broker advertised over mDNS, else mqtt://127.0.0.1:1883
+    broker: str | None = None  # mqtt[s]:// or nats:// / tls:// (tandem.protocol.broker_url);
+    # None: a broker advertised over mDNS, else mqtt://127.0.0.1:1883
     api_port: int = 8000
     api_host: str = "127.0.0.1"
     profile: str | None = None  # device profile id; None: detect
@@ -160,7 +122,7 @@ class EdgeConfig:
         if self.device_id:
             validate_id(self.device_id, "device_id")
         if self.broker is not None:
-            parse_broker(self.broker)
+            parse_broker_url(self.broker)
         parse_mode(self.mode)
         need(0 <= self.api_port <= 65535, f"api_port must be in [0, 65535], not {self.api_port}")
         need(self.backend in ("auto", "onnxruntime", "tensorrt"),
@@ -216,105 +178,10 @@ def parse_shapes(text: str) -> dict[str, tuple[int, ...]]:
     return out
 
 
-# -- the one layer ----------------------------------------------------------------------------
+# -- the one layer (tandem.protocol.settings) -------------------------------------------------
 
-
-def _to_int(v: Any) -> int:
-    if isinstance(v, bool):
-        raise ValueError("expected an integer")
-    if isinstance(v, int):
-        return v
-    if isinstance(v, str) and re.fullmatch(r"[+-]?\d+", v.strip()):
-        return int(v)
-    raise ValueError("expected an integer")
-
-
-def _to_float(v: Any) -> float:
-    if isinstance(v, bool):
-        raise ValueError("expected a number")
-    try:
-        out = float(v)
-    except (TypeError, ValueError):
-        raise ValueError("expected a number") from None
-    if out != out or out in (float("inf"), float("-inf")):
-        raise ValueError("expected a finite number")
-    return out
-
-
-def _to_bool(v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if isinstance(v, str) and v.strip().lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected true or false")
-
-
-def _to_str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError("expected a string")
-    return v
-
-
-def _to_path(v: Any) -> Path:
-    if isinstance(v, Path):
-        return v
-    return Path(_to_str(v)).expanduser()
-
-
-def _optional(conv: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    def parse(v: Any) -> Any:
-        if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none")):
-            return None
-        return conv(v)
-
-    return parse
-
-
-_CONVERTERS = {int: _to_int, float: _to_float, bool: _to_bool, str: _to_str, Path: _to_path}
-
-
-def _field_types() -> dict[str, Callable[[Any], Any]]:
-    out: dict[str, Callable[[Any], Any]] = {}
-    for f in dataclasses.fields(EdgeConfig):
-        text = str(f.type)
-        base = text.split("|")[0].strip()
-        conv = {"int": _to_int, "float": _to_float, "bool": _to_bool, "str": _to_str,
-                "Path": _to_path}[base]
-        out[f.name] = _optional(conv) if "None" in text else conv
-    out["log_level"] = lambda v: _to_str(v).lower()
-    return out
-
-
-_FIELD_TYPES = _field_types()
+_PARSERS = field_parsers(EdgeConfig, {"log_level": lambda v: to_str(v).lower()})
 _PATH_FIELDS = {f.name for f in dataclasses.fields(EdgeConfig) if str(f.type).startswith("Path")}
-
-
-def read_toml(path: Path, section: str) -> dict[str, Any]:
-    """The ``[section]`` table of a TOML file (or its top level when it has no such table)."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        raise NotFound(f"config file {path} does not exist") from None
-    except OSError as exc:
-        raise InvalidArgument(f"config file {path}: {exc.strerror}") from exc
-    try:
-        doc = tomllib.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise InvalidArgument(f"config file {path}: not valid TOML: {exc}") from None
-    table = doc.get(section, doc)
-    if not isinstance(table, dict):
-        raise InvalidArgument(f"config file {path}: [{section}] must be a table")
-    if section in doc:
-        others = sorted(k for k in doc if k != section and not isinstance(doc[k], dict))
-        if others:
-            raise InvalidArgument(f"config file {path}: keys outside [{section}]: {others}")
-    return dict(table)
 
 
 def load_config(options: Mapping[str, Any] | None = None, *,
@@ -324,44 +191,9 @@ def load_config(options: Mapping[str, Any] | None = None, *,
     """Merge ``options`` (None values = not given), ``env`` (default ``os.environ``), the TOML
     file (``config_file``, else ``TANDEM_CONFIG``) and ``enrollment`` (values an enrollment file
     supplies) over the defaults. ``enrollment`` is below everything given explicitly."""
-    env = os.environ if env is None else env
-    options = {k: v for k, v in (options or {}).items() if v is not None}
-    unknown = sorted(set(options) - set(_FIELD_TYPES))
-    if unknown:
-        raise InvalidArgument(f"unknown option(s) {unknown}")
-    if config_file is None and env.get(f"{ENV_PREFIX}CONFIG"):
-        config_file = env[f"{ENV_PREFIX}CONFIG"]
-    layers: list[tuple[str, Mapping[str, Any]]] = []
-    if enrollment:
-        layers.append(("enrollment file", enrollment))
-    file_dir: Path | None = None
-    if config_file is not None:
-        path = Path(config_file).expanduser()
-        file_dir = path.parent
-        table = read_toml(path, "edge")
-        unknown = sorted(set(table) - set(_FIELD_TYPES))
-        if unknown:
-            raise InvalidArgument(f"config file {path}: unknown key(s) {unknown} "
-                                  f"(known: {', '.join(sorted(_FIELD_TYPES))})")
-        layers.append((f"config file {path}", table))
-    env_values = {f"{ENV_PREFIX}{name.upper()}": env[f"{ENV_PREFIX}{name.upper()}"]
-                  for name in _FIELD_TYPES if f"{ENV_PREFIX}{name.upper()}" in env}
-    layers.append(("environment", env_values))
-    layers.append(("option", options))
-    merged: dict[str, Any] = {}
-    for where, values in layers:
-        for key, raw in values.items():
-            name = key[len(ENV_PREFIX):].lower() if where == "environment" else key
-            try:
-                value = _FIELD_TYPES[name](raw)
-            except ValueError as exc:
-                label = {"environment": key, "option": f"--{name.replace('_', '-')}"}.get(
-                    where, f"{where}: {name}")
-                raise InvalidArgument(f"{label}: {exc}, got {str(raw)[:80]!r}") from None
-            if where.startswith("config file") and name in _PATH_FIELDS and value is not None \
-                    and not value.is_absolute() and file_dir is not None:
-                value = file_dir / value
-            merged[name] = value
+    below = [("enrollment file", enrollment)] if enrollment else []
+    merged = merge_settings(_PARSERS, options, table="edge", env=env, config_file=config_file,
+                            below=below, file_relative=_PATH_FIELDS)
     if not merged.get("device_id"):
         raise InvalidArgument("no device id: give --device-id ID (or TANDEM_DEVICE_ID, "
                               "device_id in the config file, or --enroll FILE)")

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from tandem.edge._compute import ComputePool
-from tandem.edge._config import EdgeConfig, parse_broker
+from tandem.edge._config import EdgeConfig
 from tandem.edge._link import LinkEstimator
 from tandem.edge._metrics import Metrics
 from tandem.edge._planner import Decision
@@ -384,8 +384,11 @@ class EdgeDaemon:
     # -- the broker -----------------------------------------------------------------------------
 
     def _make_transport(self) -> Any:
+        """The transport the broker URL selects (MQTT, or NATS for ``nats://``/``tls://``;
+        :func:`tandem.protocol.broker_url.transport_for_url`), or one from the enrollment."""
         if self._transport_factory is not None:
             return self._transport_factory()
+        from tandem.protocol.broker_url import transport_for_url
         from tandem.protocol.mqtt import MqttTransport
         from tandem.protocol.transport import TlsConfig, TransportConfig, Will
 
@@ -399,19 +402,18 @@ class EdgeDaemon:
             return MqttTransport(e.transport_config(
                 self.state_dir / "secrets", auth=auth, will=will, clean_start=True,
                 reconnect_max_s=2.0, protocol=cfg.mqtt_version))
-        addr = parse_broker(self.broker_url)
         tls = None
-        if addr.tls or cfg.ca_file or cfg.cert_file:
+        if cfg.ca_file or cfg.cert_file:
             tls = TlsConfig(ca_file=str(cfg.ca_file) if cfg.ca_file else None,
                             cert_file=str(cfg.cert_file) if cfg.cert_file else None,
                             key_file=str(cfg.key_file) if cfg.key_file else None)
-        username, password = cfg.username or addr.username, cfg.password or addr.password
+        username, password = cfg.username, cfg.password
         if e is not None and username is None:
             username, password = e.username, e.password
-        return MqttTransport(TransportConfig(
-            host=addr.host, port=addr.port, client_id=f"tandem-edge-{self.device_id}",
-            protocol=cfg.mqtt_version, username=username, password=password, tls=tls, will=will,
-            clean_start=True, reconnect_max_s=2.0))
+        return transport_for_url(self.broker_url, TransportConfig(
+            client_id=f"tandem-edge-{self.device_id}", protocol=cfg.mqtt_version,
+            username=username, password=password, tls=tls, will=will, clean_start=True,
+            reconnect_max_s=2.0))
 
     async def _resolve_broker(self) -> str:
         if self.config.broker:

@@ -24,14 +24,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tandem.edge._profiler import write_atomic
 from tandem.protocol.bundle import check_not_older
 from tandem.protocol.errors import (
     FailedPrecondition,
@@ -75,16 +74,7 @@ class Rollout:
     def _write_record(self, current: Path, previous: Path | None) -> None:
         doc = {"current": str(current), "previous": str(previous) if previous else None,
                "updated_at": time.time()}
-        fd, tmp = tempfile.mkstemp(prefix=".current-", dir=self.record.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(doc, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.record)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self.record, json.dumps(doc))
 
     def initial_bundle_path(self) -> Path | None:
         """The bundle to serve at start: the assigned one a rollout recorded (so a restart

@@ -14,10 +14,7 @@ and a real ``tandem edge run`` daemon, each its own process.
 
 from __future__ import annotations
 
-import http.client
-import json
 import signal
-import threading
 import time
 
 import numpy as np
@@ -25,7 +22,7 @@ import pytest
 
 from tandem.edge import Deferred, InferResult
 from tandem.protocol.bundle import open_bundle
-from tests.edge.conftest import assert_matches, reference
+from tests.edge.conftest import RequestStream, assert_matches, reference, send_malformed
 from tests.edge.test_api import _bad_requests
 
 httpclient = pytest.importorskip("tritonclient.http")
@@ -84,26 +81,10 @@ def test_the_broker_dies_mid_stream(system, e2e_bundles):
     system.start_edge(bundle)
     x, manifest = _inputs(bundle)
     want = reference(bundle, x)
-    answers: list[dict] = []
-    errors: list[BaseException] = []
-    stop = threading.Event()
-    sent = [0]
-
-    def stream():
-        with system.client() as client:
-            while not stop.is_set():
-                sent[0] += 1
-                try:
-                    r = client.infer(x, mode="cloud", deadline_ms=500)
-                    assert_matches(r.outputs, want, manifest, r.parameters)
-                    answers.append(r.parameters)
-                except BaseException as exc:
-                    errors.append(exc)
-                    return
-
-    thread = threading.Thread(target=stream)
-    thread.start()
-    try:
+    url = f"http://127.0.0.1:{system.api_port}"
+    with RequestStream(url, x, lambda r: assert_matches(r.outputs, want, manifest, r.parameters),
+                       mode="cloud", deadline_ms=500) as stream:
+        answers = stream.answers
         _wait(lambda: sum(a["ran"] == "cloud" for a in answers) >= 5)
         system.broker.kill()
         n = len(answers)
@@ -113,11 +94,7 @@ def test_the_broker_dies_mid_stream(system, e2e_bundles):
         system.broker.start()
         m = len(answers)
         _wait(lambda: any(a["ran"] == "cloud" for a in answers[m:]), 30)
-    finally:
-        stop.set()
-        thread.join(60)
-    assert not errors, errors[0]
-    assert len(answers) == sent[0]  # every request answered, exactly once
+    assert len(answers) == stream.sent  # every request answered, exactly once
     assert system.status()["link"]["available"]
 
 
@@ -196,38 +173,11 @@ def test_malformed_requests_never_disturb_valid_ones(system, e2e_bundles):
     system.start_edge(bundle)
     x, manifest = _inputs(bundle)
     want = reference(bundle, x)
-    bad = _bad_requests(x["input"])
-    ok, errors = [], []
-    stop = threading.Event()
-
-    def valid():
-        with system.client() as client:
-            while not stop.is_set():
-                try:
-                    r = client.infer(x, mode="auto", deadline_ms=1000)
-                    assert_matches(r.outputs, want, manifest, r.parameters)
-                    ok.append(r)
-                except BaseException as exc:
-                    errors.append(exc)
-                    return
-
-    thread = threading.Thread(target=valid)
-    thread.start()
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", system.api_port, timeout=30)
-        for i in range(1000):
-            conn.request("POST", "/v2/models/residual/infer", body=bad[i % len(bad)],
-                         headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            body = resp.read()
-            assert 400 <= resp.status < 500, (resp.status, body[:200])
-            assert "\n" not in json.loads(body)["error"]
-        conn.close()
-    finally:
-        stop.set()
-        thread.join(30)
-    assert not errors, errors[0]
-    assert ok
+    url = f"http://127.0.0.1:{system.api_port}"
+    with RequestStream(url, x, lambda r: assert_matches(r.outputs, want, manifest, r.parameters),
+                       mode="auto", deadline_ms=1000) as stream:
+        assert len(send_malformed(system.api_port, _bad_requests(x["input"]))) == 1000
+    assert stream.answers
 
 
 def _wait(cond, timeout_s: float = 20.0) -> None:

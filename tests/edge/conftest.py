@@ -7,7 +7,10 @@ logic is tested without a broker process. Whole-system runs with a real mosquitt
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +143,67 @@ class MemoryCloud:
         for b in self._backends.values():
             b.deactivate()
         self.bundle.close()
+
+
+class RequestStream:
+    """Valid requests sent one after another by a thread (``tandem.edge.Client``) while the
+    ``with`` block runs, each checked with ``check(result)``. ``answers`` holds every answer's
+    parameters and ``sent`` counts the requests; the first failure ends the stream and is raised
+    when the block ends."""
+
+    def __init__(self, url: str, feeds, check, **options) -> None:
+        self.url, self.feeds, self.check, self.options = url, feeds, check, options
+        self.answers: list[dict] = []
+        self.sent = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="request-stream")
+
+    def _run(self) -> None:
+        from tandem.edge import Client
+
+        with Client(self.url) as client:
+            while not self._stop.is_set():
+                self.sent += 1
+                try:
+                    r = client.infer(self.feeds, **self.options)
+                    self.check(r)
+                    self.answers.append(r.parameters)
+                except BaseException as exc:
+                    self.error = exc
+                    return
+
+    def __enter__(self) -> RequestStream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(60)
+        assert not self._thread.is_alive()
+        if self.error is not None:
+            raise self.error
+
+
+def send_malformed(port: int, bodies: list[bytes], n: int = 1000) -> list[int]:
+    """POST ``n`` malformed bodies (cycling through ``bodies``; every 7th with a binary header
+    length that lies) on one kept-alive connection; each must get a 4xx with a one-line JSON
+    error. The statuses."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    statuses = []
+    try:
+        for i in range(n):
+            body = bodies[i % len(bodies)]
+            headers = {"Content-Type": "application/json"}
+            if i % 7 == 3:
+                headers["Inference-Header-Content-Length"] = str(len(body) + 10)
+            conn.request("POST", "/v2/models/residual/infer", body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            statuses.append(resp.status)
+            assert 400 <= resp.status < 500, (body[:80], resp.status, data[:200])
+            doc = json.loads(data)
+            assert doc["error"] and "\n" not in doc["error"]
+    finally:
+        conn.close()
+    return statuses

@@ -17,7 +17,14 @@ import pytest
 from tandem.edge import AsyncClient, Client, Deferred, InferResult
 from tandem.protocol.errors import InvalidArgument, NotFound, ResourceExhausted
 from tandem.protocol.transport import MemoryBroker, MemoryTransport, TransportConfig
-from tests.edge.conftest import MemoryCloud, assert_matches, make_config, reference
+from tests.edge.conftest import (
+    MemoryCloud,
+    RequestStream,
+    assert_matches,
+    make_config,
+    reference,
+    send_malformed,
+)
 
 httpclient = pytest.importorskip("tritonclient.http")
 pytest.importorskip("aiohttp")
@@ -189,48 +196,14 @@ def _bad_requests(x):
 
 def test_malformed_requests_get_one_line_4xx_and_never_disturb_others(api):
     x = _x(2)
-    bad = _bad_requests(x)
     want = reference(api.bundle, {"input": x})
-    errors = []
-    stop = threading.Event()
-    ok = []
 
-    def valid():
-        with Client(f"http://{api.url}") as client:
-            while not stop.is_set():
-                try:
-                    r = client.infer({"input": x}, mode="local")
-                    np.testing.assert_allclose(r.outputs["logits"], want["logits"], rtol=1e-4,
-                                               atol=1e-5)
-                    ok.append(r)
-                except Exception as exc:
-                    errors.append(exc)
-                    return
+    def check(r):
+        np.testing.assert_allclose(r.outputs["logits"], want["logits"], rtol=1e-4, atol=1e-5)
 
-    thread = threading.Thread(target=valid)
-    thread.start()
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=30)
-        statuses = []
-        for i in range(1000):
-            body = bad[i % len(bad)]
-            headers = {"Content-Type": "application/json"}
-            if i % 7 == 3:  # a binary header length that lies
-                headers["Inference-Header-Content-Length"] = str(len(body) + 10)
-            conn.request("POST", "/v2/models/residual/infer", body=body, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-            statuses.append(resp.status)
-            assert 400 <= resp.status < 500, (body[:80], resp.status, data[:200])
-            doc = json.loads(data)
-            assert doc["error"] and "\n" not in doc["error"]
-        conn.close()
-    finally:
-        stop.set()
-        thread.join(30)
-    assert not errors, errors[0]
-    assert len(ok) > 0
-    assert len(statuses) == 1000
+    with RequestStream(f"http://{api.url}", {"input": x}, check, mode="local") as stream:
+        assert len(send_malformed(api.port, _bad_requests(x))) == 1000
+    assert stream.answers
 
 
 def test_oversize_and_compressed_bombs_are_refused(tmp_path, residual_bundle):

@@ -44,7 +44,7 @@ def test_help_piped_into_head():
     (["--bundle", "{bundle}", "--api-port", "99999"], "api_port must be in"),
     (["--bundle", "{bundle}", "--mode", "sideways"], "mode must be auto, local, cloud"),
     (["--bundle", "{bundle}", "--profile", "cloud-x9"], "cloud-x9"),
-    (["--bundle", "{bundle}", "--broker", "http://x"], "scheme must be mqtt or mqtts"),
+    (["--bundle", "{bundle}", "--broker", "http://x"], "scheme must be mqtt, mqtts, nats or tls"),
     ([], "no bundle: give --bundle PATH"),
     (["--bundle", "{bundle}", "--config", "{tmp}/missing.toml"], "does not exist"),
 ])

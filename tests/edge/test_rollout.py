@@ -10,6 +10,7 @@ own checks (signature, digests, version, loading) are what is tested."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import shutil
 
@@ -101,6 +102,17 @@ def _daemon(tmp_path, broker, bundle, releases, fetch, **overrides):
                       fetch_bundle=fetch, public_key=releases["public_key"], progress=False)
 
 
+@contextlib.asynccontextmanager
+async def _running(daemon):
+    """The daemon started and connected for the block, stopped after it."""
+    await daemon.start()
+    try:
+        await _until(lambda: daemon.transport is not None)
+        yield daemon
+    finally:
+        await daemon.stop()
+
+
 async def _publish(broker, assignment):
     t = MemoryTransport(broker, TransportConfig(client_id="operator"))
     await t.connect()
@@ -177,10 +189,7 @@ def test_bad_bundles_are_refused_and_the_old_one_keeps_serving(tmp_path, release
     async def main():
         broker = MemoryBroker()
         fetch = _Fetch([releases[name]])
-        d = _daemon(tmp_path, broker, releases["v1"], releases, fetch)
-        await d.start()
-        try:
-            await _until(lambda: d.transport is not None)
+        async with _running(_daemon(tmp_path, broker, releases["v1"], releases, fetch)) as d:
             v1 = d.model.digest
             await _publish(broker, _assignment(releases[name]))
             await _until(lambda: d.last_rollout.get("result") == "refused")
@@ -192,8 +201,6 @@ def test_bad_bundles_are_refused_and_the_old_one_keeps_serving(tmp_path, release
             d._rollout.submit(_assignment(releases[name]))  # again: not downloaded again
             await asyncio.sleep(0.1)
             assert fetch.calls == 1 and "refused before" in d.last_rollout["detail"]
-        finally:
-            await d.stop()
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
@@ -202,10 +209,7 @@ def test_assignments_for_other_devices_and_garbage_are_ignored(tmp_path, release
     async def main():
         broker = MemoryBroker()
         fetch = _Fetch([releases["v2"]])
-        d = _daemon(tmp_path, broker, releases["v1"], releases, fetch)
-        await d.start()
-        try:
-            await _until(lambda: d.transport is not None)
+        async with _running(_daemon(tmp_path, broker, releases["v1"], releases, fetch)) as d:
             t = MemoryTransport(broker, TransportConfig(client_id="operator"))
             await t.connect()
             wrong = dataclasses.replace(_assignment(releases["v2"]), device_id="cam-other")
@@ -214,8 +218,6 @@ def test_assignments_for_other_devices_and_garbage_are_ignored(tmp_path, release
             await t.close()
             await asyncio.sleep(0.2)
             assert fetch.calls == 0 and d.last_rollout == {}
-        finally:
-            await d.stop()
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
@@ -226,14 +228,10 @@ def test_without_a_public_key_assignments_are_refused(tmp_path, releases):
         d = EdgeDaemon(make_config(tmp_path, releases["v1"]),
                        transport_factory=lambda: MemoryTransport(broker),
                        fetch_bundle=_Fetch([releases["v2"]]), progress=False)
-        await d.start()
-        try:
-            await _until(lambda: d.transport is not None)
+        async with _running(d):
             await _publish(broker, _assignment(releases["v2"]))
             await _until(lambda: d.last_rollout.get("result") == "refused")
             assert "no bundle-signing public key" in d.last_rollout["detail"]
-        finally:
-            await d.stop()
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
@@ -242,14 +240,9 @@ def test_a_recorded_bundle_that_no_longer_loads_rolls_back(tmp_path, releases):
     async def main():
         broker = MemoryBroker()
         fetch = _Fetch([releases["v2"]])
-        d = _daemon(tmp_path, broker, releases["v1"], releases, fetch)
-        await d.start()
-        try:
-            await _until(lambda: d.transport is not None)
+        async with _running(_daemon(tmp_path, broker, releases["v1"], releases, fetch)) as d:
             await _publish(broker, _assignment(releases["v2"]))
             await _until(lambda: d.model.digest == _digest(releases["v2"]))
-        finally:
-            await d.stop()
         # the assigned bundle is damaged on disk: the restart falls back to the previous one
         installed = d.state_dir / "bundles" / _digest(releases["v2"])
         (installed / "parts" / "full.onnx").write_bytes(b"garbage")
