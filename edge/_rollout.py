@@ -16,7 +16,9 @@
    the assigned bundle, and one that no longer loads falls back to the previous (roll back).
 
 Every outcome is logged, counted (``tandem_edge_rollouts_total{result}``) and shown in
-``GET /v2/edge/status`` (``rollout``); a refused digest is not downloaded again.
+``GET /v2/edge/status`` (``rollout``); a refused digest is not downloaded again; a download that
+failed on the way (no server, a broken connection: retryable) is tried again, backing off from
+2 s to 5 min, until it succeeds or a newer assignment comes.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ __all__ = ["Rollout"]
 log = logging.getLogger("tandem.edge.rollout")
 
 _KEEP_BUNDLES = 2  # the current bundle and the previous one
+_RETRY_MIN_S = 2.0  # a download that failed on the way is tried again, backing off to
+_RETRY_MAX_S = 300.0
 
 
 class Rollout:
@@ -58,6 +62,8 @@ class Rollout:
         self._latest: Any = None
         self._task: asyncio.Task | None = None
         self._refused: dict[str, str] = {}
+        self._submitted = 0  # assignments seen: a retry stands down when a newer one came
+        self._retry_s = _RETRY_MIN_S
 
     # -- which bundle to start with -------------------------------------------------------------
 
@@ -98,6 +104,7 @@ class Rollout:
 
     def submit(self, assignment: Any) -> None:
         """Apply ``assignment`` (the latest wins; one rollout at a time)."""
+        self._submitted += 1
         self._latest = assignment
         if self._task is None or self._task.done():
             self._task = self.daemon.spawn(self._run(), "edge rollout")
@@ -142,7 +149,11 @@ class Rollout:
             return False
         except TandemError as exc:
             if exc.retryable:
-                self._report("failed", assignment, f"download failed, kept serving: {exc}")
+                self._report("failed", assignment, f"download failed, kept serving; trying "
+                                                   f"again in {self._retry_s:g} s: {exc}")
+                d.spawn(self._retry(assignment, self._retry_s, self._submitted),
+                        "edge rollout retry")
+                self._retry_s = min(_RETRY_MAX_S, self._retry_s * 2)
                 return False
             self._refuse(assignment, exc)
             return False
@@ -161,6 +172,7 @@ class Rollout:
                 return False
         old = current
         d._install(model)
+        self._retry_s = _RETRY_MIN_S
         self._write_record(path, old.path if old is not None else None)
         self._report("applied", assignment, f"serving {model.name} "
                                             f"{model.bundle.manifest.model_version}")
@@ -173,6 +185,11 @@ class Rollout:
         if old is not None:
             d.spawn(self._retire(old), "edge retire bundle")
         return True
+
+    async def _retry(self, assignment: Any, delay_s: float, generation: int) -> None:
+        await asyncio.sleep(delay_s)
+        if self._submitted == generation:  # no newer assignment meanwhile
+            self.submit(assignment)
 
     def _refuse(self, assignment: Any, exc: TandemError) -> None:
         self._refused[assignment.bundle_digest] = str(exc)

@@ -254,3 +254,27 @@ def test_a_recorded_bundle_that_no_longer_loads_rolls_back(tmp_path, releases):
             await d2.stop()
 
     asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_a_download_that_fails_on_the_way_is_tried_again(tmp_path, releases, monkeypatch):
+    import tandem.edge._rollout as rollout
+    from tandem.protocol.errors import Unavailable
+
+    monkeypatch.setattr(rollout, "_RETRY_MIN_S", 0.05)
+
+    class Flaky(_Fetch):
+        def __call__(self, assignment, dest, public_key):
+            if self.calls < 2:
+                self.calls += 1
+                raise Unavailable("connection refused by the bundle server")
+            return super().__call__(assignment, dest, public_key)
+
+    async def main():
+        broker = MemoryBroker()
+        fetch = Flaky([releases["v2"]])
+        async with _running(_daemon(tmp_path, broker, releases["v1"], releases, fetch)) as d:
+            await _publish(broker, _assignment(releases["v2"]))
+            await _until(lambda: d.model.digest == _digest(releases["v2"]))
+            assert fetch.calls == 3 and d.last_rollout["result"] == "applied"
+
+    asyncio.run(asyncio.wait_for(main(), 60))
