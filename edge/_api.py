@@ -312,17 +312,19 @@ class LocalApi:
     # -- the spool ------------------------------------------------------------------------------
 
     async def spool_list(self, request: Any) -> Any:
-        spool = self.daemon.spool
-        if spool is None:
+        spooler = self.daemon.spooler
+        if spooler is None:
             return self._json({"requests": []})
-        rows = await self.daemon._spool_call(spool.list, 100)
-        counts = await self.daemon._spool_call(spool.counts)
+        rows = await spooler.call(spooler.spool.list, 100)
+        counts = await spooler.call(spooler.spool.counts)
         return self._json({"counts": counts, "requests": rows})
 
     async def spool_result(self, request: Any) -> Any:
         kserve = self.kserve
         rid = request.match_info["id"]
-        state, found = await self.daemon.spooled_result(rid)
+        if self.daemon.spooler is None:
+            raise NotFound("no spool")
+        state, found = await self.daemon.spooler.result(rid)
         if state == "pending":
             return self._json({"id": rid, "state": "pending"}, status=202)
         if state == "delivered":

@@ -13,12 +13,10 @@ Exactly one answer per accepted request: :meth:`EdgeDaemon.infer` returns an :cl
 :class:`Deferred` (the spool id of a deferrable request), or raises one TandemError — never
 more than one of these, whatever the broker, the link or a worker does.
 
-Offload (plan ``cloud`` or ``split:<k>``): the head runs here (cut 0: none), the frontier is
-encoded and sent as an InferenceRequest with a budget of *deadline - now - local tail time -
-deadline_margin_ms* (the margin pays for the hand-offs of answering after a fallback);
-on a timeout, UNAVAILABLE, RESOURCE_EXHAUSTED, a lost connection or any other error the tail
-runs here **from the frontier already computed** (the head does not run again). A cloud answer
-arriving after that is dropped by the transport (it waits for nobody).
+Plans run through executors by kind: ``local`` here; ``cloud`` and ``split`` through
+:func:`tandem.edge._offload.offload` (offload with fallback from the split point); other kinds
+through :meth:`EdgeDaemon.register_executor`. Deferrable requests go through
+:class:`tandem.edge._spooler.Spooler`.
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -41,18 +40,17 @@ from tandem.edge._compute import ComputePool
 from tandem.edge._config import EdgeConfig
 from tandem.edge._link import LinkEstimator
 from tandem.edge._metrics import Metrics
+from tandem.edge._offload import offload
 from tandem.edge._planner import Decision
+from tandem.edge._requests import Answer, Deferred, RequestOptions
 from tandem.edge._serving import ServingModel, build_serving_model
 from tandem.edge._spool import Spool
+from tandem.edge._spooler import Spooler
 from tandem.protocol import codec, topics
-from tandem.protocol.dtypes import LOSSY_ENCODINGS
 from tandem.protocol.errors import (
     DeadlineExceeded,
     FailedPrecondition,
-    InvalidArgument,
-    NotFound,
     ProtocolError,
-    ResourceExhausted,
     TandemError,
     Unavailable,
 )
@@ -61,50 +59,16 @@ from tandem.protocol.messages import (
     CloudLoad,
     DeviceStatus,
     InferenceRequest,
-    InferenceResponse,
     new_request_id,
 )
-from tandem.protocol.tensors import Encoding, Tensor
 
 __all__ = ["Answer", "Deferred", "EdgeDaemon", "RequestOptions"]
 
 log = logging.getLogger("tandem.edge")
 
-_ENCODING = {"raw": Encoding.RAW, **LOSSY_ENCODINGS}
 _PROBE_BUDGET_MS = 2000
 _WINDOW_S = 60.0
 _STATUS_FIELDS = {f.name for f in dataclasses.fields(DeviceStatus)}
-
-
-@dataclass(frozen=True, slots=True)
-class RequestOptions:
-    """Per-request parameters of the local API. ``mode``: auto | local | cloud | split (then
-    ``cut_id``); ``deadline_ms``: the time the caller gives the daemon; ``priority``: higher
-    runs first (local compute and the cloud's queue); ``deferrable``: a ``cloud`` request may
-    be spooled when the cloud is unreachable (HTTP 202 + id)."""
-
-    mode: str = "auto"
-    cut_id: int | None = None
-    deadline_ms: float = 1000.0
-    priority: int = 0
-    deferrable: bool = False
-    spool_format: dict[str, Any] | None = None  # kept with a spooled request for its answer
-
-
-@dataclass
-class Answer:
-    outputs: dict[str, np.ndarray]
-    parameters: dict[str, Any]
-    model: str
-    version: str = ""
-
-
-@dataclass(frozen=True)
-class Deferred:
-    """A deferrable request accepted into the spool: fetch its result by ``id``."""
-
-    id: str
-    model: str
 
 
 @dataclass
@@ -152,6 +116,7 @@ class EdgeDaemon:
         self.previous: ServingModel | None = None
         self.transport: Any = None
         self.spool: Spool | None = None
+        self.spooler: Spooler | None = None
         self.pool: ComputePool | None = None
         self.profile = profile
         self.detection = ""
@@ -165,7 +130,6 @@ class EdgeDaemon:
         self._fetch_bundle = fetch_bundle
         self._tasks: list[asyncio.Task] = []
         self._spawned: set[asyncio.Task] = set()
-        self._spool_wake = asyncio.Event()
         self._window = _Window()
         self._state = "new"
         self._started_s = time.monotonic()
@@ -174,8 +138,9 @@ class EdgeDaemon:
         self._spool_thread = None
         self.last_rollout: dict[str, Any] = {}
         self.on_model_change: list[Callable[[ServingModel], None]] = []
+        offload_plan = functools.partial(offload, self)
         self._executors: dict[str, Callable[..., Any]] = {
-            "local": self._run_local_plan, "cloud": self._offload, "split": self._offload}
+            "local": self._run_local_plan, "cloud": offload_plan, "split": offload_plan}
 
     def register_executor(self, kind: str, execute: Callable[..., Any]) -> None:
         """Run plans of ``kind`` (costed by :meth:`CostModel.register_kind`) with
@@ -218,6 +183,7 @@ class EdgeDaemon:
             self.spool = await loop.run_in_executor(self._spool_thread, lambda: Spool(
                 self.state_dir / "spool.db", max_items=self.config.spool_max_items,
                 max_bytes=self.config.spool_max_mb << 20))
+            self.spooler = Spooler(self, self.spool, self._spool_thread)
             self.pool = ComputePool(self.config.compute_threads, self.config.max_queued)
             from tandem.edge._rollout import Rollout
 
@@ -246,9 +212,9 @@ class EdgeDaemon:
             loop.create_task(self._connect_loop(), name="edge connect"),
             loop.create_task(self._probe_loop(), name="edge probes"),
             loop.create_task(self._heartbeat_loop(), name="edge heartbeat"),
-            loop.create_task(self._spool_loop(), name="edge spool"),
+            loop.create_task(self.spooler.loop(), name="edge spool"),
         ]
-        await self._refresh_spool_metrics()
+        await self.spooler.refresh_metrics()
 
     def _detect(self) -> tuple[Any, str]:
         from tandem.devices import detect, get_profile
@@ -465,8 +431,8 @@ class EdgeDaemon:
     def _on_connection(self, connected: bool) -> None:
         self.link.observe_connected(connected)
         log.info("broker connection %s", "up" if connected else "lost: serving locally")
-        if connected:
-            self._spool_wake.set()
+        if connected and self.spooler is not None:
+            self.spooler.wake.set()
         if self.metrics is not None:
             self.metrics.link(self.link.snapshot())
 
@@ -537,7 +503,8 @@ class EdgeDaemon:
         self.link.observe_probe(rtt_ms)
         if was_degraded:
             log.info("the cloud answers again (probe %.1f ms): offloading resumes", rtt_ms)
-            self._spool_wake.set()
+            if self.spooler is not None:
+                self.spooler.wake.set()
         if self.metrics is not None:
             self.metrics.link(self.link.snapshot())
         return rtt_ms
@@ -546,9 +513,9 @@ class EdgeDaemon:
         while self._state == "serving":  # not True: 3.11 wait_for can swallow a cancel
             await asyncio.sleep(self.config.heartbeat_s)
             await self._heartbeat()
-            if self.spool is not None:
+            if self.spooler is not None:
                 with contextlib.suppress(TandemError):
-                    await self._spool_call(self.spool.purge, self.config.spool_retention_s)
+                    await self.spooler.call(self.spool.purge, self.config.spool_retention_s)
 
     async def _heartbeat(self) -> None:
         if self.metrics is not None:
@@ -599,7 +566,8 @@ class EdgeDaemon:
             metrics.decided(decision.plan.label, decide_s)
             if options.deferrable and decision.plan.offloads and options.mode == "cloud" and \
                     not self.link.available:
-                return await self._defer(model, feeds, options)
+                assert self.spooler is not None
+                return await self.spooler.defer(model, feeds, options)
             deadline = started + options.deadline_ms / 1000
             execute = self._executors.get(decision.plan.kind)
             if execute is None:
@@ -648,215 +616,6 @@ class EdgeDaemon:
         outputs, ms = await self.pool.run(run, priority)
         model.cost.observe_local(runtime.full.path, key, ms)
         return outputs, {"ran": "local", "compute_ms": round(ms, 3)}
-
-    async def _offload(self, model: ServingModel, decision: Decision,
-                       feeds: dict[str, np.ndarray], key: Any, deadline: float,
-                       priority: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        plan, est = decision.plan, decision.estimate
-        runtime, cost = model.runtime, model.cost
-        cut_id = plan.cut_id
-        encoding = _ENCODING[plan.encoding]
-        head = runtime.head(cut_id)
-
-        def run_head() -> tuple[dict[str, np.ndarray], tuple[Tensor, ...], float, float]:
-            t0 = time.perf_counter()
-            frontier = runtime.run_head(cut_id, feeds)
-            t1 = time.perf_counter()
-            tensors = tuple(Tensor.from_array(n, a, encoding if a.dtype == np.float32 else
-                                              Encoding.RAW) for n, a in frontier.items())
-            return frontier, tensors, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
-
-        assert self.pool is not None
-        frontier, tensors, head_ms, encode_ms = await self.pool.run(run_head, priority)
-        if head is not None:
-            cost.observe_local(head.path, key, head_ms)
-        info: dict[str, Any] = {"head_ms": round(head_ms, 3), "encode_ms": round(encode_ms, 3)}
-        local_tail_ms = est.local_tail_ms
-        budget_ms = (deadline - time.monotonic()) * 1e3 - local_tail_ms - \
-            self.config.deadline_margin_ms
-        transport = self.transport
-        reason = None
-        if transport is None or not transport.connected:
-            reason = "disconnected"
-        elif budget_ms < self.config.cloud_budget_floor_ms:
-            reason = "no_time"
-        if reason is None:
-            up_bytes = sum(t.nbytes for t in tensors)
-            request = InferenceRequest(
-                id=new_request_id(), device_id=self.device_id, model_digest=cost.model_digest,
-                cut_id=cut_id, budget_ms=max(1, int(budget_ms)), tensors=tensors,
-                priority=priority, sent_at_ms=int(time.time() * 1000))
-            t0 = time.monotonic()
-            try:
-                response = await transport.request(self._request_topic(model), request,
-                                                   timeout_s=budget_ms / 1000)
-                outputs = self._cloud_outputs(model, response)
-            except DeadlineExceeded:
-                reason = "timeout"
-            except Unavailable:
-                reason = "unavailable"
-            except ResourceExhausted:
-                reason = "resource_exhausted"
-            except (NotFound, FailedPrecondition) as exc:
-                reason = "refused"
-                log.warning("the cloud cannot run cut %d of %s: %s", cut_id, model.name, exc)
-            except TandemError as exc:
-                reason = "error"
-                log.warning("offload of cut %d failed: %s", cut_id, exc)
-            waited_ms = (time.monotonic() - t0) * 1e3
-            if reason is None:
-                down_bytes = sum(t.nbytes for t in response.outputs)
-                self.link.observe_offload(
-                    cut_id, key, up_bytes=up_bytes, down_bytes=down_bytes,
-                    round_trip_ms=waited_ms, compute_ms=response.timings.compute_ms,
-                    queue_ms=response.timings.queue_ms)
-                info.update(ran="cloud", cloud_ms=round(waited_ms, 3),
-                            cloud_compute_ms=round(response.timings.compute_ms, 3),
-                            cloud_queue_ms=round(response.timings.queue_ms, 3),
-                            worker_id=response.worker_id, sent_bytes=up_bytes)
-                return outputs, info
-            self.link.observe_offload_failed(cut_id, key, waited_ms=waited_ms,
-                                             timed_out=reason == "timeout")
-            info["cloud_ms"] = round(waited_ms, 3)
-        # finish here from the frontier already computed (cut 0: the full model)
-        tail = runtime.tail(cut_id)
-
-        def run_tail() -> tuple[dict[str, np.ndarray], float]:
-            t0 = time.perf_counter()
-            out = runtime.run_tail(cut_id, frontier) if head is not None else \
-                runtime.run_full(feeds)
-            return out, (time.perf_counter() - t0) * 1e3
-
-        outputs, tail_ms = await self.pool.run(run_tail, priority + 1)
-        cost.observe_local(tail.path, key, tail_ms)
-        info.update(ran="fallback", fallback_reason=reason, tail_ms=round(tail_ms, 3))
-        return outputs, info
-
-    def _cloud_outputs(self, model: ServingModel, response: InferenceResponse
-                       ) -> dict[str, np.ndarray]:
-        names = model.runtime.output_names
-        outputs = {t.name: t.to_array() for t in response.outputs}
-        if set(outputs) != set(names):
-            raise InvalidArgument(f"the cloud answered outputs {sorted(outputs)[:8]}, the model "
-                                  f"has {list(names)}")
-        specs = {t.name: t for t in model.bundle.manifest.outputs}
-        for name, arr in outputs.items():
-            if len(arr.shape) != len(specs[name].shape) or any(
-                    isinstance(d, int) and d != s
-                    for d, s in zip(specs[name].shape, arr.shape, strict=True)):
-                raise InvalidArgument(f"the cloud answered {name!r} with shape "
-                                      f"{list(arr.shape)}, the model's is "
-                                      f"{list(specs[name].shape)}")
-        return outputs
-
-    # -- the spool ------------------------------------------------------------------------------
-
-    async def _spool_call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._spool_thread, fn, *args)
-
-    async def _defer(self, model: ServingModel, feeds: dict[str, np.ndarray],
-                     options: RequestOptions) -> Deferred:
-        assert self.spool is not None
-        rid = new_request_id()
-        request = InferenceRequest(
-            id=rid, device_id=self.device_id, model_digest=model.cost.model_digest,
-            cut_id=model.runtime.cloud_cut.id if model.runtime.cloud_cut else 0,
-            budget_ms=int(self.config.spool_budget_ms),
-            tensors=tuple(Tensor.from_array(n, a) for n, a in feeds.items()),
-            priority=options.priority)
-        payload = b"".join(bytes(p) for p in codec.encode_parts(request)[0])
-        await self._spool_call(self.spool.put, rid.hex(), model.name, payload,
-                               options.spool_format or {})
-        log.info("spooled request %s for the cloud (unreachable now)", rid.hex())
-        await self._refresh_spool_metrics()
-        self._window.add(0.0, "spool", False)
-        assert self.metrics is not None
-        self.metrics.requests.labels("cloud", "spool", "spooled").inc()
-        return Deferred(rid.hex(), model.name)
-
-    async def _refresh_spool_metrics(self) -> None:
-        if self.spool is None or self.metrics is None:
-            return
-        with contextlib.suppress(TandemError):
-            counts = await self._spool_call(self.spool.counts)
-            for state, n in counts.items():
-                self.metrics.spool.labels(state).set(n)
-
-    async def _spool_loop(self) -> None:
-        """Send pending spooled requests while the cloud is available; store each answer."""
-        while self._state == "serving":  # not True: 3.11 wait_for can swallow a cancel
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._spool_wake.wait(), self.config.probe_interval_s)
-            self._spool_wake.clear()
-            if self.spool is None or self.transport is None or not self.link.available:
-                continue
-            try:
-                entries = await self._spool_call(self.spool.due, 8)
-            except TandemError as exc:
-                log.warning("spool unreadable: %s", exc)
-                continue
-            if not entries:
-                continue
-            await asyncio.gather(*(self._send_spooled(e) for e in entries))
-            self._spool_wake.set()  # more may be due
-            await self._refresh_spool_metrics()
-
-    async def _send_spooled(self, entry: Any) -> None:
-        assert self.spool is not None
-        try:
-            request = codec.decode(entry.request)
-            if type(request) is not InferenceRequest:
-                raise InvalidArgument("not a request")
-        except (ProtocolError, InvalidArgument) as exc:
-            log.error("spooled request %s is unreadable (%s): answering with the error",
-                      entry.id, exc)
-            await self._spool_call(self.spool.complete, entry.id, b"",
-                                   {"error": f"spooled request unreadable: {exc}",
-                                    "code": "INTERNAL"})
-            return
-        transport = self.transport
-        t0 = time.monotonic()
-        try:
-            response = await transport.request(topics.request_topic(self.device_id, entry.model),
-                                               request)
-        except TandemError as exc:
-            if exc.retryable:
-                delay = min(60.0, 0.5 * 2 ** min(entry.attempts, 7))
-                log.info("spooled request %s not answered (%s); retry in %.1f s", entry.id, exc,
-                         delay)
-                await self._spool_call(self.spool.retry_later, entry.id, delay)
-                return
-            info = {"error": exc.message, "code": exc.code.name, "ran": "cloud"}
-            await self._spool_call(self.spool.complete, entry.id, b"", info)
-            return
-        info = {"ran": "cloud", "cloud_ms": round((time.monotonic() - t0) * 1e3, 3),
-                "worker_id": response.worker_id, "attempts": entry.attempts + 1}
-        payload = b"".join(bytes(p) for p in codec.encode_parts(response)[0])
-        await self._spool_call(self.spool.complete, entry.id, payload, info)
-        log.info("spooled request %s answered by %s", entry.id, response.worker_id)
-
-    async def spooled_result(self, request_id: str) -> tuple[str, Any]:
-        """``("pending", info)``, ``("delivered", info)`` or ``("done", (outputs, info, fmt))``
-        for a spool id; the ``done`` answer is given once. NotFound for an unknown id."""
-        assert self.spool is not None
-        if not isinstance(request_id, str) or len(request_id) != 32 or \
-                any(c not in "0123456789abcdef" for c in request_id):
-            raise NotFound(f"no spooled request {request_id[:40]!r} (ids are 32 hex digits)")
-        found = await self._spool_call(self.spool.take, request_id)
-        await self._refresh_spool_metrics()
-        base = {"id": request_id, "model": found.model, "created_s": found.created_s,
-                "finished_s": found.finished_s, "delivered_s": found.delivered_s}
-        if found.state != "done":
-            return found.state, base
-        info = {**(found.info or {}), **base}
-        if not found.result:
-            return "done", (None, info, found.fmt)
-        response = codec.decode(found.result)
-        if response.error is not None:
-            info.update(error=response.error.message, code=int(response.error.code))
-            return "done", (None, info, found.fmt)
-        outputs = {t.name: t.to_array() for t in response.outputs}
-        return "done", (outputs, info, found.fmt)
 
     # -- status ---------------------------------------------------------------------------------
 

@@ -304,11 +304,12 @@ def test_async_client(api):
 
 def test_busy_local_compute_answers_429(tmp_path, residual_bundle):
     with ApiEnv(tmp_path, residual_bundle, compute_threads=1, max_queued=1) as api:
-        release = threading.Event()
+        release, running = threading.Event(), threading.Event()
         runner = api.daemon.model.runtime.full
         original = runner.infer
 
         def slow(feeds):
+            running.set()
             release.wait(10)
             return original(feeds)
 
@@ -322,7 +323,9 @@ def test_busy_local_compute_answers_429(tmp_path, residual_bundle):
                 results.append(exc)
 
         threads = [threading.Thread(target=call) for _ in range(4)]
-        for t in threads:
+        threads[0].start()
+        assert running.wait(10)  # one runs; of the next three, one may wait, two are refused
+        for t in threads[1:]:
             t.start()
         for _ in range(500):
             if sum(isinstance(r, ResourceExhausted) for r in results) >= 2:

@@ -165,23 +165,23 @@ def test_deferrable_cloud_requests_are_spooled_and_delivered_once(tmp_path, resi
             x = _x(7)
             got = await d.infer(x, RequestOptions(mode="cloud", deferrable=True))
             assert isinstance(got, Deferred)
-            state, _ = await d.spooled_result(got.id)
+            state, _ = await d.spooler.result(got.id)
             assert state == "pending"
             env.broker.start()
             await _until(lambda: d.link.available, 10)
 
             for _ in range(200):
-                if (await d._spool_call(d.spool.counts))["done"] == 1:
+                if (await d.spooler.call(d.spool.counts))["done"] == 1:
                     break
                 await asyncio.sleep(0.05)
-            state, (outputs, info, _) = await d.spooled_result(got.id)
+            state, (outputs, info, _) = await d.spooler.result(got.id)
             assert state == "done" and info["ran"] == "cloud"
             np.testing.assert_allclose(outputs["logits"], reference(residual_bundle, x)["logits"],
                                        rtol=1e-4, atol=1e-5)
-            state, _ = await d.spooled_result(got.id)
+            state, _ = await d.spooler.result(got.id)
             assert state == "delivered"
             with pytest.raises(NotFound):
-                await d.spooled_result("0" * 32)
+                await d.spooler.result("0" * 32)
             assert sum(1 for r in env.cloud.requests if r.id.hex() == got.id) == 1
 
     _run(main())
