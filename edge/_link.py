@@ -21,6 +21,7 @@ figure says whether it is measured. All methods run on the daemon's event loop.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -32,6 +33,18 @@ _LOAD_FRESH_S = 15.0
 _MAX_TAIL_KEYS = 4096
 _MIN_TRANSFER_MS = 0.5  # below this the transfer time cannot be told from noise
 _SMALL_BYTES = 16 * 1024  # an offload this small is a round-trip sample
+
+
+_MAX_MS = 1e7  # a figure past this (or negative, or not finite) from a peer is ignored
+
+
+def _ms(value: Any) -> float | None:
+    """A duration a peer reported, or None when it cannot be one."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and 0.0 <= v <= _MAX_MS else None
 
 
 class Ewma:
@@ -164,6 +177,10 @@ class LinkEstimator:
         now = time.monotonic()
         self.last_offload_s = self.last_success_s = now
         self.last_cut_sample_s[cut_id] = now
+        compute_ms, queue_ms = _ms(compute_ms), _ms(queue_ms)  # the worker's own figures
+        if compute_ms is None or queue_ms is None:  # nonsense: the round trip still counts
+            self._recovered()
+            return
         network_ms = max(0.0, round_trip_ms - compute_ms - queue_ms)
         transfer_ms = network_ms - self.rtt_ms
         nbytes = up_bytes + down_bytes
@@ -196,8 +213,12 @@ class LinkEstimator:
             self._workers.pop(load.worker_id, None)
             self._reported_tails()
             return
-        tails = {(d, int(c)): float(ms) for d, c, ms in load.tail_ms[:_MAX_TAIL_KEYS]}
-        self._workers[load.worker_id] = _WorkerLoad(time.monotonic(), float(load.queue_ms),
+        tails = {(d, int(c)): v for d, c, ms in load.tail_ms[:_MAX_TAIL_KEYS]
+                 if (v := _ms(ms)) is not None}
+        queue_ms = _ms(load.queue_ms)
+        if queue_ms is None:
+            return
+        self._workers[load.worker_id] = _WorkerLoad(time.monotonic(), queue_ms,
                                                     int(load.queue_depth), tails)
         if len(self._workers) > 1024:  # a flood of fake workers must not grow this forever
             oldest = min(self._workers, key=lambda w: self._workers[w].received_s)

@@ -81,3 +81,18 @@ def test_degraded_after_failures_and_back_after_a_probe():
     assert not link.available  # a reconnect alone is not enough: a probe must answer
     link.observe_probe(1.0)
     assert link.available
+
+
+def test_nonsense_figures_from_a_peer_are_ignored():
+    link = LinkEstimator()
+    link.observe_connected(True)
+    link.observe_load(CloudLoad(worker_id="w1", timestamp_ms=0, queue_ms=float("nan"),
+                                tail_ms=(("d", 3, float("inf")), ("d", 1, -5.0), ("d", 0, 2.0))))
+    assert link.queue_ms == 0.0 and link.cloud_tail_ms("d", 3, KEY) is None
+    link.observe_load(CloudLoad(worker_id="w1", timestamp_ms=0, queue_ms=1.0,
+                                tail_ms=(("d", 3, float("inf")), ("d", 0, 2.0))))
+    assert link.cloud_tail_ms("d", 3, KEY) is None and link.cloud_tail_ms("d", 0, KEY) == 2.0
+    link.observe_offload(3, KEY, up_bytes=10, down_bytes=10, round_trip_ms=5.0,
+                         compute_ms=float("nan"), queue_ms=1e300)
+    assert link.rtt.samples == 0 and link.cloud_tail_ms("d", 3, KEY) is None
+    assert link.available
