@@ -158,6 +158,12 @@ class Worker:
         return self._handling
 
     @property
+    def transport(self) -> Any:
+        """The transport this worker serves on (None before :meth:`start`). One handed to the
+        constructor stays the caller's to close; one the worker made is closed by :meth:`stop`."""
+        return self._transport
+
+    @property
     def queue_depth(self) -> int:
         return self.dispatcher.queue_depth if self.dispatcher is not None else 0
 
