@@ -88,7 +88,7 @@ class EdgeConfig:
     explore_interval_s: float = 10.0  # re-measure a plan that has not run for this long
     failures_to_degrade: int = 3
     cloud_budget_floor_ms: float = 5.0  # never offload with less time than this for the cloud
-    deadline_margin_ms: float = 2.0  # kept for answering after a fallback (hand-offs, HTTP)
+    deadline_margin_ms: float = 5.0  # kept for answering after a fallback (hand-offs, HTTP)
     # profiling
     profile_warmup: int = 3
     profile_runs: int = 20

@@ -24,7 +24,7 @@ def edge_command() -> None:
     offload with fallback, durable spool)."""
 
 
-def _enrollment_values(path: Path, state_dir: Path | None) -> tuple[dict[str, Any], Any]:
+def _enrollment_values(path: Path) -> tuple[dict[str, Any], Any]:
     """Config values from a fleet enrollment file, and the enrollment itself."""
     try:
         from tandem.devices.fleet import load_enrollment
@@ -83,7 +83,7 @@ def run_command(config_file: Path | None, enroll: Path | None, **options: Any) -
     enrollment_values: dict[str, Any] = {}
     enrollment = None
     if enroll is not None:
-        enrollment_values, enrollment = _enrollment_values(enroll, options.get("state_dir"))
+        enrollment_values, enrollment = _enrollment_values(enroll)
     config = load_config(options, config_file=config_file, enrollment=enrollment_values)
     if config.bundle is None and enrollment is None and config.public_key is None:
         from tandem.protocol.errors import InvalidArgument
