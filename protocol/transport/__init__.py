@@ -34,11 +34,13 @@ from tandem.protocol.transport._config import (
     TransportConfig,
     Will,
     expiry_for_budget,
+    parse_protocol,
 )
 from tandem.protocol.transport._core import (
     OFFLOOP_DECODE_BYTES,
     Handler,
     PublishHandle,
+    RefusalHandler,
     Transport,
     TransportStats,
 )
@@ -61,6 +63,7 @@ __all__ = [
     "MemoryTransport",
     "PublishHandle",
     "PublishProperties",
+    "RefusalHandler",
     "RequestContext",
     "RequestHandler",
     "ServeStats",
@@ -73,5 +76,6 @@ __all__ = [
     "check_filter",
     "check_topic",
     "expiry_for_budget",
+    "parse_protocol",
     "topic_matches",
 ]
