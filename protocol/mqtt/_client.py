@@ -329,10 +329,14 @@ class MqttClient:
         try:
             err = await asyncio.wait_for(asyncio.shield(self._first), c.connect_timeout_s)
         except asyncio.TimeoutError:
+            hint = ""
+            if self.v5 and self._sock is not None and not self._connected:
+                if self.auto:
+                    return Unavailable(f"no CONNACK within {c.connect_timeout_s:g}s"), "timeout"
+                hint = (" (a broker that does not speak MQTT 5 may leave the CONNECT unanswered, "
+                        "as amqtt does: use protocol 'auto', the default, or 311)")
             timeout = Unavailable(
-                f"no CONNACK from {c.host}:{c.port} within {c.connect_timeout_s:g}s")
-            if self.auto and self.v5 and self._sock is not None and not self._connected:
-                return timeout, "timeout"
+                f"no CONNACK from {c.host}:{c.port} within {c.connect_timeout_s:g}s{hint}")
             await self.close()
             raise timeout from None
         except BaseException:

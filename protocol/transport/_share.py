@@ -6,11 +6,12 @@ Aedes, NATS's MQTT gateway, RabbitMQ: they take ``$share/g/…`` for an ordinary
 topic matches). A worker serving such a filter would sit idle while every request times out. So
 after the SUBSCRIBE is granted the transport sends a **probe**:
 
-* its topic is the served filter with every wildcard level replaced by ``_probe`` — for the
-  workers' filter ``tandem/v1/req/+/+`` that is ``tandem/v1/req/_probe/_probe`` — so it travels
-  the routes the served filter uses. ``_probe`` cannot be a fleet's device id (those start with
-  a letter or digit). A worker needs write access to it (a fleet's ACL grants it; for a broker
-  of your own, e.g. mosquitto: ``topic write tandem/v1/req/_probe/_probe``);
+* its topic is the served filter with every wildcard level replaced by ``_probe``
+  (:func:`tandem.protocol.topics.probe_topic`) — for the workers' filter ``tandem/v1/req/+/+``
+  that is ``tandem/v1/req/_probe/_probe`` — so it travels the routes the served filter uses.
+  ``_probe`` cannot be a fleet's device id (those start with a letter or digit). A worker needs
+  write access to it (a fleet's ACL grants it; for a broker of your own, e.g. mosquitto:
+  ``topic write tandem/v1/req/_probe/_probe``);
 * its payload is :data:`PROBE_MARKER` and a random nonce: never a protocol frame (every v1
   frame starts with ``0x93``), so every worker that receives it drops it before decoding and
   no handler ever sees it (:meth:`Server.on_message` checks the marker on its error paths
@@ -38,18 +39,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from tandem.protocol.errors import FailedPrecondition, PermissionDenied, TandemError, Unavailable
+from tandem.protocol.topics import PROBE_LEVEL, probe_topic
+from tandem.protocol.transport._config import TransportConfig
 
-if TYPE_CHECKING:
-    from tandem.protocol.transport._core import Transport
+__all__ = ["PROBE_MARKER", "confirm_delivery", "explain_refusal", "is_probe", "is_shared"]
 
-__all__ = ["PROBE_LEVEL", "PROBE_MARKER", "confirm_delivery", "explain_refusal", "is_probe",
-           "probe_topic"]
-
-PROBE_LEVEL = "_probe"
 PROBE_MARKER = b"TANDEM-SHARE-PROBE/1 "
+
+
+class Transport(Protocol):
+    """What the check needs from its transport (the :class:`Transport` interface)."""
+
+    config: TransportConfig
+    _checks_shared_subscriptions: bool
+
+    async def subscribe(self, topic_filter: str, handler: Any, *, qos: int | None = None
+                        ) -> None: ...
+
+    async def unsubscribe(self, topic_filter: str) -> None: ...
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int | None = None) -> Any: ...
+
+    async def wait_connected(self, timeout_s: float) -> None: ...
 _FIRST_RESEND_S = 0.25
 _MAX_RESEND_S = 1.0
 _CLEANUP_S = 2.0
@@ -64,14 +78,6 @@ def is_probe(payload: Any) -> bool:
     return bytes(payload[:len(PROBE_MARKER)]) == PROBE_MARKER
 
 
-def probe_topic(share_filter: str) -> str:
-    """The probe's topic for ``$share/<group>/<filter>``: the filter with every ``+`` and ``#``
-    level replaced by ``_probe`` (``tandem/v1/req/+/+`` → ``tandem/v1/req/_probe/_probe``)."""
-    inner = share_filter.split("/", 2)[2]
-    return "/".join(PROBE_LEVEL if level in ("+", "#") else level
-                    for level in inner.split("/"))
-
-
 def _unshared(share_filter: str) -> str:
     return share_filter.split("/", 2)[2]
 
@@ -83,7 +89,7 @@ def _unsupported(transport: Transport, share_filter: str, what: str,
         f"the broker at {c.host}:{c.port} {what}: it does not support shared subscriptions. "
         "Use a broker that has them (mosquitto, EMQX, HiveMQ), NATS queue groups "
         "(tandem cloud serve --broker nats://…), or a single worker on the unshared filter "
-        f"{_unshared(share_filter)!r}{note}")
+        f"{_unshared(share_filter)!r} (tandem cloud serve --group ''){note}")
 
 
 def explain_refusal(transport: Transport, topic_filter: str, err: TandemError) -> TandemError:
