@@ -17,7 +17,8 @@ against what brokers accept before anything is sent (:func:`check_topic`,
 :func:`check_filter`). Nothing here imports paho.
 
 Modules: :mod:`._config` (plain records), :mod:`._topics` (topic rules), :mod:`._serve`
-(the answering side), :mod:`._core` (the interface), :mod:`._sync`, :mod:`._memory`.
+(the answering side), :mod:`._share` (the shared-subscription self-check of ``serve``),
+:mod:`._core` (the interface), :mod:`._sync`, :mod:`._memory`.
 """
 
 from tandem.protocol.transport._config import (

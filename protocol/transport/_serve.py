@@ -8,7 +8,8 @@ A request goes through these steps, each bounded, before the handler sees it:
    never publishes to a topic a peer chose freely.
 2. **Envelope** (:func:`tandem.protocol.codec.peek`): type, id and declared tensor sizes, read
    before any tensor byte is touched or decompressed. A frame whose envelope is unreadable is
-   answered by id when the MQTT 5 correlation data carries one, else dropped and counted.
+   answered by id when the MQTT 5 correlation data carries one, else dropped and counted; a
+   shared-subscription probe (:mod:`._share`; never a frame) is dropped and counted as one.
 3. **Admission**: a duplicate of a request in progress (QoS 1 redelivery) is dropped; one whose
    declared tensors exceed the handler's limits, or whose bytes (payload + what compressed
    tensors inflate to) exceed ``max_queued_bytes`` on their own, is answered PAYLOAD_TOO_LARGE;
