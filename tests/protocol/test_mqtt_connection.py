@@ -111,9 +111,9 @@ def test_an_explicit_version_is_honoured_and_its_refusal_is_one_clear_line(refus
             text = str(info.value)
             assert broker.levels == [4]
             assert "\n" not in text and "MQTT 3.1.1" in text and "'auto'" in text
-        async with StandIn(versions=(4,)) as broker:
-            async with MqttTransport(config(broker, protocol=311)) as t:
-                assert t.protocol_version == 311 and broker.levels == [4]
+        async with StandIn(versions=(4,)) as broker, \
+                MqttTransport(config(broker, protocol=311)) as t:
+            assert t.protocol_version == 311 and broker.levels == [4]
 
     run(main())
 
@@ -158,7 +158,7 @@ def test_a_flapping_broker_meets_a_growing_backoff():
                 start = broker.connections[0]
                 await asyncio.sleep(max(0.0, start + 3.0 - loop.time()))
                 n = broker.connections_between(start, start + 3.0)
-            gaps = [b - a for a, b in zip(broker.connections, broker.connections[1:])]
+            gaps = [b - a for a, b in zip(broker.connections, broker.connections[1:], strict=False)]
             # from the first connection on: 50 ms up, then a delay of 0.05 * 2**k
             assert 3 <= n <= 8, broker.connections
             for k, gap in enumerate(gaps):
@@ -221,30 +221,28 @@ def test_a_filter_the_broker_drops_the_connection_for_is_dropped_with_an_error_t
 
 def test_a_filter_refused_by_suback_on_re_subscribe_is_dropped_with_an_error_to_its_owner():
     async def main() -> None:
-        async with StandIn() as broker:
-            async with MqttTransport(config(broker)) as t:
-                refused: list[TandemError] = []
-                await t.serve("tandem/v1/req/+/+", echo, on_refused=refused.append)
-                broker.refuse_filter = lambda f: f.startswith("tandem/v1/req/")
-                broker.kick_all()
-                await until(lambda: refused)
-                assert isinstance(refused[0], PermissionDenied)
-                assert "tandem/v1/req/+/+" in str(refused[0])
-                assert t.stats().serving == {}  # the server stopped
-                await until(lambda: t.connected)
-                assert len(broker.connections) == 2
+        async with StandIn() as broker, MqttTransport(config(broker)) as t:
+            refused: list[TandemError] = []
+            await t.serve("tandem/v1/req/+/+", echo, on_refused=refused.append)
+            broker.refuse_filter = lambda f: f.startswith("tandem/v1/req/")
+            broker.kick_all()
+            await until(lambda: refused)
+            assert isinstance(refused[0], PermissionDenied)
+            assert "tandem/v1/req/+/+" in str(refused[0])
+            assert t.stats().serving == {}  # the server stopped
+            await until(lambda: t.connected)
+            assert len(broker.connections) == 2
 
     run(main())
 
 
 def test_a_refusal_without_an_owner_callback_is_logged(caplog):
     async def main() -> None:
-        async with StandIn() as broker:
-            async with MqttTransport(config(broker)) as t:
-                await t.subscribe("a/b", lambda m: None)
-                broker.refuse_filter = lambda f: True
-                broker.kick_all()
-                await until(lambda: t.stats().refused_subscriptions == 1)
+        async with StandIn() as broker, MqttTransport(config(broker)) as t:
+            await t.subscribe("a/b", lambda m: None)
+            broker.refuse_filter = lambda f: True
+            broker.kick_all()
+            await until(lambda: t.stats().refused_subscriptions == 1)
 
     with caplog.at_level(logging.ERROR, logger="tandem.protocol.transport"):
         run(main())

@@ -16,8 +16,12 @@ from tandem.protocol import topics
 from tandem.protocol.errors import FailedPrecondition, PermissionDenied
 from tandem.protocol.messages import InferenceRequest, InferenceResponse
 from tandem.protocol.mqtt import MqttTransport
-from tandem.protocol.transport import IncomingMessage, MemoryBroker, MemoryTransport, \
-    TransportConfig
+from tandem.protocol.transport import (
+    IncomingMessage,
+    MemoryBroker,
+    MemoryTransport,
+    TransportConfig,
+)
 from tandem.protocol.transport._share import PROBE_MARKER, confirm_delivery
 from tests.protocol import test_transport_contract as contract
 
@@ -52,7 +56,7 @@ def test_workers_of_a_group_confirm_delivery_and_no_handler_sees_a_probe(mosquit
                 MqttTransport(cfg(mosquitto)) as a, MqttTransport(cfg(mosquitto)) as b, \
                 MqttTransport(cfg(mosquitto)) as c, MqttTransport(cfg(mosquitto)) as device:
             await watcher.subscribe("tandem/v1/resp/+", replies.append)
-            for transport, worker in zip((a, b, c), workers):  # each probes a growing group
+            for transport, worker in zip((a, b, c), workers, strict=True):  # each probes the group
                 await transport.serve(GROUP_FILTER, worker)
             probes = sum(t.stats().serving[GROUP_FILTER].probes for t in (a, b, c))
             assert probes >= 3  # each server dropped what came to it, before decoding
