@@ -11,9 +11,9 @@ thread handing messages over with ``call_soon_threadsafe`` doubled the round-tri
 
 The MQTT version is negotiated on the first connect when the configuration says ``"auto"``: MQTT
 5 first, MQTT 3.1.1 when the broker refuses 5 (CONNACK 0x84; paho reads 3.1.1's return code 1 the
-same way) or closes the socket before its CONNACK; the version that worked is kept for every
-reconnect (a new paho client is made for the fallback: paho fixes the version per client) and
-logged once.
+same way), closes the socket before its CONNACK, or leaves the CONNECT unanswered for
+``connect_timeout_s``; the version that worked is kept for every reconnect (a new paho client is
+made for the fallback: paho fixes the version per client) and logged once.
 
 The client keeps its own subscription table and re-subscribes on every CONNACK (it does not rely
 on the broker session), reconnects with exponential backoff — the delay starts over only once a
@@ -188,7 +188,7 @@ class MqttClient:
         self._connected = False
         self._closing = False
         self._first: asyncio.Future[TandemError | None] | None = None
-        self._first_kind: str | None = None  # "version" (0x84) or "closed" (before CONNACK)
+        self._first_kind: str | None = None  # "version" (0x84), "closed" (before CONNACK)
         self._connect_sent = 0.0
         self.connect_rtt_s: float | None = None  # CONNECT → CONNACK, the fastest seen
         self._sock: Any = None  # the socket registered with the loop
