@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from tandem.devices._cuda import translate
-from tandem.devices._files import atomic_write, file_lock, sha256_file
 from tandem.devices.profiles import Profile
 from tandem.protocol.errors import (
     FailedPrecondition,
@@ -32,6 +31,7 @@ from tandem.protocol.errors import (
     InvalidArgument,
     NotFound,
 )
+from tandem.protocol.files import atomic_write, file_lock, sha256_file
 from tandem.protocol.lazy import require
 
 __all__ = [
