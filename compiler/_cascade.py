@@ -549,8 +549,8 @@ class CascadeBundleFromOnnx(BundleFromOnnx):
             verify = Path(scratch) / "verify.npz"
             rows = _verify_rows(samples, batchable, c.verify_rows)
             del samples
-            np.savez(verify, **{f"sample{i}/{k}": v for i, row in enumerate(rows)
-                                for k, v in row.items()})
+            np.savez(verify, **{f"sample{i}/{k}": v  # type: ignore[arg-type]
+                                for i, row in enumerate(rows) for k, v in row.items()})
             shapes = resolve_input_shapes(input_specs(small), opts.input_shapes, rows,
                                           batch=opts.batch)
             info = analyze(small, batch=opts.batch, input_shapes=shapes.shapes)

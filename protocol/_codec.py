@@ -431,14 +431,14 @@ _SCHEMAS: dict[MessageType, tuple[type, tuple[_Field, ...]]] = {
         _Field("priority", _i64, 0),
         _Field("reply_topic", _str, ""),
         _Field("sent_at_ms", _u63, 0),
-        _Field(_TENSORS, None),
+        _Field(_TENSORS, None),  # type: ignore[arg-type]  # tensors: a special kind
     )),
     MessageType.INFERENCE_RESPONSE: (InferenceResponse, (
         _Field("id", _id),
         _Field("error", _error_dec, None),
         _Field("timings", _timings_dec, Timings),
         _Field("worker_id", _str, ""),
-        _Field(_OUTPUTS, None, ()),
+        _Field(_OUTPUTS, None, ()),  # type: ignore[arg-type]  # tensors: a special kind
         _Field("queue_depth", _u63, 0, omit_default=True),
     )),
     MessageType.DEVICE_STATUS: (DeviceStatus, (
@@ -872,8 +872,8 @@ def peek(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) 
 
 class ChunkFrame(NamedTuple):
     message_id: bytes  # 16 bytes, shared by all chunks of one payload
-    index: int  # 0 .. count-1
-    count: int
+    index: int  # type: ignore[assignment]  # 0 .. count-1 (shadows tuple.index)
+    count: int  # type: ignore[assignment]  # (shadows tuple.count)
     total: int  # bytes of the whole payload
     offset: int  # where this chunk's data goes in the payload
     data: memoryview

@@ -834,10 +834,12 @@ class Manifest:
         if self.weights is not None and self.weights not in paths:
             raise ManifestError("weights", f"{self.weights!r} is not in files")
         if self.cascade is not None:
-            for name, ref in (("small_part", self.cascade.small_part),
-                              ("rule.scorer_part", self.cascade.rule.scorer_part)):
-                if ref is not None and ref not in paths:
-                    raise ManifestError(f"cascade.{name}", f"{ref!r} is not in files")
+            refs: tuple[tuple[str, str | None], ...] = (
+                ("small_part", self.cascade.small_part),
+                ("rule.scorer_part", self.cascade.rule.scorer_part))
+            for field_name, part in refs:
+                if part is not None and part not in paths:
+                    raise ManifestError(f"cascade.{field_name}", f"{part!r} is not in files")
 
     def frontier_bytes(self, cut_id: int, input_shapes: Mapping[str, Any] | None = None, *,
                        encoding: str = "raw") -> int:

@@ -281,8 +281,10 @@ class NatsTransport(Transport):
                        ) -> TandemError:
         where = ", ".join(self.servers)
         seen = list(failures)
-        if connecting.done() and not connecting.cancelled() and connecting.exception():
-            seen.append(connecting.exception())
+        if connecting.done() and not connecting.cancelled():
+            failure = connecting.exception()
+            if failure is not None:
+                seen.append(failure)
         # credentials refused is the answer that matters (the server then resets the socket)
         exc = next((e for e in seen if _is_auth_failure(e)), seen[-1] if seen else None)
         if exc is None:
