@@ -1,0 +1,68 @@
+"""One asyncio event loop on its own daemon thread, for the blocking shells of this package
+(:class:`~tandem.lab.SyncLinkEmulator`, :class:`~tandem.lab.SyncBroker`): each call runs on the
+loop and waits at most ``call_timeout_s``, raising DeadlineExceeded past it."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from tandem.protocol.errors import DeadlineExceeded, FailedPrecondition
+
+__all__ = ["LoopThread"]
+
+_T = TypeVar("_T")
+
+
+class LoopThread:
+    def __init__(self, name: str, call_timeout_s: float = 10.0) -> None:
+        self.name = name
+        self.call_timeout_s = call_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise FailedPrecondition(f"{self.name} is already running")
+        loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=loop.run_forever, name=self.name, daemon=True)
+        self._loop = loop
+        self._thread.start()
+
+    def stop(self) -> None:
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(self.call_timeout_s)
+        if not thread.is_alive():
+            loop.close()
+
+    def call(self, coro: Coroutine[Any, Any, _T], timeout_s: float | None = None) -> _T:
+        """Run ``coro`` on the loop and wait for its result."""
+        if self._loop is None:
+            coro.close()
+            raise FailedPrecondition(f"{self.name} is not running")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        wait_s = self.call_timeout_s if timeout_s is None else timeout_s
+        try:
+            return future.result(wait_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise DeadlineExceeded(f"{self.name} did not answer within {wait_s} s") from None
+
+    def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Call the plain function ``fn(*args)`` on the loop's thread and return its result."""
+
+        async def call() -> _T:
+            return fn(*args)
+
+        return self.call(call())
