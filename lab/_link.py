@@ -93,7 +93,7 @@ def parse_rate(text: str | float | int | None) -> float | None:
         s = text.strip().lower().replace(" ", "")
         if s in ("none", "unlimited", "inf", "off", ""):
             return None
-        m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)([kmg]?)(bit|bits|bps|bit/s|b/s)?", s)
+        m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)([kmg]?)(bit|bits|bps|bit/s)?", s)
         if not m:
             raise InvalidArgument(f"not a rate: {text!r} (say e.g. 6mbit, 500kbit, 1gbit)")
         value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)]
