@@ -433,13 +433,13 @@ class LinkEmulator:
         self.clock = time.monotonic
         self._up = _Direction()
         self._down = _Direction()
+        self._server: asyncio.AbstractServer | None = None
         self.profile = LinkProfile("unlimited")
         self.set_profile(profile or PROFILES["unlimited"])
         self._link_up = asyncio.Event()
         self._link_up.set()
         self.down = False
         self._mode = "stall"
-        self._server: asyncio.AbstractServer | None = None
         self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter | None]] = set()
         self._tasks: set[asyncio.Task] = set()
         self._timers: list[asyncio.TimerHandle] = []
@@ -452,8 +452,6 @@ class LinkEmulator:
     async def start(self) -> LinkEmulator:
         self._server = await asyncio.start_server(self._accept, *self.listen)
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("link %s:%d -> %s:%d: %s", self.listen[0], self.port, *self.target,
-                 self.profile.describe())
         return self
 
     async def close(self) -> None:
@@ -489,7 +487,8 @@ class LinkEmulator:
         self.profile = profile
         self._up.configure(profile.uplink_bps, profile.burst_bytes)
         self._down.configure(profile.downlink_bps, profile.burst_bytes)
-        log.info("link now %s", profile.describe())
+        if self._server is not None:
+            log.info("link now %s", profile.describe())
 
     def set_down(self, down: bool, mode: str = "stall") -> None:
         """Take the link down (``stall`` holds bytes and new connections; ``reset`` also closes
