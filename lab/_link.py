@@ -27,8 +27,9 @@ applies to bytes that reach the link afterwards. TCP_NODELAY is set on both side
 
 What it does not model: packet loss and its retransmissions (except as an outage), TCP slow
 start and congestion windows, asymmetric routing, MTU fragmentation. Timers are the event
-loop's: on Linux epoll wakes up to 1 ms late, so a chunk is delivered 0–1 ms after its time (a
-benchmark measures it: ``python -m benchmarks.link``).
+loop's: epoll wakes in whole milliseconds and a loaded machine adds latency, so the emulator
+learns how late its wake-ups run and asks to be woken that much early; a chunk is delivered
+within about a millisecond of its time either way (``python -m benchmarks.link`` measures it).
 
 ``LinkEmulator`` is the asyncio core; :class:`SyncLinkEmulator` runs one on its own thread for
 blocking code.
@@ -70,9 +71,13 @@ _MAX_CHUNK = 64 * 1024
 _CHUNK_S = 0.001  # a chunk is at most what the link carries in this long (finer timing)
 _READ_CHUNKS = 8  # one read takes up to this many chunks (each keeps its own timing)
 _CATCH_UP_S = 0.05  # how far a backlogged sender's bytes may lag the link's virtual clock
-# epoll sleeps in whole milliseconds, rounded up: waking this much early makes the delivery
-# error ±0.5 ms around the scheduled time instead of 0..1 ms after it
-_TIMER_EARLY_S = 0.0005
+# The event loop wakes late: epoll sleeps whole milliseconds, rounded up, and a busy machine
+# adds its own latency (measured here: 0.4-1.9 ms, median 0.9). The emulator measures how late
+# its wake-ups are (a moving average) and asks to be woken that much early, so deliveries are
+# centred on their time instead of always after it.
+_WAKE_EARLY_INIT_S = 0.0005
+_WAKE_EARLY_MAX_S = 0.002
+_WAKE_EARLY_ALPHA = 0.05
 _MIN_QUEUE = 64 * 1024
 _UNLIMITED_QUEUE = 4 * 1024 * 1024
 _QUEUE_S = 0.2  # a direction's queue holds what the link carries in this long (+ one delay)
@@ -370,15 +375,18 @@ class _Pipe:
                     self.last_delivery = max(self.last_delivery, back)
                     continue
                 at = self.queue[0][0]
-                wait = at - link.clock() - _TIMER_EARLY_S
+                early = link.wake_early_s
+                wake_at = at - early
+                wait = wake_at - link.clock()
                 if wait > 0:
                     await asyncio.sleep(wait)
+                    link.woke(link.clock() - wake_at)
                     if link.down:
                         continue
                 now = link.clock()
                 d.lateness_s.append(now - at)
                 parts = []
-                while self.queue and self.queue[0][0] <= now + _TIMER_EARLY_S:
+                while self.queue and self.queue[0][0] <= now + early:
                     parts.append(self.queue.popleft()[1])
                 n = sum(map(len, parts))
                 self.dst.write(b"".join(parts) if len(parts) > 1 else parts[0])
@@ -431,6 +439,7 @@ class LinkEmulator:
         self.connect_timeout_s = connect_timeout_s
         self.rng = random.Random(seed)
         self.clock = time.monotonic
+        self.wake_early_s = _WAKE_EARLY_INIT_S
         self._up = _Direction()
         self._down = _Direction()
         self._server: asyncio.AbstractServer | None = None
@@ -536,6 +545,11 @@ class LinkEmulator:
     async def wait_up(self) -> None:
         if self.down:
             await self._link_up.wait()
+
+    def woke(self, late_s: float) -> None:
+        """A timer fired ``late_s`` after it was asked to: learn how early to ask."""
+        late_s = min(max(late_s, 0.0), _WAKE_EARLY_MAX_S)
+        self.wake_early_s += _WAKE_EARLY_ALPHA * (late_s - self.wake_early_s)
 
     # -- connections --------------------------------------------------------------------------
 
