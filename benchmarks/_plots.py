@@ -36,6 +36,15 @@ def _pyplot():
     return plt
 
 
+def _bottom(fig, footnote: str | None) -> float:
+    """The share of the figure's height the footnote needs below the axes."""
+    if not footnote:
+        return 0.0
+    chars_per_line = max(40, int(fig.get_figwidth() * 17))
+    lines = 1 + len(footnote) // chars_per_line
+    return min(0.3, (0.18 * lines + 0.1) / fig.get_figheight())
+
+
 def _save(fig, path: str | Path, footnote: str | None) -> Path:
     """Write the figure to ``path`` (PNG) through a temporary file, then close it."""
     path = Path(path)
@@ -97,7 +106,7 @@ def grouped_bars(path: str | Path, groups: Sequence[str], series: Sequence[str],
         ax.set_yscale("log")
     ax.legend(fontsize=7, ncol=min(4, len(series) + len(marks or {})), loc="upper left")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout(rect=(0, 0.04 if footnote else 0, 1, 1))
+    fig.tight_layout(rect=(0, _bottom(fig, footnote), 1, 1))
     return _save(fig, path, footnote)
 
 
@@ -143,7 +152,7 @@ def lines(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequence
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout(rect=(0, 0.05 if footnote else 0, 1, 1))
+    fig.tight_layout(rect=(0, _bottom(fig, footnote), 1, 1))
     return _save(fig, path, footnote)
 
 
@@ -178,7 +187,7 @@ def timeline(path: str | Path, *, step_x: Sequence[float], step_y: Sequence[floa
     ax.legend(handles, labels, fontsize=7, loc="upper right", markerscale=2)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.tight_layout(rect=(0, 0.05 if footnote else 0, 1, 1))
+    fig.tight_layout(rect=(0, _bottom(fig, footnote), 1, 1))
     return _save(fig, path, footnote)
 
 
@@ -210,5 +219,5 @@ def heatmap(path: str | Path, rows: Sequence[str], columns: Sequence[str],
     ax.set_xticks(range(len(columns)), columns)
     ax.set_yticks(range(len(rows)), rows)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 if footnote else 0, 1, 1))
+    fig.tight_layout(rect=(0, _bottom(fig, footnote), 1, 1))
     return _save(fig, path, footnote)
