@@ -72,12 +72,12 @@ _CHUNK_S = 0.001  # a chunk is at most what the link carries in this long (finer
 _READ_CHUNKS = 8  # one read takes up to this many chunks (each keeps its own timing)
 _CATCH_UP_S = 0.05  # how far a backlogged sender's bytes may lag the link's virtual clock
 # The event loop wakes late: epoll sleeps whole milliseconds, rounded up, and a busy machine
-# adds its own latency (measured here: 0.4-1.9 ms, median 0.9). The emulator measures how late
-# its wake-ups are (a moving average) and asks to be woken that much early, so deliveries are
-# centred on their time instead of always after it.
+# adds its own latency (measured here: 0.4-1.9 ms, median 0.9). The emulator feeds back how
+# late (or early) each timed delivery came and asks to be woken that much earlier, so
+# deliveries centre on their time instead of always coming after it.
 _WAKE_EARLY_INIT_S = 0.0005
 _WAKE_EARLY_MAX_S = 0.002
-_WAKE_EARLY_ALPHA = 0.05
+_WAKE_EARLY_GAIN = 0.1
 _MIN_QUEUE = 64 * 1024
 _UNLIMITED_QUEUE = 4 * 1024 * 1024
 _QUEUE_S = 0.2  # a direction's queue holds what the link carries in this long (+ one delay)
@@ -376,14 +376,14 @@ class _Pipe:
                     continue
                 at = self.queue[0][0]
                 early = link.wake_early_s
-                wake_at = at - early
-                wait = wake_at - link.clock()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                    link.woke(link.clock() - wake_at)
-                    if link.down:
-                        continue
                 now = link.clock()
+                if at > now:  # a timed delivery: wake early by what the timers run late
+                    if at - early > now:
+                        await asyncio.sleep(at - early - now)
+                        if link.down:
+                            continue
+                    now = link.clock()
+                    link.delivered(now - at)
                 d.lateness_s.append(now - at)
                 parts = []
                 while self.queue and self.queue[0][0] <= now + early:
@@ -546,10 +546,11 @@ class LinkEmulator:
         if self.down:
             await self._link_up.wait()
 
-    def woke(self, late_s: float) -> None:
-        """A timer fired ``late_s`` after it was asked to: learn how early to ask."""
-        late_s = min(max(late_s, 0.0), _WAKE_EARLY_MAX_S)
-        self.wake_early_s += _WAKE_EARLY_ALPHA * (late_s - self.wake_early_s)
+    def delivered(self, late_s: float) -> None:
+        """A timed delivery came ``late_s`` after its time (negative: before it): wake up
+        earlier (or later) next time, so that deliveries centre on their time."""
+        early = self.wake_early_s + _WAKE_EARLY_GAIN * late_s
+        self.wake_early_s = min(max(early, 0.0), _WAKE_EARLY_MAX_S)
 
     # -- connections --------------------------------------------------------------------------
 
