@@ -121,8 +121,10 @@ def default_json_path(name: str, quick: bool) -> Path:
     return (QUICK_DIR if quick else RESULTS_DIR) / f"{name}.json"
 
 
-def write_json(name: str, results: list[Result], path: str | None, notes: str = "") -> Path:
-    """Write the results JSON to ``path`` (default: :func:`default_json_path`)."""
+def write_json(name: str, results: list[Result], path: str | None, notes: str = "",
+               extra: dict | None = None) -> Path:
+    """Write the results JSON to ``path`` (default: :func:`default_json_path`); ``extra`` adds
+    top-level keys of the benchmark's own (details beside the results)."""
     out = Path(path) if path else default_json_path(name, _RUN["quick"])
     out.parent.mkdir(parents=True, exist_ok=True)
     argv = sys.argv[1:] if _RUN["argv"] is None else _RUN["argv"]
@@ -132,6 +134,7 @@ def write_json(name: str, results: list[Result], path: str | None, notes: str = 
         "command": " ".join(["python", "-m", f"benchmarks.{name}", *argv]),
         "machine": machine_info(notes),
         "results": [r.to_json() for r in results],
+        **(extra or {}),
     }
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")

@@ -19,9 +19,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
+from tandem.protocol.broker_url import parse_broker_url
 from tandem.protocol.errors import InvalidArgument, NotFound
+from tandem.protocol.nats import check_nats_id
 from tandem.protocol.topics import validate_id
 
 __all__ = ["BrokerAddress", "CloudConfig", "load_config", "parse_broker"]
@@ -31,7 +32,9 @@ ENV_PREFIX = "TANDEM_"
 
 @dataclass(frozen=True, slots=True)
 class BrokerAddress:
-    """Where the broker is: ``mqtt://host:port`` (TCP) or ``mqtts://host:port`` (TLS)."""
+    """Where the broker is: ``mqtt://host:port`` (TCP), ``mqtts://host:port`` (TLS), or
+    ``nats://host:port[,host:port…]`` (``tls://`` with TLS; the first host is shown here, the
+    transport gets them all: :func:`tandem.protocol.broker_url.transport_for_url`)."""
 
     scheme: str
     host: str
@@ -41,7 +44,7 @@ class BrokerAddress:
 
     @property
     def tls(self) -> bool:
-        return self.scheme == "mqtts"
+        return self.scheme in ("mqtts", "tls")
 
     def __str__(self) -> str:  # never prints the password
         user = f"{self.username}@" if self.username else ""
@@ -49,29 +52,15 @@ class BrokerAddress:
 
 
 def parse_broker(url: str) -> BrokerAddress:
-    """``mqtt[s]://[user[:password]@]host[:port]``; the port defaults to 1883 (8883 for mqtts)."""
-    if not isinstance(url, str) or "://" not in url:
-        raise InvalidArgument(f"broker must be a URL like mqtt://HOST:PORT, not {url!r}")
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("mqtt", "mqtts"):
-        raise InvalidArgument(f"broker URL scheme must be mqtt or mqtts, not {scheme!r} ({url})")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise InvalidArgument(f"broker URL takes no path or query: {url}")
-    try:
-        port = parts.port
-    except ValueError:
-        raise InvalidArgument(f"broker URL has a bad port: {url}") from None
-    if not parts.hostname:
-        raise InvalidArgument(f"broker URL has no host: {url}")
-    return BrokerAddress(
-        scheme, parts.hostname, port or (8883 if scheme == "mqtts" else 1883),
-        unquote(parts.username) if parts.username else None,
-        unquote(parts.password) if parts.password else None)
+    """``mqtt[s]://[user[:password]@]host[:port]`` (port 1883, 8883 for mqtts) or
+    ``nats://…``/``tls://…`` (port 4222; see :mod:`tandem.protocol.broker_url`)."""
+    b = parse_broker_url(url)
+    return BrokerAddress(b.scheme, b.host, b.port, b.username, b.password)
 
 
 def _default_worker_id() -> str:
-    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64] or "worker"
+    # no '.': an id NATS subjects can carry too
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64] or "worker"
     return f"{host}-{os.getpid()}"
 
 
@@ -111,9 +100,9 @@ class CloudConfig:
             if not cond:
                 raise InvalidArgument(f"{what}")
 
-        parse_broker(self.broker)
-        validate_id(self.group, "group")
-        validate_id(self.worker_id, "worker_id")
+        check_id = check_nats_id if parse_broker_url(self.broker).kind == "nats" else validate_id
+        check_id(self.group, "group")
+        check_id(self.worker_id, "worker_id")
         need(1 <= self.max_batch <= 65536, f"max_batch must be in [1, 65536], not {self.max_batch}")
         need(0 <= self.max_delay_ms <= 60_000, "max_delay_ms must be in [0, 60000]")
         need(1 <= self.queue_limit <= 10_000_000, "queue_limit must be in [1, 10000000]")

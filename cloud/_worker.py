@@ -158,11 +158,17 @@ class Worker:
         return self._handling
 
     @property
+    def transport(self) -> Any:
+        """The transport this worker serves on (None before :meth:`start`). One handed to the
+        constructor stays the caller's to close; one the worker made is closed by :meth:`stop`."""
+        return self._transport
+
+    @property
     def queue_depth(self) -> int:
         return self.dispatcher.queue_depth if self.dispatcher is not None else 0
 
     def transport_config(self) -> Any:
-        """The MQTT TransportConfig this worker connects with (client id, credentials, TLS, and
+        """The TransportConfig this worker connects with (client id, credentials, TLS, and
         its last will: a retained CloudLoad with state \"offline\")."""
         from tandem.protocol.transport import TlsConfig, TransportConfig, Will
 
@@ -193,10 +199,10 @@ class Worker:
         self._count_bundles()
         log.info("repository %s: %d bundle(s) served, %d rejected", self.config.repo,
                  len(report.added), len(report.rejected))
-        if self._transport is None:
-            from tandem.protocol.mqtt import MqttTransport
+        if self._transport is None:  # MQTT or NATS, as the broker URL says
+            from tandem.protocol.broker_url import transport_for_url
 
-            self._transport = MqttTransport(self.transport_config())
+            self._transport = transport_for_url(self.config.broker, self.transport_config())
         if self._own_transport:
             await self._transport.connect()
         self._transport.add_connection_listener(self._on_connection)

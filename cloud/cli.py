@@ -22,7 +22,8 @@ def _opt(*names: str, **kw):  # every option defaults to "not given" so the laye
 @_opt("--repo", type=click.Path(path_type=Path), metavar="DIR",
       help="model repository: bundle directories and .tar.zst archives  [env TANDEM_REPO]")
 @_opt("--broker", metavar="URL",
-      help="mqtt[s]://[user[:password]@]HOST[:PORT]  [default: mqtt://127.0.0.1:1883]")
+      help="mqtt[s]://[user[:password]@]HOST[:PORT], or nats://HOST[:PORT][,HOST[:PORT]…] "
+      "for a NATS cluster (tls:// with TLS)  [default: mqtt://127.0.0.1:1883]")
 @_opt("--group", metavar="NAME", help="shared-subscription group  [default: tandem]")
 @_opt("--worker-id", metavar="ID", help="this worker's id  [default: <host>-<pid>]")
 @_opt("--max-batch", type=int, metavar="N", help="rows per batch  [default: 8]")

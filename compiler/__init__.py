@@ -12,14 +12,18 @@ built (extra ``tensorrt``).
 from tandem.compiler._cuts import Cut, find_cuts
 from tandem.compiler._errors import (
     CompileError,
+    CompileWarning,
+    InputShapeError,
     ModelLoadError,
-    RuntimeCheckError,
+    NoValidCut,
+    OnnxRuntimeError,
+    SampleError,
     UnsupportedOperator,
 )
 from tandem.compiler._extract import extract
 from tandem.compiler._graph import GraphInfo, GraphTensor, NodeInfo, analyze, load_model
 from tandem.compiler._ort import OrtOptimizedFromOnnx
-from tandem.compiler._pipeline import BundleFromOnnx, CompileOptions, CompileResult, NoValidCut
+from tandem.compiler._pipeline import BundleFromOnnx, CompileOptions, CompileResult
 from tandem.compiler._tensorrt import EngineCache, EngineFromOnnx, EngineKey, UnsupportedModel
 from tandem.compiler._verify import CutVerification, Tolerance, Verifier, load_samples, verify
 
@@ -28,6 +32,7 @@ __all__ = [
     "CompileError",
     "CompileOptions",
     "CompileResult",
+    "CompileWarning",
     "Cut",
     "CutVerification",
     "EngineCache",
@@ -35,11 +40,13 @@ __all__ = [
     "EngineKey",
     "GraphInfo",
     "GraphTensor",
+    "InputShapeError",
     "ModelLoadError",
     "NoValidCut",
     "NodeInfo",
+    "OnnxRuntimeError",
     "OrtOptimizedFromOnnx",
-    "RuntimeCheckError",
+    "SampleError",
     "Tolerance",
     "UnsupportedModel",
     "UnsupportedOperator",

@@ -16,8 +16,17 @@ Cost conventions (documented here once, tested by hand-computed values):
   Group normalization: eight per element; reductions: one per input element.
 - Everything else (Reshape, Transpose, Concat, Gather, Cast, ...): 0.
 
-Symbolic dimensions (``dim_param``) stay symbolic in :class:`GraphTensor` (a dim is ``int`` or
-``str``; an unknown dim is ``"?"``) and count as ``batch`` (default 1) in FLOPs and bytes.
+Shapes. Symbolic dimensions (``dim_param``) stay symbolic in :class:`GraphTensor` (a dim is
+``int`` or ``str``; an unknown dim is ``"?"``): extracted parts keep them open. Costs (FLOPs,
+bytes) are counted at concrete input shapes: ``analyze(model, input_shapes={...})`` fixes them
+in a copy of the graph and runs shape inference on that copy, so a model with symbolic H and W
+is costed exactly as the same model with those sizes written into its file (what inference
+still cannot size is measured, see :func:`unresolved_tensors`). Without ``input_shapes`` every
+symbolic dim counts as ``batch`` (default 1).
+
+Shape inference runs on a *skeleton* of the model: large initializers become typed graph inputs,
+so inference never copies the weights (data propagation only needs the small integer tensors
+that shape arithmetic reads).
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import heapq
 import math
 import os
 from collections import ChainMap
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +59,8 @@ __all__ = [
     "implicit_inputs",
     "input_specs",
     "load_model",
+    "sendable",
+    "skeleton",
     "unresolved_tensors",
 ]
 
@@ -161,10 +172,15 @@ class GraphInfo:
     batch: int = 1
     opset: int = 0
     producers: Mapping[str, int] = field(default_factory=dict, repr=False)
-    # shapes for cost only: ``tensors`` with dims shape inference left unknown filled in from a
-    # measured run (see :func:`unresolved_tensors`); ``tensors`` itself stays as declared, since
-    # extracted parts must not pin a dim that may vary
+    # outputs of shape arithmetic (Shape/Size and what only they and constants feed): a few
+    # int64 values; they cross cuts but do not count against a cut's tensor limit
+    shape_tensors: frozenset[str] = frozenset()
+    # shapes for cost only: inferred at ``input_shapes`` (when given), with dims inference left
+    # unknown filled in from a measured run (see :func:`unresolved_tensors`); ``tensors`` itself
+    # stays as declared, since extracted parts must not pin a dim that may vary
     cost_tensors: Mapping[str, GraphTensor] | None = field(default=None, repr=False)
+    # the concrete input shapes costs were counted at (None: symbolic dims = ``batch``)
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None
 
     def spec(self, name: str) -> GraphTensor:
         """The spec of ``name``; a tensor shape inference could not type gets dtype 0."""
@@ -183,6 +199,21 @@ class GraphInfo:
     def compute_nodes(self) -> tuple[NodeInfo, ...]:
         """Non-constant nodes in topological order: the positions cuts are counted in."""
         return tuple(n for n in self.nodes if not n.constant)
+
+
+def sendable(info: GraphInfo, name: str) -> bool:
+    """Whether tensor ``name`` can cross a cut: typed, of known rank, and of a dtype the wire
+    carries (``tandem.protocol.dtypes.wire_dtype_for``)."""
+    spec = info.spec(name)
+    if not spec.dtype or spec.shape is None:
+        return False
+    from tandem.protocol.dtypes import UnsupportedDType, wire_dtype_for
+
+    try:
+        wire_dtype_for(spec.dtype)
+    except UnsupportedDType:
+        return False
+    return True
 
 
 def dtype_size(dtype: int) -> int:
@@ -356,6 +387,51 @@ def input_specs(model: ModelProto) -> dict[str, GraphTensor]:
     return specs
 
 
+_SKELETON_MIN_ELEMENTS = 1024  # initializers at least this big become typed inputs
+
+
+def skeleton(model: ModelProto,
+             input_shapes: Mapping[str, Sequence[int]] | None = None) -> ModelProto:
+    """A copy of ``model`` without its large initializers (each becomes a graph input of the
+    same type and shape) and, when given, with ``input_shapes`` written into its inputs: what
+    shape inference needs, at a fraction of the memory. Nodes, small initializers (the shape
+    arithmetic's constants), functions and opsets are kept."""
+    onnx = require("onnx")
+    graph = model.graph
+    out = onnx.ModelProto()
+    for fname in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(out, fname, getattr(model, fname))
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    g = out.graph
+    g.name = graph.name
+    g.node.extend(graph.node)
+    g.output.extend(graph.output)
+    g.value_info.extend(graph.value_info)
+    g.sparse_initializer.extend(graph.sparse_initializer)
+    shapes = dict(input_shapes or {})
+    kept_inputs = set()
+    for vi in graph.input:
+        new = g.input.add()
+        new.CopyFrom(vi)
+        kept_inputs.add(vi.name)
+        if vi.name in shapes and vi.type.HasField("tensor_type"):
+            dims = new.type.tensor_type.shape.dim
+            for d, size in zip(dims, shapes[vi.name], strict=False):
+                d.Clear()
+                d.dim_value = int(size)
+    for init in graph.initializer:
+        if math.prod(init.dims) >= _SKELETON_MIN_ELEMENTS:
+            if init.name not in kept_inputs:
+                g.input.append(onnx.helper.make_tensor_value_info(
+                    init.name, init.data_type, list(init.dims)))
+        else:
+            g.initializer.append(init)
+    if out.ir_version < 4:  # IR <= 3 wants every initializer among the inputs: not needed here
+        out.ir_version = 4
+    return out
+
+
 def _infer(model: ModelProto) -> ModelProto:
     onnx = require("onnx")
     try:
@@ -366,45 +442,58 @@ def _infer(model: ModelProto) -> ModelProto:
         raise InvalidModelError(f"shape inference failed: {exc}") from exc
 
 
-def analyze(model: ModelProto, *, batch: int = 1, infer_shapes: bool = True,
-            measured: Mapping[str, tuple[int, tuple[int, ...]]] | None = None) -> GraphInfo:
-    """Shape-infer ``model`` and describe it as a :class:`GraphInfo`.
-
-    ``batch`` is the value every symbolic dim of the graph inputs takes for cost (FLOPs, bytes).
-    ``measured`` maps tensors to ``(onnx dtype, shape)`` observed in a real run at that batch
-    (:func:`tandem.compiler._verify.measure_shapes`): dims shape inference could not resolve
-    (unknown,
-    or a name it invented such as ``unk__0``) are costed with the measured size, and tensors it
-    could not type at all get a declared type with unknown dims. Raises
-    :class:`InvalidModelError` for a graph with a cycle or a tensor nobody produces.
-    """
-    if batch < 1:
-        raise InvalidModelError(f"batch must be >= 1, got {batch}")
-    inferred = _infer(model) if infer_shapes else model
-    graph = inferred.graph
-
+def _typed(graph: GraphProto) -> dict[str, GraphTensor]:
     tensors: dict[str, GraphTensor] = {}
     for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
         spec = _spec_from_type(vi.name, vi.type)
         if spec is not None:
             tensors[vi.name] = spec
-    # cost lookups see the measured shapes first, then everything ``tensors`` holds (it grows
-    # below with initializers and Constant outputs)
+    return tensors
+
+
+def analyze(model: ModelProto, *, batch: int = 1, infer_shapes: bool = True,
+            measured: Mapping[str, tuple[int, tuple[int, ...]]] | None = None,
+            input_shapes: Mapping[str, Sequence[int]] | None = None) -> GraphInfo:
+    """Shape-infer ``model`` and describe it as a :class:`GraphInfo`.
+
+    ``input_shapes`` (input name -> concrete shape) are the sizes costs (FLOPs, bytes) are
+    counted at; inputs not named there, and every symbolic dim when it is ``None``, count as
+    ``batch``. ``measured`` maps tensors to ``(onnx dtype, shape)`` observed in a real run at
+    those sizes (:func:`tandem.compiler._verify.measure_shapes`): dims shape inference could not
+    resolve are costed with the measured size, and tensors it could not type at all get a
+    declared type with unknown dims. Raises :class:`InvalidModelError` for a graph with a cycle
+    or a tensor nobody produces.
+    """
+    if batch < 1:
+        raise InvalidModelError(f"batch must be >= 1, got {batch}")
+    graph = model.graph
+    tensors = _typed(_infer(skeleton(model)).graph) if infer_shapes else _typed(graph)
+    fixed_shapes = {k: tuple(int(d) for d in v) for k, v in (input_shapes or {}).items()}
+    # cost lookups see the measured shapes first, then the shapes inferred at ``input_shapes``,
+    # then everything ``tensors`` holds (it grows below with initializers and Constant outputs)
     overrides: dict[str, GraphTensor] = {}
-    cost: Mapping[str, GraphTensor] = ChainMap(overrides, tensors)
+    at_size: dict[str, GraphTensor] = {}
+    if fixed_shapes and any(not t.is_static for n, t in tensors.items() if n in fixed_shapes):
+        at_size = _typed(_infer(skeleton(model, fixed_shapes)).graph) if infer_shapes else {}
+        for name, shape in fixed_shapes.items():
+            if name in tensors:
+                at_size[name] = GraphTensor(name, tensors[name].dtype, shape)
+    cost: Mapping[str, GraphTensor] = ChainMap(overrides, at_size, tensors)
     if measured:
-        symbols = _input_symbols(graph)
+        symbols = frozenset() if fixed_shapes else _input_symbols(graph)
         for name, (dtype, shape) in measured.items():
             spec = tensors.get(name)
             if spec is None or spec.dtype == 0:  # untyped: declare it, dims left open
                 tensors[name] = GraphTensor(name, dtype, tuple("?" for _ in shape))
                 overrides[name] = GraphTensor(name, dtype, tuple(shape))
-            elif spec.shape is None or len(spec.shape) != len(shape):
+                continue
+            known = at_size.get(name, spec)
+            if known.shape is None or len(known.shape) != len(shape):
                 overrides[name] = GraphTensor(name, spec.dtype, tuple(shape))
             else:
                 overrides[name] = GraphTensor(name, spec.dtype, tuple(
                     d if isinstance(d, int) or d in symbols else m
-                    for d, m in zip(spec.shape, shape, strict=True)))
+                    for d, m in zip(known.shape, shape, strict=True)))
     init_bytes: dict[str, int] = {}
     for init in graph.initializer:
         dims = tuple(int(d) for d in init.dims)
@@ -422,7 +511,8 @@ def analyze(model: ModelProto, *, batch: int = 1, infer_shapes: bool = True,
 
     protos = list(graph.node)
     all_inputs = [[n for n in p.input if n] + implicit_inputs(p) for p in protos]
-    order = _topological_order(protos, all_inputs, set(inputs) | constants)
+    order, shape_only = _topological_order(protos, all_inputs, set(inputs) | constants,
+                                           frozenset(inputs))
 
     nodes: list[NodeInfo] = []
     producers: dict[str, int] = {}
@@ -480,7 +570,10 @@ def analyze(model: ModelProto, *, batch: int = 1, infer_shapes: bool = True,
         batch=batch,
         opset=opset,
         producers=producers,
-        cost_tensors=overrides or None,
+        shape_tensors=frozenset(o for i in shape_only for o in protos[i].output if o)
+        - frozenset(constants),
+        cost_tensors=ChainMap(overrides, at_size) if (overrides or at_size) else None,
+        input_shapes=fixed_shapes or None,
     )
 
 
@@ -492,15 +585,16 @@ def _input_symbols(graph: GraphProto) -> frozenset[str]:
 
 def unresolved_tensors(model: ModelProto, info: GraphInfo) -> list[str]:
     """Non-constant tensors whose size shape inference could not pin down: untyped, unknown
-    rank, or a dim that is neither a number nor a symbolic dim of the graph inputs (so it
-    would be costed as if it were the batch). Measure these before choosing cuts."""
-    symbols = _input_symbols(model.graph)
+    rank, or a dim that is not a number (at ``info.input_shapes``; without them, a dim that is
+    neither a number nor a symbolic dim of the graph inputs, so it would be costed as if it were
+    the batch). Measure these before choosing cuts."""
+    symbols = frozenset() if info.input_shapes else _input_symbols(model.graph)
     out = []
     for node in info.nodes:
         if node.constant:
             continue
         for name in node.outputs:
-            spec = info.tensors.get(name)
+            spec = info.cost_spec(name) if name in info.tensors else None
             if spec is None or spec.dtype == 0 or spec.shape is None or any(
                     not isinstance(d, int) and d not in symbols for d in spec.shape):
                 out.append(name)
@@ -508,9 +602,16 @@ def unresolved_tensors(model: ModelProto, info: GraphInfo) -> list[str]:
 
 
 def _topological_order(
-    protos: list[NodeProto], all_inputs: list[list[str]], available: set[str]
-) -> list[int]:
-    """Kahn's algorithm, preferring the lowest original index: the model's own order if valid."""
+    protos: list[NodeProto], all_inputs: list[list[str]], available: set[str],
+    graph_inputs: frozenset[str] = frozenset(),
+) -> tuple[list[int], set[int]]:
+    """Kahn's algorithm, preferring the lowest original index (the model's own order if valid),
+    except that shape arithmetic goes first: a node that computes only from tensor *shapes*
+    (``Shape``/``Size`` of anything, and what only such nodes and constants feed) runs as soon
+    as it can. Exporters often read an input's shape at the very end (to resize an output back
+    to the input's size); left there, the raw input would stay live across every boundary and
+    no split could beat sending it. Hoisted, only a few int64 values stay live.
+    Returns the order and the shape-arithmetic nodes."""
     producer: dict[str, int] = {}
     for idx, proto in enumerate(protos):
         for out in proto.output:
@@ -522,6 +623,7 @@ def _topological_order(
     n = len(protos)
     indegree = [0] * n
     users: list[list[int]] = [[] for _ in range(n)]
+    deps_of: list[set[int]] = []
     for idx, ins in enumerate(all_inputs):
         deps = set()
         for name in ins:
@@ -534,23 +636,58 @@ def _topological_order(
                     "which no node, input or initializer produces"
                 )
             deps.add(src)
+        deps_of.append(deps)
         indegree[idx] = len(deps)
         for src in deps:
             users[src].append(idx)
-    ready = [i for i in range(n) if indegree[i] == 0]
+    first = _kahn(n, list(indegree), users, lambda i: i)
+    if len(first) != n:
+        stuck = [protos[i].name or str(i) for i in range(n) if i not in set(first)][:5]
+        raise InvalidModelError(f"graph has a cycle (through nodes {', '.join(stuck)})")
+    shape_only = _shape_arithmetic(protos, all_inputs, producer, first, graph_inputs)
+    if not shape_only:
+        return first, shape_only
+    return _kahn(n, indegree, users, lambda i: (i not in shape_only, i)), shape_only
+
+
+def _kahn(n: int, indegree: list[int], users: list[list[int]], key) -> list[int]:
+    ready = [(key(i), i) for i in range(n) if indegree[i] == 0]
     heapq.heapify(ready)
     order: list[int] = []
     while ready:
-        idx = heapq.heappop(ready)
+        _, idx = heapq.heappop(ready)
         order.append(idx)
         for user in users[idx]:
             indegree[user] -= 1
             if indegree[user] == 0:
-                heapq.heappush(ready, user)
-    if len(order) != n:
-        stuck = [protos[i].name or str(i) for i in range(n) if indegree[i] > 0][:5]
-        raise InvalidModelError(f"graph has a cycle (through nodes {', '.join(stuck)})")
+                heapq.heappush(ready, (key(user), user))
     return order
+
+
+_SHAPE_OPS = frozenset({"Shape", "Size"})
+
+
+def _shape_arithmetic(protos: list[NodeProto], all_inputs: list[list[str]],
+                      producer: Mapping[str, int], order: list[int],
+                      graph_inputs: frozenset[str]) -> set[int]:
+    """Nodes whose outputs depend on tensor shapes only (never on a tensor's values)."""
+    shape_only: set[int] = set()
+    constant: set[int] = set()
+    for idx in order:
+        proto = protos[idx]
+        if proto.domain not in ("", "ai.onnx") or proto.op_type in _NONDETERMINISTIC:
+            continue
+        if proto.op_type in _SHAPE_OPS:
+            shape_only.add(idx)
+            continue
+        sources = [producer.get(name) for name in all_inputs[idx]]
+        if any(name in graph_inputs for name in all_inputs[idx]):
+            continue
+        if all(s is None or s in constant for s in sources):
+            constant.add(idx)  # initializers and Constant nodes only
+        elif all(s is None or s in constant or s in shape_only for s in sources):
+            shape_only.add(idx)
+    return shape_only
 
 
 def _attr(proto: NodeProto, name: str, default: Any) -> Any:

@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 from tandem.compiler._graph import external_data_files
+from tandem.devices.backends.onnxruntime import map_ort_errors, session_options
 from tandem.protocol.errors import InternalError, InvalidArgument, NotFound
 from tandem.protocol.lazy import require
 
@@ -61,7 +62,7 @@ class OrtOptimizedFromOnnx:
                                    dir=self.dst_path.parent)
         os.close(fd)
         try:
-            so = ort.SessionOptions()
+            so = session_options()
             so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[self.level])
             so.optimized_model_filepath = tmp
             if external_data_files(self.src_path):
@@ -71,15 +72,8 @@ class OrtOptimizedFromOnnx:
                     self.dst_path.name + ".data")
                 so.add_session_config_entry(
                     "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-            try:
+            with map_ort_errors(f"optimizing {self.src_path.name}"):
                 ort.InferenceSession(str(self.src_path), so, providers=["CPUExecutionProvider"])
-            except Exception as exc:  # the ONNX Runtime boundary for this step
-                kind = type(exc).__name__
-                cls = InvalidArgument if kind in ("InvalidGraph", "InvalidProtobuf",
-                                                  "InvalidArgument", "NotImplemented") \
-                    else InternalError
-                raise cls(f"ONNX Runtime cannot optimize {self.src_path.name}: {kind}: {exc}") \
-                    from exc
             if not Path(tmp).stat().st_size:
                 raise InternalError(f"ONNX Runtime wrote no optimized model for "
                                     f"{self.src_path.name}")

@@ -211,6 +211,9 @@ def _warn(err, message: str) -> None:
               help="most tensors a cut may send")
 @click.option("--samples", type=click.Path(path_type=Path),
               help=".npz of real inputs for verification (default: seeded random)")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS",
+              help="input shape to cost and verify at, e.g. input=1x3x640x640 (repeatable; "
+                   "default: the samples' shapes)")
 @click.option("--sign-key", type=click.Path(path_type=Path),
               help="ed25519 private key (PEM) to sign the manifest with")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16",
@@ -233,7 +236,8 @@ def _warn(err, message: str) -> None:
               help="replace an existing output (only ever a Tandem bundle)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: int,
-                    max_frontier: int, samples: Path | None, sign_key: Path | None,
+                    max_frontier: int, samples: Path | None, input_shapes: tuple[str, ...],
+                    sign_key: Path | None,
                     precision: str, engines: str, timing_cache: Path | None,
                     engine_cache: Path | None,
                     version_compatible: bool, dla_core: int | None, model_name: str | None,
@@ -251,6 +255,7 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tandem.compiler._pipeline import BundleFromOnnx, CompileOptions, resolve_targets
+    from tandem.compiler._shapes import parse_shape
     from tandem.console import console
     from tandem.protocol.bundle import pack
 
@@ -264,9 +269,11 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
         require("tensorrt", "tensorrt")
     inputs = [p for p in (model, samples, sign_key, timing_cache, engine_cache) if p is not None]
     _check_output(out, overwrite, archive, inputs)
+    shapes = dict(_with_flags(parse_shape, text) for text in input_shapes)
     options = CompileOptions(
         targets=targets, max_cuts=max_cuts, max_frontier=max_frontier, samples=samples,
-        sign_key=sign_key, precision=precision, engines=engines, timing_cache=timing_cache,
+        input_shapes=shapes or None, sign_key=sign_key, precision=precision, engines=engines,
+        timing_cache=timing_cache,
         engine_cache=engine_cache,
         version_compatible=version_compatible, dla_core=dla_core, model_name=model_name,
         model_version=model_version, seed=seed, overwrite=overwrite,
@@ -290,17 +297,40 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
             import tempfile
 
             with tempfile.TemporaryDirectory(prefix="tandem-bundle-") as tmp:
-                result = BundleFromOnnx(model, Path(tmp) / "bundle", options, progress)()
+                result = _with_flags(BundleFromOnnx(model, Path(tmp) / "bundle", options,
+                                                    progress))
                 pack(Path(tmp) / "bundle", out, compression=compression, overwrite=overwrite)
                 result.out_dir = out
         else:
-            result = BundleFromOnnx(model, out, options, progress)()
+            result = _with_flags(BundleFromOnnx(model, out, options, progress))
     for w in caught:
-        _warn(err, str(w.message))
+        _warn(err, f"{w.message}{_flags(w.message)}")
     if as_json:
         click.echo(json.dumps(_summary_json(result), indent=2))
         return
     _print_summary(result, out)
+
+
+# CompileOptions fields -> the flags that set them: the library names fields, the CLI its flags
+_FLAGS = {"input_shapes": "--input-shape NAME=DIMS", "samples": "--samples",
+          "max_frontier": "--max-frontier", "max_cuts": "--max-cuts", "overwrite": "--overwrite",
+          "targets": "-t/--target", "engines": "--engines defer"}
+
+
+def _flags(exc: object) -> str:
+    flags = [_FLAGS[o] for o in getattr(exc, "options", ()) if o in _FLAGS]
+    return f" ({', '.join(flags)})" if flags else ""
+
+
+def _with_flags(fn, *args):
+    """Call ``fn``; a Tandem error that names CompileOptions fields gets their flags added."""
+    from tandem.protocol.errors import TandemError
+
+    try:
+        return fn(*args)
+    except TandemError as exc:
+        exc.message += _flags(exc)
+        raise
 
 
 def _summary_json(result) -> dict:

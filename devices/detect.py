@@ -83,8 +83,8 @@ _CPU_MACHINES = {
 }
 
 
-def _run(cmd: Sequence[str], timeout: float) -> str:
-    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
+def _run(cmd: Sequence[str], timeout_s: float) -> str:
+    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout_s,
                           check=True).stdout
 
 
@@ -130,14 +130,14 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _smi_failure(exc: BaseException, timeout: float) -> str:
+def _smi_failure(exc: BaseException, timeout_s: float) -> str:
     """Why nvidia-smi told us nothing, in words (never a raw exception name)."""
     if isinstance(exc, FileNotFoundError):
         return "no NVIDIA driver (nvidia-smi not found)"
     if isinstance(exc, PermissionError):
         return "nvidia-smi is not executable here"
     if isinstance(exc, subprocess.TimeoutExpired):
-        return f"nvidia-smi did not answer within {timeout:g} s"
+        return f"nvidia-smi did not answer within {timeout_s:g} s"
     if isinstance(exc, subprocess.CalledProcessError):
         said = (exc.stderr or exc.stdout or "").strip().splitlines()
         return f"nvidia-smi failed (exit {exc.returncode}{': ' + said[0] if said else ''})"
@@ -152,7 +152,7 @@ def detect(
     meminfo_path: str = MEMINFO_PATH,
     run: Runner | None = None,
     machine: str | None = None,
-    timeout: float = 5.0,
+    timeout_s: float = 5.0,
 ) -> Detection:
     """Detect this machine's profile. An unknown override id raises NotFound (never guessed)."""
     if override:
@@ -172,9 +172,9 @@ def detect(
     run = run or _run
     notes = []
     try:
-        out = run(NVIDIA_SMI, timeout)
+        out = run(NVIDIA_SMI, timeout_s)
     except (OSError, subprocess.SubprocessError) as exc:  # no driver, no GPU, or it hung
-        notes.append(_smi_failure(exc, timeout))
+        notes.append(_smi_failure(exc, timeout_s))
     else:
         for line in out.splitlines():
             parts = [p.strip() for p in line.split(",")]

@@ -377,18 +377,42 @@ def _timings_enc(v: Any) -> dict:
     return out
 
 
-def _tail_ms(v: Any) -> tuple[tuple[str, int, float], ...]:
-    """CloudLoad.tail_ms: [[model_digest: str, cut_id: uint, ms: float >= 0], ...]."""
+def _records(v: Any, checks: tuple[Callable[[Any], Any], ...], shape: str) -> tuple:
+    """A list of fixed-length records, each entry checked by its kind: [[a, b, ...], ...]."""
     if isinstance(v, tuple):
         v = list(v)
     out = []
     for e in _list(v):
         if isinstance(e, tuple):
             e = list(e)
-        if type(e) is not list or len(e) != 3:
-            raise _Bad("tail_ms entries are [model_digest, cut_id, ms]")
-        out.append((_str(e[0]), _u32(e[1]), _nonneg_float(e[2])))
+        if type(e) is not list or len(e) != len(checks):
+            raise _Bad(f"entries are {shape}")
+        out.append(tuple(check(x) for check, x in zip(checks, e, strict=True)))
     return tuple(out)
+
+
+def _tail_ms(v: Any) -> tuple[tuple[str, int, float], ...]:
+    """CloudLoad.tail_ms: [[model_digest: str, cut_id: uint, ms: float >= 0], ...]."""
+    return _records(v, (_str, _u32, _nonneg_float), "[model_digest, cut_id, ms]")
+
+
+def _plan_mix(v: Any) -> tuple[tuple[str, int], ...]:
+    """DeviceStatus.plan_mix: [[plan: str, requests: uint], ...]."""
+    return _records(v, (_str, _u63), "[plan, requests]")
+
+
+def _str_list(v: Any) -> tuple[str, ...]:
+    if isinstance(v, tuple):
+        v = list(v)
+    return tuple(_str(e) for e in _list(v))
+
+
+def _bin(v: Any) -> bytes:
+    if type(v) is not bytes:
+        if isinstance(v, (bytearray, memoryview)):
+            return bytes(v)
+        raise _Bad(f"expected bytes (bin), got {type(v).__name__}")
+    return v
 
 
 # -- message schemas --------------------------------------------------------------------------
@@ -425,6 +449,10 @@ _SCHEMAS: dict[MessageType, tuple[type, tuple[_Field, ...]]] = {
         _Field("uplink_bps", _nonneg_float, 0.0),
         _Field("rtt_ms", _nonneg_float, 0.0),
         _Field("queue_depth", _u63, 0),
+        _Field("p50_ms", _nonneg_float, 0.0),
+        _Field("p99_ms", _nonneg_float, 0.0),
+        _Field("fallbacks", _u63, 0),
+        _Field("plan_mix", _plan_mix, ()),
     )),
     MessageType.CLOUD_LOAD: (CloudLoad, (
         _Field("worker_id", _str),
@@ -442,6 +470,11 @@ _SCHEMAS: dict[MessageType, tuple[type, tuple[_Field, ...]]] = {
         _Field("bundle_digest", _str),
         _Field("bundle_uri", _str, ""),
         _Field("issued_at_ms", _u63, 0),
+        _Field("model_version", _str, ""),
+        _Field("archive_sha256", _str, ""),
+        _Field("archive_size", _u63, 0),
+        _Field("signature", _bin, b""),
+        _Field("mirror_uris", _str_list, ()),
     )),
 }
 _TYPE_OF: dict[type, MessageType] = {cls: t for t, (cls, _) in _SCHEMAS.items()}
@@ -623,7 +656,7 @@ def _read_envelope(mv: memoryview, limits: Limits) -> tuple[Any, int]:
         max_buffer_size=max(cap, 1),
         read_size=min(max(cap, 1), _FIRST_FEED),  # else msgpack mallocs max_buffer_size upfront
         max_str_len=limits.max_string_len,
-        max_bin_len=limits.max_string_len,  # only ids are bin in an envelope
+        max_bin_len=limits.max_string_len,  # ids and Assignment.signature are bin
         max_array_len=max(limits.max_tensors, limits.max_list_len, limits.max_rank, 3) + 1,
         max_map_len=limits.max_fields,
         max_ext_len=0,  # no ext types in v1 (this also refuses msgpack timestamps)

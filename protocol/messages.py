@@ -97,6 +97,12 @@ class DeviceStatus:
     uplink_bps: float = 0.0
     rtt_ms: float = 0.0
     queue_depth: int = 0
+    # request statistics over the daemon's last reporting window (added with the fleet tools;
+    # absent from older senders, which decode as zeros)
+    p50_ms: float = 0.0  # median end-to-end latency
+    p99_ms: float = 0.0
+    fallbacks: int = 0  # requests finished locally after an offload failed or timed out
+    plan_mix: tuple[tuple[str, int], ...] = ()  # (plan label, requests), e.g. ("cut 3", 41)
     version: int = PROTOCOL_VERSION
 
 
@@ -119,13 +125,26 @@ class CloudLoad:
 
 @dataclass(frozen=True, slots=True)
 class Assignment:
-    """Which bundle a device should run (retained on ``tandem/v1/assign/<device>``)."""
+    """Which bundle a device should run (retained on ``tandem/v1/assign/<device>``).
+
+    ``bundle_digest`` is the sha256 of the bundle's manifest.json (it names the whole bundle);
+    ``bundle_uri`` and then ``mirror_uris`` are where its archive can be fetched (HTTP(S), with
+    range requests for resuming); ``archive_sha256`` and ``archive_size`` describe the archive
+    file itself, checked before it is unpacked; ``signature`` is the raw 64-byte ed25519
+    signature over manifest.json (the content of manifest.sig, decoded), to be verified with the
+    fleet's bundle-signing public key. The fields after ``issued_at_ms`` were added with the
+    fleet tools; older senders leave them empty."""
 
     device_id: str
     model_name: str
     bundle_digest: str
     bundle_uri: str = ""
     issued_at_ms: int = 0
+    model_version: str = ""
+    archive_sha256: str = ""
+    archive_size: int = 0
+    signature: bytes = b""
+    mirror_uris: tuple[str, ...] = ()
     version: int = PROTOCOL_VERSION
 
 

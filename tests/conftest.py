@@ -9,6 +9,14 @@ import time
 import pytest
 
 from tests._support.broker import Mosquitto, mosquitto_binary
+from tests._support.interop import (
+    Aedes,
+    Amqtt,
+    NatsServer,
+    aedes_missing,
+    amqtt_missing,
+    nats_missing,
+)
 
 # Threads that must not outlive a test: paho's network thread and the sync transport's loop.
 _LEAK_PREFIXES = ("paho-mqtt-client-", "tandem-transport")
@@ -20,6 +28,29 @@ def _skip_without_mosquitto() -> None:
                     "(install the 'mosquitto' package)")
 
 
+def _process_factory(tmp_path_factory, cls, name: str):
+    """The body of a ``*_factory`` fixture: ``make(start=True, **options)`` builds ``cls`` in a
+    fresh directory; every process made is stopped (and waited for) when the test ends."""
+    made: list = []
+
+    def make(*, start: bool = True, **options):
+        broker = cls(tmp_path_factory.mktemp(name), **options)
+        made.append(broker)
+        if start:
+            broker.start()
+        return broker
+
+    yield make
+    for broker in made:
+        broker.stop()
+    assert not any(b.running for b in made), f"a {name} process outlived its test"
+
+
+def _skip_if(why: str | None) -> None:
+    if why:
+        pytest.skip(why)
+
+
 @pytest.fixture
 def mosquitto_factory(tmp_path_factory):
     """Make brokers with options: ``mosquitto_factory(max_packet_size=1 << 20, users=...)``.
@@ -27,19 +58,28 @@ def mosquitto_factory(tmp_path_factory):
     Every broker made is started and is stopped (and waited for) when the test ends.
     """
     _skip_without_mosquitto()
-    brokers: list[Mosquitto] = []
+    yield from _process_factory(tmp_path_factory, Mosquitto, "mosquitto")
 
-    def make(*, start: bool = True, **options) -> Mosquitto:
-        broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"), **options)
-        brokers.append(broker)
-        if start:
-            broker.start()
-        return broker
 
-    yield make
-    for broker in brokers:
-        broker.stop()
-    assert not any(b.running for b in brokers), "a mosquitto process outlived its test"
+@pytest.fixture
+def nats_factory(tmp_path_factory):
+    """Make nats-servers: ``nats_factory(max_payload=1 << 20, mqtt=True)``."""
+    _skip_if(nats_missing())
+    yield from _process_factory(tmp_path_factory, NatsServer, "nats")
+
+
+@pytest.fixture
+def amqtt_factory(tmp_path_factory):
+    """Make amqtt brokers (MQTT 3.1.1)."""
+    _skip_if(amqtt_missing())
+    yield from _process_factory(tmp_path_factory, Amqtt, "amqtt")
+
+
+@pytest.fixture
+def aedes_factory(tmp_path_factory):
+    """Make Aedes brokers: ``aedes_factory(no_delay=False)`` for node's stock socket setting."""
+    _skip_if(aedes_missing())
+    yield from _process_factory(tmp_path_factory, Aedes, "aedes")
 
 
 @pytest.fixture

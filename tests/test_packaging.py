@@ -18,7 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ["protocol", "devices", "compiler", "edge", "cloud", "lab"]
 PACKAGES = ["tandem"] + [f"tandem.{f}" for f in FOLDERS]
-HEAVY = ["onnx", "onnxruntime", "tensorrt", "pycuda", "zeroconf", "torch"]
+HEAVY = ["onnx", "onnxruntime", "tensorrt", "pycuda", "zeroconf", "torch", "nats", "aiohttp",
+         "psycopg"]
 
 BLOCKER = textwrap.dedent(
     f"""

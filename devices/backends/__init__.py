@@ -3,14 +3,25 @@ TensorRT + pycuda. Backend modules import their heavy libraries only when activa
 
 from tandem.devices.backends._base import Backend, TensorMeta
 
-__all__ = ["Backend", "OnnxRuntimeBackend", "TensorMeta", "TensorRTBackend"]
+__all__ = [
+    "Backend",
+    "OnnxRuntimeBackend",
+    "OnnxRuntimeError",
+    "TensorMeta",
+    "TensorRTBackend",
+    "UnsupportedOperator",
+    "map_ort_errors",
+]
+
+_ORT_NAMES = frozenset({"OnnxRuntimeBackend", "OnnxRuntimeError", "UnsupportedOperator",
+                        "map_ort_errors"})
 
 
 def __getattr__(name: str):  # lazy: importing the package must not import a backend module
-    if name == "OnnxRuntimeBackend":
-        from tandem.devices.backends.onnxruntime import OnnxRuntimeBackend
+    if name in _ORT_NAMES:  # the ONNX Runtime backend and its one error boundary
+        from tandem.devices.backends import onnxruntime
 
-        return OnnxRuntimeBackend
+        return getattr(onnxruntime, name)
     if name == "TensorRTBackend":
         from tandem.devices.backends.tensorrt import TensorRTBackend
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from tandem.protocol.bundle._archive import is_bundle_archive as _is_bundle_archive
 from tandem.protocol.bundle._archive import pack, unpack
+from tandem.protocol.bundle._dims import DimExpr, DimExprError
 from tandem.protocol.bundle._errors import (
     BundleError,
     BundleExists,
@@ -61,7 +62,9 @@ from tandem.protocol.bundle._schema import (
     MAX_MANIFEST_ELEMENTS,
     SCHEMA_VERSION,
     SIGNATURE_NAME,
+    SNR_LIMIT_DB,
     Artifact,
+    CutOrigin,
     CutSpec,
     EncodingCheck,
     EngineRecipe,
@@ -90,6 +93,7 @@ __all__ = [
     "MAX_MANIFEST_ELEMENTS",
     "SCHEMA_VERSION",
     "SIGNATURE_NAME",
+    "SNR_LIMIT_DB",
     "Artifact",
     "Bundle",
     "BundleError",
@@ -98,7 +102,10 @@ __all__ = [
     "BundleNotFound",
     "BundleRollback",
     "BundleWriter",
+    "CutOrigin",
     "CutSpec",
+    "DimExpr",
+    "DimExprError",
     "EncodingCheck",
     "EngineRecipe",
     "FileEntry",

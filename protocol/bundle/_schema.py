@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from tandem.protocol import dtypes as _dtypes
+from tandem.protocol.bundle._dims import DimExpr, DimExprError
 from tandem.protocol.bundle._errors import BundleNotFound, BundleRollback, ManifestError
 from tandem.protocol.errors import InvalidArgument, UnsupportedVersion
 
@@ -31,7 +32,9 @@ __all__ = [
     "RESERVED_NAMES",
     "SCHEMA_VERSION",
     "SIGNATURE_NAME",
+    "SNR_LIMIT_DB",
     "Artifact",
+    "CutOrigin",
     "CutSpec",
     "EncodingCheck",
     "EngineRecipe",
@@ -319,15 +322,21 @@ class EncodingCheck:
     max_rel_err: float
     tolerance: float  # the bound the errors were checked against
     passed: bool
+    snr_db: float | None = None  # compiler v2: worst output's SNR (see Verification.snr_db)
 
     def __post_init__(self) -> None:
         _str(self.encoding, "encoding")
         for name in ("max_abs_err", "max_rel_err", "tolerance"):
             _set(self, name, _float(getattr(self, name), name))
         _bool(self.passed, "passed")
+        if self.snr_db is not None:
+            _set(self, "snr_db", _snr(self.snr_db, "snr_db"))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if self.snr_db is None:
+            del out["snr_db"]
+        return out
 
     @classmethod
     def _from_dict(cls, data: object, path: str) -> EncodingCheck:
@@ -348,11 +357,18 @@ class Verification:
     max_rel_err: dict[str, float] = field(default_factory=dict)
     passed: bool = False
     encodings: dict[str, EncodingCheck] = field(default_factory=dict)
+    # compiler v2: scale-free error per output, 10 log10(sum ref^2 / sum err^2) in dB over
+    # all samples, clamped to [-SNR_LIMIT_DB, SNR_LIMIT_DB] (SNR_LIMIT_DB: no error at all)
+    snr_db: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _int(self.samples, "samples")
         _set(self, "max_abs_err", _float_map(self.max_abs_err, "max_abs_err"))
         _set(self, "max_rel_err", _float_map(self.max_rel_err, "max_rel_err"))
+        if not isinstance(self.snr_db, Mapping):
+            raise ManifestError("snr_db", f"expected an object, got {_type_name(self.snr_db)}")
+        _set(self, "snr_db", {_str(k, "snr_db key"): _snr(v, f"snr_db[{k!r}]")
+                              for k, v in self.snr_db.items()})
         _bool(self.passed, "passed")
         if not isinstance(self.encodings, Mapping):
             raise ManifestError(
@@ -376,6 +392,7 @@ class Verification:
             "max_rel_err": dict(self.max_rel_err),
             "passed": self.passed,
             "encodings": {k: v.to_dict() for k, v in self.encodings.items()},
+            **({"snr_db": dict(self.snr_db)} if self.snr_db else {}),
         }
 
     @classmethod
@@ -388,7 +405,12 @@ class CutSpec:
     """One split point. ``head_part`` runs on the device, ``tail_part`` on the cloud.
 
     Cut 0 (cloud-only) has no head; the full-local cut has no tail; never both missing.
-    ``frontier_bytes`` is the frontier's size in fp32 at batch 1.
+    ``position`` is the number of compute nodes in the head (for a cut found by the sweep, its
+    boundary in the compiler's order). ``frontier_bytes`` is the frontier's size in its own
+    dtypes at the manifest's ``input_shapes``; ``frontier_dims`` (one entry per frontier
+    tensor, each dim an int or a :class:`~tandem.protocol.bundle.DimExpr` text over the inputs'
+    symbolic dims; empty when unknown) sizes it at any other input shape
+    (:meth:`Manifest.frontier_bytes`). ``origins`` says how the compiler found the cut.
     """
 
     id: int
@@ -400,11 +422,23 @@ class CutSpec:
     head_part: str | None
     tail_part: str | None
     verification: Verification
+    # compiler v2 (see the block "Compiler v2" below)
+    frontier_dims: tuple[tuple[int | str, ...], ...] = ()
+    origins: tuple[CutOrigin, ...] = ()
 
     def __post_init__(self) -> None:
+        _set(self, "frontier_dims", _frontier_dims(self.frontier_dims, "frontier_dims"))
+        _set(self, "origins", _tuple(self.origins, "origins", CutOrigin))
         _int(self.id, "id")
         _int(self.position, "position")
         _set(self, "frontier", _tuple(self.frontier, "frontier", TensorSpec, MAX_TENSORS))
+        if self.frontier_dims and len(self.frontier_dims) != len(self.frontier):
+            raise ManifestError("frontier_dims", f"{len(self.frontier_dims)} shapes for "
+                                f"{len(self.frontier)} frontier tensors")
+        for i, (dims, spec) in enumerate(zip(self.frontier_dims, self.frontier, strict=False)):
+            if len(dims) != len(spec.shape):
+                raise ManifestError(f"frontier_dims[{i}]", f"{len(dims)} dims for "
+                                    f"{spec.name!r} of rank {len(spec.shape)}")
         _int(self.frontier_bytes, "frontier_bytes")
         _int(self.head_flops, "head_flops")
         _int(self.tail_flops, "tail_flops")
@@ -436,6 +470,9 @@ class CutSpec:
             "head_part": self.head_part,
             "tail_part": self.tail_part,
             "verification": self.verification.to_dict(),
+            **({"frontier_dims": [list(d) for d in self.frontier_dims]}
+               if self.frontier_dims else {}),
+            **({"origins": [o.to_dict() for o in self.origins]} if self.origins else {}),
         }
 
     @classmethod
@@ -444,7 +481,11 @@ class CutSpec:
             cls,
             data,
             path,
-            {"frontier": _many(TensorSpec, MAX_TENSORS), "verification": Verification._from_dict},
+            {"frontier": _many(TensorSpec, MAX_TENSORS),
+             "verification": Verification._from_dict,
+             "frontier_dims": lambda v, p: tuple(tuple(_list(d, f"{p}[{i}]"))
+                                                 for i, d in enumerate(_list(v, p))),
+             "origins": _many(CutOrigin, MAX_TENSORS)},
         )
 
 
@@ -640,6 +681,10 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     bundle_version: int = 0  # monotonic per model: a device refuses to go below it (rollback)
+    # compiler v2: the input shapes every byte and FLOP figure was computed at, and the one
+    # weights file every ONNX part reads its initializers from (external data with offsets)
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    weights: str | None = None
 
     def __post_init__(self) -> None:
         _int(self.schema_version, "schema_version")
@@ -663,6 +708,9 @@ class Manifest:
         _int(self.bundle_version, "bundle_version")
         _str(self.tool_version, "tool_version", empty=True)
         _set(self, "extra", _json_map(self.extra, "extra"))
+        _set(self, "input_shapes", _input_shapes(self.input_shapes, "input_shapes"))
+        _opt_path(self.weights, "weights")
+        _check_v2(self)
         _unique([t.name for t in self.inputs], "inputs", "name")
         _unique([t.name for t in self.outputs], "outputs", "name")
         _unique([c.id for c in self.cuts], "cuts", "id")
@@ -766,6 +814,73 @@ class Manifest:
                 ref = getattr(artifact, name)
                 if ref not in paths:
                     raise ManifestError(f"artifacts[{i}].{name}", f"{ref!r} is not in files")
+        if self.weights is not None and self.weights not in paths:
+            raise ManifestError("weights", f"{self.weights!r} is not in files")
+
+    def frontier_bytes(self, cut_id: int, input_shapes: Mapping[str, Any] | None = None, *,
+                       encoding: str = "raw") -> int:
+        """Bytes of cut ``cut_id``'s frontier for a request with these ``input_shapes``
+        (input name -> concrete shape; ``None``: the compile's own ``input_shapes``), sent in
+        ``encoding``: ``"raw"`` (every tensor in its dtype), ``"fp16"`` (float32 tensors as 2
+        bytes an element) or ``"int8"`` (float32 tensors as 1 byte an element). Element bytes
+        only, without the wire's headers. Raises :class:`BundleNotFound` for an unknown cut and
+        :class:`~tandem.protocol.bundle.DimExprError` (InvalidArgument) for shapes that do not
+        fit the inputs, or when the cut's frontier size is known only at the compile's shapes.
+        """
+        cut = self.cut(cut_id)
+        if encoding not in ("raw", *ENCODINGS):
+            raise DimExprError(f"unknown encoding {encoding!r} (raw, {', '.join(ENCODINGS)})")
+        if not cut.frontier:
+            return 0
+        dims = cut.frontier_dims
+        if not dims:
+            if input_shapes is None or self._is_compile_shape(input_shapes):
+                if encoding == "raw":
+                    return cut.frontier_bytes
+                dims = tuple(tuple(t.shape) for t in cut.frontier)  # static at compile shapes
+                if not all(isinstance(d, int) for shape in dims for d in shape):
+                    raise DimExprError(f"cut {cut_id}: frontier shapes are not recorded")
+            else:
+                raise DimExprError(
+                    f"cut {cut_id}: the bundle knows its frontier size only at the compile's "
+                    f"input shapes {self.input_shapes}")
+        symbols = self._bind(self.input_shapes if input_shapes is None else input_shapes)
+        total = 0
+        for spec, shape in zip(cut.frontier, dims, strict=True):
+            n = 1
+            for d in shape:
+                n *= d if isinstance(d, int) else DimExpr.parse(d).evaluate(symbols)
+            total += n * _element_bytes(spec.dtype, encoding)
+        return total
+
+    def _is_compile_shape(self, shapes: Mapping[str, Any]) -> bool:
+        return bool(self.input_shapes) and {k: tuple(v) for k, v in shapes.items()} == {
+            k: tuple(v) for k, v in self.input_shapes.items()}
+
+    def _bind(self, shapes: Mapping[str, Any]) -> dict[str, int]:
+        """Symbolic input dim -> its value in ``shapes`` (every named input, ranks checked)."""
+        specs = {t.name: t for t in self.inputs}
+        unknown = sorted(set(shapes) - set(specs))
+        if unknown:
+            raise DimExprError(f"shapes for {unknown}, which are not inputs of "
+                               f"{self.model_name!r} (inputs: {', '.join(specs)})")
+        symbols: dict[str, int] = {}
+        for name, shape in shapes.items():
+            spec = specs[name]
+            shape = tuple(shape)
+            if len(shape) != len(spec.shape) or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise DimExprError(f"shape {list(shape)} for {name!r} does not fit "
+                                   f"{list(spec.shape)}")
+            for dim, size in zip(spec.shape, shape, strict=True):
+                if isinstance(dim, int):
+                    if dim != size:
+                        raise DimExprError(f"shape {list(shape)} for {name!r} does not fit "
+                                           f"{list(spec.shape)}")
+                elif symbols.setdefault(dim, size) != size:
+                    raise DimExprError(f"dim {dim!r} is {symbols[dim]} in one input and "
+                                       f"{size} in another")
+        return symbols
 
     # --- the one JSON boundary ------------------------------------------------------------------
 
@@ -784,6 +899,9 @@ class Manifest:
             "tool_version": self.tool_version,
             "extra": dict(self.extra),
             **({"bundle_version": self.bundle_version} if self.bundle_version else {}),
+            **({"input_shapes": {k: list(v) for k, v in self.input_shapes.items()}}
+               if self.input_shapes else {}),
+            **({"weights": self.weights} if self.weights is not None else {}),
         }
 
     def to_json(self) -> str:
@@ -847,6 +965,8 @@ class Manifest:
                 "cuts": _many(CutSpec, MAX_CUTS),
                 "files": _many(FileEntry, MAX_FILES),
                 "artifacts": _many(Artifact, MAX_ARTIFACTS),
+                "input_shapes": lambda v, p: {k: tuple(_list(x, f"{p}[{k!r}]"))
+                                              for k, x in _obj(v, p).items()},
             },
         )
 
@@ -893,6 +1013,110 @@ def check_not_older(current: Manifest | int | Any, candidate: Manifest | Any, *,
         raise BundleRollback(
             f"bundle {cand.model_name!r} version {cand.bundle_version} is older than the "
             f"installed {what}; refusing a rollback (force it to install anyway)")
+
+
+# --- Compiler v2: frontier sizes as functions of the input dims, cut provenance, shared weights
+
+
+SNR_LIMIT_DB = 999.0
+CUT_METHODS = ("endpoint", "sweep", "mincut")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CutOrigin:
+    """How the compiler found a cut. ``method``: ``"endpoint"`` (cut 0 and all-local),
+    ``"sweep"`` (a boundary of the compiler's topological order) or ``"mincut"`` (an s-t
+    minimum cut of the DAG for one regime: ``uplink_mbps``, and the edge and cloud sustained
+    speeds ``edge_gflops`` / ``cloud_gflops`` in GFLOP/s it assumed)."""
+
+    method: str
+    uplink_mbps: float | None = None
+    edge_gflops: float | None = None
+    cloud_gflops: float | None = None
+
+    def __post_init__(self) -> None:
+        _str(self.method, "method")
+        for name in ("uplink_mbps", "edge_gflops", "cloud_gflops"):
+            value = getattr(self, name)
+            if value is not None:
+                _set(self, name, _float(value, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def _from_dict(cls, data: object, path: str) -> CutOrigin:
+        return _build(cls, data, path, {})
+
+
+def _element_bytes(dtype: str, encoding: str) -> int:
+    """Bytes per element of a ``dtype`` tensor sent in ``encoding`` (the one dtype table)."""
+    info = _dtypes.by_name(dtype)
+    if encoding != "raw" and info.wire is not None:
+        size = _dtypes.storage_itemsize(info.wire, _dtypes.encoding_by_name(encoding))
+        if size is not None:
+            return size
+    return info.itemsize
+
+
+def _snr(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ManifestError(name, f"expected float, got {_type_name(value)}")
+    value = float(value)
+    if not math.isfinite(value) or abs(value) > SNR_LIMIT_DB:
+        raise ManifestError(name, f"must be within +-{SNR_LIMIT_DB:g}, got {value}")
+    return value
+
+
+def _frontier_dims(value: object, name: str) -> tuple[tuple[int | str, ...], ...]:
+    out = []
+    for i, dims in enumerate(_tuple(value, name, object)):
+        if not isinstance(dims, (list, tuple)):
+            raise ManifestError(f"{name}[{i}]", f"expected a list, got {_type_name(dims)}")
+        shape: list[int | str] = []
+        for j, dim in enumerate(dims):
+            where = f"{name}[{i}][{j}]"
+            if isinstance(dim, str):
+                try:
+                    DimExpr.parse(dim)
+                except DimExprError as exc:
+                    raise ManifestError(where, str(exc)) from None
+                shape.append(dim)
+            else:
+                shape.append(_int(dim, where))
+        out.append(tuple(shape))
+    return tuple(out)
+
+
+def _input_shapes(value: object, name: str) -> dict[str, tuple[int, ...]]:
+    if not isinstance(value, Mapping):
+        raise ManifestError(name, f"expected an object, got {_type_name(value)}")
+    out = {}
+    for key, shape in value.items():
+        _str(key, f"{name} key")
+        out[key] = tuple(_int(d, f"{name}[{key!r}][{i}]")
+                         for i, d in enumerate(_tuple(shape, f"{name}[{key!r}]", int)))
+    return out
+
+
+def _check_v2(manifest: Manifest) -> None:
+    """Cross-field rules of the v2 fields: input shapes name inputs with their rank; frontier
+    expressions name only symbolic dims of the inputs."""
+    specs = {t.name: t for t in manifest.inputs}
+    for key, shape in manifest.input_shapes.items():
+        if key not in specs:
+            raise ManifestError(f"input_shapes[{key!r}]", "not an input")
+        if len(shape) != len(specs[key].shape):
+            raise ManifestError(f"input_shapes[{key!r}]", "rank differs from the input's")
+    symbols = {d for t in manifest.inputs for d in t.shape if isinstance(d, str)}
+    for i, cut in enumerate(manifest.cuts):
+        for j, dims in enumerate(cut.frontier_dims):
+            for k, dim in enumerate(dims):
+                if isinstance(dim, str):
+                    unknown = DimExpr.parse(dim).symbols - symbols
+                    if unknown:
+                        raise ManifestError(f"cuts[{i}].frontier_dims[{j}][{k}]",
+                                            f"{sorted(unknown)} are not dims of the inputs")
 
 
 def _reject_constant(name: str) -> None:

@@ -39,7 +39,7 @@ import logging
 import socket
 import ssl
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -279,7 +279,8 @@ class MqttClient:
                 if c.session_expiry_s:
                     props.SessionExpiryInterval = int(c.session_expiry_s)
             kwargs = {"clean_start": self.clean_start, "properties": props} if self.v5 else {}
-            call = lambda: self._client.connect(c.host, c.port, c.keepalive_s, **kwargs)  # noqa: E731
+            call = lambda: self._client.connect(  # noqa: E731
+                c.host, c.port, c.keepalive_s, **kwargs)  # type: ignore[arg-type]
         else:
             call = self._client.reconnect
         try:
@@ -448,7 +449,7 @@ class MqttClient:
             raise InvalidArgument(f"cannot publish to {topic!r}: {exc}") from exc
         return self._published(info.rc, info.mid, topic, qos, want_ack)
 
-    def frame(self, topic: str, parts: list[bytes | memoryview] | tuple[bytes | memoryview, ...],
+    def frame(self, topic: str, parts: Sequence[bytes | bytearray | memoryview],
               total: int, qos: int, props: PublishProperties | None = None) -> Frame:
         """Build the PUBLISH for a payload given as pieces (``total`` bytes in all, e.g. from
         :func:`tandem.protocol.codec.encode_parts`), copying each piece once, into the packet
@@ -678,9 +679,9 @@ class MqttClient:
                 self._subscriptions.pop(topic_filter, None)
             self._safe(cb, err)
             return
-        topic_filter = self._resub.pop(mid, None)
-        if topic_filter is None:
+        if mid not in self._resub:
             return
+        topic_filter = self._resub.pop(mid)
         self._strikes.pop(topic_filter, None)
         if failed is not None:
             self._subscriptions.pop(topic_filter, None)

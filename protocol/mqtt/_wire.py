@@ -23,7 +23,8 @@ import ssl
 import struct
 import sys
 import threading
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
@@ -105,6 +106,9 @@ _PUBLISH = 0x30
 _REFCOUNTS = sys.implementation.name == "cpython"
 
 
+_B = TypeVar("_B", bound=bytearray)
+
+
 class _BufferPool:
     """Recent big packet buffers, handed out again for a packet of the same size once nothing
     else holds them.
@@ -131,7 +135,7 @@ class _BufferPool:
         self.max_buffers = max_buffers
         self.max_bytes = max_bytes
 
-    def take(self, cls: type[bytearray], n: int) -> bytearray:
+    def take(self, cls: type[_B], n: int) -> _B:
         """A ``cls`` of ``n`` bytes: a free pooled one (old contents: overwrite every byte),
         else a new zero-filled one, pooled when it is big enough and fits the bounds."""
         if n < _VIEW_MIN or n > self.max_bytes or not _REFCOUNTS:
@@ -178,7 +182,7 @@ class Frame(bytearray):
         return memoryview(self)[self.head:]
 
 
-def _build_frame(topic: str, parts: list[bytes | memoryview] | tuple[bytes | memoryview, ...],
+def _build_frame(topic: str, parts: Sequence[bytes | bytearray | memoryview],
                  total: int, qos: int, props: PublishProperties | None, v5: bool,
                  pool: _BufferPool | None = None) -> Frame:
     topic_bytes = topic.encode()
@@ -325,7 +329,7 @@ class _PahoClient(paho.Client):
         if self._sock is None:
             raise ConnectionError("self._sock is None")
         try:
-            return self._sock.recv_into(view)
+            return self._sock.recv_into(view)  # type: ignore[attr-defined]  # checked by the caller
         except ssl.SSLWantReadError as err:
             raise BlockingIOError() from err
         except ssl.SSLWantWriteError as err:
@@ -443,7 +447,7 @@ class _PahoClient(paho.Client):
         message.qos = qos
         message.retain = bool(header & 0x01)
         message.properties = props  # type: ignore[assignment]
-        message.payload = payload
+        message.payload = payload  # type: ignore[assignment]  # a view: read-only bytes
         message.timestamp = paho.time_func()
         self._handle_on_message(message)
         if qos == 0 or self._manual_ack:

@@ -37,7 +37,7 @@ CONTENT_TYPE = "application/x-tandem+msgpack"
 
 TRANSPORT_LIMITS = Limits(max_message_bytes=64 * 2**20, max_tensor_bytes=64 * 2**20)
 """What a transport decodes by default: the codec's defaults with 64 MiB per message (also the
-largest message it sends, and by default what incomplete chunk sets may hold in all)."""
+largest message it sends or reassembles)."""
 
 
 def expiry_for_budget(budget_ms: int) -> int | None:
@@ -93,9 +93,11 @@ class TransportConfig:
     * ``limits``: the codec :class:`~tandem.protocol.codec.Limits` for everything this transport
       decodes and encodes; ``limits.max_message_bytes`` is also the largest message it sends or
       reassembles. ``serve`` may set tighter limits per handler.
-    * ``max_reassembly_bytes``: memory all incomplete chunk sets may hold together (None: the
-      message limit); a set missing a piece ``reassembly_timeout_s`` after its first chunk is
-      dropped (checked on a timer).
+    * ``max_reassembly_bytes``: memory all incomplete chunk sets may hold together (None: room
+      for two messages of the limit); one topic (device) may hold one message's worth, so one
+      sender never evicts another's sets (:class:`tandem.protocol.chunking.Reassembler`
+      quotas); a set missing a piece ``reassembly_timeout_s`` after its first chunk is dropped
+      (checked on a timer).
     * Messages that match no handler (a persistent session's backlog, delivered before the
       application subscribes again) are held for the first handler that subscribes for them:
       at most ``max_unclaimed_messages`` messages, ``max_unclaimed_bytes`` bytes, each for
@@ -167,7 +169,7 @@ class IncomingMessage:
     :meth:`~tandem.protocol.transport.Transport.subscribe` get ``payload`` as immutable bytes."""
 
     topic: str
-    payload: bytes | memoryview
+    payload: bytes | bytearray | memoryview
     qos: int = 0
     retain: bool = False
     response_topic: str | None = None

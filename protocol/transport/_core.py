@@ -99,13 +99,12 @@ class PublishHandle:
                  acks: Sequence[asyncio.Future | None]) -> None:
         self._loop = loop
         self.topic = topic
-        acks = [a for a in acks if a is not None]
-        if not acks:
-            self._future: asyncio.Future | None = None
-        elif len(acks) == 1:
-            self._future = acks[0]
-        else:
-            self._future = asyncio.gather(*acks)
+        pending = [a for a in acks if a is not None]
+        self._future: asyncio.Future | None = None
+        if len(pending) == 1:
+            self._future = pending[0]
+        elif pending:
+            self._future = asyncio.gather(*pending)
 
     def done(self) -> bool:
         return self._future is None or self._future.done()
@@ -215,9 +214,14 @@ class Transport(abc.ABC):
         self._unclaimed: collections.deque[tuple[float, IncomingMessage, int]] = \
             collections.deque()
         self._unclaimed_bytes = 0
+        # one topic (device) may hold one message of the limit in chunks (and their
+        # bookkeeping, for chunks of 48 KiB and up); all of them together two, by default
+        limit = config.limits.max_message_bytes
+        per_origin = limit + limit // 64 + 64 * 1024
+        total = config.max_reassembly_bytes or 2 * per_origin
         self._reassembler = chunking.Reassembler(
-            timeout_s=config.reassembly_timeout_s,
-            max_total_bytes=config.max_reassembly_bytes or config.limits.max_message_bytes)
+            timeout_s=config.reassembly_timeout_s, max_total_bytes=total,
+            max_bytes_per_origin=min(per_origin, total))
         self._reassembly_timer: asyncio.TimerHandle | None = None
         self._decoder: concurrent.futures.ThreadPoolExecutor | None = None
         self._dropped = 0
@@ -934,13 +938,13 @@ _CANCELLED_MEANWHILE = (asyncio.InvalidStateError, concurrent.futures.InvalidSta
 
 def _resolve(future: Any, value: Any) -> None:
     if not future.done():
-        with contextlib.suppress(_CANCELLED_MEANWHILE):  # by its caller, in another thread
+        with contextlib.suppress(*_CANCELLED_MEANWHILE):  # by its caller, in another thread
             future.set_result(value)
 
 
 def _fail(future: Any, error: BaseException) -> None:
     if not future.done():
-        with contextlib.suppress(_CANCELLED_MEANWHILE):
+        with contextlib.suppress(*_CANCELLED_MEANWHILE):
             future.set_exception(error)
 
 

@@ -34,7 +34,12 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tandem.protocol.errors import FailedPrecondition, PermissionDenied, Unavailable
+from tandem.protocol.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    Unavailable,
+)
 from tandem.protocol.transport._config import (
     DEFAULT_MAX_PAYLOAD_V5,
     IncomingMessage,
@@ -257,7 +262,7 @@ class MemoryTransport(Transport):
     def __init__(self, broker: MemoryBroker, config: TransportConfig | None = None) -> None:
         super().__init__(TransportConfig() if config is None else config)
         if not isinstance(broker, MemoryBroker):
-            raise TypeError(f"broker must be a MemoryBroker, not {type(broker).__name__}")
+            raise InvalidArgument(f"broker must be a MemoryBroker, not {type(broker).__name__}")
         self.broker = broker
         self._client_id = self.config.client_id or f"tandem-{uuid.uuid4().hex[:16]}"
         self._up = False

@@ -9,9 +9,11 @@ A request goes through these steps, each bounded, before the handler sees it:
 2. **Envelope** (:func:`tandem.protocol.codec.peek`): type, id and declared tensor sizes, read
    before any tensor byte is touched or decompressed. A frame whose envelope is unreadable is
    answered by id when the MQTT 5 correlation data carries one, else dropped and counted.
-3. **Admission**: a duplicate of a request in progress (QoS 1 redelivery) is dropped; when
-   ``max_queued`` requests already wait, or their bytes (payload + what compressed tensors
-   inflate to) would pass ``max_queued_bytes``, the request is answered RESOURCE_EXHAUSTED.
+3. **Admission**: a duplicate of a request in progress (QoS 1 redelivery) is dropped; one whose
+   declared tensors exceed the handler's limits, or whose bytes (payload + what compressed
+   tensors inflate to) exceed ``max_queued_bytes`` on their own, is answered PAYLOAD_TOO_LARGE;
+   when ``max_queued`` requests already wait, or the bytes of all admitted requests would pass
+   ``max_queued_bytes``, it is answered RESOURCE_EXHAUSTED (retryable).
 4. **Decode** under the handler's ``limits`` (so decompression never exceeds what the handler
    accepts); compressed tensors inflating to ``offloop_decode_bytes`` or more are decoded in a
    thread, not on the event loop. An undecodable request is answered with its error.
@@ -42,6 +44,8 @@ from tandem.protocol.errors import (
     DeadlineExceeded,
     HandlerFailed,
     InvalidArgument,
+    MalformedMessage,
+    PayloadTooLarge,
     PermissionDenied,
     ProtocolError,
     ResourceExhausted,
@@ -226,6 +230,17 @@ class Server:
             self.duplicates += 1
             return
         cost = len(payload) + (info.tensor_bytes if info.compressed else 0)
+        too_large = None
+        if info.tensor_bytes > self.limits.max_message_bytes:
+            too_large = (f"tensors decode to {info.tensor_bytes} bytes "
+                         f"(limit {self.limits.max_message_bytes})")
+        elif cost > self.max_queued_bytes:
+            too_large = (f"request needs {cost} bytes, more than this server holds for all "
+                         f"its requests ({self.max_queued_bytes})")
+        if too_large is not None:  # refused on the declared sizes: nothing is inflated
+            self.undecodable += 1
+            self._answer(reply, _error(rid, PayloadTooLarge(too_large)), corr)
+            return
         full = self._admitted >= self.max_queued and len(self._running) >= self.max_concurrency
         if full or self._held + cost > self.max_queued_bytes:
             self.busy += 1
@@ -242,6 +257,8 @@ class Server:
             return
         try:
             request = codec.decode(payload, self.limits)
+            if not isinstance(request, InferenceRequest):  # peek said it was one
+                raise MalformedMessage(f"a {type(request).__name__}, not a request")
         except ProtocolError as exc:
             self._undecodable(rid, base, exc)
             return
@@ -251,6 +268,8 @@ class Server:
     async def _decode_in_thread(self, payload: Any, rid: bytes, base: tuple) -> None:
         try:
             request = await self.host._decode_in_thread(payload, self.limits)
+            if not isinstance(request, InferenceRequest):  # peek said it was one
+                raise MalformedMessage(f"a {type(request).__name__}, not a request")
         except ProtocolError as exc:
             self._undecodable(rid, base, exc)
             return

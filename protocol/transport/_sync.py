@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from tandem.protocol.codec import Limits
-from tandem.protocol.errors import DeadlineExceeded, FailedPrecondition
+from tandem.protocol.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from tandem.protocol.messages import InferenceRequest, InferenceResponse, Message
 from tandem.protocol.transport._config import PublishProperties, TransportConfig
 from tandem.protocol.transport._core import (
@@ -48,7 +48,8 @@ class SyncTransport:
 
     def __init__(self, transport: Transport, *, call_timeout_s: float = 10.0) -> None:
         if not isinstance(transport, Transport):
-            raise TypeError(f"SyncTransport wraps a Transport, not {type(transport).__name__}")
+            raise InvalidArgument(
+                f"SyncTransport wraps a Transport, not {type(transport).__name__}")
         self._t = transport
         self.call_timeout_s = call_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -4,9 +4,9 @@ A broker that receives a topic it calls malformed drops the connection, and an M
 re-sends its unacknowledged PUBLISHes and its subscriptions after every reconnect: one bad topic
 becomes a reconnect loop. So every topic a transport publishes to and every filter it subscribes
 to is checked here first, against what MQTT brokers accept (MQTT 5 §1.5.4 and §4.7, as
-mosquitto enforces it): UTF-8 of at most 65,535 bytes without U+0000, control characters
-(U+0001–U+001F, U+007F–U+009F), surrogates or noncharacters (U+FDD0–U+FDEF and every code point
-ending in FFFE or FFFF); wildcards only in filters, each ``+`` and ``#`` alone in its level and
+mosquitto enforces it): well-formed UTF-8 of at most 65,535 bytes without the characters
+:func:`tandem.protocol.topics.refused_character` finds (U+0000, control characters,
+noncharacters); wildcards only in filters, each ``+`` and ``#`` alone in its level and
 ``#`` last; a shared subscription is ``$share/<group>/<filter>`` with a non-empty group without
 wildcards.
 
@@ -15,18 +15,12 @@ The same language is used by every transport (the NATS transport maps it to subj
 
 from __future__ import annotations
 
-import re
-
 from tandem.protocol.errors import InvalidArgument
+from tandem.protocol.topics import refused_character
 
 __all__ = ["check_filter", "check_topic", "topic_matches"]
 
 MAX_TOPIC_BYTES = 65_535
-
-_NONCHARACTERS = "".join(f"{chr(plane << 16 | 0xFFFE)}{chr(plane << 16 | 0xFFFF)}"
-                         for plane in range(17))
-_BAD = re.compile(
-    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef" + re.escape(_NONCHARACTERS) + "]")
 
 
 def _check_text(s: object, what: str) -> str:
@@ -34,13 +28,16 @@ def _check_text(s: object, what: str) -> str:
         raise InvalidArgument(f"{what} must be a str, not {type(s).__name__}")
     if not s:
         raise InvalidArgument(f"{what} must not be empty")
-    bad = _BAD.search(s)
+    bad = refused_character(s)
     if bad is not None:
-        raise InvalidArgument(
-            f"{what} {s!r} holds U+{ord(bad.group()):04X}, which MQTT brokers refuse "
-            "(control characters, surrogates and noncharacters are not allowed)")
-    if len(s) * 4 > MAX_TOPIC_BYTES and len(s.encode("utf-8")) > MAX_TOPIC_BYTES:
-        raise InvalidArgument(f"{what} is longer than {MAX_TOPIC_BYTES} bytes of UTF-8")
+        raise InvalidArgument(f"{what} {s!r} holds U+{ord(bad):04X}, a control character or "
+                              "noncharacter that MQTT brokers refuse")
+    try:
+        n = len(s.encode("utf-8"))
+    except UnicodeEncodeError as exc:  # lone surrogates
+        raise InvalidArgument(f"{what} {s!r} is not valid UTF-8") from exc
+    if n > MAX_TOPIC_BYTES:
+        raise InvalidArgument(f"{what} is {n} bytes of UTF-8 (at most {MAX_TOPIC_BYTES})")
     return s
 
 

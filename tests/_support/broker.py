@@ -162,7 +162,9 @@ class Mosquitto:
 
     ``users`` ({name: password}) writes a password file with ``mosquitto_passwd`` and turns
     anonymous access off. ``tls=True`` adds a TLS listener on :attr:`tls_port` with certificates
-    made by :func:`make_tls_files` (see :attr:`tls_files`).
+    made by :func:`make_tls_files` (see :attr:`tls_files`). ``tcp_nodelay=False`` leaves Nagle's
+    algorithm on the broker's sockets (mosquitto's default, which makes every small round trip
+    ~40 ms: only for tests of that).
     """
 
     def __init__(
@@ -177,6 +179,7 @@ class Mosquitto:
         tls: bool = False,
         extra_config: str = "",
         start_timeout_s: float = 10.0,
+        tcp_nodelay: bool = True,
     ) -> None:
         binary = mosquitto_binary()
         if binary is None:
@@ -198,15 +201,17 @@ class Mosquitto:
             persistence=persistence,
             users=users,
             extra_config=extra_config,
+            tcp_nodelay=tcp_nodelay,
         ))
 
     # -- config ------------------------------------------------------------------------------
 
-    def _config(self, *, max_packet_size, persistence, users, extra_config) -> str:
+    def _config(self, *, max_packet_size, persistence, users, extra_config,
+                tcp_nodelay=True) -> str:
         lines = [
             "per_listener_settings false",
             f"allow_anonymous {'false' if users else 'true'}",
-            "set_tcp_nodelay true",
+            f"set_tcp_nodelay {'true' if tcp_nodelay else 'false'}",
             "log_dest stderr",
             "log_type error",
             "log_type warning",
@@ -311,6 +316,13 @@ class Mosquitto:
             self._log.close()
             self._log = None
         self._proc = None
+
+    def log_text(self) -> str:
+        """Everything the broker logged so far ("" when there is no log yet)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
 
     def log_tail(self, n: int = 40) -> str:
         try:

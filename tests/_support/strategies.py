@@ -73,7 +73,8 @@ error_responses = st.builds(
 statuses = st.builds(
     DeviceStatus, device_id=texts, state=st.sampled_from(["online", "offline", "degraded"]),
     timestamp_ms=u63, bundle_digest=texts, uplink_bps=durations, rtt_ms=durations,
-    queue_depth=u63,
+    queue_depth=u63, p50_ms=durations, p99_ms=durations, fallbacks=u63,
+    plan_mix=st.lists(st.tuples(texts, u63), max_size=4).map(tuple),
 )
 loads = st.builds(
     CloudLoad, worker_id=texts, timestamp_ms=u63, queue_depth=u63, inflight=u63,
@@ -81,7 +82,10 @@ loads = st.builds(
     tail_ms=st.lists(st.tuples(texts, u32, durations), max_size=4).map(tuple),
 )
 assignments = st.builds(Assignment, device_id=texts, model_name=texts, bundle_digest=texts,
-                        bundle_uri=texts, issued_at_ms=u63)
+                        bundle_uri=texts, issued_at_ms=u63, model_version=texts,
+                        archive_sha256=texts, archive_size=u63,
+                        signature=st.binary(max_size=64),
+                        mirror_uris=st.lists(texts, max_size=3).map(tuple))
 messages = st.one_of(requests, ok_responses, error_responses, statuses, loads, assignments)
 
 

@@ -68,3 +68,15 @@ def test_broker_urls():
         with pytest.raises(InvalidArgument):
             parse_broker(bad)
     assert CloudConfig(repo=Path("r")).worker_id  # a default id from host and pid
+
+
+def test_nats_broker_urls_need_ids_nats_carries():
+    cfg = CloudConfig(repo=Path("r"), broker="nats://u:pw@a:4222,b", worker_id="w-1")
+    assert (cfg.broker_address.scheme, cfg.broker_address.host, cfg.broker_address.port) == (
+        "nats", "a", 4222)
+    assert parse_broker("tls://h").tls and parse_broker("tls://h").port == 4222
+    for bad in ({"worker_id": "host.example-1"}, {"group": "g.1"}, {"group": "g*"}):
+        with pytest.raises(InvalidArgument, match="NATS"):
+            CloudConfig(repo=Path("r"), broker="nats://a", **bad)
+    CloudConfig(repo=Path("r"), broker="mqtt://a", worker_id="host.example-1")  # fine on MQTT
+    assert "." not in CloudConfig(repo=Path("r"), broker="nats://a").worker_id

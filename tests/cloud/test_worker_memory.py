@@ -58,7 +58,7 @@ def test_results_dedup_and_errors_without_a_broker(repo, compiled):
                 *(client.request(topic_for(r, "dynamic_batch"), r) for r in reqs))
             assert len({a.id for a in answers}) == 24
         await worker.stop()
-        await worker._transport.close()
+        await worker.transport.close()
         assert worker.state == "stopped"
 
     run(main())
@@ -82,15 +82,15 @@ def test_stop_drains_and_marks_offline_and_the_will_does_too(repo, compiled):
             # after the stop, new requests are not served by it
             with pytest.raises((Unavailable, Exception)):
                 await client.request(topic_for(reqs[0], "dynamic_batch"), reqs[0], timeout_s=0.3)
-        await worker._transport.close()
+        await worker.transport.close()
         # a crash: the broker publishes the last will
         broker2 = MemoryBroker()
         crashed = await _worker(broker2, repo)
         await asyncio.sleep(0.15)  # a load report or two
         assert decode(broker2.retained()["tandem/v1/cloud/mem/load"]).state == "online"
-        crashed._transport.break_connection()
+        crashed.transport.break_connection()
         assert decode(broker2.retained()["tandem/v1/cloud/mem/load"]).state == "offline"
         await crashed.stop()
-        await crashed._transport.close()
+        await crashed.transport.close()
 
     run(main())

@@ -47,12 +47,12 @@ def _ort_artifact(manifest, part: str) -> str:
     return art.path
 
 
-def _check_bundle_reproduces(bundle, model, batch: int = 1) -> None:
+def _check_bundle_reproduces(bundle, model, batch: int = 1, x: dict | None = None) -> None:
     """Run every cut's lowered head then tail, as ``Bundle.select`` picks them for ONNX Runtime,
     and compare with the full model, within the tolerance the manifest recorded, for raw and
-    for each allowed encoding."""
+    for each allowed encoding (on ``x``, else seeded random float inputs)."""
     m = bundle.manifest
-    x = random_inputs(model, seed=123, batch=batch)
+    x = random_inputs(model, seed=123, batch=batch) if x is None else x
     selection = bundle.select(("head", "tail", "full"), "onnxruntime")
     assert all(r.optimized and r.source is not None for r in selection.distinct())
     full = _run(selection.full, x)

@@ -101,19 +101,6 @@ def test_weights_in_constant_attributes_are_in_the_source_digest(tmp_path):
     assert _pipeline._source_digest(src) != before
 
 
-def test_parts_over_the_protobuf_limit_use_external_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(_pipeline, "_PROTO_LIMIT", 100)  # every part counts as "huge"
-    nodes = [h.make_node("MatMul", ["x", "w1"], ["a"]), h.make_node("Relu", ["a"], ["b"]),
-             h.make_node("MatMul", ["b", "w2"], ["y"])]
-    model = _model(nodes, [_vi("x", [1, 64])], [_vi("y", [1, 4])],
-                   [_weight("w1", (64, 16)), _weight("w2", (16, 4), 1)])
-    _compile(model, tmp_path)
-    with load_bundle(tmp_path / "b") as bundle:
-        names = {f.path for f in bundle.manifest.files}
-        assert "parts/full.onnx.data" in names
-        _check_bundle_reproduces(bundle, model)
-
-
 def test_model_whose_splits_all_send_more_than_the_input_still_compiles(tmp_path):
     # an embedding lookup: 8 int64 tokens in, 8x128 floats after the first node
     emb = _weight("emb", (100, 128))
@@ -224,3 +211,24 @@ def test_sizes_shape_inference_cannot_resolve_are_measured(tmp_path):
     assert [r.cut.frontier for r in result.cuts] == [("x",), ()]
     with load_bundle(tmp_path / "b") as bundle:
         _check_bundle_reproduces(bundle, model, batch=3)
+
+
+def test_frontiers_the_wire_cannot_carry_are_refused(tmp_path):
+    # float64 in, cast to float32 after one op; an int16 tensor inside: only cuts whose
+    # frontier can travel (tandem.protocol.dtypes) survive
+    nodes = [h.make_node("Relu", ["x"], ["a"]), h.make_node("Cast", ["a"], ["b"], to=TP.FLOAT),
+             h.make_node("MatMul", ["b", "w"], ["c"]),
+             h.make_node("Cast", ["c"], ["d"], to=TP.INT16),
+             h.make_node("Cast", ["d"], ["e"], to=TP.FLOAT), h.make_node("Relu", ["e"], ["y"])]
+    model = _model(nodes, [_vi("x", [1, 64], TP.DOUBLE)], [_vi("y", [1, 4])],
+                   [_weight("w", (64, 4))])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _compile(model, tmp_path)
+    kept = {r.cut.id: r.cut.frontier for r in result.cuts}
+    assert 0 not in kept  # the raw input is float64
+    assert any("x is float64, which cannot travel" in str(w.message) for w in caught)
+    assert all(f not in (("a",), ("d",)) for f in kept.values())  # float64 / int16 never cross
+    assert any(f in (("b",), ("c",)) for f in kept.values())
+    with load_bundle(tmp_path / "b") as bundle:
+        assert {t.dtype for c in bundle.manifest.cuts for t in c.frontier} <= {"float32"}

@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 from tandem.compiler import _verify
 from tandem.compiler._cuts import find_cuts
 from tandem.compiler._errors import (
-    RuntimeCheckError,
+    OnnxRuntimeError,
     SampleError,
     SampleFileNotFound,
     UnsupportedOperator,
@@ -19,7 +19,7 @@ from tandem.compiler._errors import (
 from tandem.compiler._extract import extract
 from tandem.compiler._graph import analyze, load_model
 from tandem.compiler._verify import Tolerance, Verifier, load_samples, verify
-from tandem.protocol.errors import FailedPrecondition, InvalidArgument, NotFound
+from tandem.protocol.errors import FailedPrecondition, InvalidArgument, NotFound, TandemError
 from tandem.protocol.tensors import Encoding, Tensor
 from tests._support.models import (
     big_model,
@@ -137,7 +137,7 @@ def test_part_ort_cannot_run_is_reported_not_raised():
 def test_full_model_ort_cannot_run_raises_typed_error():
     with pytest.raises(UnsupportedOperator) as err:
         Verifier(_with_unknown_op(cnn_chain()))
-    assert isinstance(err.value, RuntimeCheckError)
+    assert isinstance(err.value, OnnxRuntimeError)
     assert isinstance(err.value, FailedPrecondition)
     assert err.value.__cause__ is not None
     assert "Nope" in str(err.value)
@@ -229,3 +229,120 @@ def test_external_data_model_verifies(tmp_path):
     verifier = Verifier(model)
     assert all(verifier.verify(h, t, cut_id=c.id).passed
                for c, (h, t) in zip(cuts, parts, strict=True))
+
+
+# --- scale-aware verification (compiler v2) -------------------------------------------------
+
+
+def _scaled_chain(scale: float):
+    """x -> MatMul -> Relu -> MatMul: outputs of size ~``scale``; one interior cut."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array((rng.standard_normal((8, 4)) * scale).astype(np.float32),
+                                 "w2")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("MatMul", ["b", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 16])],
+                              [helper.make_tensor_value_info("y", 1, [1, 4])], [w1, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_tolerance_is_relative_to_each_outputs_scale():
+    tol = Tolerance(atol=1e-2, rtol=0.0)
+    ref = np.array([1e-9, -2e-9, 0.5e-9], np.float32)
+    assert tol.allows(ref, ref * 1.005)
+    assert not tol.allows(ref, ref * 1.06)  # a 6 % error of a tiny output is an error
+    big = ref * 1e9
+    assert tol.allows(big, big + 0.01) and not tol.allows(big, big + 0.05)
+
+
+def test_a_tiny_output_is_judged_at_its_scale_and_warned_about():
+    model = _scaled_chain(1e-9)
+    info = analyze(model)
+    cut = next(c for c in find_cuts(info) if c.head_flops and c.tail_flops)
+    head, tail = extract(model, info, cut)
+    verifier = Verifier(model)
+    assert any("too small to verify" in w and "'y'" in w for w in verifier.warnings)
+    result = verifier.verify(head, tail, cut_id=cut.id)
+    assert result.passed and result.raw.min_snr_db > 100  # exact up to float rounding
+    int8 = result.encodings["int8"]
+    # int8 costs ~1 % of this output: relative to its 1e-9 scale that is no longer hidden
+    assert int8.max_abs_err < 1e-10 and int8.max_rel_err > 1e-4
+    assert 10 < int8.min_snr_db < 80
+    normal = Verifier(_scaled_chain(1.0)).verify(*extract(_scaled_chain(1.0), info, cut))
+    assert normal.encodings["int8"].min_snr_db == pytest.approx(int8.min_snr_db, abs=1.0)
+
+
+def test_constant_outputs_are_warned_about():
+    model = _scaled_chain(0.0)  # a zero-initialised classifier
+    verifier = Verifier(model)
+    assert any("constant (0)" in w for w in verifier.warnings)
+    assert not Verifier(_scaled_chain(1.0)).warnings
+
+
+def test_snr_is_infinite_when_exact_and_follows_the_noise():
+    assert _verify.snr_db(1.0, 0.0) == float("inf")
+    assert _verify.snr_db(0.0, 1.0) == float("-inf")
+    assert _verify.snr_db(100.0, 1.0) == pytest.approx(20.0)
+    model = residual()
+    _, cuts, parts = _parts(model)
+    result = Verifier(model).verify(*parts[1], cut_id=cuts[1].id)
+    assert result.raw.min_snr_db > 100 and result.encodings["fp16"].min_snr_db > 40
+
+
+def _embedding_model(vocab: int = 30, types: int = 2):
+    """ids -> Gather(table) + Gather(type table) with a mask multiplied in."""
+    rng = np.random.default_rng(0)
+    table = numpy_helper.from_array(rng.standard_normal((vocab, 4)).astype(np.float32), "emb")
+    ttab = numpy_helper.from_array(rng.standard_normal((types, 4)).astype(np.float32), "temb")
+    nodes = [
+        helper.make_node("Cast", ["input_ids"], ["ids32"], to=7),
+        helper.make_node("Gather", ["emb", "ids32"], ["e"]),
+        helper.make_node("Gather", ["temb", "token_type_ids"], ["t"]),
+        helper.make_node("Add", ["e", "t"], ["s"]),
+        helper.make_node("Cast", ["attention_mask"], ["m"], to=1),
+        helper.make_node("Unsqueeze", ["m", "axis"], ["m3"]),
+        helper.make_node("Mul", ["s", "m3"], ["y"]),
+    ]
+    axis = numpy_helper.from_array(np.array([2], np.int64), "axis")
+    ints = [helper.make_tensor_value_info(n, 7, ["B", "S"])
+            for n in ("input_ids", "token_type_ids", "attention_mask")]
+    graph = helper.make_graph(nodes, "emb", ints,
+                              [helper.make_tensor_value_info("y", 1, ["B", "S", 4])],
+                              [table, ttab, axis])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_integer_inputs_are_drawn_where_the_model_accepts_them():
+    model = _embedding_model(vocab=30)
+    assert _verify.input_ranges(model) == {"input_ids": (0, 30), "token_type_ids": (0, 2),
+                                           "attention_mask": (0, 2)}
+    verifier = Verifier(model, n_samples=3, shapes={n: (2, 50) for n in
+                                                    ("input_ids", "token_type_ids",
+                                                     "attention_mask")})
+    ids = np.concatenate([s["input_ids"].ravel() for s in verifier.samples])
+    assert ids.min() >= 0 and ids.max() < 30 and len(set(ids.tolist())) > 8
+    masks = np.stack([s["attention_mask"] for s in verifier.samples])
+    assert set(np.unique(masks).tolist()) == {0, 1} and (masks[..., 0] == 1).all()
+
+
+def test_a_model_random_inputs_break_asks_for_samples_without_ort_noise(capfd):
+    # an integer input used as a shape: random values cannot work, the message says what to do
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [2, 6]),
+                                           helper.make_tensor_value_info("shape", 7, [2])],
+                              [helper.make_tensor_value_info("y", 1, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with pytest.raises(SampleError, match="does not run on random inputs") as err:
+        Verifier(model, seed=3)
+    assert err.value.options == ("samples",) and isinstance(err.value.__cause__, TandemError)
+    assert "--" not in str(err.value)
+    captured = capfd.readouterr()
+    assert "\x1b[" not in captured.err and "onnxruntime" not in captured.err
+    good = [{"x": np.ones((2, 6), np.float32), "shape": np.array([3, 4], np.int64)}]
+    assert Verifier(model, good).references[0]["y"].shape == (3, 4)

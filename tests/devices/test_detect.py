@@ -8,15 +8,15 @@ from tandem.protocol.errors import NotFound
 MEMINFO = "MemTotal:       {kb} kB\nMemFree:         1000 kB\n"
 
 
-def _no_gpu(cmd, timeout):
+def _no_gpu(cmd, timeout_s):
     raise FileNotFoundError("nvidia-smi")
 
 
 def _smi(output):
     calls = []
 
-    def run(cmd, timeout):
-        calls.append((tuple(cmd), timeout))
+    def run(cmd, timeout_s):
+        calls.append((tuple(cmd), timeout_s))
         return output
 
     run.calls = calls
@@ -61,7 +61,7 @@ def test_unknown_devicetree_model_falls_through_to_cpu(tmp_path):
 ])
 def test_nvidia_smi_lines(line, expected):
     run = _smi(line + "\n" + line + "\n")  # two GPUs: device 0 decides
-    d = detect(env={}, model_paths=[], run=run, timeout=2.5)
+    d = detect(env={}, model_paths=[], run=run, timeout_s=2.5)
     assert (d.profile.id, d.source) == (expected, "nvidia-smi")
     assert run.calls[0][0][0] == "nvidia-smi" and run.calls[0][1] == 2.5
     assert "--query-gpu=name,compute_cap,memory.total" in run.calls[0][0]
@@ -79,8 +79,8 @@ def test_unknown_gpu_falls_back_to_cpu_and_says_why():
 
 
 def test_nvidia_smi_timeout_falls_back_to_cpu():
-    def hang(cmd, timeout):
-        raise subprocess.TimeoutExpired(cmd, timeout)
+    def hang(cmd, timeout_s):
+        raise subprocess.TimeoutExpired(cmd, timeout_s)
 
     d = detect(env={}, model_paths=[], run=hang, machine="AMD64")
     assert d.profile.id == "cpu-x86_64" and "nvidia-smi did not answer within 5 s" in d.detail
@@ -95,7 +95,7 @@ def test_nvidia_smi_timeout_falls_back_to_cpu():
      "nvidia-smi failed (exit 9: NVIDIA-SMI has failed because it couldn't communicate"),
 ])
 def test_nvidia_smi_failures_are_said_in_words(exc, words):
-    def fail(cmd, timeout):
+    def fail(cmd, timeout_s):
         raise exc
 
     d = detect(env={}, model_paths=[], run=fail, machine="x86_64")

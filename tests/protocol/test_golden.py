@@ -53,6 +53,7 @@ def test_every_golden_file_is_listed_in_the_spec_and_tested():
         "request_f32", "request_all_dtypes", "request_fp16", "request_int8", "request_zstd",
         "request_scalar_empty", "request_future_keys", "response_ok", "response_error",
         "response_unknown_code", "device_status", "cloud_load", "assignment", "version_2",
+        "device_status_fleet", "assignment_fleet",
         *(f"chunk_{i}" for i in range(5)),
     }
     assert files == tested
@@ -232,10 +233,22 @@ def test_response_unknown_error_code_is_kept_as_int():
 
 
 def test_device_status():
+    # written before the request statistics were added: they decode as their defaults
     data = load("device_status")
     msg = decode(data)
     assert msg == DeviceStatus("cam-01", "online", 1_700_000_000_000, bundle_digest=DIGEST,
                                uplink_bps=12.5e6, rtt_ms=23.5, queue_depth=4)
+    assert (msg.p50_ms, msg.p99_ms, msg.fallbacks, msg.plan_mix) == (0.0, 0.0, 0, ())
+    assert decode(encode(msg)) == msg
+
+
+def test_device_status_with_request_statistics():
+    data = load("device_status_fleet")
+    msg = decode(data)
+    assert msg == DeviceStatus("cam-01", "degraded", 1_700_000_000_000, bundle_digest=DIGEST,
+                               uplink_bps=12.5e6, rtt_ms=23.5, queue_depth=4, p50_ms=18.25,
+                               p99_ms=61.5, fallbacks=7,
+                               plan_mix=(("local", 120), ("cut 3", 41), ("cloud", 2)))
     assert encode(msg) == data
 
 
@@ -248,11 +261,25 @@ def test_cloud_load():
 
 
 def test_assignment():
+    # written before the archive and signature fields were added: they decode as defaults
     data = load("assignment")
     msg = decode(data)
     assert msg == Assignment("cam-01", "resnet50", DIGEST,
                              bundle_uri="https://bundles.example/resnet50.tar",
                              issued_at_ms=1_700_000_000_000)
+    assert (msg.model_version, msg.archive_sha256, msg.archive_size, msg.signature,
+            msg.mirror_uris) == ("", "", 0, b"", ())
+    assert decode(encode(msg)) == msg
+
+
+def test_assignment_with_archive_and_signature():
+    data = load("assignment_fleet")
+    msg = decode(data)
+    assert msg == Assignment(
+        "cam-01", "resnet50", DIGEST, bundle_uri="https://bundles.example/resnet50.tar.zst",
+        issued_at_ms=1_700_000_000_000, model_version="2.1", archive_sha256=DIGEST[::-1],
+        archive_size=123_456_789, signature=bytes(range(64)),
+        mirror_uris=("https://mirror-a.example/r.tar.zst", "http://10.0.0.2:8080/r.tar.zst"))
     assert encode(msg) == data
 
 

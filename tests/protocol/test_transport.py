@@ -752,3 +752,65 @@ def test_a_long_stream_leaves_nothing_behind(mosquitto):
         serving = server.stats().serving[REQ_FILTER]
         assert serving.answered == 1000 and serving.queued == serving.running == 0
         assert serving.held_bytes == 0
+
+
+# -- acknowledgements, MQTT 3.1.1 answers, Nagle -----------------------------------------------
+
+
+def test_a_publish_handle_waits_for_the_puback_and_fails_when_the_link_drops_first(mosquitto):
+    import signal
+
+    with Transport(config(mosquitto)) as client:
+        client.publish("a/b", b"x", qos=1).wait(5)  # acknowledged
+        os.kill(mosquitto.pid, signal.SIGSTOP)  # the broker stops answering
+        try:
+            handle = client.publish("a/b", b"y", qos=1)
+            with pytest.raises(DeadlineExceeded):
+                handle.wait(0.3)  # no PUBACK
+            assert not handle.done()
+        except BaseException:
+            os.kill(mosquitto.pid, signal.SIGCONT)
+            raise
+        mosquitto.kill()  # still stopped: it never answers that publish
+        with pytest.raises(Unavailable, match="before the broker acknowledged"):
+            handle.wait(5)
+
+
+def test_mqtt311_answers_a_request_that_does_not_decode_by_the_id_in_its_envelope(mosquitto):
+    # no properties on 3.1.1: the request id comes from the frame's envelope (codec.peek)
+    req = InferenceRequest(id=new_request_id(), device_id="cam-01", model_digest="ab" * 32,
+                           cut_id=1, budget_ms=3000,
+                           tensors=(Tensor.from_array("m", np.array([True, False])),))
+    frame = bytearray(codec.encode(req))
+    frame[-1] = 2  # a bool byte of 2: the envelope is fine, the tensor is not
+    raw = RawClient(mosquitto, protocol=paho.MQTTv311)
+    try:
+        raw.subscribe("tandem/v1/resp/cam-01")
+        with Transport(config(mosquitto, protocol=311)) as server:
+            server.serve(REQ_FILTER, echo)
+            raw.publish(REQ, bytes(frame))
+            assert raw.got.wait(5)
+        answer = codec.decode(raw.messages[0].payload)
+        assert answer.id == req.id and answer.error.code == 1  # INVALID_ARGUMENT
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize("nodelay", [False, True], ids=["nagle", "nodelay"])
+def test_round_trips_that_look_like_nagle_are_reported_once(mosquitto_factory, caplog, nodelay):
+    # a broker without set_tcp_nodelay: Nagle + delayed ACK make a small round trip ~40 ms
+    broker = mosquitto_factory(tcp_nodelay=nodelay)
+
+    async def fast(request: InferenceRequest, ctx: RequestContext) -> InferenceResponse:
+        return InferenceResponse(id=request.id)
+
+    with caplog.at_level("WARNING", logger="tandem.protocol.transport"), \
+            Transport(config(broker)) as server, Transport(config(broker)) as client:
+        server.serve(REQ_FILTER, fast)
+        for _ in range(24):
+            client.request(REQ, make_request(), timeout_s=5)
+    warnings = [r.getMessage() for r in caplog.records if "Nagle" in r.getMessage()]
+    if nodelay:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and "set_tcp_nodelay true" in warnings[0], warnings

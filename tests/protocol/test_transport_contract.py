@@ -1,5 +1,7 @@
-"""The Transport contract: every test runs against the MQTT transport (a real mosquitto per test)
-and against the in-memory transport, and both must behave the same.
+"""The Transport contract: every test runs against the MQTT transport (a real mosquitto per test),
+the in-memory transport and the NATS transport (a real nats-server per test), and all must behave
+the same, except where core NATS has no such feature (retained messages, last wills, persistent
+sessions: skipped there, saying so).
 
 What only MQTT has (properties on the wire, packets, auth, TLS) is in test_transport.py; attacks
 replayed against a real mosquitto are in tests/security/.
@@ -36,6 +38,7 @@ from tandem.protocol.errors import (
 )
 from tandem.protocol.messages import InferenceRequest, InferenceResponse, new_request_id
 from tandem.protocol.mqtt import MqttTransport
+from tandem.protocol.nats import NatsTransport
 from tandem.protocol.tensors import DType, Tensor
 from tandem.protocol.transport import (
     IncomingMessage,
@@ -73,6 +76,9 @@ class Net:
             assert self._factory is not None
             opts = {} if max_packet_bytes is None else {"max_packet_size": max_packet_bytes}
             self.mosquitto = self._factory(**opts)
+        elif self.kind == "nats":
+            assert self._factory is not None
+            self.nats = self._factory(max_payload=max_packet_bytes)
         else:
             self.memory = MemoryBroker(max_packet_bytes=max_packet_bytes)
         return self
@@ -82,32 +88,47 @@ class Net:
         kw.setdefault("reconnect_max_s", 0.5)
         if self.kind == "mqtt":
             return TransportConfig(host=self.mosquitto.host, port=self.mosquitto.port, **kw)
+        if self.kind == "nats":
+            return TransportConfig(host=self.nats.host, port=self.nats.nats_port, **kw)
         return TransportConfig(**kw)
 
     def transport(self, **kw) -> Transport:
         cfg = self.config(**kw)
         if self.kind == "mqtt":
             return MqttTransport(cfg)
+        if self.kind == "nats":
+            return NatsTransport(cfg)
         assert self.memory is not None
         return MemoryTransport(self.memory, cfg)
 
     def outage(self) -> None:
         if self.kind == "mqtt":
             self.mosquitto.kill()
+        elif self.kind == "nats":
+            self.nats.kill()
         else:
             self.memory.stop()
 
     def recover(self) -> None:
         if self.kind == "mqtt":
             self.mosquitto.start()
+        elif self.kind == "nats":
+            self.nats.start()
         else:
             self.memory.start()
 
+    def lacks(self, feature: str) -> None:
+        """Skip a test of what core NATS does not have."""
+        if self.kind == "nats":
+            pytest.skip(f"core NATS has no {feature} (docs/deployment.md)")
 
-@pytest.fixture(params=["mqtt", "memory"])
+
+@pytest.fixture(params=["mqtt", "memory", "nats"])
 def net(request) -> Net:
     if request.param == "mqtt":
         return Net("mqtt", request.getfixturevalue("mosquitto_factory"))
+    if request.param == "nats":
+        return Net("nats", request.getfixturevalue("nats_factory"))
     return Net("memory", None)
 
 
@@ -438,6 +459,32 @@ def test_a_handler_gets_at_most_its_limits(net):
     run(main())
 
 
+def test_large_compressed_payloads_are_decoded_off_the_event_loop(net, monkeypatch):
+    decoded_in: list[str] = []
+    real = codec.decode
+
+    def recording(data, limits=codec.DEFAULT_LIMITS):
+        decoded_in.append(threading.current_thread().name)
+        return real(data, limits)
+
+    monkeypatch.setattr(codec, "decode", recording)
+
+    async def main() -> None:
+        async with net.transport() as server, net.transport() as client:
+            await server.serve(REQ_FILTER, _async_echo)
+            loop_thread = threading.current_thread().name
+            assert (await client.request(REQ, make_request())).ok  # small: on the loop
+            assert decoded_in == [loop_thread, loop_thread]  # the request, the response
+            decoded_in.clear()
+            big = Tensor.from_array("x", np.zeros(1 << 20, np.float32), compress=True)
+            req = InferenceRequest(new_request_id(), DEVICE, "ab" * 32, 1, 5000, (big,))
+            assert (await client.request(REQ, req)).ok  # inflates to 4 MiB: in a thread
+            assert len(decoded_in) == 2
+            assert all(name.startswith("tandem-transport-decode") for name in decoded_in)
+
+    run(main())
+
+
 def test_the_transport_refuses_to_send_over_its_limits(net):
     async def main() -> None:
         limits = Limits(max_message_bytes=100_000, max_tensor_bytes=100_000)
@@ -592,6 +639,8 @@ def test_a_request_whose_deadline_passed_while_queued_is_not_run(net):
             late = make_request(budget_ms=300)
             with pytest.raises(DeadlineExceeded):
                 await client.request(REQ, late)  # waits behind the stuck one, times out
+            # its deadline on the server counts from its arrival, a little after it was sent
+            await asyncio.sleep(0.3)
             release.set()
             assert (await first).ok
             await until(lambda: server.stats().serving[REQ_FILTER].expired == 1)
@@ -718,6 +767,7 @@ def test_publish_returns_a_handle_for_the_brokers_acknowledgement(net):
 
 
 def test_retained_messages_reach_later_subscribers(net):
+    net.lacks("retained messages")
     async def main() -> None:
         async with net.transport() as a:
             await (await a.publish("tandem/v1/assign/cam-01", b"bundle-1", retain=True))
@@ -749,6 +799,25 @@ def test_big_messages_travel_in_chunks_through_a_capped_broker(net):
             np.testing.assert_array_equal(resp.outputs[0].to_array(), arr)
             with pytest.raises(InvalidArgument, match="retained"):
                 await client.publish("bulk/data", payload, retain=True)
+
+    run(main())
+
+
+def test_a_chunked_message_near_the_limit_reassembles(net):
+    # the reassembly quotas leave one sender room for a whole message of the limit
+    net.reset(max_packet_bytes=1 << 20)
+    limits = Limits(max_message_bytes=8 * 2**20, max_tensor_bytes=8 * 2**20)
+    payload = os.urandom(7 * 2**20)
+
+    async def main() -> None:
+        async with net.transport(limits=limits) as receiver, \
+                net.transport(limits=limits) as sender:
+            inbox = Inbox()
+            await receiver.subscribe("bulk/+", inbox)
+            await (await sender.publish("bulk/a", payload))
+            await until(lambda: inbox.messages, 20)
+            assert inbox.messages[0].payload == payload
+            assert receiver.stats().reassembly_sets == 0
 
     run(main())
 
@@ -894,6 +963,7 @@ def test_an_outage_fails_fast_and_everything_comes_back(net):
 
 
 def test_a_persistent_sessions_backlog_is_held_for_its_handler_within_bounds(net):
+    net.lacks("persistent sessions")
     async def main() -> None:
         cid = f"cam-persist-{net.kind}"
         cfg = dict(client_id=cid, clean_start=False, session_expiry_s=300,
@@ -919,6 +989,7 @@ def test_a_persistent_sessions_backlog_is_held_for_its_handler_within_bounds(net
 
 
 def test_the_last_will_is_published_when_a_client_is_lost(net):
+    net.lacks("last wills")
     status = topics.status_topic(DEVICE)
 
     async def main() -> None:
@@ -955,7 +1026,8 @@ async def _crash_a_process_with_a_will(net: Net, status: str) -> None:
         "from tandem.protocol.transport import TransportConfig, Will\n"
         "async def main():\n"
         f"    t = MqttTransport(TransportConfig(host={net.mosquitto.host!r}, "
-        f"port={net.mosquitto.port}, keepalive_s=60, will=Will({status!r}, b'offline')))\n"
+        f"port={net.mosquitto.port}, protocol={net.config().protocol}, keepalive_s=60, "
+        f"will=Will({status!r}, b'offline')))\n"
         "    await t.connect()\n"
         "    print('up', flush=True)\n"
         "    await asyncio.sleep(60)\n"

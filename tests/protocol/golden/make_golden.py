@@ -111,6 +111,18 @@ def vectors() -> dict[str, bytes]:
         "cam-01", "resnet50", DIGEST, bundle_uri="https://bundles.example/resnet50.tar",
         issued_at_ms=1_700_000_000_000,
     ))
+    # the fields added with the fleet tools (device_status.bin and assignment.bin predate them)
+    out["device_status_fleet"] = encode(DeviceStatus(
+        "cam-01", "degraded", 1_700_000_000_000, bundle_digest=DIGEST, uplink_bps=12.5e6,
+        rtt_ms=23.5, queue_depth=4, p50_ms=18.25, p99_ms=61.5, fallbacks=7,
+        plan_mix=(("local", 120), ("cut 3", 41), ("cloud", 2)),
+    ))
+    out["assignment_fleet"] = encode(Assignment(
+        "cam-01", "resnet50", DIGEST, bundle_uri="https://bundles.example/resnet50.tar.zst",
+        issued_at_ms=1_700_000_000_000, model_version="2.1", archive_sha256=DIGEST[::-1],
+        archive_size=123_456_789, signature=bytes(range(64)),
+        mirror_uris=("https://mirror-a.example/r.tar.zst", "http://10.0.0.2:8080/r.tar.zst"),
+    ))
     for i, part in enumerate(split(out["request_f32"], 128, b"\xff" * 16)):
         out[f"chunk_{i}"] = part
     out["version_2"] = msgpack.packb([2, 1, {"anything": True}], use_bin_type=True)
