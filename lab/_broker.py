@@ -41,7 +41,7 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-from tandem.lab._loop import LoopThread
+from tandem.lab._loop import SyncShell, Tasks
 from tandem.protocol.errors import InvalidArgument
 
 __all__ = ["BrokerStats", "EmbeddedBroker", "SyncBroker", "topic_matches"]
@@ -255,7 +255,7 @@ class EmbeddedBroker:
         self._sessions: dict[str, _Session] = {}
         self._retained: dict[str, _Message] = {}
         self._shared_next: dict[tuple[str, str], int] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = Tasks()
         self._stats = BrokerStats()
 
     async def start(self) -> EmbeddedBroker:
@@ -270,11 +270,7 @@ class EmbeddedBroker:
         for session in self._sessions.values():
             if session.conn is not None:
                 session.conn.abort()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
@@ -294,9 +290,7 @@ class EmbeddedBroker:
     # -- connections --------------------------------------------------------------------------
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.ensure_future(self._serve(_Connection(self, reader, writer)))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._serve(_Connection(self, reader, writer)))
 
     async def _read_packet(self, conn: _Connection, timeout_s: float | None):
         async def read() -> tuple[int, int, bytes]:
@@ -588,7 +582,7 @@ class EmbeddedBroker:
         self._stats.messages_out += 1
 
 
-class SyncBroker:
+class SyncBroker(SyncShell):
     """An :class:`EmbeddedBroker` on its own thread, for blocking code::
 
         with SyncBroker() as broker:
@@ -598,7 +592,7 @@ class SyncBroker:
     def __init__(self, broker: EmbeddedBroker | None = None, *,
                  call_timeout_s: float = 10.0) -> None:
         self.broker = broker or EmbeddedBroker()
-        self._thread = LoopThread("tandem-broker-loop", call_timeout_s)
+        super().__init__(self.broker, "tandem-broker-loop", call_timeout_s)
 
     @property
     def port(self) -> int:
@@ -608,28 +602,5 @@ class SyncBroker:
     def host(self) -> str:
         return self.broker.host
 
-    def start(self) -> SyncBroker:
-        self._thread.start()
-        try:
-            self._thread.call(self.broker.start())
-        except BaseException:
-            self._thread.stop()
-            raise
-        return self
-
-    def close(self) -> None:
-        if not self._thread.running:
-            return
-        try:
-            self._thread.call(self.broker.close())
-        finally:
-            self._thread.stop()
-
     def stats(self) -> BrokerStats:
         return self._thread.run(self.broker.stats)
-
-    def __enter__(self) -> SyncBroker:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

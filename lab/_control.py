@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.lab._link import PROFILES, LinkEmulator, LinkProfile, LinkStep
+from tandem.lab._loop import Tasks
 from tandem.protocol.errors import InvalidArgument, NotFound, TandemError, Unavailable
 
 __all__ = ["ControlServer", "control_request", "load_schedule", "profile_from"]
@@ -59,7 +60,7 @@ class ControlServer:
         self.host = host
         self.port = port
         self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = Tasks()
 
     async def start(self) -> ControlServer:
         self._server = await asyncio.start_server(self._accept, self.host, self.port,
@@ -70,16 +71,12 @@ class ControlServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         if self._server is not None:
             await self._server.wait_closed()
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.ensure_future(self._serve(reader, writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._serve(reader, writer))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 
-from tandem.lab._loop import LoopThread
+from tandem.lab._loop import SyncShell, Tasks
 from tandem.protocol.errors import InvalidArgument
 
 __all__ = [
@@ -450,7 +450,7 @@ class LinkEmulator:
         self.down = False
         self._mode = "stall"
         self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter | None]] = set()
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = Tasks()
         self._timers: list[asyncio.TimerHandle] = []
         self._total = 0
         self._refused = 0
@@ -472,11 +472,7 @@ class LinkEmulator:
             self._server.close()
         self._drop_all()
         self._link_up.set()  # release whoever waits, so their tasks end
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
@@ -561,16 +557,10 @@ class LinkEmulator:
                     w.transport.abort()
         self._conns.clear()
 
-    def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # the connection runs in a task of ours (cancelled by close()): asyncio's own task for
         # a client_connected_cb logs a traceback when it is cancelled
-        self._spawn(self._connection(reader, writer))
+        self._tasks.spawn(self._connection(reader, writer))
 
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
@@ -617,7 +607,7 @@ class LinkEmulator:
                     w.close()
 
 
-class SyncLinkEmulator:
+class SyncLinkEmulator(SyncShell):
     """A :class:`LinkEmulator` on its own thread and event loop, for blocking code (tests,
     benchmarks, ``tandem demo``)::
 
@@ -629,29 +619,12 @@ class SyncLinkEmulator:
     """
 
     def __init__(self, link: LinkEmulator, *, call_timeout_s: float = 10.0) -> None:
+        super().__init__(link, "tandem-link-loop", call_timeout_s)
         self.link = link
-        self._thread = LoopThread("tandem-link-loop", call_timeout_s)
 
     @property
     def port(self) -> int:
         return self.link.port
-
-    def start(self) -> SyncLinkEmulator:
-        self._thread.start()
-        try:
-            self._thread.call(self.link.start())
-        except BaseException:
-            self._thread.stop()
-            raise
-        return self
-
-    def close(self) -> None:
-        if not self._thread.running:
-            return
-        try:
-            self._thread.call(self.link.close())
-        finally:
-            self._thread.stop()
 
     def set_profile(self, profile: LinkProfile) -> None:
         self._thread.run(self.link.set_profile, profile)
@@ -667,9 +640,3 @@ class SyncLinkEmulator:
 
     def stats(self) -> LinkStats:
         return self._thread.run(self.link.stats)
-
-    def __enter__(self) -> SyncLinkEmulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

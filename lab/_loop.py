@@ -1,6 +1,8 @@
 """One asyncio event loop on its own daemon thread, for the blocking shells of this package
 (:class:`~tandem.lab.SyncLinkEmulator`, :class:`~tandem.lab.SyncBroker`): each call runs on the
-loop and waits at most ``call_timeout_s``, raising DeadlineExceeded past it."""
+loop and waits at most ``call_timeout_s``, raising DeadlineExceeded past it. :class:`SyncShell`
+is what those shells share: start and close an object with async ``start()``/``close()`` there.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Any, TypeVar
 
 from tandem.protocol.errors import DeadlineExceeded, FailedPrecondition
 
-__all__ = ["LoopThread"]
+__all__ = ["LoopThread", "SyncShell", "Tasks"]
 
 _T = TypeVar("_T")
 
@@ -66,3 +68,56 @@ class LoopThread:
             return fn(*args)
 
         return self.call(call())
+
+
+class SyncShell:
+    """Runs ``target`` (an object with async ``start()`` and ``close()``) on its own loop thread
+    named ``name``; a context manager."""
+
+    def __init__(self, target: Any, name: str, call_timeout_s: float) -> None:
+        self._target = target
+        self._thread = LoopThread(name, call_timeout_s)
+
+    def start(self):  # -> the shell itself
+        self._thread.start()
+        try:
+            self._thread.call(self._target.start())
+        except BaseException:
+            self._thread.stop()
+            raise
+        return self
+
+    def close(self) -> None:
+        if not self._thread.running:
+            return
+        try:
+            self._thread.call(self._target.close())
+        finally:
+            self._thread.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Tasks:
+    """The tasks a server started for its connections: spawned here, all cancelled (and waited
+    for) by :meth:`cancel_all` when it closes."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def cancel_all(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

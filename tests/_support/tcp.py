@@ -10,28 +10,50 @@ import time
 __all__ = ["Echo", "Sink", "run"]
 
 
-class Sink:
+class _Server:
+    """A TCP server on 127.0.0.1 and a free port; ``close`` aborts every connection."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _accept(self, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        await self._handle(reader, writer)
+
+    async def _handle(self, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        for w in self.writers:
+            w.transport.abort()
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+class Sink(_Server):
     """A TCP server that records what each connection sent, and when its last byte came."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.received: list[bytearray] = []
         self.ended = asyncio.Event()
         self.got_bytes = asyncio.Event()
         self.last_byte_at = 0.0
-        self.server: asyncio.AbstractServer | None = None
-        self.port = 0
-        self.writers: list[asyncio.StreamWriter] = []
         self.read = True
-
-    async def start(self) -> Sink:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         buf = bytearray()
         self.received.append(buf)
-        self.writers.append(writer)
         try:
             while True:
                 while not self.read:
@@ -48,29 +70,11 @@ class Sink:
             self.ended.set()
             writer.close()
 
-    async def close(self) -> None:
-        for w in self.writers:
-            w.transport.abort()
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
 
-
-class Echo:
+class Echo(_Server):
     """A TCP server that sends back what it receives; half-closes when the client does."""
 
-    def __init__(self) -> None:
-        self.server: asyncio.AbstractServer | None = None
-        self.port = 0
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> Echo:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.append(writer)
         try:
             while data := await reader.read(1 << 16):
                 writer.write(data)
@@ -78,13 +82,6 @@ class Echo:
             writer.write_eof()
         except ConnectionError:
             pass
-
-    async def close(self) -> None:
-        for w in self.writers:
-            w.transport.abort()
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
 
 
 def run(coro, timeout_s: float = 60.0):
