@@ -178,9 +178,8 @@ def boundary_frontiers(info: GraphInfo, max_frontier: int) -> Iterator[Cut]:
                 live_untyped += out in untyped
                 live_shapes += out in shapes
         for name in expire[b - 1]:
-            size = live.pop(name, None)
-            if size is not None:
-                live_bytes -= size
+            if name in live:
+                live_bytes -= live.pop(name)
                 live_untyped -= name in untyped
                 live_shapes -= name in shapes
         if 1 <= len(live) - live_shapes <= max_frontier and not live_untyped:

@@ -41,6 +41,7 @@ an error (``NoValidCut``). Nothing is written unless everything succeeded. Warni
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -231,7 +232,7 @@ def _source_digest(path: Path) -> str:
     h = hashlib.sha256()
     for file in (path, *external_data_files(path)):
         with open(file, "rb") as f:
-            for block in iter(lambda f=f: f.read(1 << 20), b""):
+            for block in iter(functools.partial(f.read, 1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
 
@@ -386,6 +387,7 @@ class BundleFromOnnx:
                 self._warn(f"dropping cut {cut.id}: verification failed: {why}")
                 continue
             if 0 < cut.position < n:
+                assert head is not None and tail is not None  # an interior cut has both
                 store.save(head, work / f"parts/cut{cut.id}.head.onnx")
                 store.save(tail, work / f"parts/cut{cut.id}.tail.onnx")
                 parts.update({f"parts/cut{cut.id}.head.onnx", f"parts/cut{cut.id}.tail.onnx"})
@@ -548,6 +550,7 @@ class BundleFromOnnx:
         for report in kept:
             cut, v = report.cut, report.verification
             raw = v.raw
+            assert raw is not None  # a kept cut passed its raw check
             encodings = {
                 name: EncodingCheck(
                     encoding=name, max_abs_err=_finite(chk.max_abs_err),
@@ -560,8 +563,8 @@ class BundleFromOnnx:
             cut_specs.append(CutSpec(
                 id=cut.id, position=cut.position,
                 frontier=tuple(_spec(t) for t in report.frontier),
-                frontier_dims=tuple(shapes_of) if all(d is not None for d in shapes_of)
-                else (),
+                frontier_dims=tuple(d for d in shapes_of if d is not None)
+                if all(d is not None for d in shapes_of) else (),
                 origins=tuple(CutOrigin(method=o.method) if o.regime is None else CutOrigin(
                     method=o.method, uplink_mbps=o.regime.uplink_mbps,
                     edge_gflops=o.regime.edge_gflops, cloud_gflops=o.regime.cloud_gflops)

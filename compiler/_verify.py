@@ -364,7 +364,7 @@ def load_samples(
         if not isinstance(loaded, Mapping):  # a .npy: one unnamed array
             raise SampleError(f"{path} holds a single array; give an .npz of named inputs "
                               "(numpy.savez(path, <input name>=array, ...))")
-        with loaded as npz:
+        with loaded as npz:  # type: ignore[attr-defined]  # an NpzFile
             arrays = {key: npz[key] for key in npz.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise SampleError(f"{path} is not a readable .npz file: {exc}") from exc

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -41,7 +42,7 @@ def _cut_shares(head_flops: int, tail_flops: int) -> tuple[str, str]:
     return _share(head_flops, total), _share(tail_flops, total)
 
 
-def _human_bytes(n: int) -> str:
+def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -286,7 +287,7 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
         TimeElapsedColumn(), console=err, transient=True, disable=as_json or not err.is_terminal,
     ) as bar:
         warnings.simplefilter("always")
-        tasks: dict[str, int] = {}
+        tasks: dict[str, Any] = {}  # stage -> rich TaskID
 
         def progress(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
@@ -299,6 +300,7 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
             with tempfile.TemporaryDirectory(prefix="tandem-bundle-") as tmp:
                 result = _with_flags(BundleFromOnnx(model, Path(tmp) / "bundle", options,
                                                     progress))
+                assert compression is not None  # archive
                 pack(Path(tmp) / "bundle", out, compression=compression, overwrite=overwrite)
                 result.out_dir = out
         else:
@@ -552,10 +554,10 @@ def example_command(kind: str, output: Path, overwrite: bool) -> None:
 
     from tandem.protocol.lazy import require
 
-    onnx = require("onnx")
+    onnx: Any = require("onnx")
     from tandem.compiler import examples as _examples
 
-    build = {"cnn": _examples.cnn_chain, "residual": _examples.residual,
+    build: Any = {"cnn": _examples.cnn_chain, "residual": _examples.residual,
              "unet": _examples.unet, "multi-io": _examples.multi_io,
              "dynamic-batch": _examples.dynamic_batch, "big": _examples.big_model,
              "mobilenet": _examples.mobilenet}[kind]

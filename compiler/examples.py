@@ -23,15 +23,20 @@ twice with the same seed returns the same bytes.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tandem.protocol.lazy import lazy_module
 
 # onnx loads on first use, so importing this module stays light (see tests/test_packaging.py).
-onnx = lazy_module("onnx")
-helper = lazy_module("onnx.helper")
-numpy_helper = lazy_module("onnx.numpy_helper")
+if TYPE_CHECKING:
+    import onnx
+    from onnx import helper, numpy_helper
+else:
+    onnx = lazy_module("onnx")
+    helper = lazy_module("onnx.helper")
+    numpy_helper = lazy_module("onnx.numpy_helper")
 
 __all__ = [
     "OPSET",
@@ -89,7 +94,7 @@ class _Builder:
         return out
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, out: str | None = None,
-           **attrs: object) -> str:
+           **attrs: Any) -> str:
         outs = [out or self.name(op_type.lower())] + [self.name(op_type.lower())
                                                        for _ in range(n_out - 1)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type), **attrs))

@@ -49,6 +49,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -125,7 +126,7 @@ def _make_calibrator(trt, cuda, batches: list[dict[str, np.ndarray]]):
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)  # required for TensorRT's trampoline
             self._it = iter(batches)
-            self._device: dict[str, object] = {}
+            self._device: dict[str, Any] = {}  # pycuda DeviceAllocations
             self.batches_served = 0
             self.cache: bytes | None = None
             self.error: BaseException | None = None
@@ -207,8 +208,9 @@ class EngineFromOnnx:
         self.profile = profile
         self.precision = precision
         try:
-            self.shapes = {str(n): tuple(tuple(int(d) for d in s) for s in v)
-                           for n, v in (shapes or {}).items()}
+            self.shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {
+                str(n): tuple(tuple(int(d) for d in s) for s in v)  # type: ignore[misc]
+                for n, v in (shapes or {}).items()}
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"shapes must map names to (min, opt, max) lists of ints: "
                                   f"{exc}") from exc

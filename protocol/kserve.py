@@ -508,7 +508,7 @@ def _tensor_payload(t: InferTensor) -> bytes | memoryview:
     want = DATATYPES[t.datatype]
     if arr.dtype != want:
         arr = arr.astype(want)
-    return memoryview(arr.reshape(-1).view(np.uint8))
+    return memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
 def _json_data(t: InferTensor) -> list:

@@ -242,7 +242,7 @@ class Tensor:
         else:
             x = np.ascontiguousarray(arr, dtype=_F32)
             stored, scale, zero_point = _quantize(x)
-        plain = memoryview(stored.reshape(-1).view(np.uint8)).toreadonly()
+        plain = memoryview(stored.reshape(-1).view(np.uint8)).toreadonly()  # type: ignore[arg-type]
         data: bytes | memoryview = plain
         if compress:
             data = _zstd().ZstdCompressor(level=_ZSTD_LEVEL).compress(plain)

@@ -157,14 +157,15 @@ class OnnxRuntimeBackend(Backend):
         self._requested = list(providers) if providers else [CPU]
         self._threads = intra_op_threads
         self.optimized = optimized
-        self._sess = None  # created by activate(), never before
-        self._run_options = None
+        self._sess: Any = None  # an ort.InferenceSession, created by activate(), never before
+        self._run_options: Any = None
         self._out_names: list[str] = []
         self.providers: list[str] = []  # the providers the live session uses
 
     def _resolve_providers(self, ort) -> list:
         available = set(ort.get_available_providers())
-        chosen, skipped = [], []
+        chosen: list = []
+        skipped: list = []
         for p in self._requested:
             pname = p[0] if isinstance(p, tuple) else p
             (chosen if pname in available else skipped).append(p)
@@ -223,4 +224,4 @@ class OnnxRuntimeBackend(Backend):
 def _describe(model: object) -> str:
     if isinstance(model, (bytes, bytearray)):
         return f"<{len(model)} bytes>"
-    return Path(os.fspath(model)).name  # type: ignore[arg-type]
+    return Path(os.fspath(model)).name  # type: ignore[call-overload]

@@ -40,6 +40,7 @@ import math
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,7 @@ def _output_allocator(trt, cuda):
     class _Allocator(trt.IOutputAllocator):
         def __init__(self) -> None:
             trt.IOutputAllocator.__init__(self)  # required for TensorRT's trampoline
-            self.buffers: dict[str, object] = {}
+            self.buffers: dict[str, Any] = {}  # pycuda DeviceAllocations
             self.capacity: dict[str, int] = {}
             self.shapes: dict[str, tuple[int, ...]] = {}
             self.error: BaseException | None = None
@@ -116,8 +117,8 @@ class _Buffer:
     def __init__(self, name: str, dtype: np.dtype) -> None:
         self.name, self.dtype = name, dtype
         self.capacity = 0
-        self.host = None
-        self.device = None
+        self.host: Any = None  # pinned numpy array
+        self.device: Any = None  # pycuda DeviceAllocation
 
     def ensure(self, cuda, shape: tuple[int, ...], *, device: bool = True) -> np.ndarray:
         """Room for ``shape``; returns the pinned host view of that shape."""
@@ -177,9 +178,16 @@ class TensorRTBackend(Backend):
         self._foreign_engine = foreign_engine
         self._lock = threading.Lock()
         # Everything below is created by activate(), never before.
-        self._trt = self._cuda = self._cuda_ctx = self._logger = None
-        self._runtime = self._engine = self._context = self._stream = None
-        self._allocator = None
+        # (typed Any: TensorRT and pycuda objects, None while inactive)
+        self._trt: Any = None
+        self._cuda: Any = None
+        self._cuda_ctx: Any = None
+        self._logger: Any = None
+        self._runtime: Any = None
+        self._engine: Any = None
+        self._context: Any = None
+        self._stream: Any = None
+        self._allocator: Any = None
         self._buffers: dict[str, _Buffer] = {}
         self._in_names: list[str] = []
         self._out_names: list[str] = []
@@ -365,14 +373,16 @@ class TensorRTBackend(Backend):
                         raise translate(error, f"{self.name}: allocating an output", cuda) \
                             from error
                     raise InternalError(f"{self.name}: execute_async_v3 failed: {self._errors()}")
-                for k, name in enumerate(self._out_names):
-                    if views[k] is None:
-                        views[k] = self._copy_allocated(cuda, stream, name)
-                    elif views[k].size:
-                        cuda.memcpy_dtoh_async(views[k], self._buffers[name].device, stream)
+                done: list[np.ndarray] = []
+                for name, view in zip(self._out_names, views, strict=True):
+                    if view is None:
+                        view = self._copy_allocated(cuda, stream, name)
+                    elif view.size:
+                        cuda.memcpy_dtoh_async(view, self._buffers[name].device, stream)
+                    done.append(view)
                 stream.synchronize()
-                names = self._out_names
-                return {name: view.copy() for name, view in zip(names, views, strict=True)}
+                return {name: view.copy()
+                        for name, view in zip(self._out_names, done, strict=True)}
             except TandemError:
                 raise
             except Exception as exc:
@@ -443,7 +453,7 @@ class TensorRTBackend(Backend):
         return view
 
     def _errors(self) -> str:
-        errors = self._logger.errors[-3:] if self._logger is not None else []
+        errors: list[str] = self._logger.errors[-3:] if self._logger is not None else []
         return "; ".join(errors) or "no detail from TensorRT"
 
     # ------------------------------------------------------------ deactivate

@@ -113,7 +113,7 @@ def _compressed_writer(raw: IO[bytes], compression: str) -> Iterator[IO[bytes]]:
             yield writer
     elif compression == "gzip":
         with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as writer:
-            yield writer
+            yield writer  # type: ignore[misc]
     else:
         yield raw
 
@@ -279,7 +279,7 @@ def _open_tar(archive: Path) -> Iterator[tuple[tarfile.TarFile, _Tracked]]:
                 .stream_reader(raw, closefd=False)
             stream = stack.enter_context(reader)
         elif magic[:2] == _GZIP_MAGIC:
-            stream = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
+            stream = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))  # type: ignore[arg-type]
         tracked = _Tracked(stream)
         try:
             try:

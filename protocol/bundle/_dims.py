@@ -19,7 +19,7 @@ a division or modulo by zero, a value beyond 2**63 or a negative result is an er
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from tandem.protocol.errors import InvalidArgument
@@ -165,7 +165,7 @@ def _eval(node: tuple, dims: Mapping[str, int], text: str) -> int:
 
 
 _LIMIT = 2**63
-_OPS = {
+_OPS: dict[str, Callable[[int, int], int]] = {
     "+": lambda a, b: a + b,
     "-": lambda a, b: a - b,
     "*": lambda a, b: a * b,

@@ -135,7 +135,12 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     data = dict(pairs)
     if len(data) != len(pairs):
         seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        dup = None
+        for key, _ in pairs:
+            if key in seen:
+                dup = key
+                break
+            seen.add(key)
         raise ValueError(f"duplicate key {dup!r} (the wire decoder refuses these too)")
     return data
 
@@ -174,22 +179,23 @@ def _bool(value: object, name: str) -> bool:
 
 
 def _sha256(value: object, name: str) -> str:
-    _str(value, name)
-    if not _SHA256.fullmatch(value):  # type: ignore[arg-type]
+    text = _str(value, name)
+    if not _SHA256.fullmatch(text):
         raise ManifestError(name, "expected 64 lowercase hex digits (sha256)")
-    return value  # type: ignore[return-value]
+    return text
 
 
 def _timestamp(value: object, name: str) -> str:
-    _str(value, name)
-    text = value[:-1] + "+00:00" if value.endswith("Z") else value  # type: ignore[union-attr]
+    value = _str(value, name)
+    text = value[:-1] + "+00:00" if value.endswith("Z") else value
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
         raise ManifestError(name, f"{value!r} is not an ISO 8601 timestamp") from None
-    if parsed.utcoffset() is None or parsed.utcoffset().total_seconds() != 0:
+    offset = parsed.utcoffset()
+    if offset is None or offset.total_seconds() != 0:
         raise ManifestError(name, f"{value!r} is not UTC (end it with 'Z' or '+00:00')")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def _tuple(value: object, name: str, item: type, limit: int | None = None) -> tuple:
@@ -276,7 +282,8 @@ def _many(cls: type, limit: int) -> Callable[[Any, str], tuple]:
         items = _list(value, path)
         if len(items) > limit:  # before converting any of them
             raise ManifestError(path, f"{len(items)} entries, at most {limit}")
-        return tuple(cls._from_dict(v, f"{path}[{i}]") for i, v in enumerate(items))
+        return tuple(cls._from_dict(v, f"{path}[{i}]")  # type: ignore[attr-defined]
+                     for i, v in enumerate(items))
 
     return convert
 
