@@ -154,19 +154,28 @@ def test_the_real_cloud_worker_serves_through_it(tmp_path):
 # -- MQTT 3.1.1 semantics, with paho directly ------------------------------------------------------
 
 
-def _paho(port: int, client_id: str = "", clean: bool = True, will=None, userdata=None):
+def _paho(port: int, client_id: str = "", clean: bool = True, will=None,
+          reconnect: bool = True):
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
     c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean,
-                    protocol=paho.MQTTv311)
+                    protocol=paho.MQTTv311, reconnect_on_failure=reconnect)
     c.received = []
+    c.subacks = []
     c.on_message = lambda cl, ud, msg: c.received.append((msg.topic, msg.payload, msg.retain))
+    c.on_subscribe = lambda cl, ud, mid, codes, props: c.subacks.append(mid)
     if will:
         c.will_set(*will, qos=1, retain=False)
     c.connect("127.0.0.1", port, keepalive=60)
     c.loop_start()
     return c
+
+
+def _sub(c, topic_filter: str, qos: int = 1) -> None:
+    """Subscribe and wait for the broker's SUBACK."""
+    _, mid = c.subscribe(topic_filter, qos=qos)
+    _wait(lambda: mid in c.subacks)
 
 
 def _close(*clients) -> None:
@@ -187,16 +196,16 @@ def test_retained_messages_reach_late_subscribers_and_an_empty_payload_clears_th
         pub = _paho(broker.port)
         pub.publish("tandem/v1/cloud/w1/load", b"busy", qos=1, retain=True).wait_for_publish(5)
         sub = _paho(broker.port)
-        sub.subscribe("tandem/v1/cloud/+/load", qos=1)
+        _sub(sub, "tandem/v1/cloud/+/load")
         _wait(lambda: sub.received)
         assert sub.received == [("tandem/v1/cloud/w1/load", b"busy", True)]
         pub.publish("tandem/v1/cloud/w1/load", b"", qos=1, retain=True).wait_for_publish(5)
         _wait(lambda: len(sub.received) == 2)  # the clear is delivered live, not retained
         late = _paho(broker.port)
-        late.subscribe("tandem/v1/cloud/+/load", qos=1)
-        late.publish("marker", b"m")
-        late.subscribe("marker")
-        time.sleep(0.2)
+        _sub(late, "tandem/v1/cloud/+/load")
+        # a live marker on the same filter: what was retained would have come before it
+        late.publish("tandem/v1/cloud/marker/load", b"m", qos=1)
+        _wait(lambda: late.received)
         assert broker.stats().retained == 0
         assert all(t != "tandem/v1/cloud/w1/load" for t, _, _ in late.received)
         _close(pub, sub, late)
@@ -205,8 +214,7 @@ def test_retained_messages_reach_late_subscribers_and_an_empty_payload_clears_th
 def test_a_will_is_published_when_a_connection_dies_not_when_it_disconnects():
     with SyncBroker() as broker:
         watcher = _paho(broker.port)
-        watcher.subscribe("status/#", qos=1)
-        time.sleep(0.1)
+        _sub(watcher, "status/#")
         polite = _paho(broker.port, will=("status/polite", b"offline"))
         _close(polite)
         rude = _paho(broker.port, will=("status/rude", b"offline"))
@@ -221,8 +229,7 @@ def test_a_will_is_published_when_a_connection_dies_not_when_it_disconnects():
 def test_a_persistent_session_gets_what_arrived_while_it_was_away():
     with SyncBroker() as broker:
         sub = _paho(broker.port, client_id="worker-1", clean=False)
-        sub.subscribe("jobs/#", qos=1)
-        time.sleep(0.1)
+        _sub(sub, "jobs/#")
         _close(sub)
         pub = _paho(broker.port)
         for i in range(5):
@@ -244,12 +251,16 @@ def test_a_persistent_session_gets_what_arrived_while_it_was_away():
 def test_a_second_connection_with_the_same_id_takes_over():
     with SyncBroker() as broker:
         watcher = _paho(broker.port)
-        watcher.subscribe("status/#")
-        time.sleep(0.1)
-        first = _paho(broker.port, client_id="cam-01", will=("status/cam-01", b"gone"))
+        _sub(watcher, "status/#")
+        # (paho would reconnect the first and take the id back: a ping-pong, not this test)
+        first = _paho(broker.port, client_id="cam-01", will=("status/cam-01", b"gone"),
+                      reconnect=False)
+        _wait(lambda: broker.stats().connections == 2)
         second = _paho(broker.port, client_id="cam-01")
         _wait(lambda: watcher.received)  # the first connection's will
-        assert broker.stats().connections == 2  # watcher and the second cam-01
+        _wait(lambda: broker.stats().connections == 2)  # watcher and the second cam-01
+        assert [t for t, _, _ in watcher.received] == ["status/cam-01"]
+        assert second.is_connected()
         _close(watcher, first, second)
 
 
@@ -319,8 +330,7 @@ def _is_closed(s: socket.socket) -> bool:
 def test_a_malformed_packet_closes_only_its_connection(packet):
     with SyncBroker() as broker:
         bystander = _paho(broker.port)
-        bystander.subscribe("ok")
-        time.sleep(0.05)
+        _sub(bystander, "ok")
         s = _raw(broker.port)
         s.sendall(packet)
         assert _is_closed(s)
@@ -417,7 +427,7 @@ def test_random_and_mutated_packets_never_stop_the_broker():
     ]
     with SyncBroker() as broker:
         bystander = _paho(broker.port)
-        bystander.subscribe("alive")
+        _sub(bystander, "alive")
         for i in range(300):
             if i % 2:
                 packet = bytes(rng.integers(0, 256, int(rng.integers(1, 300)), dtype=np.uint8))
