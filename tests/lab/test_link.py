@@ -313,8 +313,8 @@ def test_a_schedule_changes_the_link_at_its_times():
     async def scenario():
         echo = await Echo().start()
         async with LinkEmulator("127.0.0.1", echo.port, PROFILES["wired"]) as link:
-            link.run_schedule([LinkStep(0.1, profile=PROFILES["3g"]),
-                               LinkStep(0.2, outage_s=0.2)])
+            link.run_schedule([LinkStep(0.2, profile=PROFILES["3g"]),
+                               LinkStep(0.6, outage_s=0.4)])
             seen = []
             while len(seen) < 3:
                 state = (link.profile.name, link.stats().is_down)
