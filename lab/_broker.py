@@ -41,7 +41,7 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-from tandem.lab._loop import SyncShell, Tasks
+from tandem.lab._loop import SyncShell, Tasks, listen
 from tandem.protocol.errors import InvalidArgument
 
 __all__ = ["BrokerStats", "EmbeddedBroker", "SyncBroker", "topic_matches"]
@@ -259,7 +259,8 @@ class EmbeddedBroker:
         self._stats = BrokerStats()
 
     async def start(self) -> EmbeddedBroker:
-        self._server = await asyncio.start_server(self._accept, self.host, self.port)
+        self._server = await listen(self._accept, self.host, self.port,
+                                    what="the embedded broker")
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("embedded MQTT 3.1.1 broker on %s:%d", self.host, self.port)
         return self

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.lab._link import PROFILES, LinkEmulator, LinkProfile, LinkStep
-from tandem.lab._loop import Tasks
+from tandem.lab._loop import Tasks, listen
 from tandem.protocol.errors import InvalidArgument, NotFound, TandemError, Unavailable
 
 __all__ = ["ControlServer", "control_request", "load_schedule", "profile_from"]
@@ -63,8 +63,8 @@ class ControlServer:
         self._tasks = Tasks()
 
     async def start(self) -> ControlServer:
-        self._server = await asyncio.start_server(self._accept, self.host, self.port,
-                                                  limit=MAX_LINE)
+        self._server = await listen(self._accept, self.host, self.port,
+                                    what="the link's control port", limit=MAX_LINE)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

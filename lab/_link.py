@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 
-from tandem.lab._loop import SyncShell, Tasks
+from tandem.lab._loop import SyncShell, Tasks, listen
 from tandem.protocol.errors import InvalidArgument
 
 __all__ = [
@@ -459,7 +459,7 @@ class LinkEmulator:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> LinkEmulator:
-        self._server = await asyncio.start_server(self._accept, *self.listen)
+        self._server = await listen(self._accept, *self.listen, what="the link emulator")
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

@@ -12,9 +12,9 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from tandem.protocol.errors import DeadlineExceeded, FailedPrecondition
+from tandem.protocol.errors import DeadlineExceeded, FailedPrecondition, Unavailable
 
-__all__ = ["LoopThread", "SyncShell", "Tasks"]
+__all__ = ["LoopThread", "SyncShell", "Tasks", "listen"]
 
 _T = TypeVar("_T")
 
@@ -121,3 +121,16 @@ class Tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def listen(handler: Callable[..., Any], host: str, port: int, what: str,
+                 **kwargs: Any) -> asyncio.AbstractServer:
+    """``asyncio.start_server``, with the OS's refusal (a port in use, a host name that does not
+    resolve, no permission) as one Unavailable naming what could not listen where."""
+    try:
+        return await asyncio.start_server(handler, host, port, **kwargs)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if "address already in use" in str(exc).lower():
+            why = "address already in use"
+        raise Unavailable(f"{what} cannot listen on {host}:{port}: {why}") from exc

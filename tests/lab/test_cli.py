@@ -165,3 +165,16 @@ def test_the_control_port_answers_bad_requests_and_keeps_going():
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
     assert proc.returncode == 0
+
+
+def test_a_port_in_use_or_an_unknown_host_is_one_line():
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        for args, what in ((["--listen", str(port)], "the link emulator"),
+                           (["--control", str(port), "--duration-s", "5"],
+                            "the link's control port")):
+            rc, _, err = piped(["link", "run", "--to", "127.0.0.1:9", *args])
+            assert rc == 1 and err.strip() == \
+                f"error: {what} cannot listen on 127.0.0.1:{port}: address already in use"
+    rc, _, err = piped(["link", "run", "--to", "127.0.0.1:9", "--listen", "nosuch.invalid:0"])
+    assert rc == 1 and err.startswith("error: the link emulator cannot listen on nosuch.invalid")
