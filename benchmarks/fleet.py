@@ -8,6 +8,12 @@ rate (open loop: a device does not wait for its answers; the first send of each 
 random phase) exactly what an edge daemon sends — an ``InferenceRequest`` with the reply topic,
 correlation data and message expiry set as ``Transport.request`` sets them.
 
+Credentials as in production: a fleet (``tandem.devices.fleet``, SQLite registry) enrolls every
+device and worker, and mosquitto runs the fleet's password file and ACL (each device may publish
+only its own requests and read only its own replies; each worker reads every request and
+writes replies and its own load), on the fleet's plain-text password listener (loopback only,
+so no TLS cost is measured). ``--no-auth`` runs anonymous instead.
+
 Requests (realistic sizes, the demo model ``examples.mobilenet``): 90 % are split at its
 bottleneck (cut 15: an 8x20x20 float32 frontier, 12.8 KB up, the heavy tail in the cloud), 10 %
 are cloud-only (cut 0: the 3x160x160 input, 307 KB up); every answer carries 1,000 logits (4 KB).
@@ -25,7 +31,7 @@ Each device counts every answer it receives by request id, so:
 * scaling: throughput with 2 workers over 1, at each fleet size (no target in the issue; the
   CPU time each worker got is reported beside it, since the machine is shared).
 
-    python -m benchmarks.fleet [--quick] [--json PATH] [--rate R] [--devices 100,300]
+    python -m benchmarks.fleet [--quick] [--json PATH] [--rate R] [--devices 100,300] [--no-auth]
 
 Writes the JSON and ``fleet.png`` (throughput and latency against devices, per worker count).
 """
@@ -69,6 +75,8 @@ def _role_fleet(args: argparse.Namespace) -> dict:
     from tandem.protocol.transport import PublishProperties, expiry_for_budget
 
     spec = json.loads(args.spec)
+    passwords = json.loads(Path(spec["credentials"]).read_text()) if spec.get("credentials") \
+        else {}
     rng = np.random.default_rng(0)
     kinds = []
     for kind in spec["kinds"]:
@@ -78,9 +86,12 @@ def _role_fleet(args: argparse.Namespace) -> dict:
     answers: dict[bytes, list[tuple[float, int]]] = {}  # id -> [(receive time, error code)]
     unknown = 0
 
+    refused: dict[bytes, str] = {}  # id -> why the broker refused the PUBLISH (its PUBACK)
+
     async def main() -> dict:
         nonlocal unknown
-        devices: list[MqttTransport] = []
+        devices: list[MqttTransport | None] = [None] * args.devices
+        acks: list[asyncio.Task] = []
 
         def on_answer(msg) -> None:
             nonlocal unknown
@@ -94,11 +105,13 @@ def _role_fleet(args: argparse.Namespace) -> dict:
             answers.setdefault(info.id, []).append((now, code))
 
         async def connect(i: int) -> None:
-            t = MqttTransport(TransportConfig(port=args.port, client_id=f"dev-{i:04d}",
-                                              clean_start=True))
+            name = f"dev-{i:04d}"
+            t = MqttTransport(TransportConfig(
+                port=args.port, client_id=name, clean_start=True,
+                username=name if name in passwords else None, password=passwords.get(name)))
             await t.connect()
             await t.subscribe(f"tandem/v1/resp/dev-{i:04d}", on_answer)
-            devices.append(t)
+            devices[i] = t
 
         t_connect = time.monotonic()
         for first in range(0, args.devices, 50):  # 50 handshakes at a time
@@ -126,20 +139,29 @@ def _role_fleet(args: argparse.Namespace) -> dict:
                                           message_expiry_s=expiry_for_budget(BUDGET_MS))
                 sent[request.id] = (time.monotonic(), k)
                 try:
-                    await t.publish(f"tandem/v1/req/{device_id}/{spec['model']}",
-                                    encode(request), properties=props)
+                    handle = await t.publish(f"tandem/v1/req/{device_id}/{spec['model']}",
+                                             encode(request), properties=props)
                 except Exception:  # not connected: the request never left, it is not counted
                     del sent[request.id]
+                else:
+                    acks.append(asyncio.ensure_future(acked(handle, request.id)))
                 at += period
 
+        async def acked(handle, rid: bytes) -> None:
+            try:
+                await handle
+            except Exception as exc:  # e.g. MQTT 5 PUBACK 0x87: not authorized
+                refused[rid] = f"{type(exc).__name__}: {exc}"
+
         await asyncio.gather(*(device(t, i) for i, t in enumerate(devices)))
+        await asyncio.gather(*acks)
         # every send is done: wait for the answers (budget + 5 s at most), then a while more
         # for duplicates
         deadline = time.monotonic() + args.drain_s
         while time.monotonic() < deadline and len(answers) < len(sent):
             await asyncio.sleep(0.05)
         await asyncio.sleep(min(1.0, args.drain_s))
-        await asyncio.gather(*(t.close() for t in devices))
+        await asyncio.gather(*(t.close() for t in devices if t is not None))
         return {"window": window, "connect_s": connect_s}
 
     meta = asyncio.run(main())
@@ -172,6 +194,8 @@ def _role_fleet(args: argparse.Namespace) -> dict:
         "lost": sum(1 for rid in sent if rid not in answers),
         "duplicated": sum(1 for got in answers.values() if len(got) > 1),
         "unknown_answers": unknown,
+        "refused_by_broker": len(refused),
+        "refusals": sorted(set(refused.values()))[:5],
         "ok_in_window": ok_in_window,
         "window_s": hi - lo,
         "latencies": latencies,
@@ -211,6 +235,35 @@ def _prepare(tmp: Path) -> dict:
                 "cloud_only_share": CLOUD_ONLY_SHARE}
 
 
+def _credentials(tmp: Path, devices: int, workers: int) -> tuple[int, Path, dict[str, str], str]:
+    """A fleet with ``devices`` devices and ``workers`` workers: (its plain listener's port, the
+    mosquitto config snippet's directory, the workers' passwords, a file of the devices')."""
+    from tandem.devices.fleet import Fleet, load_enrollment
+    from tests._support.broker import free_port
+
+    ports = []
+    while len(ports) < 3:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    fleet, _ = Fleet.init(tmp / "fleet", name="bench", bind="127.0.0.1",
+                          broker_hosts=("127.0.0.1",), tls_port=ports[0],
+                          password_port=ports[1], plain_port=ports[2])
+    for i in range(devices):
+        fleet.add_device(f"dev-{i:04d}", profile="cpu-x86_64")
+    for i in range(workers):
+        fleet.add_worker(f"worker-{i}")
+    enroll = fleet.layout.enroll_dir
+    device_pw = {f"dev-{i:04d}": load_enrollment(enroll / f"dev-{i:04d}.toml").password
+                 for i in range(devices)}
+    worker_pw = {f"worker-{i}": load_enrollment(enroll / f"worker-{i}.toml").password
+                 for i in range(workers)}
+    path = tmp / "device-passwords.json"
+    path.write_text(json.dumps(device_pw))
+    path.chmod(0o600)
+    return ports[2], fleet.layout.broker_conf.parent, worker_pw, str(path)
+
+
 def _fleet(port: int, spec: dict, devices: int, rate: float, seconds: float,
            warmup: float) -> dict:
     proc = subprocess.run(
@@ -223,8 +276,8 @@ def _fleet(port: int, spec: dict, devices: int, rate: float, seconds: float,
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool = False, rate: float = 0.5,
-        fleet_sizes: tuple[int, ...] = (100, 300)) -> tuple[list[Result], str, dict]:
+def run(quick: bool = False, rate: float = 0.5, fleet_sizes: tuple[int, ...] = (100, 300),
+        auth: bool = True) -> tuple[list[Result], str, dict]:
     from benchmarks.cloud import _cpu_s, _Worker
     from tests._support.broker import Mosquitto
 
@@ -233,20 +286,32 @@ def run(quick: bool = False, rate: float = 0.5,
     with tempfile.TemporaryDirectory(prefix="tandem-bench-fleet-") as tmp_name:
         tmp = Path(tmp_name)
         spec = _prepare(tmp)
-        broker = Mosquitto(tmp / "broker", extra_config="max_queued_messages 100000\n"
-                           "max_inflight_messages 0")
+        extra = "max_queued_messages 100000\nmax_inflight_messages 0"
+        worker_pw: dict[str, str] = {}
+        if auth:
+            port, conf_dir, worker_pw, spec["credentials"] = _credentials(
+                tmp, max(fleet_sizes), 2)
+            extra += f"\ninclude_dir {conf_dir}"
+        broker = Mosquitto(tmp / "broker", extra_config=extra)
         with broker:
+            port = port if auth else broker.port
             version = subprocess.run([broker.binary, "-h"], capture_output=True,
                                      text=True).stdout.splitlines()[0]
             for workers in (1, 2):
-                procs = [_Worker(tmp, broker.port, f"fleet{workers}-{i}", "--group", "fleet",
-                                 "--max-batch", "8", "--max-delay-ms", "2",
-                                 "--intra-op-threads", "1") for i in range(workers)]
+                procs = []
+                for i in range(workers):
+                    name = f"worker-{i}" if auth else f"fleet{workers}-{i}"
+                    procs.append(_Worker(tmp, port, name, "--group", "fleet",
+                                         "--max-batch", "8", "--max-delay-ms", "2",
+                                         "--intra-op-threads", "1",
+                                         env={"TANDEM_USERNAME": name,
+                                              "TANDEM_PASSWORD": worker_pw[name]}
+                                         if auth else None))
                 try:
                     for devices in fleet_sizes:
                         cpu0 = [_cpu_s(w.proc.pid) for w in procs]
                         t0 = time.monotonic()
-                        res = _fleet(broker.port, spec, devices, rate, seconds, warmup)
+                        res = _fleet(port, spec, devices, rate, seconds, warmup)
                         span = time.monotonic() - t0
                         res["worker_cores"] = [(_cpu_s(w.proc.pid) - c) / span
                                                for w, c in zip(procs, cpu0, strict=True)]
@@ -279,7 +344,9 @@ def run(quick: bool = False, rate: float = 0.5,
                       (f"; cloud-only (307 KB) p50 {cloud.median * 1e3:.1f} / p99 "
                        f"{cloud.p99 * 1e3:.1f} ms" if cloud else "")))
         results.append(Result(f"{name}_lost", res["lost"], "requests", target="== 0",
-                              met=res["lost"] == 0, notes=f"of {res['sent']} sent"))
+                              met=res["lost"] == 0,
+                              notes=f"of {res['sent']} sent; {res['refused_by_broker']} refused "
+                                    f"by the broker {res['refusals'] or ''}".rstrip()))
         results.append(Result(f"{name}_duplicated", res["duplicated"], "requests",
                               target="== 0", met=res["duplicated"] == 0,
                               notes=f"answers for unknown ids: {res['unknown_answers']}"))
@@ -302,8 +369,11 @@ def run(quick: bool = False, rate: float = 0.5,
                 baseline="one_worker", baseline_value=t1 / c1,
                 notes="successful answers per second per core of worker CPU time: a ratio "
                       "near 1 means a second worker adds what the CPU it gets allows"))
+    creds = ("every device and worker with its own password and ACL from a tandem fleet "
+             "(plain-text listener on loopback)" if auth else "anonymous")
     notes = (f"{os.cpu_count()} cores shared with other work (indicative figures); {version} on "
-             f"127.0.0.1 (set_tcp_nodelay true); MQTT 5 QoS 1; devices at {rate:g} request/s "
+             f"127.0.0.1 (set_tcp_nodelay true), {creds}; MQTT 5 QoS 1; devices at {rate:g} "
+             "request/s "
              f"each (open loop), 90 % split at the demo model's bottleneck (12.8 KB), 10 % "
              f"cloud-only (307 KB), budget {BUDGET_MS} ms; workers: max batch 8, max delay "
              "2 ms, 1 ONNX Runtime thread; fleet, workers and broker in separate processes. "
@@ -351,11 +421,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=0.5,
                    help="requests per second per device (default 0.5)")
     p.add_argument("--devices", default="100,300", help="fleet sizes (default 100,300)")
+    p.add_argument("--no-auth", action="store_true",
+                   help="anonymous clients instead of a fleet's credentials and ACLs")
     args = p.parse_args(argv)
     sizes = tuple(int(n) for n in args.devices.split(","))
     if not args.rate > 0 or not sizes or min(sizes) < 1 or max(sizes) > 2000:
         p.error("--rate must be > 0 and --devices between 1 and 2000")
-    results, notes, plot = run(quick=args.quick, rate=args.rate, fleet_sizes=sizes)
+    results, notes, plot = run(quick=args.quick, rate=args.rate, fleet_sizes=sizes,
+                               auth=not args.no_auth)
     print_table("fleet: simulated devices against tandem cloud serve", results)
     path = write_json("fleet", results, args.json_path, notes=notes)
     png = _plot(plot, path.with_suffix(".png"), notes)
