@@ -114,15 +114,18 @@ def lines(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequence
           title: str, xlabel: str, ylabel: str,
           errors: Mapping[str, Sequence[float]] | None = None, diagonal: bool = False,
           log_x: bool = False, log_y: bool = False, footnote: str | None = None,
-          panels: Sequence[Mapping] | None = None) -> Path:
+          reference: Sequence[str] = (), panels: Sequence[Mapping] | None = None) -> Path:
     """``series[name] = (xs, ys)`` as lines with markers; ``errors[name]`` draws whiskers up to
     those values (a p99). ``diagonal``: the y = x line (measured against configured).
+    ``reference``: names of series drawn as dashed grey lines beneath the others (what was
+    offered, a target), so a measured line on top of one stays visible.
     ``panels``: more charts side by side, each a dict of this function's keyword arguments
     (``series``, ``title``, ``xlabel``, ``ylabel``, ``errors``, ``diagonal``, ``log_x``,
     ``log_y``)."""
     plt = _pyplot()
     specs = [dict(series=series, title=title, xlabel=xlabel, ylabel=ylabel, errors=errors,
-                  diagonal=diagonal, log_x=log_x, log_y=log_y), *(panels or [])]
+                  diagonal=diagonal, log_x=log_x, log_y=log_y, reference=reference),
+             *(panels or [])]
     fig, axes = plt.subplots(1, len(specs), figsize=(5.2 * len(specs), 4.0), squeeze=False)
     for ax, spec in zip(axes[0], specs, strict=True):
         lows, highs = [], []
@@ -132,7 +135,9 @@ def lines(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequence
             xs, ys = [xs[i] for i in order], [ys[i] for i in order]
             err = None if err is None else [err[i] for i in order]
             color = _COLORS[k % len(_COLORS)]
-            if err is not None:
+            if name in spec.get("reference", ()):
+                ax.plot(xs, ys, "--", color="#888888", linewidth=2.5, label=name, zorder=1)
+            elif err is not None:
                 ups = [max(0.0, e - y) for e, y in zip(err, ys, strict=True)]
                 ax.errorbar(xs, ys, yerr=[[0] * len(ups), ups], marker="o", capsize=3,
                             label=name, color=color)

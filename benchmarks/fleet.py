@@ -396,7 +396,7 @@ def _plot(plot: dict, path: Path, notes: str) -> Path:
     offered = sorted({(r["devices"], r["offered"]) for r in rows})
     series["offered"] = ([d for d, _ in offered], [o for _, o in offered])
     return lines(path, series, title="successful answers per second", xlabel="devices",
-                 ylabel="answers/s",
+                 ylabel="answers/s", reference=("offered",),
                  panels=[{"series": lat, "errors": p99, "title": "latency p50 (whisker: p99)",
                           "xlabel": "devices", "ylabel": "ms", "log_y": True}],
                  footnote=notes)

@@ -48,7 +48,7 @@ def test_lines_with_panels_diagonal_and_unsorted_points(tmp_path):
     out = _plots.lines(
         tmp_path / "l.png", {"up": ([100, 1, 6], [99, 1, 6]), "down": ([1, 6, 100], [1, 6, 98])},
         title="rate", xlabel="configured", ylabel="achieved", diagonal=True, log_x=True,
-        log_y=True, panels=[{"series": {"p50": ([2, 100], [2.4, 101])},
+        log_y=True, reference=("down",), panels=[{"series": {"p50": ([2, 100], [2.4, 101])},
                              "errors": {"p50": [3, 105]}, "title": "rtt", "xlabel": "ms",
                              "ylabel": "ms"}])
     width, _ = _png_size(out)
