@@ -11,18 +11,18 @@ value came from.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tandem.protocol.broker_url import parse_broker_url
-from tandem.protocol.errors import InvalidArgument, NotFound
+from tandem.protocol.errors import InvalidArgument
 from tandem.protocol.nats import check_nats_id
+from tandem.protocol.settings import field_parsers, merge_settings, to_str
 from tandem.protocol.topics import validate_id
 
 __all__ = ["BrokerAddress", "CloudConfig", "load_config", "parse_broker"]
@@ -130,110 +130,9 @@ class CloudConfig:
         return self.max_inflight or 2 * self.max_batch
 
 
-# -- the one layer ----------------------------------------------------------------------------
+# -- the one layer (tandem.protocol.settings) -------------------------------------------------
 
-
-def _to_int(v: Any) -> int:
-    if isinstance(v, bool):
-        raise ValueError("expected an integer")
-    if isinstance(v, int):
-        return v
-    if isinstance(v, str) and re.fullmatch(r"[+-]?\d+", v.strip()):
-        return int(v)
-    raise ValueError("expected an integer")
-
-
-def _to_float(v: Any) -> float:
-    if isinstance(v, bool):
-        raise ValueError("expected a number")
-    try:
-        out = float(v)
-    except (TypeError, ValueError):
-        raise ValueError("expected a number") from None
-    if out != out or out in (float("inf"), float("-inf")):
-        raise ValueError("expected a finite number")
-    return out
-
-
-def _to_str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError("expected a string")
-    return v
-
-
-def _to_path(v: Any) -> Path:
-    if isinstance(v, Path):
-        return v
-    return Path(_to_str(v)).expanduser()
-
-
-def _optional(conv: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    def parse(v: Any) -> Any:
-        if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "off")):
-            return None
-        return conv(v)
-
-    return parse
-
-
-_FIELD_TYPES: dict[str, Callable[[Any], Any]] = {
-    "repo": _to_path,
-    "broker": _to_str,
-    "group": _to_str,
-    "worker_id": _to_str,
-    "max_batch": _to_int,
-    "max_delay_ms": _to_float,
-    "queue_limit": _to_int,
-    "max_inflight": _to_int,
-    "http_port": _optional(_to_int),
-    "http_host": _to_str,
-    "public_key": _optional(_to_path),
-    "memory_budget_mb": _to_int,
-    "repo_poll_s": _to_float,
-    "compute_threads": _to_int,
-    "intra_op_threads": _to_int,
-    "dedup_window_s": _to_float,
-    "dedup_max_mb": _to_int,
-    "load_interval_s": _to_float,
-    "drain_timeout_s": _to_float,
-    "mqtt_version": _to_int,
-    "username": _optional(_to_str),
-    "password": _optional(_to_str),
-    "ca_file": _optional(_to_path),
-    "cert_file": _optional(_to_path),
-    "key_file": _optional(_to_path),
-    "log_level": lambda v: _to_str(v).lower(),
-}
-assert set(_FIELD_TYPES) == {f.name for f in dataclasses.fields(CloudConfig)}
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        raise NotFound(f"config file {path} does not exist") from None
-    except OSError as exc:
-        raise InvalidArgument(f"config file {path}: {exc.strerror}") from exc
-    try:
-        doc = tomllib.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise InvalidArgument(f"config file {path}: not valid TOML: {exc}") from None
-    section = doc.get("cloud", doc)
-    if not isinstance(section, dict):
-        raise InvalidArgument(f"config file {path}: [cloud] must be a table")
-    if "cloud" in doc:
-        others = sorted(k for k in doc if k != "cloud" and not isinstance(doc[k], dict))
-        if others:
-            raise InvalidArgument(f"config file {path}: keys outside [cloud]: {others}")
-    unknown = sorted(set(section) - set(_FIELD_TYPES))
-    if unknown:
-        raise InvalidArgument(f"config file {path}: unknown key(s) {unknown} "
-                              f"(known: {', '.join(sorted(_FIELD_TYPES))})")
-    return dict(section)
+_FIELD_TYPES = field_parsers(CloudConfig, {"log_level": lambda v: to_str(v).lower()})
 
 
 def load_config(options: Mapping[str, Any] | None = None, *,
@@ -241,36 +140,9 @@ def load_config(options: Mapping[str, Any] | None = None, *,
                 config_file: Path | str | None = None) -> CloudConfig:
     """Merge ``options`` (None values = not given), ``env`` (default ``os.environ``) and the
     TOML file (``config_file``, else ``TANDEM_CONFIG``) over the defaults."""
-    env = os.environ if env is None else env
-    options = {k: v for k, v in (options or {}).items() if v is not None}
-    unknown = sorted(set(options) - set(_FIELD_TYPES))
-    if unknown:
-        raise InvalidArgument(f"unknown option(s) {unknown}")
-    if config_file is None and env.get(f"{ENV_PREFIX}CONFIG"):
-        config_file = env[f"{ENV_PREFIX}CONFIG"]
-    layers: list[tuple[str, Mapping[str, Any]]] = []
-    if config_file is not None:
-        path = Path(config_file).expanduser()
-        layers.append((f"config file {path}", _read_toml(path)))
-    env_values = {name: env[f"{ENV_PREFIX}{name.upper()}"] for name in _FIELD_TYPES
-                  if f"{ENV_PREFIX}{name.upper()}" in env}
-    layers.append(("environment", {f"{ENV_PREFIX}{k.upper()}": v for k, v in env_values.items()}))
-    layers.append(("option", options))
-    merged: dict[str, Any] = {}
-    for where, values in layers:
-        for key, raw in values.items():
-            name = key[len(ENV_PREFIX):].lower() if where == "environment" else key
-            try:
-                merged[name] = _FIELD_TYPES[name](raw)
-            except ValueError as exc:
-                label = key if where == "environment" else f"--{name.replace('_', '-')}"
-                if where.startswith("config file"):
-                    label = f"{where}: {name}"
-                raise InvalidArgument(f"{label}: {exc}, got {raw!r}") from None
+    merged = merge_settings(_FIELD_TYPES, options, table="cloud", env=env,
+                            config_file=config_file, file_relative=("repo",))
     if "repo" not in merged:
         raise InvalidArgument("no model repository: give --repo DIR (or TANDEM_REPO, or repo "
                               "in the config file)")
-    if config_file is not None and not Path(merged["repo"]).is_absolute() and \
-            "repo" not in options and "repo" not in env_values:
-        merged["repo"] = Path(config_file).expanduser().parent / merged["repo"]
     return CloudConfig(**merged)

@@ -9,8 +9,17 @@ onnx and onnxruntime load when a step runs (install extra ``cpu``); TensorRT whe
 built (extra ``tensorrt``).
 """
 
+from tandem.compiler._cascade import (
+    CascadeBundleFromOnnx,
+    CascadeOptions,
+    RowOutcomes,
+    calibrate,
+    check_pair,
+    check_scorer,
+)
 from tandem.compiler._cuts import Cut, find_cuts
 from tandem.compiler._errors import (
+    CascadeError,
     CompileError,
     CompileWarning,
     InputShapeError,
@@ -29,6 +38,9 @@ from tandem.compiler._verify import CutVerification, Tolerance, Verifier, load_s
 
 __all__ = [
     "BundleFromOnnx",
+    "CascadeBundleFromOnnx",
+    "CascadeError",
+    "CascadeOptions",
     "CompileError",
     "CompileOptions",
     "CompileResult",
@@ -46,12 +58,16 @@ __all__ = [
     "NodeInfo",
     "OnnxRuntimeError",
     "OrtOptimizedFromOnnx",
+    "RowOutcomes",
     "SampleError",
     "Tolerance",
     "UnsupportedModel",
     "UnsupportedOperator",
     "Verifier",
     "analyze",
+    "calibrate",
+    "check_pair",
+    "check_scorer",
     "extract",
     "find_cuts",
     "load_model",

@@ -11,6 +11,9 @@ Tree (each class subclasses the wire code it carries; where a class is defined i
     │   │   ├── SampleError           sample inputs do not match the model, or the model does
     │   │   │                         not run on random ones (give real samples)
     │   │   ├── InputShapeError       an input shape to cost at does not fit the model
+    │   │   ├── CascadeError          a cascade's small and large models do not fit together,
+    │   │   │                         its scorer has the wrong signature, its calibration
+    │   │   │                         target or labels are unusable
     │   │   └── NoValidCut            no interior split point survived discovery and
     │   │                             verification                             (this module)
     │   └── UnsupportedModel          TensorRT cannot parse or build a part   (compiler._tensorrt)
@@ -47,6 +50,7 @@ from tandem.devices.backends.onnxruntime import OnnxRuntimeError, UnsupportedOpe
 from tandem.protocol.errors import InternalError, InvalidArgument, NotFound
 
 __all__ = [
+    "CascadeError",
     "CompileError",
     "CompileWarning",
     "ExtractionError",
@@ -87,6 +91,12 @@ class SampleError(CompileError):
 class InputShapeError(CompileError):
     """An input shape to cost and verify at names no input, has the wrong rank, or contradicts
     a fixed dim of the model."""
+
+
+class CascadeError(CompileError):
+    """The small and large models of a cascade do not fit together (inputs, outputs or the
+    declared output mapping), the escalation rule or its scorer does not fit the small model,
+    or the calibration target or labels are unusable."""
 
 
 class NoValidCut(CompileError):

@@ -21,6 +21,9 @@ from typing import Any
 
 import click
 
+from tandem.compiler._cascade_cli import FLAGS as CASCADE_FLAGS
+from tandem.compiler._cascade_cli import cascade_options
+
 __all__ = ["compile_command", "example_command", "inspect_command", "keygen_command"]
 
 
@@ -236,6 +239,7 @@ def _warn(err, message: str) -> None:
 @click.option("--overwrite", is_flag=True,
               help="replace an existing output (only ever a Tandem bundle)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+@cascade_options
 def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: int,
                     max_frontier: int, samples: Path | None, input_shapes: tuple[str, ...],
                     sign_key: Path | None,
@@ -243,11 +247,14 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
                     engine_cache: Path | None,
                     version_compatible: bool, dla_core: int | None, model_name: str | None,
                     model_version: str,
-                    seed: int, overwrite: bool, as_json: bool) -> None:
+                    seed: int, overwrite: bool, as_json: bool, **cascade) -> None:
     """Cut MODEL (ONNX) at good split points, verify and lower the parts, write a bundle.
 
     OUT is a bundle directory, or a single-file archive when it ends in .tar.zst (.tar.gz,
     .tar). An existing OUT is replaced only with --overwrite, and only if it is a Tandem bundle.
+
+    With --cascade SMALL.onnx the bundle is a cascade: SMALL answers on the device and MODEL
+    takes the inputs its escalation rule calibrated on --samples sends on.
     """
     from tandem.protocol.lazy import require
 
@@ -255,6 +262,8 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
     require("onnxruntime")
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from tandem.compiler._cascade import CascadeBundleFromOnnx
+    from tandem.compiler._cascade_cli import parse_cascade
     from tandem.compiler._pipeline import BundleFromOnnx, CompileOptions, resolve_targets
     from tandem.compiler._shapes import parse_shape
     from tandem.console import console
@@ -264,11 +273,15 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
     resolved = resolve_targets(targets)
     compression = _output_form(out)
     archive = compression is not None
+    cascade_options, cascade_files = parse_cascade(**cascade)
     _check_inputs(model, samples, sign_key, timing_cache, engine_cache)
+    for path, flag in cascade_files:
+        _input_file(path, flag)
     notes = _check_dla(dla_core, resolved)
     if engines == "build" and any(t.backend == "tensorrt" for t in resolved):
         require("tensorrt", "tensorrt")
     inputs = [p for p in (model, samples, sign_key, timing_cache, engine_cache) if p is not None]
+    inputs += [path for path, _ in cascade_files]
     _check_output(out, overwrite, archive, inputs)
     shapes = dict(_with_flags(parse_shape, text) for text in input_shapes)
     options = CompileOptions(
@@ -294,17 +307,22 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done, total=total)
 
+        def step(dest: Path):
+            if cascade_options is None:
+                return BundleFromOnnx(model, dest, options, progress)
+            return CascadeBundleFromOnnx(cascade["cascade"], model, dest, options,
+                                         cascade_options, progress)
+
         if archive:
             import tempfile
 
             with tempfile.TemporaryDirectory(prefix="tandem-bundle-") as tmp:
-                result = _with_flags(BundleFromOnnx(model, Path(tmp) / "bundle", options,
-                                                    progress))
+                result = _with_flags(lambda: step(Path(tmp) / "bundle")())
                 assert compression is not None  # archive
                 pack(Path(tmp) / "bundle", out, compression=compression, overwrite=overwrite)
                 result.out_dir = out
         else:
-            result = _with_flags(BundleFromOnnx(model, out, options, progress))
+            result = _with_flags(lambda: step(out)())
     for w in caught:
         _warn(err, f"{w.message}{_flags(w.message)}")
     if as_json:
@@ -316,7 +334,7 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
 # CompileOptions fields -> the flags that set them: the library names fields, the CLI its flags
 _FLAGS = {"input_shapes": "--input-shape NAME=DIMS", "samples": "--samples",
           "max_frontier": "--max-frontier", "max_cuts": "--max-cuts", "overwrite": "--overwrite",
-          "targets": "-t/--target", "engines": "--engines defer"}
+          "targets": "-t/--target", "engines": "--engines defer", **CASCADE_FLAGS}
 
 
 def _flags(exc: object) -> str:
@@ -356,6 +374,7 @@ def _summary_json(result) -> dict:
         ],
         "dropped": [{"id": c.id, "reason": why} for c, why in result.dropped],
         "artifacts": [a.to_dict() for a in m.artifacts],
+        **({"cascade": m.cascade.to_dict()} if m.cascade is not None else {}),
     }
 
 
@@ -397,6 +416,12 @@ def _print_summary(result, out: Path) -> None:
         print_lines(f"target {target}{where}{note}", out=stdout)
     for cut, why in result.dropped:
         print_lines(f"dropped cut {cut.id}: {why}", out=stdout, style="yellow")
+    if m.cascade is not None:
+        from tandem.compiler._cascade_cli import print_cascade
+
+        print_lines("", out=stdout)
+        print_cascade(m, out=stdout)
+        print_lines("", out=stdout)
     print_lines(f"bundle written to {out}", out=stdout)
 
 
@@ -498,6 +523,11 @@ def _print_bundle(b) -> None:
         [[a.part, a.target, a.device_profile or "any", a.precision, a.path, a.builder]
          for a in m.artifacts],
         title="artifacts", out=out)
+    if m.cascade is not None:
+        from tandem.compiler._cascade_cli import print_cascade
+
+        print_lines("", out=out)
+        print_cascade(m, out=out)
 
 
 def _replaceable(path: Path, overwrite: bool, what: str, is_ours) -> None:

@@ -13,6 +13,8 @@ twice with the same seed returns the same bytes.
 - ``multi_io()``: inputs ``image`` and ``meta``; outputs ``logits`` and ``features`` (the latter
   produced early, so heads of most cuts produce a graph output).
 - ``dynamic_batch()``: input ``x`` ["N",3,16,16] -> ... -> ``y`` ["N",10].
+- ``dynamic_hw()``: input ``image`` [1,3,"H","W"] (any H, W >= 4) -> a convolutional trunk ->
+  GlobalAveragePool -> Gemm -> ``logits`` [1,10]: every image size the convolutions take.
 - ``big_model(n_nodes=700)``: residual CNN stem + transformer blocks (attention MatMul chains,
   Softmax, LayerNormalization), about ``n_nodes`` nodes, tens of ms in ORT.
 - ``with_external_data(dir)``: saves ``residual()`` with all weights in one external data file.
@@ -43,6 +45,7 @@ __all__ = [
     "big_model",
     "cnn_chain",
     "dynamic_batch",
+    "dynamic_hw",
     "mobilenet",
     "multi_io",
     "random_inputs",
@@ -247,6 +250,25 @@ def dynamic_batch(seed: int = 0) -> onnx.ModelProto:
         "dynamic_batch",
         [helper.make_tensor_value_info("x", F, ["N", 3, 16, 16])],
         [helper.make_tensor_value_info("y", F, ["N", 10])],
+    )
+
+
+def dynamic_hw(seed: int = 0) -> onnx.ModelProto:
+    """Input image [1,3,"H","W"]: Conv(s2)/Relu -> Conv(s2)/Relu -> Conv/Relu -> GAP -> Gemm.
+
+    The strided convolutions shrink the activations (a cut after the second sends half the
+    input's bytes), and nothing depends on H or W but the pooling, so any size >= 4 runs."""
+    b = _Builder(seed)
+    x = b.op("Relu", [b.conv("image", 3, 8, stride=2)])  # [1,8,H/2,W/2]
+    x = b.op("Relu", [b.conv(x, 8, 6, stride=2)])  # [1,6,H/4,W/4]: 1/2 the input's bytes
+    x = b.op("Relu", [b.conv(x, 6, 16)])
+    x = b.op("GlobalAveragePool", [x])
+    x = b.op("Flatten", [x], axis=1)
+    b.op("Gemm", [x, b.weight((10, 16)), b.weight((10,), 0.1)], out="logits", transB=1)
+    return b.model(
+        "dynamic_hw",
+        [helper.make_tensor_value_info("image", F, [1, 3, "H", "W"])],
+        [helper.make_tensor_value_info("logits", F, [1, 10])],
     )
 
 

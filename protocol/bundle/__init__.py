@@ -49,12 +49,14 @@ from tandem.protocol.bundle._errors import (
     BundleRollback,
     ManifestError,
 )
+from tandem.protocol.bundle._escalation import BUILTIN_RULES, RULE_KINDS
 from tandem.protocol.bundle._files import BundleWriter
 from tandem.protocol.bundle._files import is_bundle_dir as _is_bundle_dir
 from tandem.protocol.bundle._load import Bundle
 from tandem.protocol.bundle._load import verify_dir as _verify_dir
 from tandem.protocol.bundle._open import load_bundle, open_bundle
 from tandem.protocol.bundle._schema import (
+    CALIBRATION_TARGETS,
     DTYPES,
     ENCODINGS,
     MANIFEST_NAME,
@@ -64,15 +66,20 @@ from tandem.protocol.bundle._schema import (
     SIGNATURE_NAME,
     SNR_LIMIT_DB,
     Artifact,
+    Calibration,
+    CalibrationPoint,
+    Cascade,
     CutOrigin,
     CutSpec,
     EncodingCheck,
     EngineRecipe,
+    EscalationRule,
     FileEntry,
     Manifest,
     TensorSpec,
     Verification,
     check_not_older,
+    spec_mismatch,
 )
 from tandem.protocol.bundle._select import Role, Runnable, Selection
 from tandem.protocol.bundle._sign import (
@@ -86,11 +93,14 @@ from tandem.protocol.bundle._sign import encode_signature as _encode_signature
 from tandem.protocol.bundle._sign import sign_bytes as _sign_bytes
 
 __all__ = [
+    "BUILTIN_RULES",
+    "CALIBRATION_TARGETS",
     "DTYPES",
     "ENCODINGS",
     "MANIFEST_NAME",
     "MAX_MANIFEST_BYTES",
     "MAX_MANIFEST_ELEMENTS",
+    "RULE_KINDS",
     "SCHEMA_VERSION",
     "SIGNATURE_NAME",
     "SNR_LIMIT_DB",
@@ -102,12 +112,16 @@ __all__ = [
     "BundleNotFound",
     "BundleRollback",
     "BundleWriter",
+    "Calibration",
+    "CalibrationPoint",
+    "Cascade",
     "CutOrigin",
     "CutSpec",
     "DimExpr",
     "DimExprError",
     "EncodingCheck",
     "EngineRecipe",
+    "EscalationRule",
     "FileEntry",
     "KeySource",
     "Manifest",
@@ -127,6 +141,7 @@ __all__ = [
     "open_bundle",
     "pack",
     "sign_bundle",
+    "spec_mismatch",
     "unpack",
 ]
 

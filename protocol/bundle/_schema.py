@@ -24,9 +24,11 @@ from tandem.protocol.bundle._errors import BundleNotFound, BundleRollback, Manif
 from tandem.protocol.errors import InvalidArgument, UnsupportedVersion
 
 __all__ = [
+    "CALIBRATION_TARGETS",
     "DTYPES",
     "ENCODINGS",
     "MANIFEST_NAME",
+    "MAX_CURVE_POINTS",
     "MAX_MANIFEST_BYTES",
     "MAX_MANIFEST_ELEMENTS",
     "RESERVED_NAMES",
@@ -34,10 +36,14 @@ __all__ = [
     "SIGNATURE_NAME",
     "SNR_LIMIT_DB",
     "Artifact",
+    "Calibration",
+    "CalibrationPoint",
+    "Cascade",
     "CutOrigin",
     "CutSpec",
     "EncodingCheck",
     "EngineRecipe",
+    "EscalationRule",
     "FileEntry",
     "Manifest",
     "TensorSpec",
@@ -45,6 +51,7 @@ __all__ = [
     "check_manifest_size",
     "check_not_older",
     "path_problem",
+    "spec_mismatch",
     "utc_now",
 ]
 
@@ -692,6 +699,8 @@ class Manifest:
     # weights file every ONNX part reads its initializers from (external data with offsets)
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     weights: str | None = None
+    # cascades (see the block "Cascades" below): the small model, its contract and its rule
+    cascade: Cascade | None = None
 
     def __post_init__(self) -> None:
         _int(self.schema_version, "schema_version")
@@ -718,6 +727,7 @@ class Manifest:
         _set(self, "input_shapes", _input_shapes(self.input_shapes, "input_shapes"))
         _opt_path(self.weights, "weights")
         _check_v2(self)
+        _check_cascade(self)
         _unique([t.name for t in self.inputs], "inputs", "name")
         _unique([t.name for t in self.outputs], "outputs", "name")
         _unique([c.id for c in self.cuts], "cuts", "id")
@@ -823,6 +833,11 @@ class Manifest:
                     raise ManifestError(f"artifacts[{i}].{name}", f"{ref!r} is not in files")
         if self.weights is not None and self.weights not in paths:
             raise ManifestError("weights", f"{self.weights!r} is not in files")
+        if self.cascade is not None:
+            for name, ref in (("small_part", self.cascade.small_part),
+                              ("rule.scorer_part", self.cascade.rule.scorer_part)):
+                if ref is not None and ref not in paths:
+                    raise ManifestError(f"cascade.{name}", f"{ref!r} is not in files")
 
     def frontier_bytes(self, cut_id: int, input_shapes: Mapping[str, Any] | None = None, *,
                        encoding: str = "raw") -> int:
@@ -909,6 +924,7 @@ class Manifest:
             **({"input_shapes": {k: list(v) for k, v in self.input_shapes.items()}}
                if self.input_shapes else {}),
             **({"weights": self.weights} if self.weights is not None else {}),
+            **({"cascade": self.cascade.to_dict()} if self.cascade is not None else {}),
         }
 
     def to_json(self) -> str:
@@ -974,6 +990,7 @@ class Manifest:
                 "artifacts": _many(Artifact, MAX_ARTIFACTS),
                 "input_shapes": lambda v, p: {k: tuple(_list(x, f"{p}[{k!r}]"))
                                               for k, x in _obj(v, p).items()},
+                "cascade": lambda v, p: None if v is None else Cascade._from_dict(v, p),
             },
         )
 
@@ -1136,3 +1153,296 @@ def _unique(values: list, name: str, key: str) -> None:
         if value in seen:
             raise ManifestError(f"{name}[{i}].{key}", f"duplicate {key} {value!r}")
         seen.add(value)
+
+
+# --- Cascades (issue #17): a small model answers on the device, the large one the hard inputs
+#
+# A cascade bundle is the large model's bundle (its cuts, parts, digests: what the cloud serves
+# and an escalation runs, split or not) plus this block: the small model's part, the output
+# contract between the two, the escalation rule and its calibration. Readers that do not know
+# ``cascade`` see the large model alone.
+
+MAX_CURVE_POINTS = 1024
+CALIBRATION_TARGETS = ("agreement", "escalation_rate")
+
+
+def _signed(value: object, name: str) -> float:
+    """A finite float of either sign (thresholds: logit margins and scorer outputs can be < 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ManifestError(name, f"expected float, got {_type_name(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ManifestError(name, f"must be finite, got {value}")
+    return value
+
+
+def _fraction(value: object, name: str) -> float:
+    value = _float(value, name)
+    if value > 1:
+        raise ManifestError(name, f"must be within [0, 1], got {value}")
+    return value
+
+
+def _opt_fraction(value: object, name: str) -> float | None:
+    return None if value is None else _fraction(value, name)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EscalationRule:
+    """When the small model's answer is not trusted. ``kind``: ``max_softmax``, ``margin``,
+    ``entropy`` (builtins reading ``output``, ``[batch, classes]``, as logits or, with
+    ``probabilities``, as probabilities) or ``scorer`` (the ONNX model at ``scorer_part``, fed
+    the small model's outputs and the model's inputs by name, returns a confidence per row).
+    A row escalates when its score is below ``threshold`` (above it for ``entropy``: see
+    :attr:`escalate_above`). ``output`` is the small model's output whose top-1 class is the
+    answer: agreement with the large model is measured on it whatever the kind."""
+
+    kind: str
+    threshold: float
+    output: str
+    probabilities: bool = False
+    scorer_part: str | None = None
+
+    def __post_init__(self) -> None:
+        from tandem.protocol.bundle._escalation import RULE_KINDS
+
+        _str(self.kind, "kind")
+        if self.kind not in RULE_KINDS:
+            raise ManifestError("kind", f"unknown rule {self.kind!r} ({', '.join(RULE_KINDS)})")
+        _set(self, "threshold", _signed(self.threshold, "threshold"))
+        _str(self.output, "output")
+        _bool(self.probabilities, "probabilities")
+        _opt_path(self.scorer_part, "scorer_part")
+        if (self.kind == "scorer") != (self.scorer_part is not None):
+            raise ManifestError("scorer_part", "set for kind 'scorer' and only for it")
+
+    @property
+    def escalate_above(self) -> bool:
+        """True when a score above the threshold escalates (``entropy``), else below."""
+        from tandem.protocol.bundle._escalation import escalate_above
+
+        return escalate_above(self.kind)
+
+    def scores(self, outputs: Mapping[str, Any]) -> Any:
+        """One float64 score per row from the small model's ``outputs`` (name -> array), for a
+        builtin kind; a ``scorer`` is run by the reader (InvalidArgument here)."""
+        from tandem.protocol.bundle._escalation import rule_scores
+
+        if self.kind == "scorer":
+            raise InvalidArgument(f"a scorer rule runs {self.scorer_part}; builtin rules only")
+        if self.output not in outputs:
+            raise InvalidArgument(f"the escalation rule reads {self.output!r}, which is not "
+                                  f"among the outputs ({', '.join(outputs)})")
+        return rule_scores(self.kind, outputs[self.output], probabilities=self.probabilities)
+
+    def escalates(self, scores: Any) -> Any:
+        """A bool per row: True where the row goes to the large model (NaN scores do)."""
+        from tandem.protocol.bundle._escalation import escalates
+
+        return escalates(self.kind, scores, self.threshold)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if self.scorer_part is None:
+            del out["scorer_part"]
+        return out
+
+    @classmethod
+    def _from_dict(cls, data: object, path: str) -> EscalationRule:
+        return _build(cls, data, path, {})
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationPoint:
+    """One threshold of the calibration curve: the share of the samples it escalates, the
+    share on which the cascade's answer agrees with the large model's (top-1 of the rule's
+    ``output``) and, when labels were given, the cascade's accuracy."""
+
+    threshold: float
+    escalation_rate: float
+    agreement: float
+    accuracy: float | None = None
+
+    def __post_init__(self) -> None:
+        _set(self, "threshold", _signed(self.threshold, "threshold"))
+        _set(self, "escalation_rate", _fraction(self.escalation_rate, "escalation_rate"))
+        _set(self, "agreement", _fraction(self.agreement, "agreement"))
+        _set(self, "accuracy", _opt_fraction(self.accuracy, "accuracy"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def _from_dict(cls, data: object, path: str) -> CalibrationPoint:
+        return _build(cls, data, path, {})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """How the threshold was chosen, label-free: on ``samples`` rows, the curve of escalation
+    rate against agreement (``curve``, by escalation rate), and the point chosen for ``target``
+    (``agreement``: the least escalation reaching ``target_value``; ``escalation_rate``: the
+    most agreement escalating at most ``target_value``). ``small_agreement`` is the small
+    model's agreement alone; with labels, ``small_accuracy`` / ``large_accuracy`` and each
+    point's cascade accuracy."""
+
+    samples: int
+    target: str
+    target_value: float
+    chosen: CalibrationPoint
+    curve: tuple[CalibrationPoint, ...]
+    small_agreement: float
+    small_accuracy: float | None = None
+    large_accuracy: float | None = None
+
+    def __post_init__(self) -> None:
+        _int(self.samples, "samples", minimum=1)
+        _str(self.target, "target")
+        if self.target not in CALIBRATION_TARGETS:
+            raise ManifestError("target", f"unknown target {self.target!r} "
+                                f"({', '.join(CALIBRATION_TARGETS)})")
+        _set(self, "target_value", _fraction(self.target_value, "target_value"))
+        if not isinstance(self.chosen, CalibrationPoint):
+            raise ManifestError("chosen", f"expected CalibrationPoint, got "
+                                f"{_type_name(self.chosen)}")
+        _set(self, "curve", _tuple(self.curve, "curve", CalibrationPoint, MAX_CURVE_POINTS))
+        rates = [p.escalation_rate for p in self.curve]
+        if rates != sorted(rates):
+            raise ManifestError("curve", "points must be in order of escalation rate")
+        _set(self, "small_agreement", _fraction(self.small_agreement, "small_agreement"))
+        _set(self, "small_accuracy", _opt_fraction(self.small_accuracy, "small_accuracy"))
+        _set(self, "large_accuracy", _opt_fraction(self.large_accuracy, "large_accuracy"))
+
+    @property
+    def labelled(self) -> bool:
+        return self.large_accuracy is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "samples": self.samples, "target": self.target, "target_value": self.target_value,
+            "chosen": self.chosen.to_dict(), "curve": [p.to_dict() for p in self.curve],
+            "small_agreement": self.small_agreement,
+        }
+        for name in ("small_accuracy", "large_accuracy"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+    @classmethod
+    def _from_dict(cls, data: object, path: str) -> Calibration:
+        return _build(cls, data, path, {"chosen": CalibrationPoint._from_dict,
+                                        "curve": _many(CalibrationPoint, MAX_CURVE_POINTS)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cascade:
+    """The small model of a cascade bundle (the manifest's own model is the large one).
+
+    ``small_part`` is the small model's ONNX (lowered like any part: ``artifacts`` name it),
+    ``small_digest`` the sha256 of its source file, ``small_outputs`` its outputs and
+    ``small_flops`` its cost at the manifest's ``input_shapes``. Its inputs are the manifest's.
+    ``output_map`` maps every output of the manifest (the large model's) to the small output
+    that stands for it: same dtype and rank, fixed dims equal, so either model's answer has the
+    same outputs. ``rule`` decides which inputs escalate; ``calibration`` records how its
+    threshold was chosen."""
+
+    small_part: str
+    small_digest: str
+    small_outputs: tuple[TensorSpec, ...]
+    small_flops: int
+    output_map: dict[str, str]
+    rule: EscalationRule
+    calibration: Calibration | None = None
+
+    def __post_init__(self) -> None:
+        _path(self.small_part, "small_part")
+        _sha256(self.small_digest, "small_digest")
+        _set(self, "small_outputs", _tuple(self.small_outputs, "small_outputs", TensorSpec,
+                                           MAX_TENSORS))
+        _unique([t.name for t in self.small_outputs], "small_outputs", "name")
+        _int(self.small_flops, "small_flops")
+        mapping = _obj(self.output_map, "output_map")
+        if len(mapping) > MAX_TENSORS:
+            raise ManifestError("output_map", f"{len(mapping)} entries, at most {MAX_TENSORS}")
+        _set(self, "output_map", {_str(k, "output_map key"): _str(v, f"output_map[{k!r}]")
+                                  for k, v in mapping.items()})
+        small = {t.name for t in self.small_outputs}
+        for large, name in self.output_map.items():
+            if name not in small:
+                raise ManifestError(f"output_map[{large!r}]",
+                                    f"{name!r} is not an output of the small model")
+        if len(set(self.output_map.values())) != len(self.output_map):
+            raise ManifestError("output_map", "two outputs map to the same small output")
+        if not isinstance(self.rule, EscalationRule):
+            raise ManifestError("rule", f"expected EscalationRule, got {_type_name(self.rule)}")
+        if self.rule.output not in small:
+            raise ManifestError("rule.output", f"{self.rule.output!r} is not an output of the "
+                                "small model")
+        if self.calibration is not None and not isinstance(self.calibration, Calibration):
+            raise ManifestError("calibration", f"expected Calibration, got "
+                                f"{_type_name(self.calibration)}")
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The bundle paths the cascade adds: the small model, and the scorer if any."""
+        return (self.small_part, *((self.rule.scorer_part,) if self.rule.scorer_part else ()))
+
+    def small_output(self, large_output: str) -> str:
+        """The small model's output that stands for ``large_output``."""
+        try:
+            return self.output_map[large_output]
+        except KeyError:
+            raise BundleNotFound(f"{large_output!r} is not an output of the cascade") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "small_part": self.small_part, "small_digest": self.small_digest,
+            "small_outputs": [t.to_dict() for t in self.small_outputs],
+            "small_flops": self.small_flops, "output_map": dict(self.output_map),
+            "rule": self.rule.to_dict(),
+            **({"calibration": self.calibration.to_dict()} if self.calibration else {}),
+        }
+
+    @classmethod
+    def _from_dict(cls, data: object, path: str) -> Cascade:
+        return _build(cls, data, path, {
+            "small_outputs": _many(TensorSpec, MAX_TENSORS),
+            "rule": EscalationRule._from_dict,
+            "calibration": lambda v, p: None if v is None else Calibration._from_dict(v, p),
+        })
+
+
+def _check_cascade(manifest: Manifest) -> None:
+    """Cross-field rules of ``cascade``: it maps every output of the manifest, to a small output
+    of the same dtype and rank whose fixed dims agree."""
+    cascade = manifest.cascade
+    if cascade is None:
+        return
+    if not isinstance(cascade, Cascade):
+        raise ManifestError("cascade", f"expected Cascade, got {_type_name(cascade)}")
+    large = {t.name: t for t in manifest.outputs}
+    small = {t.name: t for t in cascade.small_outputs}
+    missing = sorted(set(large) - set(cascade.output_map))
+    if missing:
+        raise ManifestError("cascade.output_map", f"outputs {missing} have no small output")
+    for name, small_name in cascade.output_map.items():
+        where = f"cascade.output_map[{name!r}]"
+        if name not in large:
+            raise ManifestError(where, f"{name!r} is not an output of the model")
+        problem = spec_mismatch(large[name], small[small_name])
+        if problem:
+            raise ManifestError(where, f"{small_name!r} does not stand for {name!r}: {problem}")
+
+
+def spec_mismatch(a: TensorSpec | Any, b: TensorSpec | Any) -> str | None:
+    """Why tensors ``a`` and ``b`` (anything with ``dtype`` and ``shape``) cannot stand for each
+    other: another dtype, another rank, or two fixed dims that differ (a symbolic dim agrees
+    with any); None when they can."""
+    if a.dtype != b.dtype:
+        return f"dtype {b.dtype} vs {a.dtype}"
+    if len(a.shape) != len(b.shape):
+        return f"shape {list(b.shape)} vs {list(a.shape)}"
+    for x, y in zip(a.shape, b.shape, strict=True):
+        if isinstance(x, int) and isinstance(y, int) and x != y:
+            return f"shape {list(b.shape)} vs {list(a.shape)}"
+    return None

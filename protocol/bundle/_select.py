@@ -9,7 +9,8 @@ know are skipped, and so are cuts whose verification did not pass (they must nev
 
 The consumers: the cloud endpoint asks for :attr:`Role.TAIL` (cut 0's tail is the whole model);
 the edge daemon for :attr:`Role.HEAD`, :attr:`Role.TAIL` (to finish locally from the split point)
-and :attr:`Role.FULL`, in one call.
+and :attr:`Role.FULL`, in one call, and on a cascade bundle also :attr:`Role.SMALL` and
+:attr:`Role.SCORER` (the small model and the user scorer of its escalation rule).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class Role(str, enum.Enum):
     HEAD = "head"  # the edge: the model up to the cut
     TAIL = "tail"  # the cloud (or an edge finishing locally): the model from the cut on
     FULL = "full"  # the whole model
+    SMALL = "small"  # a cascade's small model
+    SCORER = "scorer"  # a cascade's escalation scorer (an ONNX model; only for kind "scorer")
 
 
 @dataclass(frozen=True)
@@ -73,14 +76,17 @@ class Runnable:
 class Selection:
     """What to run for some roles on one profile: ``heads`` and ``tails`` map a cut id to its
     :class:`Runnable` (only the roles asked for are filled, only cuts that have that part),
-    ``full`` is the whole model (when :attr:`Role.FULL` was asked for). ``files`` are the bundle
-    paths the selection verified, with everything they require."""
+    ``full`` is the whole model (when :attr:`Role.FULL` was asked for), ``small`` and ``scorer``
+    a cascade's small model and scorer (when asked for; ``scorer`` only for a scorer rule).
+    ``files`` are the bundle paths the selection verified, with everything they require."""
 
     profile: str
     heads: Mapping[int, Runnable] = field(default_factory=dict)
     tails: Mapping[int, Runnable] = field(default_factory=dict)
     full: Runnable | None = None
     files: tuple[str, ...] = ()
+    small: Runnable | None = None
+    scorer: Runnable | None = None
 
     def for_cut(self, cut_id: int) -> tuple[Runnable | None, Runnable | None]:
         """``(head, tail)`` of one cut (None where the cut has no such part or it was not
@@ -95,7 +101,7 @@ class Selection:
         and the last cut's head too, and should be loaded once."""
         seen: dict[tuple[Path, str], Runnable] = {}
         for r in (*self.heads.values(), *self.tails.values(),
-                  *([self.full] if self.full else [])):
+                  *(r for r in (self.full, self.small, self.scorer) if r is not None)):
             seen.setdefault((r.path, r.backend), r)
         return tuple(seen.values())
 
@@ -159,5 +165,15 @@ def select_from(manifest: Manifest, root: Path, role: Role | str | Iterable[Role
             raise BundleNotFound(f"bundle {manifest.model_name!r} holds no whole model (no "
                                  "cloud-only or all-local cut)")
         full = runnable(Role.FULL, None, part)
+    small = scorer = None
+    if roles & {Role.SMALL, Role.SCORER}:
+        cascade = manifest.cascade
+        if cascade is None:
+            raise BundleNotFound(f"bundle {manifest.model_name!r} is not a cascade (no small "
+                                 "model)")
+        if Role.SMALL in roles:
+            small = runnable(Role.SMALL, None, cascade.small_part)
+        if Role.SCORER in roles and cascade.rule.scorer_part is not None:
+            scorer = runnable(Role.SCORER, None, cascade.rule.scorer_part)
     return Selection(profile, MappingProxyType(heads), MappingProxyType(tails), full,
-                     manifest.closure(files))
+                     manifest.closure(files), small, scorer)

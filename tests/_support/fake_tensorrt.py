@@ -570,6 +570,14 @@ class OnnxParser:
             net._layers.append(ILayer(node.name or f"node_{i}",
                                       _LAYER_FOR_OP.get(node.op_type, LayerType.PLUGIN_V3),
                                       node.op_type))
+        if path is not None and any(t.data_location == onnx.TensorProto.EXTERNAL
+                                    for t in proto.graph.initializer):
+            # as the real parser: external weights are read from ``path`` into the network,
+            # so the engine is self-contained (NvOnnxParser.h: parse's "path" argument)
+            from onnx.external_data_helper import load_external_data_for_model
+
+            load_external_data_for_model(proto, path)
+            model = proto.SerializeToString()
         net._onnx = _as_bytes(model)
         return True
 
