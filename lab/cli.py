@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-__all__ = ["link_command"]
+__all__ = ["demo_command", "link_command"]
 
 
 def _address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -230,3 +230,48 @@ def _show(state: dict) -> None:
         f"{state['connections_refused']} refused",
         f"uplink: {up['bytes']} bytes, {up['queued_bytes']} queued; "
         f"downlink: {down['bytes']} bytes, {down['queued_bytes']} queued")
+
+
+@click.command(name="demo", context_settings={"max_content_width": 100})
+@click.option("--links", default="wired,wifi,3g", show_default=True,
+              help="emulated links to run under, in order (from: 3g, lte, wifi, wired)")
+@click.option("--requests", type=click.IntRange(1, 1000), default=6, show_default=True,
+              help="requests per forced plan and link (auto gets twice as many)")
+@click.option("--edge-cpu", type=click.FloatRange(0, 1, min_open=True), default=0.1,
+              show_default=True,
+              help="the edge daemon's share of one CPU, so the device computes slower than the "
+                   "cloud (1: not held back)")
+@click.option("--broker", type=click.Choice(["auto", "mosquitto", "embedded"]), default="auto",
+              show_default=True,
+              help="auto: mosquitto when installed, else the embedded MQTT 3.1.1 broker")
+@click.option("--work-dir", type=click.Path(path_type=Path), metavar="DIR",
+              help="keep the bundle and every process's log here  [default: a temporary "
+                   "directory, removed]")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), metavar="FILE",
+              help="also write the results as JSON")
+def demo_command(links: str, requests: int, edge_cpu: float, broker: str,
+                 work_dir: Path | None, json_path: Path | None) -> None:
+    """Compile a model, start a broker, a cloud worker and an edge daemon, and show which plan
+    wins under emulated links (under a minute).
+
+    The edge daemon runs behind the link emulator, held to a share of one CPU (a cgroup when
+    this machine allows one, else a SIGSTOP/SIGCONT duty cycle); requests go through its local
+    KServe v2 API with every plan forced and with auto. The model's weights are random: its
+    answers mean nothing, its costs are real. Everything started is stopped at the end, also on
+    Ctrl-C.
+    """
+    from tandem.lab._demo import DemoOptions, print_result, run_demo
+    from tandem.protocol.lazy import require
+
+    require("onnxruntime", "cpu")
+    require("aiohttp", "edge")
+    require("prometheus_client", "edge")
+    options = DemoOptions(links=tuple(n.strip() for n in links.split(",") if n.strip()),
+                          requests=requests, edge_cpu=edge_cpu, broker=broker,
+                          work_dir=work_dir)
+    if json_path is not None and json_path.exists() and not json_path.is_file():
+        raise click.BadParameter(f"{json_path} is not a file", param_hint="--json")
+    result = run_demo(options, lambda line: click.echo(line, err=True))
+    print_result(result, options)
+    if json_path is not None:
+        json_path.write_text(result.to_json() + "\n")
