@@ -24,6 +24,7 @@ from tandem.protocol.errors import InvalidArgument
 from tandem.protocol.nats import check_nats_id
 from tandem.protocol.settings import field_parsers, merge_settings, to_str
 from tandem.protocol.topics import validate_id
+from tandem.protocol.transport import parse_protocol
 
 __all__ = ["BrokerAddress", "CloudConfig", "load_config", "parse_broker"]
 
@@ -70,7 +71,7 @@ class CloudConfig:
 
     repo: Path
     broker: str = "mqtt://127.0.0.1:1883"
-    group: str = "tandem"
+    group: str = "tandem"  # "": no shared subscription (one worker alone on the requests)
     worker_id: str = field(default_factory=_default_worker_id)
     max_batch: int = 8
     max_delay_ms: float = 2.0
@@ -87,7 +88,7 @@ class CloudConfig:
     dedup_max_mb: int = 64
     load_interval_s: float = 1.0
     drain_timeout_s: float = 10.0
-    mqtt_version: int = 5
+    mqtt_version: str | int = "auto"  # "auto" (MQTT 5, else 3.1.1), 5 or 311
     username: str | None = None
     password: str | None = None
     ca_file: Path | None = None
@@ -101,7 +102,8 @@ class CloudConfig:
                 raise InvalidArgument(f"{what}")
 
         check_id = check_nats_id if parse_broker_url(self.broker).kind == "nats" else validate_id
-        check_id(self.group, "group")
+        if self.group:
+            check_id(self.group, "group")
         check_id(self.worker_id, "worker_id")
         need(1 <= self.max_batch <= 65536, f"max_batch must be in [1, 65536], not {self.max_batch}")
         need(0 <= self.max_delay_ms <= 60_000, "max_delay_ms must be in [0, 60000]")
@@ -117,7 +119,7 @@ class CloudConfig:
         need(self.dedup_max_mb >= 0, "dedup_max_mb must be >= 0")
         need(self.load_interval_s > 0, "load_interval_s must be > 0")
         need(self.drain_timeout_s >= 0, "drain_timeout_s must be >= 0")
-        need(self.mqtt_version in (5, 311), "mqtt_version must be 5 or 311")
+        object.__setattr__(self, "mqtt_version", parse_protocol(self.mqtt_version))
         need(self.log_level in ("debug", "info", "warning", "error"),
              "log_level must be debug, info, warning or error")
 
@@ -132,7 +134,17 @@ class CloudConfig:
 
 # -- the one layer (tandem.protocol.settings) -------------------------------------------------
 
-_FIELD_TYPES = field_parsers(CloudConfig, {"log_level": lambda v: to_str(v).lower()})
+
+
+def _to_mqtt_version(v: Any) -> str | int:
+    try:
+        return parse_protocol(v)
+    except InvalidArgument:
+        raise ValueError("expected auto, 5 or 311") from None
+
+
+_FIELD_TYPES = field_parsers(CloudConfig, {"log_level": lambda v: to_str(v).lower(),
+                                           "mqtt_version": _to_mqtt_version})
 
 
 def load_config(options: Mapping[str, Any] | None = None, *,

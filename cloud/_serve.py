@@ -20,7 +20,9 @@ log = logging.getLogger("tandem.cloud")
 async def serve_async(config: CloudConfig, *, stop: asyncio.Event | None = None,
                       started: asyncio.Future | None = None) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down gracefully.
-    ``started`` (optional) gets ``(worker, http_port or None)`` once the worker serves."""
+    ``started`` (optional) gets ``(worker, http_port or None)`` once the worker serves. Should
+    the worker become unable to serve (the broker refused its subscription after a reconnect),
+    it is shut down the same way and its error raised."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     installed = []
@@ -36,7 +38,12 @@ async def serve_async(config: CloudConfig, *, stop: asyncio.Event | None = None,
         await worker.start()
         if started is not None and not started.done():
             started.set_result((worker, port))
-        await stop.wait()
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(worker.wait_failed())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
     finally:
         try:
             if worker.state != "starting":
@@ -46,6 +53,8 @@ async def serve_async(config: CloudConfig, *, stop: asyncio.Event | None = None,
                 await http.stop()
             for sig in installed:
                 loop.remove_signal_handler(sig)
+    if worker.failure is not None:
+        raise worker.failure
 
 
 def _on_signal(stop: asyncio.Event, sig: int) -> None:

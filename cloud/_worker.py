@@ -132,8 +132,10 @@ class Worker:
         self._state = "starting"
         self._scanned = False
         self._subscribed = False
-        self._filter = topics.request_filter(config.group)
+        self._filter = topics.request_filter(config.group or None)
         self._stopped = asyncio.Event()
+        self._failed = asyncio.Event()
+        self.failure: TandemError | None = None  # why the worker cannot serve any more
         self.answered = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -210,15 +212,21 @@ class Worker:
         self.metrics.watch_serving(self._serve_stats)
         cfg = self.config
         # the handler hands every request to the dispatcher, which does admission (queue
-        # limit), priorities and deadlines; the transport's own queue is only the anteroom
-        await self._transport.serve(
-            self._filter, self._handle,
-            max_concurrency=cfg.queue_limit + cfg.max_batch * cfg.compute_threads,
-            max_queued=cfg.inflight_limit)
+        # limit), priorities and deadlines; the transport's own queue is only the anteroom.
+        # On a $share filter the transport first checks that the broker delivers through it.
+        try:
+            await self._transport.serve(
+                self._filter, self._handle,
+                max_concurrency=cfg.queue_limit + cfg.max_batch * cfg.compute_threads,
+                max_queued=cfg.inflight_limit, on_refused=self._serve_refused)
+        except BaseException:
+            if self._own_transport:
+                await self._transport.close()
+            raise
         self._subscribed = True
         self._state = "serving"
         log.info("worker %s serving %s on %s (group %s)", self.worker_id, self._filter,
-                 self.config.broker_address, self.config.group)
+                 self.config.broker_address, self.config.group or "none: alone")
         self._background = [
             loop.create_task(self._report_loop(), name="load reports"),
             loop.create_task(self._scan_loop(), name="repository scan"),
@@ -267,6 +275,20 @@ class Worker:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+    async def wait_failed(self) -> TandemError:
+        """Return :attr:`failure` once the worker can no longer serve (the broker refused its
+        subscription after a reconnect): not ready from then on; stop it and report."""
+        await self._failed.wait()
+        assert self.failure is not None
+        return self.failure
+
+    def _serve_refused(self, error: TandemError) -> None:
+        # never an idle worker: the request subscription is gone, so the worker is done
+        log.error("the broker refused the request subscription after a reconnect: %s", error)
+        self._subscribed = False
+        self.failure = error
+        self._failed.set()
 
     def _on_connection(self, connected: bool) -> None:
         self.metrics.connected.set(1 if connected else 0)

@@ -24,7 +24,9 @@ def _opt(*names: str, **kw):  # every option defaults to "not given" so the laye
 @_opt("--broker", metavar="URL",
       help="mqtt[s]://[user[:password]@]HOST[:PORT], or nats://HOST[:PORT][,HOST[:PORT]…] "
       "for a NATS cluster (tls:// with TLS)  [default: mqtt://127.0.0.1:1883]")
-@_opt("--group", metavar="NAME", help="shared-subscription group  [default: tandem]")
+@_opt("--group", metavar="NAME",
+      help="shared-subscription group ('' for none: a single worker, on brokers without "
+           "shared subscriptions)  [default: tandem]")
 @_opt("--worker-id", metavar="ID", help="this worker's id  [default: <host>-<pid>]")
 @_opt("--max-batch", type=int, metavar="N", help="rows per batch  [default: 8]")
 @_opt("--max-delay-ms", type=float, metavar="MS",
@@ -43,7 +45,8 @@ def _opt(*names: str, **kw):  # every option defaults to "not given" so the laye
       help="batches computing at once  [default: 1]")
 @_opt("--intra-op-threads", type=int, metavar="N",
       help="ONNX Runtime threads per part (0: its default)  [default: 0]")
-@_opt("--mqtt-version", type=click.Choice(["5", "311"]), help="MQTT protocol  [default: 5]")
+@_opt("--mqtt-version", type=click.Choice(["auto", "5", "311"]),
+      help="MQTT protocol; auto tries 5, then 3.1.1  [default: auto]")
 @_opt("--config", "config_file", type=click.Path(path_type=Path), metavar="FILE",
       help="TOML file with any of these options (keys as the option names with _, in a "
            "[cloud] table)  [env TANDEM_CONFIG]")
@@ -64,8 +67,6 @@ def serve_command(config_file: Path | None, **options: object) -> None:
     from tandem.cloud._repository import check_repo
     from tandem.cloud._serve import serve
 
-    if options.get("mqtt_version") is not None:
-        options["mqtt_version"] = int(options["mqtt_version"])  # type: ignore[call-overload]
     config = load_config(options, config_file=config_file)
     check_repo(config.repo)
     logging.basicConfig(level=config.log_level.upper(),

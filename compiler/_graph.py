@@ -35,12 +35,13 @@ import heapq
 import math
 import os
 from collections import ChainMap
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tandem.compiler._errors import InvalidModelError, ModelLoadError
+from tandem.devices.engines import iter_tensors
 from tandem.protocol.dtypes import DTypeInfo, UnsupportedDType, by_onnx
 from tandem.protocol.lazy import require
 
@@ -266,7 +267,7 @@ def load_model(path_or_proto: str | os.PathLike[str] | bytes | ModelProto) -> Mo
     _check_is_model(model, str(path))
     base = path.parent
     missing = []
-    for tensor in _all_tensors(model.graph):
+    for tensor in iter_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
@@ -299,7 +300,7 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
         raise InvalidModelError(f"{path} is not an ONNX model: {exc}") from exc
     locations = {
         entry.value
-        for tensor in _all_tensors(model.graph)
+        for tensor in iter_tensors(model.graph)
         if tensor.data_location == onnx.TensorProto.EXTERNAL
         for entry in tensor.external_data
         if entry.key == "location"
@@ -311,19 +312,6 @@ def _check_is_model(model: ModelProto, what: str) -> None:
     # protobuf parses some garbage (and empty bytes) as an empty message: reject those too.
     if model.ir_version <= 0 or not model.opset_import or not model.HasField("graph"):
         raise InvalidModelError(f"{what} is not an ONNX model (no IR version, opset or graph)")
-
-
-def _all_tensors(graph: GraphProto) -> Iterable[Any]:
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _all_tensors(sub)
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,7 +62,6 @@ from tandem.devices._engine_cache import (
     shape_profile_id,
     static_shapes,
 )
-from tandem.devices._files import atomic_write, file_lock
 from tandem.devices.profiles import Profile
 from tandem.protocol.errors import (
     FailedPrecondition,
@@ -70,6 +69,7 @@ from tandem.protocol.errors import (
     InvalidArgument,
     TandemError,
 )
+from tandem.protocol.files import atomic_write, file_lock
 from tandem.protocol.lazy import require
 
 __all__ = ["PRECISIONS", "EngineFromOnnx", "UnsupportedModel", "timing_cache_file"]

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from tandem.devices._cuda import translate
-from tandem.devices._files import atomic_write, file_lock, sha256_file
 from tandem.devices.profiles import Profile
 from tandem.protocol.errors import (
     FailedPrecondition,
@@ -32,6 +31,7 @@ from tandem.protocol.errors import (
     InvalidArgument,
     NotFound,
 )
+from tandem.protocol.files import atomic_write, file_lock, sha256_file
 from tandem.protocol.lazy import require
 
 __all__ = [
@@ -146,8 +146,9 @@ def calibration_digest(samples: Sequence[Mapping[str, np.ndarray]] | None) -> st
     return h.hexdigest()
 
 
-def _tensors(graph):
-    """Every TensorProto of a graph and its subgraphs (initializers and attribute tensors)."""
+def iter_tensors(graph):
+    """Every TensorProto of an ONNX graph and its subgraphs: initializers, sparse initializers'
+    values and indices, and attribute tensors."""
     yield from graph.initializer
     for sparse in graph.sparse_initializer:
         yield sparse.values
@@ -158,9 +159,9 @@ def _tensors(graph):
                 yield attr.t
             yield from attr.tensors
             if attr.HasField("g"):
-                yield from _tensors(attr.g)
+                yield from iter_tensors(attr.g)
             for g in attr.graphs:
-                yield from _tensors(g)
+                yield from iter_tensors(g)
 
 
 def external_data_digests(onnx_path: str | os.PathLike) -> tuple[str, ...]:
@@ -177,7 +178,7 @@ def external_data_digests(onnx_path: str | os.PathLike) -> tuple[str, ...]:
     except Exception as exc:
         raise InvalidArgument(f"cannot read {path.name} as an ONNX model: {exc}") from exc
     locations = set()
-    for tensor in _tensors(model.graph):
+    for tensor in iter_tensors(model.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             for entry in tensor.external_data:
                 if entry.key == "location":

@@ -28,6 +28,7 @@ from tandem.protocol.broker_url import parse_broker_url
 from tandem.protocol.errors import InvalidArgument
 from tandem.protocol.settings import field_parsers, merge_settings, to_str
 from tandem.protocol.topics import validate_id
+from tandem.protocol.transport import parse_protocol
 
 __all__ = ["MODES", "EdgeConfig", "load_config", "parse_mode"]
 
@@ -106,7 +107,7 @@ class EdgeConfig:
     # rollout
     allow_downgrade: bool = False
     # MQTT
-    mqtt_version: int = 5
+    mqtt_version: str | int = "auto"  # "auto" (MQTT 5, else 3.1.1), 5 or 311
     username: str | None = None
     password: str | None = None
     ca_file: Path | None = None
@@ -150,7 +151,10 @@ class EdgeConfig:
         need(self.spool_retention_s >= 0, "spool_retention_s must be >= 0")
         need(self.heartbeat_s > 0, "heartbeat_s must be > 0")
         need(self.discovery_timeout_s >= 0, "discovery_timeout_s must be >= 0")
-        need(self.mqtt_version in (5, 311), "mqtt_version must be 5 or 311")
+        try:
+            object.__setattr__(self, "mqtt_version", parse_protocol(self.mqtt_version))
+        except InvalidArgument:
+            need(False, "mqtt_version must be auto, 5 or 311")
         need(self.log_level in ("debug", "info", "warning", "error"),
              "log_level must be debug, info, warning or error")
 
@@ -180,7 +184,17 @@ def parse_shapes(text: str) -> dict[str, tuple[int, ...]]:
 
 # -- the one layer (tandem.protocol.settings) -------------------------------------------------
 
-_PARSERS = field_parsers(EdgeConfig, {"log_level": lambda v: to_str(v).lower()})
+
+
+def _to_mqtt_version(v: object) -> str | int:
+    try:
+        return parse_protocol(v)
+    except InvalidArgument:
+        raise ValueError("expected auto, 5 or 311") from None
+
+
+_PARSERS = field_parsers(EdgeConfig, {"log_level": lambda v: to_str(v).lower(),
+                                      "mqtt_version": _to_mqtt_version})
 _PATH_FIELDS = {f.name for f in dataclasses.fields(EdgeConfig) if str(f.type).startswith("Path")}
 
 

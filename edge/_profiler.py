@@ -18,10 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ import numpy as np
 
 from tandem.edge._runtime import ModelRuntime, numpy_dtype
 from tandem.protocol.errors import InvalidArgument
+from tandem.protocol.files import atomic_write
 
 __all__ = ["FORMAT", "PartTiming", "ProfileTable", "load_table", "profile_bundle",
            "profile_part", "profile_shapes"]
@@ -105,23 +104,7 @@ class ProfileTable:
             created_at=float(doc.get("created_at", 0.0)))
 
     def save(self, path: Path) -> None:
-        write_atomic(path, self.to_json())
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so a reader sees the old file or the whole new one, also after
-    a crash (written aside, fsynced, renamed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(path, self.to_json())
 
 
 def table_path(state_dir: Path, bundle_digest: str, device: str) -> Path:

@@ -32,7 +32,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tandem.edge._profiler import write_atomic
 from tandem.protocol.bundle import check_not_older
 from tandem.protocol.errors import (
     FailedPrecondition,
@@ -40,6 +39,7 @@ from tandem.protocol.errors import (
     PermissionDenied,
     TandemError,
 )
+from tandem.protocol.files import atomic_write
 
 __all__ = ["Rollout"]
 
@@ -80,7 +80,7 @@ class Rollout:
     def _write_record(self, current: Path, previous: Path | None) -> None:
         doc = {"current": str(current), "previous": str(previous) if previous else None,
                "updated_at": time.time()}
-        write_atomic(self.record, json.dumps(doc))
+        atomic_write(self.record, json.dumps(doc))
 
     def initial_bundle_path(self) -> Path | None:
         """The bundle to serve at start: the assigned one a rollout recorded (so a restart

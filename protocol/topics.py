@@ -5,6 +5,7 @@
     tandem/v1/status/<device>           device status (retained; last will = offline)
     tandem/v1/cloud/<worker>/load       cloud load (retained)
     tandem/v1/assign/<device>           assignments (retained)
+    tandem/v1/req/_probe/_probe         a worker's shared-subscription probe (not a request)
 
 Every id that becomes a topic level goes through :func:`validate_id`, and every topic built here
 is made only of validated ids. An id must be what MQTT brokers accept in a topic (UTF-8 as MQTT 5
@@ -32,6 +33,7 @@ __all__ = [
     "parse_request_topic",
     "parse_response_topic",
     "parse_status_topic",
+    "probe_topic",
     "refused_character",
     "request_filter",
     "request_topic",
@@ -98,6 +100,21 @@ def request_filter(shared_group: str | None = None) -> str:
     if shared_group is None:
         return flt
     return f"$share/{validate_id(shared_group, 'shared_group')}/{flt}"
+
+
+PROBE_LEVEL = "_probe"
+
+
+def probe_topic(topic_filter: str | None = None) -> str:
+    """Where a worker's shared-subscription self-check publishes its probe (SPEC.md §10) for
+    ``topic_filter`` (default: the workers' request filter): the filter without its
+    ``$share/<group>/`` prefix, each wildcard level replaced by ``_probe`` —
+    ``tandem/v1/req/_probe/_probe``. ``_probe`` is no fleet device's id (those start with a
+    letter or digit); a worker needs write access to this topic."""
+    flt = request_filter() if topic_filter is None else topic_filter
+    if flt.startswith("$share/"):
+        flt = flt.split("/", 2)[2] if flt.count("/") >= 2 else ""
+    return "/".join(PROBE_LEVEL if level in ("+", "#") else level for level in flt.split("/"))
 
 
 def response_topic(device_id: str) -> str:

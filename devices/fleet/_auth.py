@@ -14,6 +14,7 @@ it on a single-threaded broker) costs nothing in strength.
                read  tandem/v1/assign/D       its assignment
                read  tandem/v1/cloud/+/load   the workers' load reports (for its planner)
     worker W   read  tandem/v1/req/+/+        every device's requests ($share/<group>/… too)
+               write tandem/v1/req/_probe/_probe  the probe of serve's shared-subscription check
                write tandem/v1/resp/+         replies
                write tandem/v1/cloud/W/load   its own load report
     admin      write tandem/v1/assign/+, readwrite tandem/v1/status/+ (to clear a removed
@@ -113,6 +114,7 @@ def acl_rules(name: str, kind: str) -> list[tuple[str, str]]:
     if kind == "worker":
         return [
             ("read", topics.request_filter()),
+            ("write", topics.probe_topic()),  # serve's shared-subscription self-check
             ("write", f"{p}/resp/+"),
             ("write", topics.load_topic(name)),
         ]

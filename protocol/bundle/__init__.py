@@ -34,8 +34,6 @@ Errors (each one line naming the file or field)::
 
 from __future__ import annotations
 
-import os as _os
-import tempfile as _tempfile
 from pathlib import Path
 
 from tandem.protocol.bundle._archive import is_bundle_archive as _is_bundle_archive
@@ -91,6 +89,7 @@ from tandem.protocol.bundle._sign import (
 )
 from tandem.protocol.bundle._sign import encode_signature as _encode_signature
 from tandem.protocol.bundle._sign import sign_bytes as _sign_bytes
+from tandem.protocol.files import atomic_write as _atomic_write
 
 __all__ = [
     "BUILTIN_RULES",
@@ -167,15 +166,5 @@ def sign_bundle(
     bundle = _verify_dir(Path(bundle_dir))
     content = (bundle.root / MANIFEST_NAME).read_bytes()
     signature = _encode_signature(_sign_bytes(content, private_key, password=password))
-    fd, tmp_name = _tempfile.mkstemp(prefix=f".{bundle.root.name}.sig-", dir=bundle.root.parent)
-    try:
-        with _os.fdopen(fd, "wb") as f:
-            f.write(signature)
-            f.flush()
-            _os.fsync(f.fileno())
-        _os.chmod(tmp_name, 0o644)
-        _os.replace(tmp_name, bundle.root / SIGNATURE_NAME)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    _atomic_write(bundle.root / SIGNATURE_NAME, signature, mode=0o644)
     return bundle.digest

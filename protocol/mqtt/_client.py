@@ -9,9 +9,16 @@ loop thread, and a message costs no thread hop between the socket and its handle
 thread handing messages over with ``call_soon_threadsafe`` doubled the round-trip time on a
 2-core machine).
 
+The MQTT version is negotiated on the first connect when the configuration says ``"auto"``: MQTT
+5 first, MQTT 3.1.1 when the broker refuses 5 (CONNACK 0x84; paho reads 3.1.1's return code 1 the
+same way), closes the socket before its CONNACK, or leaves the CONNECT unanswered for
+``connect_timeout_s``; the version that worked is kept for every reconnect (a new paho client is
+made for the fallback: paho fixes the version per client) and logged once.
+
 The client keeps its own subscription table and re-subscribes on every CONNACK (it does not rely
-on the broker session), reconnects with exponential backoff, turns TCP_NODELAY on for every
-socket paho opens, and reports through callbacks (all on the loop thread):
+on the broker session), reconnects with exponential backoff — the delay starts over only once a
+connection has stayed ready for ``stable_after_s``, never on a bare CONNACK — turns TCP_NODELAY
+on for every socket paho opens, and reports through callbacks (all on the loop thread):
 
 * ``on_message(IncomingMessage)`` for every PUBLISH received;
 * ``on_connection(connected: bool, reason: str)``: True once a connection is *ready* (CONNACK
@@ -92,6 +99,25 @@ def _reason_value(rc: object) -> int:
     return int(rc)  # type: ignore[call-overload]
 
 
+_VERSION_REFUSED = 0x84  # CONNACK "Unsupported Protocol Version" (3.1.1's return code 1)
+
+
+_FALLBACK_WHY = {"version": "refused", "closed": "connection closed before CONNACK",
+                 "timeout": "CONNECT unanswered"}
+
+
+def _version_name(v5: bool) -> str:
+    return "MQTT 5" if v5 else "MQTT 3.1.1"
+
+
+def _why(err: TandemError) -> str:
+    """The broker's reason in a connect error, without our prefix."""
+    for prefix in ("broker refused the connection: ", "connection closed before CONNACK: "):
+        if err.message.startswith(prefix):
+            return err.message[len(prefix):]
+    return err.message
+
+
 def _connect_error(rc: object) -> TandemError:
     value = _reason_value(rc)
     text = f"broker refused the connection: {rc} (0x{value:02x})"
@@ -162,6 +188,7 @@ class MqttClient:
         self._connected = False
         self._closing = False
         self._first: asyncio.Future[TandemError | None] | None = None
+        self._first_kind: str | None = None  # "version" (0x84), "closed" (before CONNACK)
         self._connect_sent = 0.0
         self.connect_rtt_s: float | None = None  # CONNECT → CONNACK, the fastest seen
         self._sock: Any = None  # the socket registered with the loop
@@ -172,9 +199,11 @@ class MqttClient:
         self._reconnect_timer: asyncio.TimerHandle | None = None
         self._reconnect_task: asyncio.Future | None = None
         self._reconnect_delay = config.reconnect_min_s
+        self._stable_timer: asyncio.TimerHandle | None = None
         self._socket_closed = asyncio.Event()
         self.broker_max_packet: int | None = None  # from CONNACK (MQTT 5)
-        self.v5 = config.protocol == 5
+        self.auto = config.protocol == "auto"  # negotiate: MQTT 5, else 3.1.1
+        self.v5 = config.protocol != 311  # the version of the current paho client
         # a random client id can never resume a session: start clean rather than leak one
         self.clean_start = config.clean_start or not config.client_id
         self._tx_pool = _BufferPool()  # outgoing Frames (see _BufferPool)
@@ -243,30 +272,91 @@ class MqttClient:
             return self.config.max_payload_bytes
         return DEFAULT_MAX_PAYLOAD_V5 if self.v5 else DEFAULT_MAX_PAYLOAD_V311
 
+    @property
+    def protocol_version(self) -> int:
+        """5 or 311: the MQTT version this client speaks (after :meth:`connect`, the one the
+        broker took)."""
+        return 5 if self.v5 else 311
+
     async def connect(self) -> None:
         """Open the connection and wait until it is ready: CONNACK received and every filter
-        already in the table re-subscribed (at most ``connect_timeout_s``).
+        already in the table re-subscribed (at most ``connect_timeout_s`` per attempt).
 
-        Raises Unavailable (unreachable, timed out), PermissionDenied (credentials, TLS
-        certificate) or InvalidArgument. After success, lost connections are re-established in
-        the background with exponential backoff until :meth:`close`.
+        With protocol ``"auto"``, a broker that refuses MQTT 5, closes the socket before its
+        CONNACK, or leaves the MQTT 5 CONNECT unanswered (amqtt misreads one that carries a will,
+        a user name or properties and waits for bytes that never come) is tried again with MQTT
+        3.1.1, and that version is kept. Raises Unavailable (unreachable, timed out, a version
+        refused: the message names it), PermissionDenied (credentials, TLS certificate) or
+        InvalidArgument. After success, lost connections are re-established in the background
+        with exponential backoff until :meth:`close`.
         """
         c = self.config
-        self._first = self._loop.create_future()
-        try:
-            await asyncio.wait_for(self._open(first=True), c.connect_timeout_s)
-            err = await asyncio.wait_for(asyncio.shield(self._first), c.connect_timeout_s)
-        except asyncio.TimeoutError:
-            await self.close()
-            raise Unavailable(
-                f"no CONNACK from {c.host}:{c.port} within {c.connect_timeout_s:g}s") from None
-        except BaseException:
-            await self.close()
-            raise
+        err, kind = await self._connect_once()
+        if err is not None and kind is not None and self.auto and self.v5:
+            first = err
+            log.info("MQTT 5 %s by %s:%s; trying MQTT 3.1.1", _FALLBACK_WHY[kind], c.host, c.port)
+            self._drop_socket()
+            self.v5 = False
+            self._client = self._make_client()  # paho fixes the version per client
+            err, kind = await self._connect_once()
+            if err is not None and kind is not None:
+                err = Unavailable(
+                    f"the broker at {c.host}:{c.port} took neither MQTT 5 ({_why(first)}) nor "
+                    f"MQTT 3.1.1 ({_why(err)})", retryable=kind != "version")
+        elif err is not None and kind is not None:
+            err = self._version_error(err, kind)
         if err is not None:
             await self.close()
             raise err
+        log.info("MQTT connected to %s:%s with %s%s", c.host, c.port, _version_name(self.v5),
+                 " (MQTT 5 not taken; kept for reconnects)" if self.auto and not self.v5 else "")
         self._schedule_misc()
+
+    async def _connect_once(self) -> tuple[TandemError | None, str | None]:
+        """One connect with the current paho client: (None, None) once ready, or the error and
+        its kind ("version": CONNACK 0x84; "closed": the socket closed before CONNACK;
+        "timeout": no CONNACK in time, reported only while "auto" may still fall back; None:
+        anything else). Raises (after :meth:`close`) when the broker cannot be reached or does
+        not answer in time."""
+        c = self.config
+        self._first = self._loop.create_future()
+        self._first_kind = None
+        try:
+            await asyncio.wait_for(self._open(first=True), c.connect_timeout_s)
+        except BaseException:
+            await self.close()
+            raise
+        try:
+            err = await asyncio.wait_for(asyncio.shield(self._first), c.connect_timeout_s)
+        except asyncio.TimeoutError:
+            hint = ""
+            if self.v5 and self._sock is not None and not self._connected:
+                if self.auto:
+                    return Unavailable(f"no CONNACK within {c.connect_timeout_s:g}s"), "timeout"
+                hint = (" (a broker that does not speak MQTT 5 may leave the CONNECT unanswered, "
+                        "as amqtt does: use protocol 'auto', the default, or 311)")
+            timeout = Unavailable(
+                f"no CONNACK from {c.host}:{c.port} within {c.connect_timeout_s:g}s{hint}")
+            await self.close()
+            raise timeout from None
+        except BaseException:
+            await self.close()
+            raise
+        return err, (self._first_kind if err is not None else None)
+
+    def _version_error(self, err: TandemError, kind: str) -> TandemError:
+        """A refusal of an explicitly configured version, as one line naming it and the
+        alternatives."""
+        c = self.config
+        version, other = ("MQTT 5", "311") if self.v5 else ("MQTT 3.1.1", "5")
+        if kind == "version":
+            return Unavailable(f"the broker at {c.host}:{c.port} refused {version}: "
+                               f"{_why(err)}; use protocol 'auto' (the default) or {other}",
+                               retryable=False)
+        rabbit = " (RabbitMQ before 3.13 closes MQTT 5 connections this way)" if self.v5 else ""
+        return Unavailable(f"the broker at {c.host}:{c.port} closed the {version} connection "
+                           f"before accepting it ({_why(err)}); if it does not speak {version}"
+                           f"{rabbit}, use protocol 'auto' (the default) or {other}")
 
     async def _open(self, *, first: bool) -> None:
         """TCP (+TLS) connect and CONNECT in an executor thread, then hand the socket to the
@@ -300,7 +390,7 @@ class MqttClient:
             return
         self._closing = True
         deadline = self._loop.time() + timeout_s
-        for timer in (self._misc_timer, self._reconnect_timer):
+        for timer in (self._misc_timer, self._reconnect_timer, self._stable_timer):
             if timer is not None:
                 timer.cancel()
         if self._reconnect_task is not None and not self._reconnect_task.done():
@@ -575,8 +665,12 @@ class MqttClient:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             err = _connect_error(reason_code)
-            log.warning("MQTT connect to %s:%s refused: %s", self.config.host,
-                        self.config.port, err)
+            if self._first is not None and not self._first.done():
+                if _reason_value(reason_code) == _VERSION_REFUSED:
+                    self._first_kind = "version"
+            else:  # a reconnect refused (the first connect reports its own error)
+                log.warning("MQTT connect to %s:%s refused: %s", self.config.host,
+                            self.config.port, err)
             self._resolve_first(err)
             return
         rtt = self._loop.time() - self._connect_sent
@@ -598,10 +692,23 @@ class MqttClient:
             self._ready()
 
     def _ready(self) -> None:
-        # the backoff starts over only once a connection is really usable (re-subscribed)
-        self._reconnect_delay = self.config.reconnect_min_s
+        # the backoff starts over only once a connection is usable (re-subscribed) and has
+        # stayed up for stable_after_s: a broker that takes connections and drops them again
+        # meets a growing delay, not a reconnect storm
+        if self._stable_timer is not None:
+            self._stable_timer.cancel()
+            self._stable_timer = None
+        if self.config.stable_after_s <= 0:
+            self._reconnect_delay = self.config.reconnect_min_s
+        else:
+            self._stable_timer = self._loop.call_later(self.config.stable_after_s, self._stable)
         self._resolve_first(None)
         self._safe(self._on_connection_cb, True, "connected")
+
+    def _stable(self) -> None:
+        self._stable_timer = None
+        if self._connected:
+            self._reconnect_delay = self.config.reconnect_min_s
 
     def _resolve_first(self, err: TandemError | None) -> None:
         if self._first is not None and not self._first.done():
@@ -610,11 +717,17 @@ class MqttClient:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self._connected
         self._connected = False
+        if self._stable_timer is not None:  # not up long enough: the backoff keeps growing
+            self._stable_timer.cancel()
+            self._stable_timer = None
         self._fail_acks(Unavailable(f"connection lost before the broker acknowledged "
                                     f"({reason_code}); the message may still be delivered "
                                     "after the reconnect"))
         self._subscriptions_unanswered(reason_code)
-        self._resolve_first(Unavailable(f"connection closed before CONNACK: {reason_code}"))
+        if self._first is not None and not self._first.done():
+            if not was_connected:
+                self._first_kind = "closed"
+            self._resolve_first(Unavailable(f"connection closed before CONNACK: {reason_code}"))
         if self._closing:
             if was_connected:
                 self._safe(self._on_connection_cb, False, "closed")

@@ -1,11 +1,17 @@
 """The MQTT transport: :class:`MqttTransport`, the :class:`~tandem.protocol.transport.Transport`
 interface over paho-mqtt 2 (the semantics are the interface's; this module is only the link).
 
-* **Connection.** MQTT 5 by default, 3.1.1 as an option. TCP_NODELAY on every socket. A lost
-  connection is re-established in the background with exponential backoff
-  (``reconnect_min_s`` … ``reconnect_max_s``; the delay starts over once a connection is up and
-  re-subscribed) and every filter of our own table is sent again — we never rely on the
-  broker's session alone. A filter the broker refuses leaves the table (see :mod:`._client`).
+* **Connection.** ``protocol="auto"`` (the default) negotiates: MQTT 5, or 3.1.1 when the
+  broker refuses 5 or closes the socket before its CONNACK; the answer is kept for reconnects
+  (:attr:`MqttTransport.protocol_version`). An explicit 5 or 311 is used as it is. TCP_NODELAY
+  on every socket. A lost connection is re-established in the background with exponential
+  backoff (``reconnect_min_s`` … ``reconnect_max_s``; the delay starts over once a connection
+  has stayed up and re-subscribed for ``stable_after_s``) and every filter of our own table is
+  sent again — we never rely on the broker's session alone. A filter the broker refuses leaves
+  the table and its owner hears why (``on_refused``; see :mod:`._client`).
+* **Shared subscriptions** are checked: ``serve`` on a ``$share/…`` filter sends a probe
+  through it and fails at once on a broker that accepts such filters and delivers nothing
+  (:mod:`tandem.protocol.transport._share`).
 * **Persistent sessions.** With a fixed ``client_id``, ``clean_start=False`` and
   ``session_expiry_s > 0`` the broker keeps the subscriptions and queues QoS 1 messages while the
   client is away, and delivers them right after the next CONNACK, before the application can
@@ -45,9 +51,17 @@ class MqttTransport(Transport):
     event loop: no network thread). Create it anywhere; :meth:`connect` binds it to the
     running loop."""
 
+    _checks_shared_subscriptions = True  # brokers may accept $share/ and deliver nothing
+
     def __init__(self, config: TransportConfig | None = None) -> None:
         super().__init__(TransportConfig() if config is None else config)
         self._mqtt: MqttClient | None = None
+
+    @property
+    def protocol_version(self) -> int | None:
+        """The MQTT version in use: 5 or 311 (with ``protocol="auto"``, the one the broker
+        took on the first connect); None before :meth:`connect`."""
+        return self._mqtt.protocol_version if self._mqtt is not None else None
 
     @property
     def connected(self) -> bool:

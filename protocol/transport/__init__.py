@@ -17,7 +17,8 @@ against what brokers accept before anything is sent (:func:`check_topic`,
 :func:`check_filter`). Nothing here imports paho.
 
 Modules: :mod:`._config` (plain records), :mod:`._topics` (topic rules), :mod:`._serve`
-(the answering side), :mod:`._core` (the interface), :mod:`._sync`, :mod:`._memory`.
+(the answering side), :mod:`._share` (the shared-subscription self-check of ``serve``),
+:mod:`._core` (the interface), :mod:`._sync`, :mod:`._memory`.
 """
 
 from tandem.protocol.transport._config import (
@@ -34,11 +35,13 @@ from tandem.protocol.transport._config import (
     TransportConfig,
     Will,
     expiry_for_budget,
+    parse_protocol,
 )
 from tandem.protocol.transport._core import (
     OFFLOOP_DECODE_BYTES,
     Handler,
     PublishHandle,
+    RefusalHandler,
     Transport,
     TransportStats,
 )
@@ -61,6 +64,7 @@ __all__ = [
     "MemoryTransport",
     "PublishHandle",
     "PublishProperties",
+    "RefusalHandler",
     "RequestContext",
     "RequestHandler",
     "ServeStats",
@@ -73,5 +77,6 @@ __all__ = [
     "check_filter",
     "check_topic",
     "expiry_for_budget",
+    "parse_protocol",
     "topic_matches",
 ]

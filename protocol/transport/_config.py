@@ -27,6 +27,7 @@ __all__ = [
     "TransportConfig",
     "Will",
     "expiry_for_budget",
+    "parse_protocol",
 ]
 
 MAX_MQTT_PAYLOAD = 268_435_455  # protocol limit of a packet's remaining length
@@ -38,6 +39,21 @@ CONTENT_TYPE = "application/x-tandem+msgpack"
 TRANSPORT_LIMITS = Limits(max_message_bytes=64 * 2**20, max_tensor_bytes=64 * 2**20)
 """What a transport decodes by default: the codec's defaults with 64 MiB per message (also the
 largest message it sends or reassembles)."""
+
+
+def parse_protocol(value: object) -> str | int:
+    """An MQTT protocol setting as :class:`TransportConfig` takes it: ``"auto"``, ``5`` or
+    ``311`` (also from the strings ``"5"``/``"311"``, any case and spacing, as a command line,
+    an environment variable or a TOML file gives them). InvalidArgument otherwise."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if text in ("5", "311"):
+            return int(text)
+    elif isinstance(value, int) and not isinstance(value, bool) and value in (5, 311):
+        return value
+    raise InvalidArgument(f"MQTT protocol must be 'auto', 5 or 311, not {value!r}")
 
 
 def expiry_for_budget(budget_ms: int) -> int | None:
@@ -74,8 +90,12 @@ class TransportConfig:
     transport uses all of it; :class:`~tandem.protocol.transport.MemoryTransport` ignores what
     only a network needs (host, port, credentials, TLS, protocol, keepalive, reconnect delays).
 
-    ``protocol`` is 5 (MQTT 5, default) or 311 (MQTT 3.1.1; everything Tandem needs also travels
-    in the payload). ``clean_start=False`` with ``session_expiry_s > 0`` and a stable
+    ``protocol`` is ``"auto"`` (default), 5 (MQTT 5) or 311 (MQTT 3.1.1; everything Tandem needs
+    also travels in the payload). ``"auto"`` tries MQTT 5 and falls back to 3.1.1 when the
+    broker refuses 5 (CONNACK 0x84, or 3.1.1's return code 1) or closes the socket before its
+    CONNACK (RabbitMQ before 3.13); the version that worked is kept for every reconnect and
+    logged once. An explicit version is used as it is: a broker refusing it is a one-line error
+    naming the version. ``clean_start=False`` with ``session_expiry_s > 0`` and a stable
     ``client_id`` asks the broker for a persistent session (MQTT 3.1.1: ``clean_session``).
     Payloads larger than ``max_payload_bytes`` are chunked (also capped by the broker's Maximum
     Packet Size when it announces one). ``None`` (default) picks by protocol:
@@ -87,6 +107,17 @@ class TransportConfig:
     * MQTT 3.1.1: :data:`DEFAULT_MAX_PAYLOAD_V311` (1 MiB - 1 KiB): 3.1.1 has no way to announce
       a cap, and a broker drops the connection on a packet over its cap; this fits EMQX's default.
       Set it lower for brokers with smaller caps (e.g. AWS IoT Core: 128 KB).
+
+    Reconnects: a lost connection is opened again after ``reconnect_min_s``, doubling up to
+    ``reconnect_max_s`` while attempts fail; the delay starts over only once a connection has
+    stayed up (CONNACK received, every filter re-subscribed) for ``stable_after_s``, so a broker
+    that accepts connections and drops them again (a duplicate client id, a filter it kicks
+    clients for) meets a growing delay, not a reconnect storm.
+
+    Shared subscriptions: a broker may accept a ``$share/<group>/…`` SUBSCRIBE and deliver
+    nothing through it (amqtt, Aedes, NATS's MQTT gateway, RabbitMQ). ``serve`` on such a filter
+    therefore sends a probe through it and fails (FailedPrecondition) when none arrives within
+    ``share_check_timeout_s`` (0 turns the check off); see :mod:`._share`.
 
     Limits on what peers send (SPEC.md §6):
 
@@ -107,7 +138,7 @@ class TransportConfig:
     host: str = "127.0.0.1"
     port: int = 1883
     client_id: str = ""  # "" = a fresh random id ("tandem-<hex>")
-    protocol: int = 5
+    protocol: str | int = "auto"
     username: str | None = None
     password: str | None = None
     tls: TlsConfig | None = None
@@ -116,8 +147,10 @@ class TransportConfig:
     session_expiry_s: int = 0
     reconnect_min_s: float = 0.1
     reconnect_max_s: float = 10.0
+    stable_after_s: float = 5.0
     max_payload_bytes: int | None = None  # None: by protocol, see above
     connect_timeout_s: float = 5.0
+    share_check_timeout_s: float = 3.0
     qos: int = 1
     will: Will | None = None
     limits: Limits = TRANSPORT_LIMITS
@@ -128,8 +161,7 @@ class TransportConfig:
     unclaimed_ttl_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.protocol not in (5, 311):
-            raise InvalidArgument(f"protocol must be 5 or 311, not {self.protocol!r}")
+        object.__setattr__(self, "protocol", parse_protocol(self.protocol))
         if self.qos not in (0, 1, 2):
             raise InvalidArgument(f"qos must be 0, 1 or 2, not {self.qos!r}")
         if self.max_payload_bytes is not None and \
@@ -139,6 +171,8 @@ class TransportConfig:
             raise InvalidArgument("need 0 < reconnect_min_s <= reconnect_max_s")
         if self.connect_timeout_s <= 0:
             raise InvalidArgument("connect_timeout_s must be > 0")
+        if not self.stable_after_s >= 0 or not self.share_check_timeout_s >= 0:
+            raise InvalidArgument("stable_after_s and share_check_timeout_s must be >= 0")
         if self.password is not None and self.username is None:
             raise InvalidArgument("a password needs a username")
         if not isinstance(self.limits, Limits):

@@ -50,11 +50,13 @@ from tandem.protocol.transport._serve import (
     ServeStats,
     is_async_callable,
 )
+from tandem.protocol.transport._share import confirm_delivery, explain_refusal, is_shared
 from tandem.protocol.transport._topics import check_filter, check_topic, topic_matches
 
-__all__ = ["Handler", "PublishHandle", "Transport", "TransportStats"]
+__all__ = ["Handler", "PublishHandle", "RefusalHandler", "Transport", "TransportStats"]
 
 Handler = Callable[[IncomingMessage], "Awaitable[None] | None"]
+RefusalHandler = Callable[[TandemError], None]
 Buffer = bytes | bytearray | memoryview
 
 OFFLOOP_DECODE_BYTES = 1 << 20
@@ -137,12 +139,14 @@ class PublishHandle:
 
 
 class _Subscription:
-    __slots__ = ("handler", "is_async", "takes_views")
+    __slots__ = ("handler", "is_async", "on_refused", "takes_views")
 
-    def __init__(self, handler: Callable[[IncomingMessage], Any], takes_views: bool) -> None:
+    def __init__(self, handler: Callable[[IncomingMessage], Any], takes_views: bool,
+                 on_refused: RefusalHandler | None = None) -> None:
         self.handler = handler
         self.takes_views = takes_views  # our own handlers decode views in place
         self.is_async = is_async_callable(handler)
+        self.on_refused = on_refused  # told when the broker refuses it on a re-subscribe
 
 
 class _Pending:
@@ -185,7 +189,11 @@ class Transport(abc.ABC):
       Publishing while disconnected raises Unavailable at once (no local queue).
     * **Topics** are checked before anything is sent (:mod:`._topics`): a topic or filter a
       broker would call malformed is InvalidArgument for that call, never a reconnect loop.
-      A filter the broker refuses fails the ``subscribe`` call and is not kept.
+      A filter the broker refuses fails the ``subscribe`` call and is not kept; one it refuses
+      on a re-subscribe is dropped and its owner's ``on_refused`` hears why.
+    * **Shared subscriptions** (``$share/<group>/…``) are checked where a broker may accept
+      them and deliver nothing (MQTT): ``serve`` confirms delivery with a probe first
+      (:mod:`._share`).
     * **Requests** never hang past their timeout (DeadlineExceeded), fail at once with a
       retryable Unavailable when the link drops while they wait, and raise the peer's error
       (``error_from_wire``) for an error response. Responses for no pending request are
@@ -277,6 +285,10 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def _unsubscribe_impl(self, topic_filter: str) -> asyncio.Future:
         """Remove a filter from the table and unsubscribe; the future completes when done."""
+
+    # whether a $share/ filter may be accepted and never deliver (MQTT brokers): serve() then
+    # confirms delivery with a probe (see _share)
+    _checks_shared_subscriptions = False
 
     def _unacked_count(self) -> int:
         return 0
@@ -428,14 +440,20 @@ class Transport(abc.ABC):
         return [self._send_packet(p, topic, qos, retain, props, want_ack) for p in packets]
 
     async def subscribe(self, topic_filter: str, handler: Handler, *,
-                        qos: int | None = None) -> None:
+                        qos: int | None = None,
+                        on_refused: RefusalHandler | None = None) -> None:
         """Call ``handler(IncomingMessage)`` (sync or async, on the loop; payload as bytes)
         for every message matching ``topic_filter``; waits for the broker's answer, raising
-        its refusal. The subscription survives reconnects. Subscribing a filter again replaces
-        its handler; a message matching several filters goes to each of their handlers."""
+        its refusal. The subscription survives reconnects; should the broker refuse it on a
+        re-subscribe (by SUBACK, or by closing the connection on it twice in a row), it is
+        dropped and ``on_refused(error)`` runs on the loop (else the error is logged).
+        Subscribing a filter again replaces its handler; a message matching several filters
+        goes to each of their handlers."""
         if not callable(handler):
             raise InvalidArgument(f"handler must be callable, not {type(handler).__name__}")
-        await self._subscribe(topic_filter, _Subscription(handler, takes_views=False), qos)
+        await self._subscribe(topic_filter,
+                              _Subscription(handler, takes_views=False, on_refused=on_refused),
+                              qos)
 
     async def _subscribe(self, topic_filter: str, sub: _Subscription, qos: int | None) -> None:
         self._check_open()
@@ -455,7 +473,10 @@ class Transport(abc.ABC):
             raise
         if err is not None:
             self._forget_filter(topic_filter, previous, sub)
-            raise err
+            explained = explain_refusal(self, topic_filter, err)
+            if explained is err:
+                raise err
+            raise explained from err
         self._claim(topic_filter)
 
     def _forget_filter(self, topic_filter: str, previous: _Subscription | None,
@@ -483,15 +504,23 @@ class Transport(abc.ABC):
 
     def _subscription_refused(self, topic_filter: str, err: TandemError) -> None:
         """For implementations: the broker refused a filter of the table on a re-subscribe; it
-        is dropped (not replayed again)."""
+        is dropped (not replayed again) and its owner's ``on_refused`` hears why."""
         self._refused_subscriptions += 1
-        log.error("broker refused the subscription %r on re-subscribe; dropped: %s",
-                  topic_filter, err)
-        self._subs.pop(topic_filter, None)
+        err = explain_refusal(self, topic_filter, err)
+        sub = self._subs.pop(topic_filter, None)
         self._reply_subscribed.discard(topic_filter)
         server = self._servers.pop(topic_filter, None)
         if server is not None:
             server.stop()
+        if sub is None or sub.on_refused is None:
+            log.error("broker refused the subscription %r on re-subscribe; dropped: %s",
+                      topic_filter, err)
+            return
+        log.warning("broker refused the subscription %r on re-subscribe; dropped", topic_filter)
+        try:
+            sub.on_refused(err)
+        except Exception:
+            log.exception("on_refused callback for %r failed", topic_filter)
 
     # == requests ===============================================================================
 
@@ -715,7 +744,8 @@ class Transport(abc.ABC):
                     max_concurrency: int | None = None,
                     max_queued: int = 256,
                     max_queued_bytes: int = 256 * 2**20,
-                    qos: int | None = None) -> None:
+                    qos: int | None = None,
+                    on_refused: RefusalHandler | None = None) -> None:
         """Answer every InferenceRequest on ``topic_filter`` (e.g.
         ``topics.request_filter("workers")``) with ``handler(request, context)``.
 
@@ -727,7 +757,14 @@ class Transport(abc.ABC):
         included. At most ``max_concurrency`` handlers run at once (default 4 sync, 256
         async); beyond that up to ``max_queued`` requests wait, by priority, within
         ``max_queued_bytes``; more are answered RESOURCE_EXHAUSTED. The details are in
-        :mod:`tandem.protocol.transport._serve`."""
+        :mod:`tandem.protocol.transport._serve`.
+
+        A shared filter (``$share/<group>/…``) on a broker that may accept it and deliver
+        nothing (MQTT) is confirmed with a probe before ``serve`` returns (:mod:`._share`):
+        FailedPrecondition within ``config.share_check_timeout_s`` when nothing comes through,
+        or when the broker refuses the filter or closes the connection on it; nothing is left
+        subscribed then. ``on_refused(error)`` runs when the broker refuses the filter on a
+        re-subscribe after a reconnect (the server has stopped then)."""
         self._check_open()
         server = Server(self, topic_filter, handler, executor=executor,
                         limits=self.config.limits if limits is None else limits,
@@ -737,7 +774,11 @@ class Transport(abc.ABC):
         old = self._servers.get(topic_filter)
         self._servers[topic_filter] = server
         try:
-            await self._subscribe(topic_filter, _Subscription(server.on_message, True), qos)
+            await self._subscribe(topic_filter,
+                                  _Subscription(server.on_message, True, on_refused), qos)
+            if self._checks_shared_subscriptions and is_shared(topic_filter) and \
+                    self.config.share_check_timeout_s > 0:
+                await self._confirm_shared(topic_filter, server)
         except BaseException:
             server.stop()
             if self._servers.get(topic_filter) is server:
@@ -748,6 +789,18 @@ class Transport(abc.ABC):
             raise
         if old is not None:
             old.stop()
+
+    async def _confirm_shared(self, topic_filter: str, server: Server) -> None:
+        """The shared-subscription self-check of :meth:`serve`; on failure the filter is
+        unsubscribed again (within a bounded time) before the error is raised."""
+        try:
+            await confirm_delivery(self, topic_filter)
+        except BaseException:
+            if self._servers.get(topic_filter) is server:
+                with contextlib.suppress(TandemError, asyncio.TimeoutError):
+                    await asyncio.wait_for(self.unsubscribe(topic_filter),
+                                           self.config.connect_timeout_s)
+            raise
 
     def _send_reply(self, topic: str, response: InferenceResponse,
                     correlation_data: bytes | None) -> bool:

@@ -8,7 +8,8 @@ A request goes through these steps, each bounded, before the handler sees it:
    never publishes to a topic a peer chose freely.
 2. **Envelope** (:func:`tandem.protocol.codec.peek`): type, id and declared tensor sizes, read
    before any tensor byte is touched or decompressed. A frame whose envelope is unreadable is
-   answered by id when the MQTT 5 correlation data carries one, else dropped and counted.
+   answered by id when the MQTT 5 correlation data carries one, else dropped and counted; a
+   shared-subscription probe (:mod:`._share`; never a frame) is dropped and counted as one.
 3. **Admission**: a duplicate of a request in progress (QoS 1 redelivery) is dropped; one whose
    declared tensors exceed the handler's limits, or whose bytes (payload + what compressed
    tensors inflate to) exceed ``max_queued_bytes`` on their own, is answered PAYLOAD_TOO_LARGE;
@@ -55,6 +56,7 @@ from tandem.protocol.errors import (
 from tandem.protocol.messages import ErrorInfo, InferenceRequest, InferenceResponse, Timings
 from tandem.protocol.transport._config import IncomingMessage, RequestContext
 from tandem.protocol.transport._log import Throttled, log
+from tandem.protocol.transport._share import is_probe
 
 __all__ = ["RequestHandler", "ServeStats", "Server", "is_async_callable"]
 
@@ -83,6 +85,7 @@ class ServeStats:
     undecodable: int = 0
     duplicates: int = 0
     replies_lost: int = 0  # answers that could not be published (connection lost)
+    probes: int = 0  # shared-subscription probes (of any worker) dropped before decoding
 
 
 class Host(Protocol):
@@ -180,6 +183,7 @@ class Server:
         self._warn = Throttled()
         self.answered = self.failed = self.busy = self.expired = 0
         self.refused = self.undecodable = self.duplicates = self.replies_lost = 0
+        self.probes = 0
 
     # -- counters ------------------------------------------------------------------------------
 
@@ -188,7 +192,7 @@ class Server:
             queued=self._admitted, running=len(self._running), held_bytes=self._held,
             answered=self.answered, failed=self.failed, busy=self.busy, expired=self.expired,
             refused=self.refused, undecodable=self.undecodable, duplicates=self.duplicates,
-            replies_lost=self.replies_lost)
+            replies_lost=self.replies_lost, probes=self.probes)
 
     # -- arrival (on the loop) -----------------------------------------------------------------
 
@@ -199,6 +203,9 @@ class Server:
         try:
             device, model = topics.parse_request_topic(msg.topic)
         except InvalidArgument:
+            if is_probe(msg.payload):  # a shared-subscription probe (see _share): never served
+                self.probes += 1
+                return
             self._refuse("topic", "refused a request on %r: not a request topic "
                          "(tandem/v1/req/<device>/<model>)", msg.topic)
             return
@@ -208,6 +215,9 @@ class Server:
         try:
             info = codec.peek(payload, self.limits)
         except ProtocolError as exc:
+            if is_probe(payload):  # a shared-subscription probe (see _share): never served
+                self.probes += 1
+                return
             self.undecodable += 1
             if corr is not None and len(corr) == 16:  # MQTT 5: the request id, readable
                 self._answer(reply, _error(corr, exc), corr)

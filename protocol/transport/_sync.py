@@ -23,6 +23,7 @@ from tandem.protocol.transport._config import PublishProperties, TransportConfig
 from tandem.protocol.transport._core import (
     Handler,
     PublishHandle,
+    RefusalHandler,
     Transport,
     TransportStats,
     _wait_timeout,
@@ -157,9 +158,11 @@ class SyncTransport:
         return self._call(self._t.publish_message(topic, message, qos=qos, retain=retain),
                           self.call_timeout_s, "publish")
 
-    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int | None = None) -> None:
-        """``handler`` runs on the transport's loop thread: it must not block."""
-        self._call(self._t.subscribe(topic_filter, handler, qos=qos),
+    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int | None = None,
+                  on_refused: RefusalHandler | None = None) -> None:
+        """``handler`` (and ``on_refused``) run on the transport's loop thread: they must not
+        block."""
+        self._call(self._t.subscribe(topic_filter, handler, qos=qos, on_refused=on_refused),
                    self.config.connect_timeout_s + _GUARD_S, "subscribe")
 
     def unsubscribe(self, topic_filter: str) -> None:
@@ -185,12 +188,16 @@ class SyncTransport:
               executor: concurrent.futures.Executor | None = None,
               limits: Limits | None = None, max_concurrency: int | None = None,
               max_queued: int = 256, max_queued_bytes: int = 256 * 2**20,
-              qos: int | None = None) -> None:
-        """:meth:`Transport.serve` (a sync handler runs in ``executor``, never on the loop)."""
+              qos: int | None = None, on_refused: RefusalHandler | None = None) -> None:
+        """:meth:`Transport.serve` (a sync handler runs in ``executor``, never on the loop;
+        ``on_refused`` runs on the loop thread)."""
+        c = self.config
+        # the SUBSCRIBE, then the shared-subscription check (a probe's SUBSCRIBE and the probes)
         self._call(self._t.serve(topic_filter, handler, executor=executor, limits=limits,
                                  max_concurrency=max_concurrency, max_queued=max_queued,
-                                 max_queued_bytes=max_queued_bytes, qos=qos),
-                   self.config.connect_timeout_s + _GUARD_S, "serve")
+                                 max_queued_bytes=max_queued_bytes, qos=qos,
+                                 on_refused=on_refused),
+                   3 * c.connect_timeout_s + c.share_check_timeout_s + _GUARD_S, "serve")
 
     # -- plumbing --------------------------------------------------------------------------------
 

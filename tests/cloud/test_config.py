@@ -80,3 +80,25 @@ def test_nats_broker_urls_need_ids_nats_carries():
             CloudConfig(repo=Path("r"), broker="nats://a", **bad)
     CloudConfig(repo=Path("r"), broker="mqtt://a", worker_id="host.example-1")  # fine on MQTT
     assert "." not in CloudConfig(repo=Path("r"), broker="nats://a").worker_id
+
+
+def test_the_mqtt_version_is_negotiated_by_default(tmp_path):
+    cfg = load_config({"repo": str(tmp_path)}, env={})
+    assert cfg.mqtt_version == "auto"
+    f = tmp_path / "c.toml"
+    f.write_text('repo = "r"\nmqtt_version = 311\n')
+    assert load_config({}, env={}, config_file=f).mqtt_version == 311  # an integer in TOML
+    assert load_config({"repo": "r"}, env={"TANDEM_MQTT_VERSION": "5"}).mqtt_version == 5
+    assert load_config({"repo": "r", "mqtt_version": "AUTO"}, env={}).mqtt_version == "auto"
+    with pytest.raises(InvalidArgument, match="--mqtt-version: expected auto, 5 or 311"):
+        load_config({"repo": "r", "mqtt_version": "4"}, env={})
+    with pytest.raises(InvalidArgument, match="'auto', 5 or 311"):
+        CloudConfig(repo=Path("r"), mqtt_version=3)
+
+
+def test_an_empty_group_serves_the_unshared_filter(tmp_path):
+    from tandem.cloud._worker import Worker
+
+    cfg = load_config({"repo": str(tmp_path), "group": ""}, env={})
+    assert Worker(cfg)._filter == "tandem/v1/req/+/+"
+    assert Worker(CloudConfig(repo=tmp_path))._filter == "$share/tandem/tandem/v1/req/+/+"

@@ -118,3 +118,71 @@ def test_after_sigkill_a_client_retrying_by_id_gets_every_answer(mosquitto, serv
     assert time.monotonic() - started < 60
     survivor.signal(signal.SIGTERM)
     assert survivor.wait(30) == 0
+
+
+# -- brokers in the wild (issue #15): version negotiation, shared subscriptions, refusals --------
+
+
+def test_a_broker_without_shared_subscriptions_is_a_one_line_error_not_an_idle_worker(
+        amqtt_factory, serve_process, repo):
+    """amqtt refuses MQTT 5 (the default 'auto' falls back to 3.1.1) and accepts the $share
+    SUBSCRIBE without ever delivering through it: serve exits 1 within seconds, one line naming
+    the limitation and the ways out."""
+    broker = amqtt_factory()
+    p = serve_process("--repo", str(repo), "--broker", f"mqtt://127.0.0.1:{broker.port}")
+    assert p.wait(60) == 1
+    log = p.log()
+    last = log.splitlines()[-1]
+    assert "Traceback" not in log and last.startswith("error: ")
+    assert "with MQTT 3.1.1" in log  # negotiated down, said once
+    assert "does not support shared subscriptions" in last
+    for way_out in ("mosquitto, EMQX, HiveMQ", "--broker nats://", "--group ''"):
+        assert way_out in last
+
+
+def test_an_explicit_mqtt_version_the_broker_refuses_names_auto(amqtt_factory, serve_process,
+                                                                 repo):
+    broker = amqtt_factory()
+    p = serve_process("--repo", str(repo), "--broker", f"mqtt://127.0.0.1:{broker.port}",
+                      "--mqtt-version", "5", "--group", "")
+    assert p.wait(60) == 1
+    last = p.log().splitlines()[-1]
+    assert last.startswith("error: ") and "MQTT 5" in last and "'auto'" in last
+
+
+def test_without_a_group_one_worker_serves_on_a_broker_without_shared_subscriptions(
+        amqtt_factory, run_worker, repo, compiled):
+    broker = amqtt_factory()
+    run_worker(repo=repo, broker=broker_url(broker), group="")
+    request, _ = request_for(compiled["residual"], 1)
+
+    async def main() -> InferenceResponse:
+        async with MqttTransport(TransportConfig(host="127.0.0.1", port=broker.port)) as t:
+            assert t.protocol_version == 311
+            return await t.request(topic_for(request, "residual"), request)
+
+    assert asyncio.run(main()).worker_id == "w1"
+
+
+def test_a_worker_whose_subscription_is_refused_after_a_reconnect_stops_with_the_error(repo):
+    """The broker takes the request filter, later refuses it on the re-subscribe after a
+    reconnect: the worker does not idle on — it drains, stops, and serve raises the error."""
+    from tandem.cloud import load_config, serve_async
+    from tandem.protocol import PermissionDenied
+    from tests._support.mqtt_standin import StandIn
+
+    async def main() -> None:
+        async with StandIn() as broker:
+            config = load_config({"repo": str(repo), "group": "", "worker_id": "w1",
+                                  "broker": f"mqtt://127.0.0.1:{broker.port}"}, env={})
+            started = asyncio.get_running_loop().create_future()
+            task = asyncio.ensure_future(serve_async(config, started=started))
+            worker, _ = await asyncio.wait_for(started, 30)
+            assert worker.ready
+            broker.refuse_filter = lambda f: f.startswith("tandem/v1/req/")
+            broker.kick_all()
+            with pytest.raises(PermissionDenied, match="tandem/v1/req/"):
+                await asyncio.wait_for(task, 30)
+            assert worker.state == "stopped" and not worker.ready
+
+    asyncio.run(main())

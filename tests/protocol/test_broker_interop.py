@@ -2,11 +2,13 @@
 mosquitto over MQTT 3.1.1 (its MQTT 5 side is the contract suite's own broker), amqtt (PyPI),
 NATS's MQTT gateway (Debian's nats-server, JetStream on) and Aedes (npm, with ``noDelay``).
 
-The broker-dependent tests of the contract suite run against each (MQTT 3.1.1 where the broker
-has no MQTT 5), and each broker's known limits are asserted as they are today, so the
-deployment guide's table (docs/deployment.md) is checked here: MQTT 5 refused, shared
-subscriptions accepted and never delivered, QoS 2 dropping the connection. A broker that cannot
-run here is skipped with the reason (.ci/run installs all of them).
+The broker-dependent tests of the contract suite run against each with the default
+configuration (``protocol="auto"``: MQTT 3.1.1 where the broker refuses 5; mosquitto's row is
+pinned to 3.1.1), and each broker's known limits are asserted, so the deployment guide's table
+(docs/deployment.md) is checked here: MQTT 5 refused and negotiated down, shared subscriptions
+accepted and never delivered — which ``serve`` turns into a clear error within seconds —, QoS 2
+dropping the connection. A broker that cannot run here is skipped with the reason (.ci/run
+installs all of them).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import pytest
 
 from tandem.protocol import codec, topics
-from tandem.protocol.errors import Unavailable
+from tandem.protocol.errors import FailedPrecondition, Unavailable
 from tandem.protocol.mqtt import MqttTransport
 from tandem.protocol.transport import IncomingMessage, TransportConfig
 from tests._support.interop import aedes_missing, amqtt_missing, nats_missing
@@ -39,6 +41,7 @@ class Broker:
     shared_subscriptions: bool
     qos2: bool
     anonymous_backlog: bool = True  # queues QoS 1 for an anonymous client's persistent session
+    protocol: int | None = None  # pinned for this row; None: the default ("auto")
 
 
 def _mosquitto(request, max_packet_bytes):
@@ -67,7 +70,7 @@ def _mosquitto_missing():
 BROKERS = {
     b.name: b for b in (
         Broker("mosquitto-311", _mosquitto_missing, _mosquitto, mqtt5=True,
-               shared_subscriptions=True, qos2=True),
+               shared_subscriptions=True, qos2=True, protocol=311),
         Broker("amqtt", amqtt_missing, _amqtt, mqtt5=False, shared_subscriptions=False,
                qos2=True, anonymous_backlog=False),
         Broker("nats-mqtt", nats_missing, _nats_mqtt, mqtt5=False, shared_subscriptions=False,
@@ -79,7 +82,8 @@ BROKERS = {
 
 
 class BrokerNet(contract.Net):
-    """The contract suite's ``net`` for one of these brokers, over MQTT 3.1.1."""
+    """The contract suite's ``net`` for one of these brokers, with the default configuration
+    (or the row's pinned protocol)."""
 
     def __init__(self, broker: Broker, request) -> None:
         self.broker = broker
@@ -91,7 +95,8 @@ class BrokerNet(contract.Net):
         return self
 
     def config(self, **kw) -> TransportConfig:
-        kw.setdefault("protocol", 311)
+        if self.broker.protocol is not None:
+            kw.setdefault("protocol", self.broker.protocol)
         return super().config(**kw)
 
 
@@ -149,29 +154,47 @@ def run(coro) -> None:
     asyncio.run(asyncio.wait_for(coro, 60))
 
 
+def test_the_default_configuration_connects_and_serves(net, broker):
+    """``TransportConfig()`` as it comes (protocol "auto") connects to every broker: MQTT 5
+    where the broker has it, 3.1.1 where it refuses 5; a request goes round."""
+
+    async def main() -> None:
+        cfg = TransportConfig(host=net.mosquitto.host, port=net.mosquitto.port)
+        async with MqttTransport(cfg) as server, MqttTransport(cfg) as client:
+            assert server.protocol_version == (5 if broker.mqtt5 else 311)
+            await server.serve(topics.request_filter(), contract.echo)
+            req = contract.make_request()
+            assert (await client.request(contract.REQ, req)).id == req.id
+
+    run(main())
+
+
 def test_known_limits_mqtt5(net, broker):
-    """MQTT 5 where the broker has it; refused at once with the broker's 0x84 otherwise."""
+    """MQTT 5 where the broker has it; an explicit 5 is refused at once with the broker's 0x84
+    otherwise, in one line that names the version and the way out ('auto')."""
 
     async def main() -> None:
         t = MqttTransport(net.config(protocol=5, connect_timeout_s=5))
         if broker.mqtt5:
             async with t:
-                assert t.connected
+                assert t.connected and t.protocol_version == 5
             return
         t0 = time.monotonic()
         with pytest.raises(Unavailable) as info:
             await t.connect()
         assert time.monotonic() - t0 < 5  # at once, not a timeout
-        assert "0x84" in str(info.value) or "closed before CONNACK" in str(info.value)
-        assert not info.value.retryable or "closed" in str(info.value)
+        text = str(info.value)
+        assert "0x84" in text and "MQTT 5" in text and "'auto'" in text and "\n" not in text
+        assert not info.value.retryable
 
     run(main())
 
 
 def test_known_limits_shared_subscriptions(net, broker):
-    """Shared subscriptions: delivered to one member (mosquitto); on the others the SUBSCRIBE is
-    accepted and nothing is ever delivered through it — the self-check of issue #15 item 2
-    turns that into an error."""
+    """Shared subscriptions: delivered to one member (mosquitto); the others accept the
+    SUBSCRIBE and deliver nothing through it (asserted with a plain subscription, the
+    self-check off), and ``serve`` on a shared filter turns that into a one-line
+    FailedPrecondition within seconds, leaving nothing subscribed."""
 
     async def main() -> None:
         async with net.transport() as member, net.transport() as peer:
@@ -185,6 +208,20 @@ def test_known_limits_shared_subscriptions(net, broker):
             await asyncio.sleep(0.5)
             assert member.connected
             assert bool(shared) is broker.shared_subscriptions
+        async with net.transport(share_check_timeout_s=2.0) as worker:
+            flt = topics.request_filter("workers")
+            t0 = time.monotonic()
+            if broker.shared_subscriptions:
+                await worker.serve(flt, contract.echo)
+                assert worker.stats().serving[flt].probes >= 1  # dropped, never handled
+                return
+            with pytest.raises(FailedPrecondition) as info:
+                await worker.serve(flt, contract.echo)
+            assert time.monotonic() - t0 < 2.0 + 3.0  # the check's time, and a little
+            text = str(info.value)
+            assert "\n" not in text and "delivered nothing" in text
+            assert "does not support shared subscriptions" in text and "nats://" in text
+            assert worker.stats().serving == {} and worker.connected
 
     run(main())
 

@@ -1026,7 +1026,7 @@ async def _crash_a_process_with_a_will(net: Net, status: str) -> None:
         "from tandem.protocol.transport import TransportConfig, Will\n"
         "async def main():\n"
         f"    t = MqttTransport(TransportConfig(host={net.mosquitto.host!r}, "
-        f"port={net.mosquitto.port}, protocol={net.config().protocol}, keepalive_s=60, "
+        f"port={net.mosquitto.port}, protocol={net.config().protocol!r}, keepalive_s=60, "
         f"will=Will({status!r}, b'offline')))\n"
         "    await t.connect()\n"
         "    print('up', flush=True)\n"

@@ -1,4 +1,4 @@
-"""Small file helpers for the engine and timing caches: atomic writes and an exclusive lock.
+"""Small file helpers every package uses: atomic writes, an exclusive lock, a file's sha256.
 
 The lock is ``fcntl.flock`` on a ``<file>.lock`` beside the file, as Polygraphy's ``LockFile``
 does with ``fcntl.lockf`` (``polygraphy/util/util.py``): ten lines of standard library, so no
@@ -18,15 +18,19 @@ from pathlib import Path
 __all__ = ["atomic_write", "file_lock", "sha256_file"]
 
 
-def atomic_write(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one."""
+def atomic_write(path: Path, data: bytes | memoryview | str, *, mode: int | None = None) -> None:
+    """Write ``data`` (``str`` as UTF-8) to ``path`` so readers see the old file or the whole new
+    one, also after a crash: written aside, fsynced, renamed over ``path``; ``mode`` sets the
+    permission bits (else those of a new file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
