@@ -207,14 +207,16 @@ def _run_role(*args: str, timeout: float = 300) -> dict:
 
 
 class _Worker:
-    def __init__(self, tmp: Path, broker_port: int, name: str, *options: str) -> None:
+    def __init__(self, tmp: Path, broker_port: int, name: str, *options: str,
+                 env: dict[str, str] | None = None) -> None:
         self.log = tmp / f"{name}.log"
         self._f = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tandem.cli", "cloud", "serve", "--repo", str(tmp / "repo"),
              "--broker", f"mqtt://127.0.0.1:{broker_port}", "--worker-id", name,
              "--http-port", "0", "--log-level", "info", *options],
-            cwd=ROOT, stdout=self._f, stderr=subprocess.STDOUT)
+            cwd=ROOT, stdout=self._f, stderr=subprocess.STDOUT,
+            env={**os.environ, **env} if env else None)
         deadline = time.monotonic() + 60
         while "serving $share" not in self.log.read_text():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -572,7 +572,7 @@ def keygen_command(private_key: Path, public_key: Path, overwrite: bool) -> None
 
 @click.command(name="example")
 @click.argument("kind", type=click.Choice(["cnn", "residual", "unet", "multi-io",
-                                           "dynamic-batch", "big"]))
+                                           "dynamic-batch", "big", "mobilenet"]))
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True, help="replace an existing ONNX model file")
 def example_command(kind: str, output: Path, overwrite: bool) -> None:
@@ -589,7 +589,8 @@ def example_command(kind: str, output: Path, overwrite: bool) -> None:
 
     build: Any = {"cnn": _examples.cnn_chain, "residual": _examples.residual,
              "unet": _examples.unet, "multi-io": _examples.multi_io,
-             "dynamic-batch": _examples.dynamic_batch, "big": _examples.big_model}[kind]
+             "dynamic-batch": _examples.dynamic_batch, "big": _examples.big_model,
+             "mobilenet": _examples.mobilenet}[kind]
     output.absolute().parent.mkdir(parents=True, exist_ok=True)
     _replaceable(output, overwrite, "an ONNX model", _is_onnx_model)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.tmp-", dir=output.absolute().parent)

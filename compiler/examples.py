@@ -18,6 +18,8 @@ twice with the same seed returns the same bytes.
 - ``big_model(n_nodes=700)``: residual CNN stem + transformer blocks (attention MatMul chains,
   Softmax, LayerNormalization), about ``n_nodes`` nodes, tens of ms in ORT.
 - ``with_external_data(dir)``: saves ``residual()`` with all weights in one external data file.
+- ``mobilenet()``: a MobileNet-style classifier with a light head ending in an 8-channel
+  bottleneck and a heavy tail, so its cuts trade compute against bytes (the demo's model).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ __all__ = [
     "cnn_chain",
     "dynamic_batch",
     "dynamic_hw",
+    "mobilenet",
     "multi_io",
     "random_inputs",
     "residual",
@@ -363,3 +366,58 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = 1) -> dict
                 for d in vi.type.tensor_type.shape.dim]
         feeds[vi.name] = rng.standard_normal(dims).astype(np.float32)
     return feeds
+
+
+def _separable(b: _Builder, x: str, c_in: int, c_out: int, stride: int = 1) -> str:
+    """MobileNet's depthwise-separable block: depthwise 3x3 (one filter per channel) -> Relu ->
+    pointwise 1x1 -> Relu. He-scaled weights keep activations in range through deep stacks."""
+    dw = b.weight((c_in, 1, 3, 3), np.sqrt(2.0 / 9))
+    x = b.op("Conv", [x, dw, b.weight((c_in,), 0.1)], kernel_shape=[3, 3], pads=[1] * 4,
+             strides=[stride, stride], group=c_in)
+    x = b.op("Relu", [x])
+    pw = b.weight((c_out, c_in, 1, 1), np.sqrt(2.0 / c_in))
+    x = b.op("Conv", [x, pw, b.weight((c_out,), 0.1)], kernel_shape=[1, 1])
+    return b.op("Relu", [x])
+
+
+def mobilenet(seed: int = 0, image: int = 160, classes: int = 1000) -> onnx.ModelProto:
+    """A MobileNet-style classifier whose cuts trade compute against bytes (the demo's model).
+
+    Random weights (seeded): the answers mean nothing; the costs are what matter. Input
+    ``image`` [1,3,image,image] (160: 307 KB float32), output ``logits`` [1,classes].
+
+    A light head (stem conv and three depthwise-separable blocks down to 64x20x20, a few % of
+    the multiply-adds) ends in a 1x1 bottleneck to 8 channels (8x20x20: 12.8 KB, 4 % of the
+    input), as split-computing models put one (BottleNet, Matsubara et al.); the heavy tail
+    expands it to 256 channels and runs eight depthwise-separable blocks (20x20x256, then
+    10x10x512), then global average pooling and a fully connected layer (about 200 M
+    multiply-adds in all, 7 MB of weights). So sending the input costs the most bytes and no
+    edge compute, the bottleneck a little compute and few bytes, and all-local every
+    multiply-add on the device.
+    """
+    b = _Builder(seed)
+    x = b.op("Conv", ["image", b.weight((16, 3, 3, 3), np.sqrt(2.0 / 27)),
+                      b.weight((16,), 0.1)], kernel_shape=[3, 3], pads=[1] * 4, strides=[2, 2])
+    x = b.op("Relu", [x])
+    x = _separable(b, x, 16, 24, stride=2)
+    x = _separable(b, x, 24, 32)
+    x = _separable(b, x, 32, 64, stride=2)
+    # the bottleneck: 64 -> 8 channels, no Relu (a linear bottleneck, as MobileNetV2's)
+    x = b.op("Conv", [x, b.weight((8, 64, 1, 1), np.sqrt(1.0 / 64)), b.weight((8,), 0.1)],
+             kernel_shape=[1, 1])
+    x = b.op("Relu", [b.op("Conv", [x, b.weight((256, 8, 1, 1), np.sqrt(2.0 / 8)),
+                                    b.weight((256,), 0.1)], kernel_shape=[1, 1])])
+    for _ in range(4):
+        x = _separable(b, x, 256, 256)
+    x = _separable(b, x, 256, 512, stride=2)
+    for _ in range(3):
+        x = _separable(b, x, 512, 512)
+    x = b.op("GlobalAveragePool", [x])
+    x = b.op("Flatten", [x], axis=1)
+    b.op("Gemm", [x, b.weight((classes, 512)), b.weight((classes,), 0.1)], out="logits",
+         transB=1)
+    return b.model(
+        "mobilenet",
+        [helper.make_tensor_value_info("image", F, [1, 3, image, image])],
+        [helper.make_tensor_value_info("logits", F, [1, classes])],
+    )

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ["protocol", "devices", "compiler", "edge", "cloud"]
+FOLDERS = ["protocol", "devices", "compiler", "edge", "cloud", "lab"]
 PACKAGES = ["tandem"] + [f"tandem.{f}" for f in FOLDERS]
 HEAVY = ["onnx", "onnxruntime", "tensorrt", "pycuda", "zeroconf", "torch", "nats", "aiohttp",
          "psycopg"]
@@ -230,6 +230,7 @@ _MAY_IMPORT = {
     "compiler": {"protocol", "devices"},
     "edge": {"protocol", "devices", "compiler"},
     "cloud": {"protocol", "devices", "compiler"},
+    "lab": {"protocol", "devices", "compiler", "edge", "cloud"},
 }
 
 

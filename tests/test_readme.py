@@ -1,4 +1,4 @@
-"""The README stays true: its main job and its Python example run as written in a fresh copy of
+"""The README stays true: its compile line and its Python example run as written in a fresh copy of
 the repository and leave it clean, its test command is the one .ci/run runs, and it (and the
 architecture document) link only to files inside the repository."""
 
@@ -59,8 +59,9 @@ def clone(tmp_path_factory) -> Path:
     return repo
 
 
-def test_main_job_runs_as_written_and_leaves_the_clone_clean(clone):
-    cmd = _command_after("main job")
+def test_compile_line_runs_as_written_and_leaves_the_clone_clean(clone):
+    # (the main job, tandem demo, is run as written by tests/lab/test_demo.py)
+    cmd = _command_after("compile")
     for run in (1, 2):  # and again: --overwrite replaces what the first run wrote
         proc = subprocess.run(["bash", "-c", f"set -e; {cmd}"], cwd=clone, env=_env(),
                               capture_output=True, text=True, timeout=300)
@@ -109,7 +110,7 @@ def test_what_the_setup_and_tests_create_is_ignored(clone):
 
 
 def test_python_example_runs_as_written(clone, mosquitto, tmp_path):
-    """The README's Python block, unchanged, after the main job, against a real broker and a
+    """The README's Python block, unchanged, after the compile line, against a real broker and a
     responder that really runs the tails; the result equals the whole model's."""
     from tandem.devices.backends import OnnxRuntimeBackend
     from tandem.protocol import (
@@ -123,8 +124,8 @@ def test_python_example_runs_as_written(clone, mosquitto, tmp_path):
 
     block = re.search(r"```python\n(?P<code>.*?)```", README, re.DOTALL)
     assert block, "README has no Python example"
-    if not (clone / "out" / "model.onnx").exists():  # the main job, if it has not run yet
-        subprocess.run(["bash", "-c", _command_after("main job")], cwd=clone, env=_env(),
+    if not (clone / "out" / "model.onnx").exists():  # the compile line, if not run yet
+        subprocess.run(["bash", "-c", _command_after("compile")], cwd=clone, env=_env(),
                        check=True, capture_output=True, timeout=300)
     script = tmp_path / "example.py"  # outside the clone: the clone must stay clean
     script.write_text(block.group("code") + (
@@ -137,7 +138,7 @@ def test_python_example_runs_as_written(clone, mosquitto, tmp_path):
     ))
 
     # The cloud side, loaded before the example runs (its request has a 200 ms budget): the
-    # tails of the main job's bundle (the example compiles the same model, so the same cuts).
+    # tails of the compile line's bundle (the example compiles the same model, so the same cuts).
     with load_bundle(clone / "out" / "bundle") as bundle:
         digest = bundle.manifest.source_digest
         tails = {c.id: OnnxRuntimeBackend(bundle.path_of(c.tail_part)).activate()
