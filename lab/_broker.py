@@ -3,8 +3,8 @@ mosquitto. Not for production: use mosquitto, EMQX or HiveMQ there.
 
 Why our own and not amqtt: the cloud workers take requests through a shared subscription
 (``$share/<group>/...``), and amqtt accepts such a subscription but never delivers to it
-(measured: /work/shared/FACTS.md's broker table is the team's record; the brokers engineer's
-interop tests assert it). What Tandem needs of a broker is small, and this is it:
+(measured, see docs/deployment.md's broker table; tests/protocol/test_broker_interop.py asserts
+it). What Tandem needs of a broker is small, and this is it:
 
 * MQTT 3.1.1 (protocol level 4). A client asking for MQTT 5 (level 5) gets the 3.1.1 refusal
   "unacceptable protocol version" (CONNACK return code 1), as mosquitto answers a level it does
