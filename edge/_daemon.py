@@ -69,6 +69,7 @@ log = logging.getLogger("tandem.edge")
 _PROBE_BUDGET_MS = 2000
 _WINDOW_S = 60.0
 _STATUS_FIELDS = {f.name for f in dataclasses.fields(DeviceStatus)}
+_REASON_MAX = 300  # characters of a refusal's reason in the heartbeat
 
 
 @dataclass
@@ -537,6 +538,9 @@ class EdgeDaemon:
             "uplink_bps": float(self.link.uplink_bps), "rtt_ms": float(self.link.rtt_ms),
             "queue_depth": self.pool.queued if self.pool is not None else 0}
         values.update(self._window.summary())
+        if self.last_rollout.get("result") == "refused":  # the fleet sees why (fleet status)
+            values["refused_digest"] = self.last_rollout["digest"]
+            values["refused_reason"] = self.last_rollout["detail"][:_REASON_MAX]
         return DeviceStatus(**{k: v for k, v in values.items() if k in _STATUS_FIELDS})
 
     # -- requests -------------------------------------------------------------------------------
