@@ -66,6 +66,8 @@ class Plan:
     def label(self) -> str:
         if self.kind == "split":
             return f"split:{self.cut_id}"
+        if self.kind == "escalate":  # a cascade's (tandem.edge._cascade_planner); cut 0: cloud
+            return "escalate:cloud" if self.cut_id == 0 else f"escalate:split:{self.cut_id}"
         return self.kind
 
     @property

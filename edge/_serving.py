@@ -29,6 +29,7 @@ class ServingModel:
     planner: Planner
     path: Path
     inflight: int = 0
+    cascade: Any = None  # a CascadePlanner (tandem.edge._cascade_planner) for a cascade bundle
     _idle: asyncio.Event | None = field(default=None, repr=False)
 
     @property
@@ -61,6 +62,8 @@ class ServingModel:
             self._idle = None
 
     def close(self) -> None:
+        if self.cascade is not None:
+            self.cascade.close()
         self.runtime.close()
         self.bundle.close()
 
@@ -85,10 +88,17 @@ def build_serving_model(bundle: Any, path: Path, profile: Any, link: LinkEstimat
                          cloud_speedup=config.cloud_speedup)
         planner = Planner(cost, link, hysteresis=config.hysteresis,
                           explore_interval_s=config.explore_interval_s)
+        cascade = None
+        if bundle.manifest.cascade is not None:
+            from tandem.edge._cascade_planner import CascadePlanner
+
+            cascade = CascadePlanner.load(bundle, runtime, cost, table,
+                                          intra_op_threads=config.intra_op_threads,
+                                          warmup=config.profile_warmup, runs=config.profile_runs)
     except BaseException:
         runtime.close()
         raise
-    model = ServingModel(bundle, runtime, table, cost, planner, path)
+    model = ServingModel(bundle, runtime, table, cost, planner, path, cascade=cascade)
 
     def on_switch(part: str, kind: str) -> None:  # in the engine thread
         try:
