@@ -228,10 +228,8 @@ class CascadePlanner:
                 else:
                     plan, est = choice
                     label = plan.label
-                    params.update(cut_id=plan.cut_id, encoding=plan.encoding)
                     need_ms = est.total_ms - self.cost.part_ms(
                         self.small.path, self.cost.shape_costs(esc_key))
-                    expected_ms = est.total_ms
                     if need_ms > left_ms:
                         path = "skipped"
                         reason = (f"escalation ({label}) expected {need_ms:.1f} ms, "
@@ -239,6 +237,8 @@ class CascadePlanner:
                                   "answered locally")
                         params["escalation"] = "skipped"
                     else:
+                        expected_ms = est.total_ms
+                        params.update(cut_id=plan.cut_id, encoding=plan.encoding)
                         got, info = await self._escalate(
                             daemon, model, Decision(plan, est, "cascade"), esc_feeds, esc_key,
                             deadline, options.priority)
@@ -249,11 +249,18 @@ class CascadePlanner:
                             reason = (f"escalation ({label}) failed ({fallback_reason}): "
                                       "answered with the small model")
                             params["escalation"] = "failed"
-                        else:
+                        merged = None if got is None else \
+                            self._merge(small_out, got, mask if sub else None)
+                        if got is not None and merged is None:
+                            ran, path, fallback_reason = "fallback", "fallback", "error"
+                            reason = (f"escalation ({label}) answered rows that do not fit: "
+                                      "answered with the small model")
+                            params["escalation"] = "failed"
+                        elif got is not None and merged is not None:
                             ran, path = "cloud", "escalated"
                             reason = f"escalated to the large model ({label})"
                             params["escalation"] = "cloud"
-                            outputs = self._merge(small_out, got, mask if sub else None)
+                            outputs = merged
                             agree = self._agreement(small_out, got, mask if sub else None)
                             params["agreed_rows"] = agree
                             self.agreed_rows += agree
@@ -288,13 +295,21 @@ class CascadePlanner:
         return Answer(outputs, parameters, m.model_name, m.model_version)
 
     def _merge(self, small: dict[str, np.ndarray], large: dict[str, np.ndarray],
-               mask: np.ndarray | None) -> dict[str, np.ndarray]:
+               mask: np.ndarray | None) -> dict[str, np.ndarray] | None:
+        """The small model's answer with the escalated rows replaced by the large model's
+        (all of it when ``mask`` is None); None when the cloud's rows do not fit."""
         if mask is None:
             return large
         out = {}
+        rows = int(mask.sum())
         for name, arr in small.items():
+            got = np.asarray(large[name])
+            if arr.shape[:1] != mask.shape or got.shape != (rows, *arr.shape[1:]):
+                log.warning("the cloud answered %s with shape %s for %d escalated rows of %s",
+                            name, list(got.shape), rows, list(arr.shape))
+                return None
             merged = np.array(arr, copy=True)
-            merged[mask] = large[name]
+            merged[mask] = got.astype(arr.dtype, copy=False)
             out[name] = merged
         return out
 

@@ -211,3 +211,41 @@ def test_mode_cascade_on_a_plain_bundle_is_refused(tmp_path, residual_bundle):
             await d.stop()
 
     _run(main())
+
+
+@pytest.mark.parametrize("rule", ["margin", "entropy", "scorer"])
+def test_every_rule_decides_on_the_edge_as_the_manifest_says(tmp_path, rule):
+    """The daemon escalates exactly the rows the manifest's rule (its kind, threshold and, for
+    a scorer, the bundled ONNX scorer) escalates, computed here in numpy."""
+    from tests._support.cascade import scorer
+
+    pair = make_pair(0)
+    np.savez(tmp_path / "s.npz", x=pair.rows(300, 1))
+    out = tmp_path / "bundle"
+    options = CascadeOptions(rule=rule, escalation_rate=0.3)
+    if rule == "scorer":
+        options = CascadeOptions(rule="scorer", scorer=save(scorer("max"), tmp_path / "sc.onnx"),
+                                 escalation_rate=0.3)
+    CascadeBundleFromOnnx(save(pair.small, tmp_path / "small.onnx"),
+                          save(pair.large, tmp_path / "large.onnx"), out,
+                          CompileOptions(samples=tmp_path / "s.npz", targets=("onnxruntime",)),
+                          options)()
+    with load_bundle(out) as b:
+        r = b.manifest.cascade.rule
+    x = pair.rows(200, 77)
+    logits = pair.small_logits(x)
+    scores = logits.max(axis=1) if rule == "scorer" else r.scores({"logits": logits})
+    want = r.escalates(scores)
+    assert 0 < want.sum() < len(x)
+
+    async def main():
+        async with _Env(tmp_path, out) as env:
+            a = await env.daemon.infer({"x": x}, RequestOptions(mode="cascade",
+                                                                 deadline_ms=5000))
+            p = a.parameters
+            assert p["rule"] == rule and p["threshold"] == pytest.approx(r.threshold)
+            # float32 in ONNX Runtime against float64 here: a row on the threshold may differ
+            assert abs(p["escalated_rows"] - int(want.sum())) <= 1, (p, int(want.sum()))
+            assert p["ran"] == "cloud"
+
+    _run(main(), 90)
