@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from tandem.edge._cascade_planner import CascadePlanner
 from tandem.edge._compute import ComputePool
 from tandem.edge._config import EdgeConfig
 from tandem.edge._link import LinkEstimator
@@ -242,6 +243,15 @@ class EdgeDaemon:
         except BaseException:
             bundle.close()
             raise
+        if bundle.manifest.cascade is not None:
+            try:
+                model.cascade = CascadePlanner.load(
+                    bundle, model.runtime, model.cost, model.table,
+                    intra_op_threads=self.config.intra_op_threads,
+                    warmup=self.config.profile_warmup, runs=self.config.profile_runs)
+            except BaseException:
+                model.close()
+                raise
         return model
 
     def _install(self, model: ServingModel) -> None:

@@ -88,17 +88,10 @@ def build_serving_model(bundle: Any, path: Path, profile: Any, link: LinkEstimat
                          cloud_speedup=config.cloud_speedup)
         planner = Planner(cost, link, hysteresis=config.hysteresis,
                           explore_interval_s=config.explore_interval_s)
-        cascade = None
-        if bundle.manifest.cascade is not None:
-            from tandem.edge._cascade_planner import CascadePlanner
-
-            cascade = CascadePlanner.load(bundle, runtime, cost, table,
-                                          intra_op_threads=config.intra_op_threads,
-                                          warmup=config.profile_warmup, runs=config.profile_runs)
     except BaseException:
         runtime.close()
         raise
-    model = ServingModel(bundle, runtime, table, cost, planner, path, cascade=cascade)
+    model = ServingModel(bundle, runtime, table, cost, planner, path)
 
     def on_switch(part: str, kind: str) -> None:  # in the engine thread
         try:
