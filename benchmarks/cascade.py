@@ -36,7 +36,7 @@ manifest's curve) and on the test rows, with the measured operating points.
 
     python -m benchmarks.cascade [--quick] [--links 3g,lte,wifi,wired] [--json PATH]
 
-Writes the JSON and ``cascade.png`` beside it. A full run takes about three minutes.
+Writes the JSON and ``cascade.png`` beside it. A full run takes about two minutes.
 """
 
 from __future__ import annotations
