@@ -262,3 +262,36 @@ def test_every_rule_decides_on_the_edge_as_the_manifest_says(tmp_path, rule):
             assert p["ran"] == "cloud"
 
     _run(main(), 90)
+
+
+def test_every_escalation_plan_returns_the_large_models_answer(tmp_path, cascade):
+    """Cloud-only and split at each cut of the large model (its head here, the tail in the
+    cloud), in every encoding the compiler verified: the plans the planner chooses among."""
+    from tandem.edge import Decision
+
+    pair, bundle, threshold = cascade
+    x = _rows(pair, threshold, sure=False, n=3)
+    want = pair.large_logits(x)
+
+    async def main():
+        async with _Env(tmp_path, bundle) as env:
+            d = env.daemon
+            model = d.model
+            cascade_planner = model.cascade
+            key = model.runtime.check_inputs({"x": x})
+            labels = set()
+            for plan in cascade_planner.escalations:
+                est = model.cost.estimate(plan, key)
+                got, info = await cascade_planner._escalate(
+                    d, model, Decision(plan, est, "test"), {"x": x}, key,
+                    time.monotonic() + 5, 0)
+                assert got is not None, (plan, info)
+                tol = 1e-4 if plan.encoding == "raw" else model.bundle.manifest.cut(
+                    plan.cut_id).verification.encodings[plan.encoding].tolerance
+                np.testing.assert_allclose(got["logits"], want, rtol=max(tol, 1e-4), atol=tol,
+                                           err_msg=plan.label)
+                labels.add(plan.label)
+            assert "escalate:cloud" in labels
+            assert any(label.startswith("escalate:split:") for label in labels)
+
+    _run(main(), 90)
