@@ -212,6 +212,37 @@ def test_idle_probes_reach_a_real_worker_and_are_not_requests(system, e2e_bundle
     assert counter(worker_metrics(), "tandem_cloud_requests_total") == 1
 
 
+def test_a_killed_daemon_is_marked_offline_by_its_last_will(system, e2e_bundles):
+    """The retained heartbeat says online while the daemon runs; after a SIGKILL (no clean
+    stop, no goodbye) mosquitto publishes the daemon's last will: offline, retained."""
+    import paho.mqtt.client as mqtt
+
+    from tandem.protocol import codec, topics
+
+    bundle = system.add_to_repo(e2e_bundles["residual"])
+    system.start_worker("w1")
+    edge = system.start_edge(bundle)
+    states: list[str] = []
+
+    def on_message(client, userdata, message):
+        if message.payload:
+            states.append(codec.decode(message.payload).state)
+
+    watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    watcher.on_message = on_message
+    watcher.connect("127.0.0.1", system.broker.port)
+    watcher.subscribe(topics.status_topic("cam-e2e"), qos=1)
+    watcher.loop_start()
+    try:
+        _wait(lambda: bool(states) and states[-1] in ("online", "degraded"))
+        edge.signal(signal.SIGKILL)
+        edge.wait(10)
+        _wait(lambda: states[-1] == "offline")
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+
+
 def test_malformed_requests_never_disturb_valid_ones(system, e2e_bundles):
     bundle = system.add_to_repo(e2e_bundles["residual"])
     system.start_worker("w1")
