@@ -107,6 +107,9 @@ class DeviceStatus:
     # bundle digest and why; "" when the last rollout did not end in a refusal
     refused_digest: str = ""
     refused_reason: str = ""
+    # cascades (issue #17): share of the window's cascade requests the escalation rule sent to
+    # the large model (0 also when none ran; plan_mix then has no "small"/"escalate:" plans)
+    escalation_ratio: float = 0.0
     version: int = PROTOCOL_VERSION
 
 

@@ -111,7 +111,8 @@ def render_page(fleet_name: str, rows: list[DeviceRow], *, now_ms: int, refresh_
         out.append(f'<p class="banner">{esc(banner)}</p>')
     out.append('<table id="devices"><thead><tr>' + "".join(
         f"<th>{h}</th>" for h in ("Device", "State", "Last seen", "Profile", "Group", "Bundle",
-                                  "Plan mix", "p50 ms", "p99 ms", "Fallbacks", "Latency"))
+                                  "Plan mix", "p50 ms", "p99 ms", "Fallbacks", "Escalated",
+                                  "Latency"))
         + "</tr></thead><tbody>")
     for r in rows:
         bundle = esc(r.bundle_digest[:12]) if r.bundle_digest else "–"
@@ -134,6 +135,8 @@ def render_page(fleet_name: str, rows: list[DeviceRow], *, now_ms: int, refresh_
             f'<td class="num p50">{_ms(r.p50_ms)}</td>'
             f'<td class="num p99">{_ms(r.p99_ms)}</td>'
             f'<td class="num fallbacks">{r.fallbacks}</td>'
+            f'<td class="num escalated">'
+            f'{f"{100 * r.escalation_ratio:.0f}%" if r.cascading else "–"}</td>'
             f'<td class="latency">{sparkline(r.history)}</td></tr>')
     out.append("</tbody></table></body></html>")
     return "\n".join(out)

@@ -42,9 +42,15 @@ class DeviceRow:
     rtt_ms: float = 0.0
     uplink_bps: float = 0.0
     plan_mix: list[tuple[str, int]] = field(default_factory=list)
+    escalation_ratio: float = 0.0  # a cascade's share of requests escalated (see cascading)
     history: list[tuple[int, float, float]] = field(default_factory=list)
     refused_digest: str = ""  # the last assignment the device refused, and why (heartbeat)
     refused_reason: str = ""
+
+    @property
+    def cascading(self) -> bool:
+        """True when the window's requests ran a cascade (its plans are in the plan mix)."""
+        return any(p == "small" or p.startswith("escalate:") for p, _ in self.plan_mix)
 
     @property
     def rollout(self) -> str:
@@ -88,6 +94,7 @@ def build_rows(clients: Iterable[Mapping[str, Any]], statuses: Mapping[str, Devi
             row.fallbacks, row.queue_depth = status.fallbacks, status.queue_depth
             row.rtt_ms, row.uplink_bps = status.rtt_ms, status.uplink_bps
             row.plan_mix = [(clean_text(p, 24), n) for p, n in status.plan_mix[:16]]
+            row.escalation_ratio = min(1.0, status.escalation_ratio)
             row.history = list(history.get(name, ()))
             if status.refused_digest:
                 row.refused_digest = clean_text(status.refused_digest, 128)

@@ -210,6 +210,14 @@ def test_absent_optional_fields_take_their_defaults():
     assert st == DeviceStatus("d", "online", 5)
 
 
+def test_a_cascades_escalation_ratio_is_written_only_when_set():
+    plain = DeviceStatus("d", "online", 5)
+    assert b"escalation_ratio" not in encode(plain)  # older writers' bytes are unchanged
+    st = DeviceStatus("d", "online", 5, escalation_ratio=0.25,
+                      plan_mix=(("small", 3), ("escalate:cloud", 1)))
+    assert b"escalation_ratio" in encode(st) and decode(encode(st)) == st
+
+
 # -- encode refuses messages that break the schema --------------------------------------------
 
 
@@ -225,6 +233,7 @@ def test_absent_optional_fields_take_their_defaults():
                        error=ErrorInfo(Code.INTERNAL, "x")), "not both"),
     (CloudLoad("w", 1, tail_ms=(("d", 1),)), "tail_ms"),
     (DeviceStatus("d", "online", 1, rtt_ms=-1.0), "rtt_ms"),
+    (DeviceStatus("d", "online", 1, escalation_ratio=-0.5), "escalation_ratio"),
     (DeviceStatus("d", "online", 1, plan_mix=(("local", -1),)), "plan_mix"),
     (DeviceStatus("d", "online", 1, plan_mix=(("local",),)), "plan_mix"),
     (Assignment("d", "m", "b", signature="not bytes"), "signature"),

@@ -209,3 +209,9 @@ def test_the_page_escapes_and_draws_without_a_browser():
     assert 'class="pending"' not in page
     assert sparkline([]) == ""
     assert sparkline([(1, 0.0, 0.0)]).count("<polyline") == 2
+    cascade = DeviceRow(id="cam-02", profile="p", group="", state="online", last_seen_ms=1,
+                        bundle_digest="", assigned_digest="", escalation_ratio=0.157,
+                        plan_mix=[("small", 84), ("escalate:cloud", 16)])
+    rows = Rows()
+    rows.feed(render_page("f", [row, cascade], now_ms=2000, refresh_s=5))
+    assert rows.rows["cam-02"]["escalated"] == "16%" and rows.rows["cam-01"]["escalated"] == "–"

@@ -89,6 +89,29 @@ def test_the_status_table_fits_a_terminal_and_is_complete_in_a_pipe(devices, tmp
     assert proc.stdout.splitlines()[-1] == "3 device(s): 1 online, 2 unseen"
 
 
+def test_a_cascades_escalation_ratio_shows_per_device(devices, tmp_path):
+    from tests._support.terminal import on_terminal, piped
+
+    heartbeat(devices, tmp_path, "cam-01", bundle_digest="cd" * 32, p50_ms=3.5, p99_ms=41.0,
+              plan_mix=(("small", 84), ("escalate:cloud", 16)), escalation_ratio=0.16)
+    heartbeat(devices, tmp_path, "cam-02", bundle_digest="ab" * 32, p50_ms=9.0,
+              plan_mix=(("local", 10),))
+    rows = {r.id: r for r in asyncio.run(collect_rows(devices))}
+    assert rows["cam-01"].escalation_ratio == pytest.approx(0.16) and rows["cam-01"].cascading
+    assert not rows["cam-02"].cascading
+    args = ["fleet", *cli(devices, "status")[1:]]
+    proc = piped(args)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[-1] == "ESC"
+    cam1 = next(line for line in lines if line.startswith("cam-01"))
+    cam2 = next(line for line in lines if line.startswith("cam-02"))
+    assert cam1.split()[-1] == "16%" and cam2.split()[-1] == "-"
+    rc, shown, err = on_terminal(args, columns=80)
+    assert rc == 0, err
+    assert all(len(line) <= 80 for line in shown.splitlines()), shown
+
+
 def test_a_pending_rollout_and_a_stale_heartbeat_show(devices, tmp_path):
     with devices.db.transaction() as tx:  # an assignment as `assign` records it
         tx.execute("INSERT INTO bundles VALUES (?, 'm', '1', 'x', ?, 1, '', 0)",
