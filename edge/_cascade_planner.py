@@ -261,12 +261,14 @@ class CascadePlanner:
                             reason = f"escalated to the large model ({label})"
                             params["escalation"] = "cloud"
                             outputs = merged
-                            agree = self._agreement(small_out, got, mask if sub else None)
+                            # agreement over the escalated rows only, also when the whole
+                            # request went (the large model then answered every row)
+                            agree = self._agreement(small_out, got, mask, sent_rows_only=sub)
                             params["agreed_rows"] = agree
                             self.agreed_rows += agree
-                            self.compared_rows += n_esc if sub else rows
+                            self.compared_rows += n_esc
                             if metrics is not None:
-                                metrics.agreement(agree, (n_esc if sub else rows) - agree)
+                                metrics.agreement(agree, n_esc - agree)
             else:
                 params["escalation"] = "none"
             if path == "skipped":
@@ -314,11 +316,15 @@ class CascadePlanner:
         return out
 
     def _agreement(self, small: dict[str, np.ndarray], large: dict[str, np.ndarray],
-                   mask: np.ndarray | None) -> int:
-        s = np.asarray(small[self.answer_output])
-        if mask is not None:
-            s = s[mask]
+                   mask: np.ndarray, sent_rows_only: bool) -> int:
+        """How many escalated rows (``mask``) get the same top-1 class from both models;
+        ``large`` holds the escalated rows only, or (``sent_rows_only`` False) every row."""
+        s = np.asarray(small[self.answer_output])[mask]
         lg = np.asarray(large[self.answer_output])
+        if not sent_rows_only:
+            if lg.shape[:1] != mask.shape:
+                return 0
+            lg = lg[mask]
         if s.ndim != 2 or lg.shape != s.shape:
             return 0
         return int((s.argmax(axis=1) == lg.argmax(axis=1)).sum())
