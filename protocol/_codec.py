@@ -502,17 +502,22 @@ def _over_limits(value: Any, lim: Limits, depth: int = 0) -> str | None:
         if len(value) > lim.max_fields:
             return f"a map of over {lim.max_fields} keys"
         for k, v in value.items():
-            if (why := _over_limits(k, lim, depth + 1)) is not None:
+            if (type(k) is not str or len(k) * 4 > lim.max_string_len) and \
+                    (why := _over_limits(k, lim, depth + 1)) is not None:
                 return f"{why} (a key)"
-            if (why := _over_limits(v, lim, depth + 1)) is not None:
+            if type(v) not in _SCALARS and (why := _over_limits(v, lim, depth + 1)) is not None:
                 return why
     elif isinstance(value, list | tuple):
         if len(value) > lim.max_list_len and depth == 1:
             return f"a list of over {lim.max_list_len} entries"
         for v in value:
-            if (why := _over_limits(v, lim, depth + 1)) is not None:
+            if type(v) not in _SCALARS and (why := _over_limits(v, lim, depth + 1)) is not None:
                 return why
     return None
+
+
+# values no limit applies to: skipped without a call (exact types; subclasses are walked)
+_SCALARS = frozenset((int, float, bool, type(None)))
 
 
 def _check_tensors(tensors: list[Tensor], lim: Limits) -> None:
@@ -638,52 +643,57 @@ def _as_view(data: Any) -> memoryview:
 def _read_envelope(mv: memoryview, limits: Limits) -> tuple[Any, int]:
     """Parse the msgpack envelope at the start of ``mv``; returns it and where it ends.
 
-    Only the envelope is copied into msgpack's buffer (fed in growing pieces, up to
-    ``max_header_bytes``); the data section is never read here.
+    One ``msgpack.unpackb`` over a window of the frame (no Unpacker, no copy of the frame):
+    first :data:`_FIRST_FEED` bytes, which hold every ordinary envelope, then, only when the
+    envelope is longer, up to ``max_header_bytes``. msgpack copies what follows the envelope
+    in its window (``ExtraData.extra``), so the small first window keeps that copy small; the
+    data section past the window is never read here.
     """
     n = len(mv)
     if n == 0:
         raise MalformedMessage("empty frame")
     if n > limits.max_message_bytes:
         raise PayloadTooLarge(f"frame of {n} bytes (limit {limits.max_message_bytes})")
-    _peek_version(mv)
+    if n >= 2 and mv[0] == 0x93 and mv[1] < 0x80:  # [fixint version, ...]: the common case
+        if mv[1] != PROTOCOL_VERSION:
+            raise UnsupportedVersion(
+                f"frame has protocol version {mv[1]}; this peer speaks {PROTOCOL_VERSION}")
+    else:
+        _peek_version(mv)
     cap = min(n, limits.max_header_bytes)
-    unpacker = msgpack.Unpacker(
-        raw=False,
-        strict_map_key=True,
-        use_list=True,
-        object_pairs_hook=_pairs,
-        max_buffer_size=max(cap, 1),
-        read_size=min(max(cap, 1), _FIRST_FEED),  # else msgpack mallocs max_buffer_size upfront
-        max_str_len=limits.max_string_len,
-        max_bin_len=limits.max_string_len,  # ids and Assignment.signature are bin
-        max_array_len=max(limits.max_tensors, limits.max_list_len, limits.max_rank, 3) + 1,
-        max_map_len=limits.max_fields,
-        max_ext_len=0,  # no ext types in v1 (this also refuses msgpack timestamps)
-    )
-    fed, step = 0, _FIRST_FEED
+    window = min(cap, _FIRST_FEED)
     while True:
-        end = min(cap, fed + step)
-        unpacker.feed(mv[fed:end])
-        fed, step = end, step * 4
         try:
-            obj = unpacker.unpack()
+            return msgpack.unpackb(
+                mv[:window],
+                raw=False,
+                strict_map_key=True,
+                use_list=True,
+                object_pairs_hook=_pairs,
+                max_str_len=limits.max_string_len,
+                max_bin_len=limits.max_string_len,  # ids and Assignment.signature are bin
+                max_array_len=max(limits.max_tensors, limits.max_list_len, limits.max_rank,
+                                  3) + 1,
+                max_map_len=limits.max_fields,
+                max_ext_len=0,  # no ext types in v1 (this also refuses msgpack timestamps)
+            ), window
+        except msgpack.ExtraData as exc:
+            return exc.unpacked, window - len(exc.extra)
         except ValueError as exc:
-            if "exceeds max_" in str(exc) and "max_ext_len" not in str(exc):  # msgpack's limits
+            text = str(exc)
+            if "exceeds max_" in text and "max_ext_len" not in text:  # msgpack's limits
                 raise PayloadTooLarge(f"envelope over limits: {exc}") from exc
-            raise
-        except msgpack.OutOfData:
-            if fed >= n:
-                why = _declared_over_limits(mv[:fed], limits)
-                if why is not None:  # msgpack checks a str/bin length only once it holds it all
-                    raise PayloadTooLarge(f"envelope over limits: {why}") from None
-                raise MalformedMessage(f"truncated frame ({n} bytes)") from None
-            if fed >= cap:
-                raise PayloadTooLarge(
-                    f"envelope longer than {limits.max_header_bytes} bytes"
-                ) from None
+            if "incomplete input" not in text:
+                raise
+        if window < cap:  # a long envelope: parse again with all of it
+            window = cap
             continue
-        return obj, unpacker.tell()
+        if cap >= n:
+            why = _declared_over_limits(mv[:cap], limits)
+            if why is not None:  # msgpack checks a str/bin length only once it holds it all
+                raise PayloadTooLarge(f"envelope over limits: {why}") from None
+            raise MalformedMessage(f"truncated frame ({n} bytes)") from None
+        raise PayloadTooLarge(f"envelope longer than {limits.max_header_bytes} bytes") from None
 
 
 # msgpack str/bin headers: first byte -> (kind, bytes of the length field)

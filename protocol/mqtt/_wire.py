@@ -193,6 +193,9 @@ def _build_frame(topic: str, parts: Sequence[bytes | bytearray | memoryview],
         raise PayloadTooLarge(f"{total} bytes exceed the MQTT limit")
     if len(topic_bytes) > 0xFFFF:
         raise InvalidArgument(f"topic of {len(topic_bytes)} bytes (limit 65535)")
+    held = sum(len(part) for part in parts)
+    if held != total:
+        raise InvalidArgument(f"frame parts hold {held} bytes, not {total}")
     fixed = bytes((_PUBLISH,)) + _varint(remaining)
     head = len(fixed) + var
     # fresh or reused (old contents): every byte is written below or in _send_publish
@@ -205,12 +208,13 @@ def _build_frame(topic: str, parts: Sequence[bytes | bytearray | memoryview],
         pos += 2
     frame[pos:head] = packed
     pos = head
-    for part in parts:
-        n = len(part)
-        frame[pos : pos + n] = part
-        pos += n
-    if pos != head + total:
-        raise InvalidArgument(f"frame parts hold {pos - head} bytes, not {total}")
+    # through a memoryview: assigning a buffer to a bytearray slice copies it twice (CPython
+    # first makes a bytearray of the value), a memoryview slice copies it once
+    with memoryview(frame) as view:
+        for part in parts:
+            n = len(part)
+            view[pos : pos + n] = part
+            pos += n
     return frame
 
 

@@ -808,22 +808,40 @@ class Transport(abc.ABC):
         cannot be encoded is replaced by its error, so the requester still gets an answer."""
         if self._state not in ("open", "closing"):
             return False
+        try:
+            packets, props = self._reply_packets(topic, response, correlation_data)
+        except TandemError as exc:
+            log.debug("could not send a response on %s: %s", topic, exc)
+            return False
+        return self._send_reply_packets(topic, packets, props)
+
+    def _reply_packets(self, topic: str, response: InferenceResponse,
+                       correlation_data: bytes | None) -> tuple[list[Any], PublishProperties]:
+        """The packets of a server's answer (thread-safe: a handler thread encodes its own
+        answer). A response that cannot be encoded becomes its error."""
         # only the correlation data: each MQTT 5 property costs the receiver time
         props = PublishProperties(correlation_data=correlation_data or response.id,
                                   content_type=None)
         qos = self.config.qos
         try:
-            try:
-                parts, total = codec.encode_parts(response, self.config.limits)
-                packets = self._packets(topic, parts, total, qos, props)
-            except TandemError as exc:
-                log.warning("response to %s cannot be sent as it is: %s", response.id.hex(), exc)
-                error = InferenceResponse(id=response.id, error=ErrorInfo(
-                    exc.code, f"the response could not be encoded: {exc.message}", False))
-                parts, total = codec.encode_parts(error, self.config.limits)
-                packets = self._packets(topic, parts, total, qos, props)
-            del response
-            self._send_packets(packets, topic, qos, False, props, want_ack=False)
+            parts, total = codec.encode_parts(response, self.config.limits)
+            packets = self._packets(topic, parts, total, qos, props)
+        except TandemError as exc:
+            log.warning("response to %s cannot be sent as it is: %s", response.id.hex(), exc)
+            error = InferenceResponse(id=response.id, error=ErrorInfo(
+                exc.code, f"the response could not be encoded: {exc.message}", False))
+            parts, total = codec.encode_parts(error, self.config.limits)
+            packets = self._packets(topic, parts, total, qos, props)
+        return packets, props
+
+    def _send_reply_packets(self, topic: str, packets: list[Any],
+                            props: PublishProperties) -> bool:
+        """On the loop: send packets :meth:`_reply_packets` built; False when they cannot go
+        out (not connected, closed)."""
+        if self._state not in ("open", "closing"):
+            return False
+        try:
+            self._send_packets(packets, topic, self.config.qos, False, props, want_ack=False)
             return True
         except TandemError as exc:
             log.debug("could not send a response on %s: %s", topic, exc)
