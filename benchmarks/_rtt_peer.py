@@ -303,4 +303,20 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # diagnostics: TANDEM_BENCH_PROFILE=DIR dumps cProfile stats of each peer there;
+    # TANDEM_BENCH_CPU=1 prints each peer's CPU seconds (user, system) to stderr at exit
+    profile_dir = os.environ.get("TANDEM_BENCH_PROFILE")
+    if profile_dir:
+        import cProfile
+
+        prof = cProfile.Profile()
+        rc = prof.runcall(main, sys.argv[1:])
+        name = "-".join(sys.argv[1:3] + sys.argv[4:5])
+        prof.dump_stats(os.path.join(profile_dir, f"{name}.prof"))
+        sys.exit(rc)
+    rc = main(sys.argv[1:])
+    if os.environ.get("TANDEM_BENCH_CPU"):
+        t = os.times()
+        print(f"cpu {sys.argv[1]} {sys.argv[2]}: user {t.user:.3f} s, system {t.system:.3f} s",
+              file=sys.stderr)
+    sys.exit(rc)

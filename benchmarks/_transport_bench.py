@@ -118,11 +118,16 @@ class _Peer:
             self.proc.wait()
 
 
-def measure(size: int, repeats: int, warmup: int, env: dict) -> dict[str, list[float]]:
-    """One size, fresh broker and processes: seconds per round trip for every variant."""
+def measure(size: int, repeats: int, warmup: int, env: dict,
+            broker_env: dict | None = None) -> dict[str, list[float]]:
+    """One size, fresh broker and processes: seconds per round trip for every variant. The
+    broker gets the ``MALLOC_*`` variables of ``broker_env`` (default: of ``env``)."""
     broker_mod = _broker_module()
     saved = dict(os.environ)
-    os.environ.update({k: v for k, v in env.items() if k.startswith("MALLOC_")})
+    for k in MALLOC_ENV:
+        os.environ.pop(k, None)
+    os.environ.update({k: v for k, v in (env if broker_env is None else broker_env).items()
+                       if k.startswith("MALLOC_")})
     try:
         tmp = tempfile.TemporaryDirectory(prefix="tandem-bench-")
         broker = broker_mod.Mosquitto(Path(tmp.name))
@@ -250,18 +255,25 @@ def _env(malloc: bool) -> dict:
 
 def allocator_effect(*, quick: bool = False) -> list[Result]:
     """1 MB round trips of every variant with glibc's default allocator settings in every
-    process (one run, fresh processes): what ``MALLOC_*`` changes (compare with the main
-    runs, which set :data:`MALLOC_ENV` everywhere)."""
+    process, and with :data:`MALLOC_ENV` in the clients but not in mosquitto (fresh processes,
+    one run each): what the ``MALLOC_*`` variables change, compared with the main runs, which
+    set them everywhere."""
     repeats, warmup = (60, 10) if quick else (300, 30)
-    samples = measure(SIZES["1MB"], repeats, warmup, _env(False))
-    st = {v: stats(s) for v, s in samples.items()}
-    best = min(("raw_thread", "raw_direct"), key=lambda v: st[v].median)
-    return [Result(
-        metric=f"rtt_1MB_glibc_default_{v}", value=st[v].median * 1e3, unit="ms",
-        baseline=f"raw_paho_1MB_glibc_default ({best})",
-        baseline_value=st[best].median * 1e3, p99=st[v].p99 * 1e3, n=st[v].n,
-        notes="no MALLOC_* variable in any process (broker included); reported, no target",
-    ) for v in VARIANTS]
+    out: list[Result] = []
+    for label, env, broker_env, why in (
+            ("glibc_default", _env(False), None, "no MALLOC_* variable in any process"),
+            ("malloc_clients_only", _env(True), _env(False),
+             "MALLOC_* in the requester and responder, not in mosquitto")):
+        samples = measure(SIZES["1MB"], repeats, warmup, env, broker_env)
+        st = {v: stats(s) for v, s in samples.items()}
+        best = min(("raw_thread", "raw_direct"), key=lambda v: st[v].median)
+        out += [Result(
+            metric=f"rtt_1MB_{label}_{v}", value=st[v].median * 1e3, unit="ms",
+            baseline=f"raw_paho_1MB_{label} ({best})",
+            baseline_value=st[best].median * 1e3, p99=st[v].p99 * 1e3, n=st[v].n,
+            notes=f"{why}; one run; reported, no target",
+        ) for v in VARIANTS]
+    return out
 
 
 def run(*, quick: bool = False, runs: int = 3, malloc: bool = False) -> list[Result]:

@@ -10,8 +10,9 @@ request/response through mosquitto vs the fastest raw paho, each figure from fre
   responder as separate fresh processes per figure, interleaved in rotating order, 1 KB /
   100 KB / 1 MB, 300 round trips each. Every process of these runs, mosquitto included, gets
   ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` (:data:`_transport_bench.MALLOC_ENV`),
-  the fastest setting for both sides at 1 MB; one more 1 MB measurement with glibc's defaults
-  shows what the allocator costs (docs/deployment.md).
+  the fastest setting for both sides at 1 MB; two more 1 MB measurements, with glibc's
+  defaults everywhere and with the variables in the clients only, show what the allocator
+  costs (docs/deployment.md).
 
 ``--runs`` (default 3) repeats both; a figure is the median over the runs of each run's median,
 and a target is met only when every run meets it (the notes give each run's ratio).
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(f"transport: request/response vs raw paho (QoS 1, mosquitto, {args.runs} runs, "
                 "MALLOC_* set in every process)", transport)
     allocator = _transport_bench.allocator_effect(quick=args.quick)
-    print_table("1 MB with glibc's default allocator settings (one run)", allocator)
+    print_table("1 MB: glibc's default allocator settings / MALLOC_* in the clients only "
+                "(one run each)", allocator)
     results = [*codec, *transport, *allocator]
     out = write_json(NAME, results, args.json_path,
                      notes=_transport_bench.NOTES + _transport_bench.broker_notes())

@@ -501,11 +501,16 @@ def _over_limits(value: Any, lim: Limits, depth: int = 0) -> str | None:
     elif isinstance(value, dict):
         if len(value) > lim.max_fields:
             return f"a map of over {lim.max_fields} keys"
+        short = lim.max_string_len // 4  # a str of this many characters fits in any case
         for k, v in value.items():
-            if (type(k) is not str or len(k) * 4 > lim.max_string_len) and \
+            if (type(k) is not str or len(k) > short) and \
                     (why := _over_limits(k, lim, depth + 1)) is not None:
                 return f"{why} (a key)"
-            if type(v) not in _SCALARS and (why := _over_limits(v, lim, depth + 1)) is not None:
+            t = type(v)
+            if t in _SCALARS or (t is str and len(v) <= short) or (
+                    t is bytes and len(v) <= lim.max_string_len):
+                continue
+            if (why := _over_limits(v, lim, depth + 1)) is not None:
                 return why
     elif isinstance(value, list | tuple):
         if len(value) > lim.max_list_len and depth == 1:
@@ -775,6 +780,10 @@ def _check_version(obj: Any) -> tuple[int, Any]:
 def _decode(data: Any, limits: Limits) -> Message:
     mv = _as_view(data)
     obj, pos = _read_envelope(mv, limits)
+    return _decode_body(mv, obj, pos, limits)
+
+
+def _decode_body(mv: memoryview, obj: Any, pos: int, limits: Limits) -> Message:
     mtype, body = _check_version(obj)
     if mtype == MessageType.CHUNK:
         raise MalformedMessage("this is a chunk frame: feed it to a chunking.Reassembler")
@@ -814,12 +823,16 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
         return _decode(data, limits)
     except ProtocolError:
         raise
-    except _Bad as exc:
-        raise MalformedMessage(str(exc)) from None
-    except TandemError as exc:
-        raise MalformedMessage(str(exc)) from exc
-    except Exception as exc:  # the boundary: msgpack, zstd, numpy, unicode, recursion, ...
-        raise MalformedMessage(f"undecodable frame: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        raise _decode_error(exc) from (None if isinstance(exc, _Bad) else exc)
+
+
+def _decode_error(exc: Exception) -> Exception:
+    """What :func:`decode` raises for ``exc``, which is not a ProtocolError."""
+    if isinstance(exc, (_Bad, TandemError)):
+        return MalformedMessage(str(exc))
+    # the boundary: msgpack, zstd, numpy, unicode, recursion, ...
+    return MalformedMessage(f"undecodable frame: {type(exc).__name__}: {exc}")
 
 
 class FrameInfo(NamedTuple):
@@ -840,9 +853,39 @@ def peek(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) 
     message (and answer it by id) before paying for it. Raises what :func:`decode` raises for
     a bad envelope (only ProtocolError subclasses); a frame ``peek`` accepts may still fail
     ``decode``."""
+    return open_frame(data, limits).info
+
+
+class OpenFrame:
+    """A frame whose envelope has been parsed once (:func:`open_frame`): :attr:`info` is what
+    :func:`peek` returns, :meth:`decode` what :func:`decode` returns, without parsing the
+    envelope again."""
+
+    __slots__ = ("_limits", "_mv", "_obj", "_pos", "info")
+
+    def __init__(self, mv: memoryview, obj: Any, pos: int, limits: Limits,
+                 info: FrameInfo) -> None:
+        self._mv, self._obj, self._pos, self._limits = mv, obj, pos, limits
+        self.info = info
+
+    def decode(self) -> Message:
+        """The message (raises what :func:`decode` raises; RAW tensors view the frame)."""
+        try:
+            return _decode_body(self._mv, self._obj, self._pos, self._limits)
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            raise _decode_error(exc) from (None if isinstance(exc, _Bad) else exc)
+
+
+def open_frame(data: bytes | bytearray | memoryview,
+               limits: Limits = DEFAULT_LIMITS) -> OpenFrame:
+    """:func:`peek` and :func:`decode` in one pass over the envelope: a receiver that looks a
+    frame up or budgets it before decoding parses the envelope once. Raises what
+    :func:`peek` raises."""
     try:
         mv = _as_view(data)
-        obj, _ = _read_envelope(mv, limits)
+        obj, pos = _read_envelope(mv, limits)
         mtype, body = _check_version(obj)
         try:
             mtype = MessageType(mtype)
@@ -851,8 +894,8 @@ def peek(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) 
         body = _map(body)
         key = _PEEK_TENSORS.get(mtype)
         if key is None:
-            return FrameInfo(mtype, None, 0, False)
-        mid = _get(body, _Field("id", _id))
+            return OpenFrame(mv, obj, pos, limits, FrameInfo(mtype, None, 0, False))
+        mid = _get(body, _ID_FIELD)
         total, compressed = 0, False
         for m in _list(body.get(key, [])):
             m = _map(m)
@@ -868,13 +911,16 @@ def peek(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) 
                 n *= d
             total += n
             compressed = compressed or _get(m, _T_COMPRESSION) == Compression.ZSTD
-        return FrameInfo(mtype, mid, total, compressed)
+        return OpenFrame(mv, obj, pos, limits, FrameInfo(mtype, mid, total, compressed))
     except ProtocolError:
         raise
     except _Bad as exc:
         raise MalformedMessage(str(exc)) from None
     except Exception as exc:
         raise MalformedMessage(f"undecodable frame: {type(exc).__name__}: {exc}") from exc
+
+
+_ID_FIELD = _Field("id", _id)
 
 
 # -- chunk frames (used by protocol.chunking) ---------------------------------------------------

@@ -86,6 +86,7 @@ log = logging.getLogger("tandem.protocol.mqtt")
 # a filter that was the first unanswered one when the connection closed this many times in a
 # row (on re-subscribes) counts as refused by the broker and is dropped
 _REFUSAL_STRIKES = 2
+_READ_PACKETS_PER_EVENT = 256  # packets read per socket read event before the loop runs others
 
 
 # CONNACK / SUBACK reason codes that mean "your credentials or ACL say no" (MQTT 5 values;
@@ -451,7 +452,10 @@ class MqttClient:
         client = self._client
         self._in_paho = True
         try:
-            client.loop_read()
+            if type(client) is _PahoClient:
+                client.read_packets(_READ_PACKETS_PER_EVENT)
+            else:
+                client.loop_read()
             sock = client.socket()
             # TLS: records already decrypted wait in the SSL object, invisible to the selector
             while sock is not None and sock is self._sock and hasattr(sock, "pending") \

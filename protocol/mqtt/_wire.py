@@ -328,6 +328,21 @@ class _PahoClient(paho.Client):
             _U16.pack_into(payload, payload.mid_at, mid)
         return self._packet_queue(_PUBLISH, payload, mid, qos, info)
 
+    def read_packets(self, limit: int = 256) -> MQTTErrorCode:
+        """``loop_read`` that reads packets until the socket has no more, up to ``limit`` (a
+        flood cannot hold the loop): a PUBACK and a reply that came in one segment are
+        handled in one read event, not two loop iterations (stock ``loop_read`` reads as many
+        packets as messages are in flight, often one)."""
+        for _ in range(limit):
+            if self._sock is None:
+                return MQTTErrorCode.MQTT_ERR_NO_CONN
+            rc = self._packet_read()
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                break
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
     def _sock_recv_into(self, view: memoryview) -> int:
         """``_sock_recv`` (same error mapping) reading into ``view``."""
         if self._sock is None:

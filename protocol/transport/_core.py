@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import collections
+import collections.abc
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -658,7 +659,8 @@ class Transport(abc.ABC):
         """A message on a reply topic: looked up by the id in its envelope before anything
         else is decoded (a response nobody waits for is never decoded)."""
         try:
-            info = codec.peek(msg.payload, self.config.limits)
+            opened = codec.open_frame(msg.payload, self.config.limits)  # envelope parsed once
+            info = opened.info
         except ProtocolError as exc:
             self._drop("reply", "dropped an undecodable message on reply topic %s: %s",
                        msg.topic, exc)
@@ -674,7 +676,7 @@ class Transport(abc.ABC):
             self._spawn(self._decode_response_in_thread(msg.payload, rid))
             return
         try:
-            response = codec.decode(msg.payload, self.config.limits)
+            response = opened.decode()
         except ProtocolError as exc:
             self._response_failed(rid, exc)
             return
@@ -723,7 +725,8 @@ class Transport(abc.ABC):
         if self._nagle_warned:
             return
         self._nagle.append(rtt_s)
-        if len(self._nagle) < _NAGLE_WINDOW:
+        # the window's minimum must be Nagle-like too: a faster round trip rules it out now
+        if len(self._nagle) < _NAGLE_WINDOW or rtt_s < _NAGLE_MIN_S * 0.9:
             return
         median = statistics.median(self._nagle)
         link = self._link_rtt_s()
@@ -1000,8 +1003,76 @@ if sys.version_info >= (3, 12):
         # runs the coroutine at once up to its first suspension (no extra loop iteration)
         return asyncio.Task(coro, loop=loop, eager_start=True)
 else:
+    from asyncio.tasks import _enter_task, _leave_task  # what 3.12's eager tasks do, by hand
+
     def _new_task(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Task:
-        return loop.create_task(coro)
+        """Python 3.11 has no eager tasks. Called from a callback (no task running: a message
+        handed over by the socket's read event), the coroutine's first step runs here, at
+        once, as its task's (``current_task()`` is that task), so a handler answers in the
+        read event that brought the request; the task then goes on from where it stopped.
+        Called from inside a task, a plain task."""
+        if asyncio.current_task(loop) is not None:
+            return loop.create_task(coro)
+        eager = _Eager(coro)
+        task = loop.create_task(eager)
+        _enter_task(loop, task)
+        try:
+            eager.first_step()
+        finally:
+            _leave_task(loop, task)
+        return task
+
+    _UNSET = object()
+
+    class _Eager(collections.abc.Coroutine):
+        """The task's coroutine: hands the task the outcome of the first step (which ran in
+        :func:`_new_task`), then relays sends and throws to ``coro``; a cancellation that
+        comes before the task's first step goes straight into ``coro``."""
+
+        __slots__ = ("coro", "error", "first", "result")
+
+        def __init__(self, coro: Any) -> None:
+            self.coro = coro
+            self.first: Any = _UNSET  # what the first step yielded, until the task takes it
+            self.error: BaseException | None = None
+            self.result: Any = _UNSET
+
+        def first_step(self) -> None:
+            try:
+                self.first = self.coro.send(None)
+            except StopIteration as stop:
+                self.result = stop.value
+            except BaseException as exc:  # raised in the task when it runs, as a task would
+                self.error = exc
+
+        def _finished(self) -> Any:
+            if self.error is not None:
+                error, self.error = self.error, None
+                raise error
+            result, self.result = self.result, _UNSET
+            raise StopIteration(result)
+
+        def send(self, value: Any) -> Any:
+            if self.result is not _UNSET or self.error is not None:
+                return self._finished()
+            if self.first is not _UNSET:
+                first, self.first = self.first, _UNSET
+                return first
+            return self.coro.send(value)
+
+        def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+            if self.result is not _UNSET or self.error is not None:
+                return self._finished()  # it finished before the task could be cancelled
+            self.first = _UNSET
+            if val is None and tb is None:
+                return self.coro.throw(typ)
+            return self.coro.throw(typ, val, tb)
+
+        def close(self) -> None:
+            self.coro.close()
+
+        def __await__(self) -> Any:
+            raise TypeError("_Eager is driven by its task only")
 
 
 _CANCELLED_MEANWHILE = (asyncio.InvalidStateError, concurrent.futures.InvalidStateError)

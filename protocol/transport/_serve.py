@@ -6,7 +6,8 @@ A request goes through these steps, each bounded, before the handler sees it:
    ``tandem/v1/resp/<device>`` and nowhere else. A request whose ``reply_topic`` (payload or
    MQTT 5 ResponseTopic) names anything else is refused and counted, never answered: a server
    never publishes to a topic a peer chose freely.
-2. **Envelope** (:func:`tandem.protocol.codec.peek`): type, id and declared tensor sizes, read
+2. **Envelope** (:func:`tandem.protocol.codec.open_frame`, parsed once for this step and
+   decoding): type, id and declared tensor sizes, read
    before any tensor byte is touched or decompressed. A frame whose envelope is unreadable is
    answered by id when the MQTT 5 correlation data carries one, else dropped and counted; a
    shared-subscription probe (:mod:`._share`; never a frame) is dropped and counted as one.
@@ -251,7 +252,8 @@ class Server:
         corr = msg.correlation_data
         payload = msg.payload
         try:
-            info = codec.peek(payload, self.limits)
+            opened = codec.open_frame(payload, self.limits)  # the envelope, parsed once
+            info = opened.info
         except ProtocolError as exc:
             if is_probe(payload):  # a shared-subscription probe (see _share): never served
                 self.probes += 1
@@ -304,13 +306,13 @@ class Server:
             self.host._spawn(self._decode_in_thread(payload, rid, base))
             return
         try:
-            request = codec.decode(payload, self.limits)
+            request = opened.decode()
             if not isinstance(request, InferenceRequest):  # peek said it was one
                 raise MalformedMessage(f"a {type(request).__name__}, not a request")
         except ProtocolError as exc:
             self._undecodable(rid, base, exc)
             return
-        del payload, msg
+        del payload, msg, opened
         self._admit(request, base)
 
     async def _decode_in_thread(self, payload: Any, rid: bytes, base: tuple) -> None:
