@@ -23,8 +23,9 @@ frame); the echo sends them back.
 
 A peer prints ``ready`` once connected and subscribed. A requester then reads commands on
 stdin: ``run N`` (N round trips, each timed with ``perf_counter_ns`` from the caller; answers
-``ok``), ``dump`` (prints the samples in ns as JSON and exits). A responder runs until stdin
-closes.
+``ok``), ``dump`` (prints the samples in ns and its CPU time after the warm-up as JSON, and
+exits). A responder runs until stdin closes, then prints its CPU time since ``ready`` and the
+requests it answered as JSON.
 """
 
 from __future__ import annotations
@@ -124,14 +125,18 @@ def raw_responder(variant: str, port: int) -> None:
     c = _raw_client(port)
     props = Properties(PacketTypes.PUBLISH)
 
+    served = [0]
+
     def echo(client, userdata, msg):
         props.CorrelationData = msg.properties.CorrelationData
         client.publish(msg.properties.ResponseTopic, msg.payload, 1, properties=props)
+        served[0] += 1
 
     _raw_connect_direct(c, port)
     _raw_subscribe_direct(c, req_topic)
     c.on_message = echo
     print("ready", flush=True)
+    cpu0 = time.process_time_ns()
     stop = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     sock = c.socket()
@@ -143,6 +148,8 @@ def raw_responder(variant: str, port: int) -> None:
             c.loop_read()
         if c.want_write():
             c.loop_write()
+    print(json.dumps({"cpu_ns": time.process_time_ns() - cpu0, "served": served[0]}),
+          flush=True)
     c.disconnect()
 
 
@@ -208,9 +215,13 @@ async def ours_responder(variant: str, port: int) -> None:
     t = MqttTransport(TransportConfig(port=port))
     await t.connect()
     handler = _blocking_echo if variant == "blocking" else _async_echo
-    await t.serve(f"tandem/v1/req/bench-{variant}/+", handler)
+    topic_filter = f"tandem/v1/req/bench-{variant}/+"
+    await t.serve(topic_filter, handler)
     print("ready", flush=True)
+    cpu0 = time.process_time_ns()
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    served = t.stats().serving[topic_filter].answered
+    print(json.dumps({"cpu_ns": time.process_time_ns() - cpu0, "served": served}), flush=True)
     await t.close()
 
 
@@ -218,18 +229,26 @@ async def ours_responder(variant: str, port: int) -> None:
 
 
 def _serve_commands(block) -> None:
-    """``block(n)`` runs n round trips and returns their times (ns)."""
+    """``block(n)`` runs n round trips and returns their times (ns). The first ``run`` is the
+    warm-up: the CPU time this process spends (all threads) is counted from the second on."""
     samples: list[int] = []
+    cpu_ns = counted = 0
     print("ready", flush=True)
     for line in sys.stdin:
         cmd = line.split()
         if not cmd:
             continue
         if cmd[0] == "run":
-            samples.extend(block(int(cmd[1])))
+            cpu0 = time.process_time_ns()
+            got = block(int(cmd[1]))
+            if samples:
+                cpu_ns += time.process_time_ns() - cpu0
+                counted += len(got)
+            samples.extend(got)
             print("ok", flush=True)
         elif cmd[0] == "dump":
-            print(json.dumps(samples), flush=True)
+            print(json.dumps({"samples": samples, "cpu_ns": cpu_ns, "counted": counted}),
+                  flush=True)
             return
 
 

@@ -102,24 +102,31 @@ class _Peer:
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
 
-    def dump(self) -> list[int]:
+    def dump(self) -> dict:
         self.send("dump")
         assert self.proc.stdout is not None
         return json.loads(self.proc.stdout.readline())
 
-    def stop(self) -> None:
+    def stop(self) -> dict | None:
+        """Close its stdin and wait; a responder's last line (its CPU time) is returned."""
         with contextlib.suppress(OSError):
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
+        last = None
+        with contextlib.suppress(OSError, ValueError):
+            if self.proc.stdout is not None:
+                line = self.proc.stdout.readline()
+                last = json.loads(line) if line.strip() else None
         try:
             self.proc.wait(15)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        return last
 
 
 def measure(size: int, repeats: int, warmup: int, env: dict,
-            broker_env: dict | None = None) -> dict[str, list[float]]:
+            broker_env: dict | None = None) -> Measured:
     """One size, fresh broker and processes: seconds per round trip for every variant. The
     broker gets the ``MALLOC_*`` variables of ``broker_env`` (default: of ``env``)."""
     broker_mod = _broker_module()
@@ -154,12 +161,33 @@ def measure(size: int, repeats: int, warmup: int, env: dict,
             for v in order[i % len(order):] + order[:i % len(order)]:
                 requesters[v].send(f"run {BLOCK}")
                 requesters[v].expect("ok")
-        return {v: [ns / 1e9 for ns in p.dump()[warmup:]] for v, p in requesters.items()}
+        dumps = {v: p.dump() for v, p in requesters.items()}
+        for p in requesters.values():
+            p.stop()
+        served = {p.variant: p.stop() for p in responders}
+        peers.clear()
+        cpu = {}
+        for v, d in dumps.items():
+            r = served.get(v) or {}
+            cpu[v] = (d["cpu_ns"] / max(1, d["counted"]) / 1e3,
+                      r.get("cpu_ns", 0) / max(1, r.get("served", 0)) / 1e3)
+        return Measured({v: [ns / 1e9 for ns in d["samples"][warmup:]] for v, d in dumps.items()},
+                        cpu)
     finally:
         for p in peers:
             p.stop()
         broker.stop()
         tmp.cleanup()
+
+
+@dataclass
+class Measured:
+    """Seconds per round trip per variant, and CPU µs per round trip (requester process,
+    responder process; all threads, after the warm-up for the requester, since ready for the
+    responder, which also answered the warm-up)."""
+
+    samples: dict[str, list[float]]
+    cpu_us: dict[str, tuple[float, float]]
 
 
 @dataclass
@@ -169,6 +197,7 @@ class SizeRun:
     median: dict[str, float]
     p99: dict[str, float]
     n: int
+    cpu_us: dict[str, tuple[float, float]]
 
     @property
     def baseline(self) -> str:
@@ -178,10 +207,11 @@ class SizeRun:
 def run_once(repeats: int, warmup: int, env: dict) -> dict[str, SizeRun]:
     out: dict[str, SizeRun] = {}
     for label, size in SIZES.items():
-        samples = measure(size, repeats, warmup, env)
-        st = {v: stats(s) for v, s in samples.items()}
+        m = measure(size, repeats, warmup, env)
+        st = {v: stats(s) for v, s in m.samples.items()}
         out[label] = SizeRun({v: s.median for v, s in st.items()},
-                             {v: s.p99 for v, s in st.items()}, min(s.n for s in st.values()))
+                             {v: s.p99 for v, s in st.items()}, min(s.n for s in st.values()),
+                             m.cpu_us)
     return out
 
 
@@ -198,6 +228,10 @@ def results(runs: list[dict[str, SizeRun]]) -> list[Result]:
         per = [r[label] for r in runs]
         base = [p.median[p.baseline] for p in per]
         winners = [p.baseline for p in per]
+        cpu = {v: (statistics.median(p.cpu_us[v][0] for p in per),
+                   statistics.median(p.cpu_us[v][1] for p in per)) for v in VARIANTS}
+        cpu_note = "CPU µs per round trip, requester/responder process (median of runs): " + \
+            ", ".join(f"{v} {cpu[v][0]:.0f}/{cpu[v][1]:.0f}" for v in VARIANTS)
         for kind in ("async", "sync"):
             ratios = [p.median[kind] / p.median[p.baseline] for p in per]
             target = TARGETS[label]
@@ -214,7 +248,7 @@ def results(runs: list[dict[str, SizeRun]]) -> list[Result]:
                        f"ratio per run {[round(r, 3) for r in ratios]} ({_spread(ratios)}); "
                        f"baseline p99 median {statistics.median(p.p99[p.baseline] for p in per) * 1e3:.3f} ms; "  # noqa: E501
                        f"baseline variant per run {winners}; value/min/max = median/min/max of "
-                       f"the runs' medians, p99 = median of the runs' p99"),
+                       f"the runs' medians, p99 = median of the runs' p99; {cpu_note}"),
             ))
         over = [(p.median["blocking"] - p.median["async"]) * 1e3 for p in per]
         out.append(Result(
@@ -264,8 +298,8 @@ def allocator_effect(*, quick: bool = False) -> list[Result]:
             ("glibc_default", _env(False), None, "no MALLOC_* variable in any process"),
             ("malloc_clients_only", _env(True), _env(False),
              "MALLOC_* in the requester and responder, not in mosquitto")):
-        samples = measure(SIZES["1MB"], repeats, warmup, env, broker_env)
-        st = {v: stats(s) for v, s in samples.items()}
+        st = {v: stats(s) for v, s in
+              measure(SIZES["1MB"], repeats, warmup, env, broker_env).samples.items()}
         best = min(("raw_thread", "raw_direct"), key=lambda v: st[v].median)
         out += [Result(
             metric=f"rtt_1MB_{label}_{v}", value=st[v].median * 1e3, unit="ms",
@@ -283,9 +317,10 @@ def run(*, quick: bool = False, runs: int = 3, malloc: bool = False) -> list[Res
     for i in range(runs):
         one = run_once(repeats, warmup, env)
         all_runs.append(one)
-        print(f"transport run {i + 1}/{runs}: " + "; ".join(
-            f"{label} " + " ".join(f"{v}={r.median[v] * 1e3:.3f}" for v in VARIANTS)
-            for label, r in one.items()), flush=True)
+        print(f"transport run {i + 1}/{runs} (median ms; CPU µs requester/responder): " +
+              "; ".join(f"{label} " + " ".join(
+                  f"{v}={r.median[v] * 1e3:.3f} ({r.cpu_us[v][0]:.0f}/{r.cpu_us[v][1]:.0f})"
+                  for v in VARIANTS) for label, r in one.items()), flush=True)
     return results(all_runs)
 
 
