@@ -753,8 +753,10 @@ class Transport(abc.ABC):
         ``topics.request_filter("workers")``) with ``handler(request, context)``.
 
         An async handler runs on the loop (awaiting a future that another component completes
-        is how a dynamic batcher collects requests); a sync one runs in ``executor`` (default:
-        ``max_concurrency`` threads owned by this server). ``context`` is a
+        is how a dynamic batcher collects requests); a sync one runs in ``executor`` when one
+        is given, else on up to ``max_concurrency`` handler threads owned by this server, which
+        encode their answer and hand it to the loop themselves (no executor round trip: the
+        path for a blocking inference handler). ``context`` is a
         :class:`~tandem.protocol.transport.RequestContext` (topic, device, deadline, arrival).
         ``limits`` (default ``config.limits``) bound what this handler accepts, decompression
         included. At most ``max_concurrency`` handlers run at once (default 4 sync, 256
