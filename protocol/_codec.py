@@ -453,6 +453,8 @@ _SCHEMAS: dict[MessageType, tuple[type, tuple[_Field, ...]]] = {
         _Field("p99_ms", _nonneg_float, 0.0),
         _Field("fallbacks", _u63, 0),
         _Field("plan_mix", _plan_mix, ()),
+        _Field("refused_digest", _str, "", omit_default=True),
+        _Field("refused_reason", _str, "", omit_default=True),
     )),
     MessageType.CLOUD_LOAD: (CloudLoad, (
         _Field("worker_id", _str),

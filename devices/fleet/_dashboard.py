@@ -81,6 +81,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 .state-online .state{color:#1a7f37}.state-offline .state,.state-unseen .state{color:#888}
 .state-degraded .state,.state-stale .state{color:#b35900}
 .pending{color:#b35900}
+.refused{color:#b00020;white-space:normal}
 code{font-size:.95em}
 """
 
@@ -117,6 +118,9 @@ def render_page(fleet_name: str, rows: list[DeviceRow], *, now_ms: int, refresh_
         if r.rollout == "pending":
             bundle += (f' <span class="pending" title="assigned {esc(r.assigned_digest)}">'
                        f"→ {esc(r.assigned_digest[:12])}</span>")
+        elif r.rollout == "refused":
+            bundle += (f' <span class="refused" title="{esc(r.refused_reason)}">refused '
+                       f"{esc(r.assigned_digest[:12])}: {esc(r.refused_reason)}</span>")
         state_class = re.sub(r"[^a-z]", "", r.state.lower()) or "unknown"
         out.append(
             f'<tr class="device state-{state_class}" data-device="{esc(r.id)}">'
