@@ -13,6 +13,7 @@ drives both directions, so encode and decode cannot drift apart.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -669,21 +670,10 @@ def _read_envelope(mv: memoryview, limits: Limits) -> tuple[Any, int]:
         _peek_version(mv)
     cap = min(n, limits.max_header_bytes)
     window = min(cap, _FIRST_FEED)
+    options = _unpack_options(limits)
     while True:
         try:
-            return msgpack.unpackb(
-                mv[:window],
-                raw=False,
-                strict_map_key=True,
-                use_list=True,
-                object_pairs_hook=_pairs,
-                max_str_len=limits.max_string_len,
-                max_bin_len=limits.max_string_len,  # ids and Assignment.signature are bin
-                max_array_len=max(limits.max_tensors, limits.max_list_len, limits.max_rank,
-                                  3) + 1,
-                max_map_len=limits.max_fields,
-                max_ext_len=0,  # no ext types in v1 (this also refuses msgpack timestamps)
-            ), window
+            return msgpack.unpackb(mv[:window], **options), window
         except msgpack.ExtraData as exc:
             return exc.unpacked, window - len(exc.extra)
         except ValueError as exc:
@@ -701,6 +691,22 @@ def _read_envelope(mv: memoryview, limits: Limits) -> tuple[Any, int]:
                 raise PayloadTooLarge(f"envelope over limits: {why}") from None
             raise MalformedMessage(f"truncated frame ({n} bytes)") from None
         raise PayloadTooLarge(f"envelope longer than {limits.max_header_bytes} bytes") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _unpack_options(limits: Limits) -> dict[str, Any]:
+    """msgpack.unpackb's options for an envelope under ``limits``."""
+    return dict(
+        raw=False,
+        strict_map_key=True,
+        use_list=True,
+        object_pairs_hook=_pairs,
+        max_str_len=limits.max_string_len,
+        max_bin_len=limits.max_string_len,  # ids and Assignment.signature are bin
+        max_array_len=max(limits.max_tensors, limits.max_list_len, limits.max_rank, 3) + 1,
+        max_map_len=limits.max_fields,
+        max_ext_len=0,  # no ext types in v1 (this also refuses msgpack timestamps)
+    )
 
 
 # msgpack str/bin headers: first byte -> (kind, bytes of the length field)
@@ -796,17 +802,26 @@ def _decode_body(mv: memoryview, obj: Any, pos: int, limits: Limits) -> Message:
     body = _map(body)
     ctx = _DecodeCtx(mv, pos, limits)
     kwargs: dict[str, Any] = {}
+    max_list_len = limits.max_list_len
     for f in schema:  # unknown keys are ignored (schema evolution, see SPEC.md)
-        if f.check is not None:
-            value = body.get(f.key)
-            if type(value) is list and len(value) > limits.max_list_len:
-                raise PayloadTooLarge(f"field {f.key!r}: {len(value)} entries "
-                                      f"(limit {limits.max_list_len})")
-            kwargs[f.key] = _get(body, f)
-        elif f.key in body:
-            kwargs[f.key] = ctx.tensors(body[f.key])
-        elif f.default is _REQUIRED:
-            raise _Bad(f"missing field {f.key!r}")
+        key, check = f.key, f.check
+        if key not in body:  # absent: its default (the tensor list's is the dataclass's)
+            if f.default is _REQUIRED:
+                raise _Bad(f"missing field {key!r}")
+            if check is not None:
+                kwargs[key] = f.default() if callable(f.default) else f.default
+            continue
+        value = body[key]
+        if check is None:
+            kwargs[key] = ctx.tensors(value)
+            continue
+        if type(value) is list and len(value) > max_list_len:
+            raise PayloadTooLarge(f"field {key!r}: {len(value)} entries "
+                                  f"(limit {max_list_len})")
+        try:
+            kwargs[key] = check(value)
+        except _Bad as exc:
+            raise _Bad(f"field {key!r}: {exc}") from None
     if ctx.pos != len(mv):
         raise MalformedMessage(f"{len(mv) - ctx.pos} unexpected bytes after the last payload")
     if cls is InferenceResponse and kwargs.get("error") is not None and kwargs.get(_OUTPUTS):
