@@ -51,7 +51,6 @@ machine shared with other work: indicative, not a lab result.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import statistics
@@ -424,8 +423,7 @@ class Lab:
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> Lab:
-        from tandem.lab import PROFILES, EmbeddedBroker, LinkEmulator, SyncBroker, \
-            SyncLinkEmulator
+        from tandem.lab import PROFILES, EmbeddedBroker, LinkEmulator, SyncBroker, SyncLinkEmulator
         from tandem.lab._procs import MosquittoProcess, Processes, mosquitto_binary
 
         try:
