@@ -23,16 +23,17 @@ Links (``tandem.lab.PROFILES``): 3g (1 Mbit/s, 50 ms one-way: 100 ms RTT), lte (
 RTT), wifi (20 Mbit/s, 10 ms RTT), wired (100 Mbit/s, 2 ms RTT), each with its jitter.
 
 Per cell (model x link), through the edge daemon's KServe v2 API from this process (the
-application's view: the latency includes the HTTP request to the daemon): every plan —
-``local`` (edge-only), ``cloud`` (cloud-only), ``split:<k>`` for every cut, and ``auto`` — once
-per round, in an order rotated each round so that drift (the shared machine, the estimator
-learning) touches every plan alike; a few warm-up rounds first after the link changed (not
-counted). Forced plans use the encoding the daemon expects fastest, as ``auto`` does. Reported
-per cell: p50/p99 of every plan and the planner's median estimate for it (``expected_ms``),
-the oracle (the forced plan with the lowest measured p50), ``auto``'s p50/p99 and the plans it
-chose, its regret (``auto`` p50 / oracle p50 - 1) and its speedup against edge-only and
-cloud-only. Targets (issue 13): ``auto`` within 10 % of the oracle in >= 90 % of cells, and in
-every cell at most 5 % slower than the better of edge-only and cloud-only.
+application's view: the latency includes the HTTP request to the daemon): every plan — ``local``
+(edge-only), ``cloud`` (cloud-only), ``split:<k>`` for every cut, and ``auto`` — once per round,
+in an order rotated each round (and re-shuffled every full rotation, so no plan always follows
+the same one) so that drift (the shared machine, the estimator learning, the CPU quota a heavy
+plan leaves spent) touches every plan alike; a few warm-up rounds first after the link changed
+(not counted). Forced plans use the encoding the daemon expects fastest, as ``auto`` does.
+Reported per cell: p50/p99 of every plan and the planner's median estimate for it
+(``expected_ms``), the oracle (the forced plan with the lowest measured p50), ``auto``'s p50/p99
+and the plans it chose, its regret (``auto`` p50 / oracle p50 - 1) and its speedup against edge-
+only and cloud-only. Targets (issue 13): ``auto`` within 10 % of the oracle in >= 90 % of cells,
+and in every cell at most 5 % slower than the better of edge-only and cloud-only.
 
 The collapse run (the demo model): ``auto`` alone (no forced traffic to teach the daemon), one
 request at a time, while the link goes wifi -> 3g -> wifi; each request's plan and latency is
@@ -51,7 +52,9 @@ machine shared with other work: indicative, not a lab result.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -97,6 +100,7 @@ class PlanStats:
     errors: int = 0
     ran: dict[str, int] = field(default_factory=dict)  # cloud / local / fallback
     chosen: dict[str, int] = field(default_factory=dict)  # the plans the daemon ran
+    encodings: dict[str, int] = field(default_factory=dict)  # frontier encodings sent
 
 
 @dataclass
@@ -114,6 +118,7 @@ class Cell:
     vs_best_baseline: float  # auto p50 / best baseline p50 - 1
     speedup_vs_local: float
     speedup_vs_cloud: float
+    planner: dict | None = None  # the daemon's link estimate and per-plan terms at the end
 
     @property
     def within_oracle(self) -> bool:
@@ -135,7 +140,9 @@ def plan_stats(plan: str, records: Sequence[dict]) -> PlanStats:
     return PlanStats(plan, s.n, s.median, s.p99, s.min, s.max,
                      statistics.median(expected) if expected else None,
                      len(records) - len(ok), dict(Counter(str(r.get("ran")) for r in ok)),
-                     dict(Counter(str(r.get("plan")) for r in ok)))
+                     dict(Counter(str(r.get("plan")) for r in ok)),
+                     dict(Counter(str(r.get("encoding")) for r in ok
+                                  if r.get("ran") != "local")))
 
 
 def cell_report(model: str, link: str, samples: dict[str, Sequence[dict]]) -> Cell:
@@ -156,10 +163,18 @@ def cell_report(model: str, link: str, samples: dict[str, Sequence[dict]]) -> Ce
                 auto.p50_ms / min(local, cloud) - 1, local / auto.p50_ms, cloud / auto.p50_ms)
 
 
-def rotated(plans: Sequence[str], round_index: int) -> list[str]:
-    """Round ``round_index``'s order: ``plans`` rotated by that many places."""
-    k = round_index % len(plans) if plans else 0
-    return [*plans[k:], *plans[:k]]
+def round_order(plans: Sequence[str], round_index: int, seed: int = 0) -> list[str]:
+    """Round ``round_index``'s order: within each cycle of ``len(plans)`` rounds a seeded
+    shuffle of ``plans`` rotated by one more place each round (so every plan takes every
+    position once per cycle), the shuffle drawn afresh each cycle (so no plan always follows
+    the same one: a heavy plan leaves the throttled daemon behind on its CPU quota for the
+    next request, which a fixed rotation would always charge to the same plan)."""
+    if not plans:
+        return []
+    cycle, k = divmod(round_index, len(plans))
+    base = list(plans)
+    random.Random(seed * 1_000_003 + cycle).shuffle(base)
+    return [*base[k:], *base[:k]]
 
 
 def summary(cells: Sequence[Cell]) -> dict:
@@ -519,13 +534,16 @@ def measure_cell(client, model: ModelSpec, image, link: str, rounds: int, warmup
     plans = ["local", "cloud", *(f"split:{k}" for k in model.cuts), "auto"]
     samples: dict[str, list[dict]] = {p: [] for p in plans}
     for r in range(warmup):
-        for p in rotated(plans, r):
+        for p in round_order(plans, r):
             _infer(client, image, model.input_name, p if p != "auto" else "auto")
     t0 = time.monotonic()
     for r in range(rounds):
-        for p in rotated(plans, r):
+        for p in round_order(plans, r):
             samples[p].append(_infer(client, image, model.input_name, p))
     cell = cell_report(model.name, link, samples)
+    with contextlib.suppress(Exception):  # what the planner believed at the end of the cell
+        status = client.status()
+        cell.planner = {"link": status.get("link"), "plans": status.get("plans")}
     say(f"  {model.name} / {link}: {len(plans)} plans x {rounds} rounds in "
         f"{time.monotonic() - t0:.0f} s; oracle {cell.oracle} {cell.oracle_p50_ms:.1f} ms, "
         f"auto {cell.auto_p50_ms:.1f} ms ({_chosen_text(cell.plans['auto'])})")
@@ -689,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the edge daemon's share of one CPU (default 0.1)")
     p.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto")
     p.add_argument("--no-collapse", action="store_true", help="skip the collapse run")
+    p.add_argument("--raw", help="also write every request's record (JSON) to this path")
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     links = [n for n in args.links.split(",") if n]
@@ -728,6 +747,8 @@ def main(argv: list[str] | None = None) -> int:
         "collapse": out["timeline"],
     }
     path = write_json(NAME, results, args.json_path, notes=notes, extra=extra)
+    if args.raw:
+        Path(args.raw).write_text(json.dumps(out["raw"]) + "\n")
     pngs = write_plots(path.parent, cells, out["timeline"], notes)
     print(f"done in {out['seconds']:.0f} s\nresults: {path}")
     for png in pngs:
