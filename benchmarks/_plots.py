@@ -172,7 +172,7 @@ def timeline(path: str | Path, *, step_x: Sequence[float], step_y: Sequence[floa
     ``events_kind`` (the plan that ran it). ``extra_steps[label] = (xs, ys)``: more step
     lines on the left axis, dashed (e.g. what the device estimated the rate to be)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9.0, 4.2))
+    fig, ax = plt.subplots(figsize=(11.0, 4.2))
     if step_x:
         end = max([*step_x, *events_x]) if events_x else max(step_x)
         ax.step([*step_x, end], [*step_y, step_y[-1]], where="post", color="#333333",
@@ -195,7 +195,8 @@ def timeline(path: str | Path, *, step_x: Sequence[float], step_y: Sequence[floa
     right.set_yscale("log")
     handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
-    ax.legend(handles, labels, fontsize=7, loc="upper right", markerscale=2)
+    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.07, 1.0),
+              markerscale=2)  # beside the axes: the points may be anywhere
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout(rect=(0, _bottom(fig, footnote), 1, 1))

@@ -35,6 +35,14 @@ and the plans it chose, its regret (``auto`` p50 / oracle p50 - 1) and its speed
 only and cloud-only. Targets (issue 13): ``auto`` within 10 % of the oracle in >= 90 % of cells,
 and in every cell at most 5 % slower than the better of edge-only and cloud-only.
 
+Two figures per cell say how much of a miss is noise: ``auto`` against the plan it ran most,
+forced (the same work: only the planner and the measurement differ), and a control,
+``local-again`` — ``mode=local`` sent a second time in every round and timed like the others,
+never an oracle or a baseline — against ``local``: how far two p50s of one plan measured in
+the same rounds lie apart here. The CPU quota is what makes it wide: a 10 % quota runs the edge
+1 ms in every 10 ms, so a request's compute lands on a 10 ms grid depending on where in the
+period it starts and how much of the quota the request before it left.
+
 The collapse run (the demo model): ``auto`` alone (no forced traffic to teach the daemon), one
 request at a time, while the link goes wifi -> 3g -> wifi; each request's plan and latency is
 plotted against the link's rate and the daemon's own bandwidth estimate.
@@ -83,6 +91,7 @@ BASELINE_SLACK = 0.05  # and never more than 5 % worse than the better of local 
 COLLAPSE = (("wifi", 20.0), ("3g", 20.0), ("wifi", 25.0))  # (link, seconds)
 COLLAPSE_QUICK = (("wifi", 4.0), ("3g", 4.0), ("wifi", 4.0))
 FORCED_FIRST = ("local", "cloud")
+CONTROL = "local-again"  # mode=local a second time per round: the noise floor of one cell
 
 
 # -- the pure part: statistics per plan and cell, targets, pictures -----------------------------
@@ -118,6 +127,8 @@ class Cell:
     vs_best_baseline: float  # auto p50 / best baseline p50 - 1
     speedup_vs_local: float
     speedup_vs_cloud: float
+    auto_vs_choice: float | None = None  # auto p50 / p50 of the plan it ran most, forced, - 1
+    control: float | None = None  # local-again p50 / local p50 - 1: same plan, same rounds
     planner: dict | None = None  # the daemon's link estimate and per-plan terms at the end
 
     @property
@@ -152,7 +163,7 @@ def cell_report(model: str, link: str, samples: dict[str, Sequence[dict]]) -> Ce
     if missing:
         raise ValueError(f"{model}/{link}: no {', '.join(missing)} samples")
     plans = {p: plan_stats(p, recs) for p, recs in samples.items()}
-    forced = {p: s for p, s in plans.items() if p != "auto"}
+    forced = {p: s for p, s in plans.items() if p not in ("auto", CONTROL)}
     oracle = min(forced, key=lambda p: forced[p].p50_ms)
     auto = plans["auto"]
     local, cloud = plans["local"].p50_ms, plans["cloud"].p50_ms
@@ -160,7 +171,9 @@ def cell_report(model: str, link: str, samples: dict[str, Sequence[dict]]) -> Ce
     choice = max(auto.chosen.items(), key=lambda kv: kv[1])[0] if auto.chosen else "?"
     return Cell(model, link, plans, oracle, forced[oracle].p50_ms, auto.p50_ms, auto.p99_ms,
                 choice, auto.p50_ms / forced[oracle].p50_ms - 1, best,
-                auto.p50_ms / min(local, cloud) - 1, local / auto.p50_ms, cloud / auto.p50_ms)
+                auto.p50_ms / min(local, cloud) - 1, local / auto.p50_ms, cloud / auto.p50_ms,
+                auto.p50_ms / forced[choice].p50_ms - 1 if choice in forced else None,
+                plans[CONTROL].p50_ms / local - 1 if CONTROL in plans else None)
 
 
 def round_order(plans: Sequence[str], round_index: int, seed: int = 0) -> list[str]:
@@ -209,7 +222,8 @@ def results_of(cells: Sequence[Cell], speed: dict[str, dict]) -> list[Result]:
             target=f"ratio <= {1 + REGRET_TARGET:.2f} in >= {CELL_SHARE_TARGET:.0%} of cells",
             met=c.within_oracle, p99=round(c.auto_p99_ms, 2), min=round(auto.min_ms, 2),
             max=round(auto.max_ms, 2), n=auto.n,
-            notes=f"auto ran {_chosen_text(auto)}"))
+            notes=f"auto ran {_chosen_text(auto)}; auto vs its plan forced "
+                  f"{_pct(c.auto_vs_choice)}; local-again vs local {_pct(c.control)}"))
         base = c.plans[c.best_baseline]
         out.append(Result(
             f"{c.model}_{c.link}_auto_vs_best_baseline", round(c.auto_p50_ms, 2), "ms",
@@ -231,6 +245,10 @@ def results_of(cells: Sequence[Cell], speed: dict[str, dict]) -> list[Result]:
                               notes=f"whole model: edge {sp['edge_ms']:.1f} ms, cloud "
                                     f"{sp['cloud_ms']:.1f} ms (medians)"))
     return out
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:+.1f}%"
 
 
 def _chosen_text(s: PlanStats) -> str:
@@ -276,11 +294,14 @@ def print_cells(cells: Sequence[Cell], speed: dict[str, dict]) -> None:
                      f"{c.auto_p50_ms:.1f} / {c.auto_p99_ms:.1f}", c.auto_choice,
                      f"{100 * c.regret:+.1f}%", f"{c.speedup_vs_local:.2f}x",
                      f"{c.speedup_vs_cloud:.2f}x", f"{100 * c.vs_best_baseline:+.1f}%",
+                     _pct(c.auto_vs_choice), _pct(c.control),
                      "yes" if c.within_oracle and c.within_baseline else "NO"])
     show([Column("model"), Column("link"), Column("oracle p50 ms"),
           Column("auto p50/p99 ms", justify="right"), Column("auto ran"),
           Column("regret", justify="right"), Column("vs local", justify="right"),
           Column("vs cloud", justify="right"), Column("vs best of both", justify="right"),
+          Column("vs its plan forced", justify="right", fold=1),
+          Column("local-again vs local", justify="right", fold=1),
           Column("met")], rows, title="auto against the oracle and the baselines")
     s = summary(cells)
     lines = [""]
@@ -309,7 +330,8 @@ def write_plots(out_dir: Path, cells: Sequence[Cell], timeline: dict | None,
     for model in dict.fromkeys(c.model for c in cells):
         mine = [c for c in cells if c.model == model]
         links = [c.link for c in mine]
-        series = plan_order(list(dict.fromkeys(p for c in mine for p in c.plans)))
+        series = plan_order(list(dict.fromkeys(p for c in mine for p in c.plans
+                                               if p != CONTROL)))
         values = {(c.link, p): s.p50_ms for c in mine for p, s in c.plans.items()}
         errors = {(c.link, p): s.p99_ms for c in mine for p, s in c.plans.items()}
         marks = {"auto's choice": {c.link: c.auto_choice for c in mine},
@@ -529,17 +551,21 @@ def _infer(client, image, input_name: str, mode: str) -> dict:
     return rec
 
 
+def _mode(plan: str) -> str:
+    return "local" if plan == CONTROL else plan
+
+
 def measure_cell(client, model: ModelSpec, image, link: str, rounds: int, warmup: int,
                  say: Callable[[str], None]) -> tuple[Cell, dict[str, list[dict]]]:
-    plans = ["local", "cloud", *(f"split:{k}" for k in model.cuts), "auto"]
+    plans = ["local", "cloud", *(f"split:{k}" for k in model.cuts), "auto", CONTROL]
     samples: dict[str, list[dict]] = {p: [] for p in plans}
     for r in range(warmup):
         for p in round_order(plans, r):
-            _infer(client, image, model.input_name, p if p != "auto" else "auto")
+            _infer(client, image, model.input_name, _mode(p))
     t0 = time.monotonic()
     for r in range(rounds):
         for p in round_order(plans, r):
-            samples[p].append(_infer(client, image, model.input_name, p))
+            samples[p].append(_infer(client, image, model.input_name, _mode(p)))
     cell = cell_report(model.name, link, samples)
     with contextlib.suppress(Exception):  # what the planner believed at the end of the cell
         status = client.status()
@@ -686,7 +712,8 @@ def _notes(out: dict, edge_cpu: float, links: Sequence[str]) -> str:
     from tandem.lab import PROFILES
 
     load = out["load"]
-    return (f"edge daemon held to {edge_cpu:.0%} of one CPU by {out['throttle']}; cloud worker: "
+    throttle = out["throttle"].split(" (/")[0]  # without the cgroup's path
+    return (f"edge daemon held to {edge_cpu:.0%} of one CPU by {throttle}; cloud worker: "
             f"1 ONNX Runtime thread, unthrottled; broker {out['broker']}; links: "
             f"{'; '.join(PROFILES[n].describe() for n in links)}; machine shared with other "
             f"work (load average {load[0][0]:.1f} at start, {load[1][0]:.1f} at end): noisy; "
@@ -700,8 +727,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(MODELS),
                    help=f"models to run (default {','.join(MODELS)})")
     p.add_argument("--links", default=",".join(LINKS), help="links (default 3g,lte,wifi,wired)")
-    p.add_argument("--rounds", type=int, help="measured rounds per cell (default 40; quick 4)")
-    p.add_argument("--rounds-3g", type=int, help="measured rounds on 3g (default 20; quick 3)")
+    p.add_argument("--rounds", type=int, help="measured rounds per cell (default 60; quick 4)")
+    p.add_argument("--rounds-3g", type=int, help="measured rounds on 3g (default 40; quick 3)")
     p.add_argument("--warmup", type=int, help="warm-up rounds per cell (default 3; quick 1)")
     p.add_argument("--edge-cpu", type=float, default=0.1,
                    help="the edge daemon's share of one CPU (default 0.1)")
@@ -717,8 +744,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--links: choose from {', '.join(LINKS)}")
     if not 0 < args.edge_cpu <= 1:
         p.error("--edge-cpu must be in (0, 1]")
-    rounds = args.rounds or (4 if args.quick else 40)
-    rounds_3g = args.rounds_3g or (3 if args.quick else 20)
+    rounds = args.rounds or (4 if args.quick else 60)
+    rounds_3g = args.rounds_3g or (3 if args.quick else 40)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     if min(rounds, rounds_3g) < 1 or warmup < 0:
         p.error("--rounds and --rounds-3g must be >= 1, --warmup >= 0")

@@ -62,6 +62,19 @@ def test_a_wrong_choice_misses_both_targets():
     assert c.auto_choice == "local"
 
 
+def test_the_control_is_never_the_oracle_and_measures_the_noise_floor():
+    c = split.cell_report("m", "3g", {
+        "local": _records([80, 82, 84], "local", "local"),
+        "cloud": _records([900, 910, 920], "cloud"),
+        "auto": _records([88, 89, 90], "local", "local"),
+        split.CONTROL: _records([70, 72, 74], "local", "local"),  # faster than local itself
+    })
+    assert c.oracle == "local" and c.best_baseline == "local"
+    assert c.control == pytest.approx(72 / 82 - 1)
+    assert c.auto_vs_choice == pytest.approx(89 / 82 - 1)  # auto ran local: the same work
+    assert not c.within_baseline and c.within_oracle  # +8.5 %: a miss the control explains
+
+
 def test_failed_requests_are_counted_not_timed_and_a_plan_with_none_ok_is_an_error():
     recs = [*_records([10, 11, 12], "cloud"), {"ms": 30000.0, "error": "DeadlineExceeded"}]
     s = split.plan_stats("cloud", recs)
