@@ -91,6 +91,7 @@ BASELINE_SLACK = 0.05  # and never more than 5 % worse than the better of local 
 COLLAPSE = (("wifi", 20.0), ("3g", 20.0), ("wifi", 25.0))  # (link, seconds)
 COLLAPSE_QUICK = (("wifi", 4.0), ("3g", 4.0), ("wifi", 4.0))
 FORCED_FIRST = ("local", "cloud")
+FIRST_WARMUP = 6  # warm-up rounds in a fresh daemon's first cell
 CONTROL = "local-again"  # mode=local a second time per round: the noise floor of one cell
 
 
@@ -679,7 +680,10 @@ def run(*, quick: bool, models: Sequence[str], links: Sequence[str], rounds: int
                     for link in links:
                         lab.link.set_profile(PROFILES[link])
                         n = rounds_3g if link == "3g" else rounds
-                        cell, samples = measure_cell(client, spec, image, link, n, warmup, say)
+                        # a fresh daemon's first estimates start from priors and from first
+                        # samples that include the cloud loading each part: warm up longer
+                        w = max(warmup, FIRST_WARMUP) if link == links[0] else warmup
+                        cell, samples = measure_cell(client, spec, image, link, n, w, say)
                         cells.append(cell)
                         raw[f"{spec.name}/{link}"] = samples
                     edge_ms = [r["compute_ms"] for k, s in raw.items()
