@@ -195,7 +195,7 @@ def timeline(path: str | Path, *, step_x: Sequence[float], step_y: Sequence[floa
     right.set_yscale("log")
     handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
-    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.07, 1.0),
+    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.1, 1.0),
               markerscale=2)  # beside the axes: the points may be anywhere
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -72,7 +72,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from benchmarks._common import Result, parser, print_table, stats, write_json
@@ -625,7 +625,9 @@ def collapse_run(client, lab: Lab, model: ModelSpec, image, phases, url: str,
         start = steps[i]["at_s"]
         stop_s = steps[i + 1]["at_s"] if i + 1 < len(steps) else float("inf")
         mine = [r for r in requests if start <= r["t_s"] < stop_s]
-        per_phase.append({"link": name, "from_s": start, "requests": len(mine),
+        per_phase.append({"link": name, "from_s": start,
+                          "to_s": None if stop_s == float("inf") else stop_s,
+                          "requests": len(mine),
                           "plans": dict(Counter(r["plan"] for r in mine)),
                           "p50_ms": statistics.median([r["ms"] for r in mine]) if mine
                           else None})
@@ -635,18 +637,24 @@ def collapse_run(client, lab: Lab, model: ModelSpec, image, phases, url: str,
             "phases": per_phase}
 
 
-def _switch_times(timeline: dict) -> list[dict]:
-    """After each link change, how long until auto first ran the plan it then kept most."""
+def switch_times(timeline: dict, settle: int = 5) -> list[dict]:
+    """After each link change, how long until auto settled: the start of the first run of
+    ``settle`` requests in a row on the plan it ran most in that phase (a single exploring
+    request is not a switch)."""
     out = []
     reqs = timeline["requests"]
     for p in timeline["phases"]:
-        mine = [r for r in reqs if r["link"] == p["link"] and r["t_s"] >= p["from_s"]]
+        mine = [r for r in reqs if r["link"] == p["link"] and r["t_s"] >= p["from_s"]
+                and (p.get("to_s") is None or r["t_s"] < p["to_s"])]
         if not mine or not p["plans"]:
             continue
         settled = max(p["plans"].items(), key=lambda kv: kv[1])[0]
-        first = next((r["t_s"] for r in mine if r["plan"] == settled), None)
-        out.append({"link": p["link"], "settled_plan": settled,
-                    "after_s": None if first is None else round(first - p["from_s"], 2)})
+        at = None
+        for i in range(len(mine) - settle + 1):
+            if all(r["plan"] == settled for r in mine[i:i + settle]):
+                at = round(mine[i]["t_s"] - p["from_s"], 2)
+                break
+        out.append({"link": p["link"], "settled_plan": settled, "after_s": at})
     return out
 
 
@@ -702,7 +710,7 @@ def run(*, quick: bool, models: Sequence[str], links: Sequence[str], rounds: int
                         say(f"{spec.name}: collapse run "
                             f"({' -> '.join(f'{n} {s:g} s' for n, s in phases)}) ...")
                         timeline = collapse_run(client, lab, spec, image, phases, url, say)
-                        timeline["switch"] = _switch_times(timeline)
+                        timeline["switch"] = switch_times(timeline)
             throttle, broker_name = lab.throttle, lab.broker_name
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -724,6 +732,25 @@ def _notes(out: dict, edge_cpu: float, links: Sequence[str]) -> str:
             f"random weights")
 
 
+def cells_from_json(doc: dict) -> list[Cell]:
+    """The cells of a saved run (``benchmarks/results/split.json``)."""
+    names = {f.name for f in fields(Cell)}
+    out = []
+    for c in doc.get("cells", []):
+        values = {k: v for k, v in c.items() if k in names}
+        values["plans"] = {p: PlanStats(**s) for p, s in c["plans"].items()}
+        out.append(Cell(**values))
+    return out
+
+
+def replot(path: Path) -> int:
+    doc = json.loads(path.read_text())
+    for png in write_plots(path.parent, cells_from_json(doc), doc.get("collapse"),
+                           doc["machine"]["notes"]):
+        print(f"figure: {png}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser("Split execution against edge-only, cloud-only and the oracle")
     p.add_argument("--torch-python", help="python with torch, torchvision, onnx and "
@@ -739,7 +766,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto")
     p.add_argument("--no-collapse", action="store_true", help="skip the collapse run")
     p.add_argument("--raw", help="also write every request's record (JSON) to this path")
+    p.add_argument("--replot", metavar="JSON", help="only redraw the PNGs of a saved run "
+                   "(beside that JSON)")
     args = p.parse_args(argv)
+    if args.replot:
+        return replot(Path(args.replot))
     models = [m for m in args.models.split(",") if m]
     links = [n for n in args.links.split(",") if n]
     if not models or any(m not in MODELS for m in models):

@@ -164,3 +164,36 @@ def test_bad_arguments_are_one_line():
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--models: choose from" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_switch_is_where_auto_settled_not_a_single_exploring_request():
+    reqs = [{"t_s": 0.1 * i, "plan": "split:15", "link": "wifi"} for i in range(10)]
+    reqs += [{"t_s": 1.0 + 0.1 * i, "plan": "local", "link": "3g"} for i in range(10)]
+    tail = ["local"] * 5 + ["split:15"] + ["local"] * 3 + ["split:15"] * 12  # explores once
+    reqs += [{"t_s": 2.0 + 0.1 * i, "plan": p, "link": "wifi"} for i, p in enumerate(tail)]
+    phases = [{"link": "wifi", "from_s": 0.0, "to_s": 1.0, "plans": {"split:15": 10}},
+              {"link": "3g", "from_s": 1.0, "to_s": 2.0, "plans": {"local": 10}},
+              {"link": "wifi", "from_s": 2.0, "to_s": None,
+               "plans": dict(Counter(tail))}]
+    out = split.switch_times({"requests": reqs, "phases": phases})
+    assert [(o["link"], o["settled_plan"]) for o in out] == \
+        [("wifi", "split:15"), ("3g", "local"), ("wifi", "split:15")]
+    assert out[0]["after_s"] == 0 and out[1]["after_s"] == 0
+    assert out[2]["after_s"] == pytest.approx(0.9)  # not 0.5, where it explored once
+
+
+def test_a_saved_run_is_read_back_and_redrawn(tmp_path):
+    pytest.importorskip("matplotlib", reason="the bench extra (matplotlib) is not installed")
+    import json
+    from dataclasses import asdict
+
+    cells = [_cell(link="3g"), _cell(link="wired", auto=70)]
+    doc = {"cells": [{**asdict(c), "within_oracle": c.within_oracle} for c in cells],
+           "collapse": None, "machine": {"notes": "n"}}
+    saved = tmp_path / "split.json"
+    saved.write_text(json.dumps(doc))
+    back = split.cells_from_json(json.loads(saved.read_text()))
+    assert back == cells
+    assert split.main(["--replot", str(saved)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "split.json", "split_latency_m.png", "split_regret.png"]
