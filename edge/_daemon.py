@@ -143,6 +143,7 @@ class EdgeDaemon:
         self._window = _Window()
         self._state = "new"
         self._started_s = time.monotonic()
+        self._probing = False
         self._advertiser: Any = None
         self._rollout: Any = None
         self._spool_thread: ThreadPoolExecutor | None = None
@@ -497,11 +498,25 @@ class EdgeDaemon:
                 continue
             await self.probe()
 
+    def probe_soon(self) -> None:
+        """Probe now in the background (an offload's time did not fit the link estimates;
+        at most one probe at a time)."""
+        if not self._probing and self._state == "serving":
+            self.link.probe_wanted = False
+            self.spawn(self.probe(), "edge probe")
+
     async def probe(self) -> float | None:
         """Send one probe now; its round trip in ms, or None when it went unanswered."""
         t, model = self.transport, self.model
-        if t is None or model is None:
+        if t is None or model is None or self._probing:
             return None
+        self._probing = True
+        try:
+            return await self._probe(t, model)
+        finally:
+            self._probing = False
+
+    async def _probe(self, t: Any, model: ServingModel) -> float | None:
         request = InferenceRequest(
             id=new_request_id(), device_id=self.device_id, model_digest=model.cost.model_digest,
             cut_id=model.runtime.local_cut.id, budget_ms=_PROBE_BUDGET_MS, tensors=())
@@ -616,11 +631,18 @@ class EdgeDaemon:
         parameters = {
             "plan": decision.plan.label, "ran": ran, "cut_id": decision.plan.cut_id,
             "encoding": decision.plan.encoding, "expected_ms": round(decision.estimate.total_ms, 3),
+            "correction_ms": round(decision.estimate.correction_ms, 3),
             "actual_ms": round(actual_ms, 3), "deadline_ms": options.deadline_ms,
             "deadline_met": actual_ms <= options.deadline_ms, "reason": decision.reason,
             "fallback": fallback, "decision_us": round(decide_s * 1e6, 1),
             "bundle": model.digest[:16], **info}
         metrics.answered(decision.plan.label, ran, actual_ms / 1e3)
+        if not fallback:  # what this plan really costs beyond its terms (planner docstring)
+            model.cost.observe_actual(decision.plan, decision.estimate, actual_ms)
+            metrics.correction(decision.plan.label, decision.plan.encoding,
+                               model.cost.correction_ms(decision.plan,
+                                                        decision.estimate.total_ms -
+                                                        decision.estimate.correction_ms))
         if fallback:
             metrics.fallbacks.labels(info.get("fallback_reason", "error")).inc()
         self._window.add(actual_ms, decision.plan.label, fallback)
@@ -679,7 +701,7 @@ class EdgeDaemon:
             for plan in model.cost.plans():
                 est = model.cost.estimate(plan, key)
                 plans.append({"plan": plan.label, "encoding": plan.encoding,
-                              "expected_ms": round(est.total_ms, 3),
+                              "expected_ms": round(est.total_ms, 3),  # correction_ms included
                               "fallback_ms": round(est.fallback_ms, 3),
                               "tail_measured": est.tail_measured, **est.terms()})
             out["bundle"] = {"model": m.model_name, "version": m.model_version,
@@ -687,6 +709,7 @@ class EdgeDaemon:
                              "profile_shapes": {k: list(v) for k, v in model.table.shapes.items()},
                              "backends": dict(model.runtime.engine_status)}
             out["plans"] = plans
+            out["corrections"] = model.cost.corrections()
             if model.cascade is not None:
                 out["cascade"] = model.cascade.status()
         return json.loads(json.dumps(out, default=str))

@@ -1,11 +1,25 @@
 """What the daemon knows about the link and the cloud, as moving estimates.
 
 * **RTT** (ms): an EWMA of light probes (a request the cloud answers at once without computing,
-  sent when no offload ran for ``probe_interval_s``) and of small offloads, each sample the
-  offload's round trip minus the cloud's own queue and compute times (from the reply).
+  sent when no offload ran for ``probe_interval_s``, or at once when an offload's time does not
+  fit the estimates) and of offloads whose transfer is small next to the RTT. An offload's
+  *network time* is its round trip minus the cloud's own queue and compute times (from the
+  reply); as an RTT sample it counts *minus its bytes at the current uplink estimate* (once
+  the uplink was measured). Whether an offload is an RTT sample depends on that transfer time
+  (below ``_RTT_SHARE`` of the RTT), not on a fixed size. Probes are pure RTT samples: they
+  move the estimate with weight ``_PROBE_ALPHA``, and a probe under half the estimate replaces
+  it (the RTT has a floor that noise only adds to) and marks the link *changed*
+  (``changed_s``), which makes the planner re-explore offloading plans at once.
 * **Bandwidth** (bit/s): an EWMA of ``bytes / (network time - rtt)`` over offloads whose
   transfer time is large enough to measure; the same figure is used for the reply
-  (downlink), which this daemon cannot tell apart from the uplink.
+  (downlink), which this daemon cannot tell apart from the uplink. For
+  ``_PROBE_TRUST_S`` after a probe, the RTT is known, so an offload's time beyond it is
+  transfer time whatever its size (this is how a collapsed uplink is told from a longer RTT).
+  An offload much faster than its bytes at the estimate raises the estimate (at most 4x a
+  sample).
+* **Disagreement**: a sample more than ``_DISAGREE`` times off the estimate (either way) moves
+  it with ``_FAST_ALPHA``, not ``alpha``; a small offload that says the RTT grew that much asks
+  for a probe (``probe_wanted``), so the next offload can tell RTT from bandwidth.
 * **Cloud queue** (ms): an EWMA of the queue time in replies and of the workers' retained load
   reports (the mean over online workers whose report is fresh).
 * **Cloud tail** (ms) per cut: the compute time in replies, per (cut, input shape), else the
@@ -32,7 +46,12 @@ __all__ = ["Ewma", "LinkEstimator"]
 _LOAD_FRESH_S = 15.0
 _MAX_TAIL_KEYS = 4096
 _MIN_TRANSFER_MS = 0.5  # below this the transfer time cannot be told from noise
-_SMALL_BYTES = 16 * 1024  # an offload this small is a round-trip sample
+_RTT_SHARE = 0.25  # an offload whose bytes take less than this share of the RTT: an RTT sample
+_DISAGREE = 2.0  # a sample this many times off the estimate moves it with _FAST_ALPHA
+_FAST_ALPHA = 0.5
+_PROBE_ALPHA = 0.5  # probes are pure RTT samples
+_PROBE_TRUST_S = 5.0  # after a probe, an offload's time beyond the RTT is transfer time
+_MAX_RAISE = 4.0  # an offload faster than its estimate raises the uplink at most this much
 
 
 _MAX_MS = 1e7  # a figure past this (or negative, or not finite) from a peer is ignored
@@ -58,11 +77,13 @@ class Ewma:
         self.samples = 0
         self.updated_s = 0.0
 
-    def add(self, sample: float, now_s: float | None = None) -> float:
+    def add(self, sample: float, now_s: float | None = None,
+            alpha: float | None = None) -> float:
+        """Add ``sample`` with weight ``alpha`` (default: the average's own)."""
         if self.samples == 0 or self.value is None:
             self.value = float(sample)
         else:
-            self.value += self.alpha * (float(sample) - self.value)
+            self.value += (self.alpha if alpha is None else alpha) * (float(sample) - self.value)
         self.samples += 1
         self.updated_s = time.monotonic() if now_s is None else now_s
         return self.value
@@ -100,6 +121,9 @@ class LinkEstimator:
         self.last_cut_sample_s: dict[int, float] = {}
         self.probes_sent = 0
         self.probes_answered = 0
+        self.probed_s = -math.inf  # when a probe last measured the RTT
+        self.changed_s = -math.inf  # when a probe last showed the RTT far below the estimate
+        self.probe_wanted = False  # an offload did not fit the estimates: probe now
 
     # -- what the planner reads -----------------------------------------------------------------
 
@@ -161,20 +185,38 @@ class LinkEstimator:
         if not connected:
             self._degrade()
 
-    def observe_probe(self, rtt_ms: float) -> None:
-        """A probe answered after ``rtt_ms``: the link is back if it was down."""
+    def observe_probe(self, rtt_ms: float, now_s: float | None = None) -> None:
+        """A probe answered after ``rtt_ms``: a pure RTT sample (module docstring); the link is
+        back if it was down."""
+        now = time.monotonic() if now_s is None else now_s
         self.probes_answered += 1
-        self.rtt.add(rtt_ms)
+        self.probed_s = now
+        self.probe_wanted = False
+        est = self.rtt.value
+        if est is not None and self.rtt.samples and rtt_ms * _DISAGREE < est:
+            self.rtt.add(rtt_ms, now, alpha=1.0)  # the estimate is stale: replace it
+            self.changed_s = now
+        else:
+            self.rtt.add(rtt_ms, now, alpha=_PROBE_ALPHA)
         self._recovered()
+
+    @staticmethod
+    def _add(e: Ewma, sample: float, now: float) -> None:
+        """``sample`` into ``e``, faster when it disagrees strongly with the estimate."""
+        v = e.value
+        far = v is not None and e.samples > 0 and (
+            sample > v * _DISAGREE or sample * _DISAGREE < v)
+        e.add(sample, now, alpha=_FAST_ALPHA if far else None)
 
     def observe_probe_failed(self) -> None:
         self._degrade()
 
     def observe_offload(self, cut_id: int, shape_key: Hashable, *, up_bytes: int,
                         down_bytes: int, round_trip_ms: float, compute_ms: float,
-                        queue_ms: float) -> None:
-        """An offload answered: update RTT or bandwidth, the cloud queue and the cut's tail."""
-        now = time.monotonic()
+                        queue_ms: float, now_s: float | None = None) -> None:
+        """An offload answered: update RTT or bandwidth (module docstring), the cloud queue and
+        the cut's tail."""
+        now = time.monotonic() if now_s is None else now_s
         self.last_offload_s = self.last_success_s = now
         self.last_cut_sample_s[cut_id] = now
         compute, queue = _ms(compute_ms), _ms(queue_ms)  # the worker's own figures
@@ -182,12 +224,29 @@ class LinkEstimator:
             self._recovered()
             return
         network_ms = max(0.0, round_trip_ms - compute - queue)
-        transfer_ms = network_ms - self.rtt_ms
+        rtt = self.rtt_ms
         nbytes = up_bytes + down_bytes
-        if nbytes < _SMALL_BYTES:
-            self.rtt.add(network_ms, now)
-        elif self.rtt.samples and transfer_ms > max(_MIN_TRANSFER_MS, 0.2 * network_ms):
-            self.bandwidth.add(nbytes * 8 / (transfer_ms / 1e3), now)
+        bw_measured = self.bandwidth.samples > 0
+        xfer_est_ms = nbytes * 8000.0 / self.uplink_bps  # its bytes at the current estimate
+        probed = now - self.probed_s < _PROBE_TRUST_S
+        if not probed and xfer_est_ms <= _RTT_SHARE * rtt:
+            sample = max(0.0, network_ms - xfer_est_ms) if bw_measured else network_ms
+            if self.rtt.samples and sample > rtt * _DISAGREE + 5.0:
+                self.probe_wanted = True  # RTT or bandwidth? a probe will tell
+            self._add(self.rtt, sample, now)
+        elif self.rtt.samples:
+            transfer_ms = network_ms - rtt
+            if transfer_ms > max(_MIN_TRANSFER_MS, 0.2 * network_ms):
+                bps = nbytes * 8 / (transfer_ms / 1e3)
+                if xfer_est_ms <= _RTT_SHARE * rtt:  # small: told apart by a probe, noisier
+                    self.bandwidth.add(bps, now)
+                else:
+                    self._add(self.bandwidth, bps, now)
+            elif bw_measured and xfer_est_ms > _RTT_SHARE * rtt and \
+                    xfer_est_ms > 2 * max(transfer_ms, _MIN_TRANSFER_MS):
+                # much faster than the estimate says, too fast to measure: raise it (bounded)
+                faster = xfer_est_ms / max(transfer_ms, _MIN_TRANSFER_MS, xfer_est_ms / _MAX_RAISE)
+                self._add(self.bandwidth, self.uplink_bps * faster, now)
         self.queue.add(queue, now)
         self._tail_ewma(cut_id, shape_key).add(compute, now)
         self._timeout_tails.discard((cut_id, shape_key))
@@ -263,4 +322,6 @@ class LinkEstimator:
             "cloud_queue_ms": round(self.queue_ms, 3), "cloud_workers": self.workers(),
             "failures_in_a_row": self.failures,
             "probes_sent": self.probes_sent, "probes_answered": self.probes_answered,
+            "changed_s_ago": None if math.isinf(self.changed_s) else
+            round(time.monotonic() - self.changed_s, 1),
         }

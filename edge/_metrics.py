@@ -8,6 +8,9 @@
     tandem_edge_fallbacks_total{reason}               offloads finished locally from the frontier
     tandem_edge_plans_total{plan}                     decisions per plan (auto and forced)
     tandem_edge_decision_seconds                      planner time per decision (summary)
+    tandem_edge_plan_correction_seconds{plan, encoding}
+                                                      the planner's learned correction of a
+                                                      plan's estimate (actual - expected)
     tandem_edge_spool_requests{state}                 spool rows (pending | done | delivered)
     tandem_edge_uplink_bps, tandem_edge_rtt_seconds, tandem_edge_cloud_queue_seconds
                                                       link estimates
@@ -61,6 +64,10 @@ class Metrics:
                                       registry=r)
         self.plans = prom.Counter("tandem_edge_plans_total", "Planner decisions", ["plan"],
                                   registry=r)
+        self.correction_gauge = prom.Gauge(
+            "tandem_edge_plan_correction_seconds",
+            "Learned correction added to a plan's expected latency", ["plan", "encoding"],
+            registry=r)
         self.decision = prom.Summary("tandem_edge_decision_seconds", "Planner time per decision",
                                      registry=r)
         self.spool = prom.Gauge("tandem_edge_spool_requests", "Spool rows by state", ["state"],
@@ -145,6 +152,9 @@ class Metrics:
         self._compared += agreed + disagreed
         if self._compared:
             self.agreement_ratio.set(self._agreed / self._compared)
+
+    def correction(self, plan: str, encoding: str, ms: float) -> None:
+        self._child(self.correction_gauge, plan, encoding).set(ms / 1e3)
 
     def decided(self, plan: str, seconds: float) -> None:
         self.decision.observe(seconds)

@@ -103,6 +103,8 @@ async def offload(daemon: Any, model: ServingModel, decision: Decision,
                 cut_id, key, up_bytes=up_bytes, down_bytes=down_bytes,
                 round_trip_ms=waited_ms, compute_ms=response.timings.compute_ms,
                 queue_ms=response.timings.queue_ms)
+            if daemon.link.probe_wanted:  # RTT or bandwidth? a probe now tells them apart
+                daemon.probe_soon()
             info.update(ran="cloud", cloud_ms=round(waited_ms, 3),
                         cloud_compute_ms=round(response.timings.compute_ms, 3),
                         cloud_queue_ms=round(response.timings.queue_ms, 3),

@@ -22,7 +22,22 @@ Cost model (docs/architecture.md, "Data flow"), for an offloading plan at cut ``
   unmeasured tail is the local tail divided by ``cloud_speedup`` (a prior, reported as such);
 * ``reply``: the outputs' size at this input shape.
 
-Local: ``T = full`` (measured the same way as a head). An offloading plan also has a
+Local: ``T = full`` (measured the same way as a head).
+
+*Learned correction* per plan: what a plan really costs beyond its terms (thread hand-offs,
+event-loop and pool waits, a throttled CPU's debt after a heavy part) differs by plan. The
+daemon reports every answered request's actual time against the estimate it was chosen on
+(:meth:`CostModel.observe_actual`); the median of a plan's last ``_CORR_WINDOW`` residuals
+(``actual - estimate without correction``, younger than ``_CORR_MAX_AGE_S``, at least
+``_CORR_MIN_SAMPLES`` of them) is added to its estimate (``Estimate.correction_ms``). It is
+bounded: it never takes more than ``_CORR_FLOOR`` of the estimate off (a plan cannot look
+faster than its measured terms allow) nor adds more than ``_CORR_CAP`` times the estimate plus
+``_CORR_CAP_MS``; it halves every ``_CORR_HALF_LIFE_S`` without new samples, so a plan that was
+unlucky is tried again (by exploration or by the choice itself) and measured anew. When the
+link changes under the estimates (:attr:`LinkEstimator.changed_s`), the corrections of
+offloading plans, learnt on the old link, are dropped.
+
+An offloading plan also has a
 *fallback time*, ``head_k + encode_k + local tail_k``: what it costs when the cloud fails and the
 daemon finishes from the frontier.
 
@@ -31,14 +46,16 @@ plan, when even the local plan does not), the lowest expected ``T``; the plan in
 input shape is kept unless the best is better by more than ``hysteresis``. With the cloud
 unreachable only ``local`` is considered. A plan whose cloud tail has not been measured for
 ``explore_interval_s`` is tried once in a while (when it is safe and its expected time meets
-the deadline) so priors are replaced by measurements.
+the deadline) so priors are replaced by measurements; after the link changed
+(:attr:`LinkEstimator.changed_s`) the best offloading plan is tried at the next decision.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +67,13 @@ __all__ = ["CostModel", "Decision", "Estimate", "Plan", "Planner"]
 
 _MAX_SHAPES = 256
 _ENCODING_FACTOR = {"raw": 1.0, "fp16": 0.5, "int8": 0.25}
+_CORR_WINDOW = 9  # residuals per plan (the median of these)
+_CORR_MIN_SAMPLES = 3  # fewer: no correction (one unlucky request does not count)
+_CORR_MAX_AGE_S = 60.0  # older residuals are dropped when a new one comes
+_CORR_HALF_LIFE_S = 30.0  # without new residuals a correction halves this often
+_CORR_FLOOR = 0.25  # a correction takes at most this share off an estimate
+_CORR_CAP = 4.0  # ... and adds at most this many times the estimate
+_CORR_CAP_MS = 50.0  # ... plus this
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +115,7 @@ class Estimate:
     local_tail_ms: float = 0.0  # finishing locally from the frontier
     frontier_bytes: int = 0
     tail_measured: bool = True
+    correction_ms: float = 0.0  # learned from this plan's past runs (in total_ms)
 
     @property
     def fallback_ms(self) -> float:
@@ -98,7 +123,42 @@ class Estimate:
 
     def terms(self) -> dict[str, float]:
         return {k: round(getattr(self, k), 3) for k in (
-            "head_ms", "encode_ms", "uplink_ms", "rtt_ms", "queue_ms", "tail_ms", "reply_ms")}
+            "head_ms", "encode_ms", "uplink_ms", "rtt_ms", "queue_ms", "tail_ms", "reply_ms",
+            "correction_ms")}
+
+
+class _Correction:
+    """One plan's learned correction (module docstring): a window of (time, residual)."""
+
+    __slots__ = ("samples", "updated_s", "value")
+
+    def __init__(self) -> None:
+        self.samples: deque[tuple[float, float]] = deque(maxlen=_CORR_WINDOW)
+        self.value = 0.0  # the median residual (0 until _CORR_MIN_SAMPLES)
+        self.updated_s = 0.0
+
+    def add(self, residual_ms: float, now_s: float) -> None:
+        samples = self.samples
+        while samples and now_s - samples[0][0] > _CORR_MAX_AGE_S:
+            samples.popleft()
+        samples.append((now_s, residual_ms))
+        self.value = statistics.median(r for _, r in samples) \
+            if len(samples) >= _CORR_MIN_SAMPLES else 0.0
+        self.updated_s = now_s
+
+    def at(self, base_ms: float, now_s: float) -> float:
+        """The correction for an estimate of ``base_ms`` at ``now_s`` (decayed, bounded)."""
+        v = self.value
+        if not v:
+            return 0.0
+        age_s = now_s - self.updated_s
+        if age_s > 0:
+            v *= 0.5 ** (age_s / _CORR_HALF_LIFE_S)
+        lo = -_CORR_FLOOR * base_ms
+        if v < lo:
+            return lo
+        hi = _CORR_CAP * base_ms + _CORR_CAP_MS
+        return hi if v > hi else v
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +217,10 @@ class CostModel:
             kind = "cloud" if cut.cloud_only else "split"
             for enc in dict.fromkeys(("raw", *manifest.allowed_encodings(cut.id))):
                 self._plans.append(Plan(kind, cut.id, enc))
+        # learned corrections, by the plan's index in _plans (the planner's loop reads them
+        # without hashing a Plan)
+        self._index: dict[Plan, int] = {p: i for i, p in enumerate(self._plans)}
+        self._corrections: list[_Correction | None] = [None] * len(self._plans)
 
     # -- the plan set (open to new kinds) -------------------------------------------------------
 
@@ -168,7 +232,9 @@ class CostModel:
         if plan.kind not in self._kinds:
             raise InvalidArgument(f"no cost function for plan kind {plan.kind!r}")
         if plan not in self._plans:
+            self._index[plan] = len(self._plans)
             self._plans.append(plan)
+            self._corrections.append(None)
 
     def register_kind(self, kind: str, estimate: Callable[[Plan, Any], Estimate]) -> None:
         """Cost plans of ``kind`` with ``estimate(plan, shape_costs)``; ``shape_costs`` has
@@ -249,10 +315,56 @@ class CostModel:
         self._local = {k: v for k, v in list(self._local.items()) if k[0] != part}
         self._shapes = OrderedDict()  # profiled times per shape are computed again
 
+    # -- learned corrections ----------------------------------------------------------------------
+
+    def observe_actual(self, plan: Plan, estimate: Estimate, actual_ms: float,
+                       now_s: float | None = None) -> None:
+        """``plan`` answered in ``actual_ms`` where ``estimate`` (what it was chosen on)
+        expected ``estimate.total_ms``: learn the residual (module docstring)."""
+        i = self._index.get(plan)
+        residual = actual_ms - (estimate.total_ms - estimate.correction_ms)
+        if i is None or not math.isfinite(residual):
+            return
+        c = self._corrections[i]
+        if c is None:
+            c = self._corrections[i] = _Correction()
+        c.add(residual, time.monotonic() if now_s is None else now_s)
+
+    def correction_ms(self, plan: Plan, base_ms: float, now_s: float | None = None) -> float:
+        """The correction now added to ``plan``'s estimate of ``base_ms``."""
+        i = self._index.get(plan)
+        c = None if i is None else self._corrections[i]
+        return 0.0 if c is None else c.at(base_ms, time.monotonic() if now_s is None else now_s)
+
+    def forget_corrections(self, *, offloading_only: bool = False) -> None:
+        """Drop the learned corrections (of offloading plans only: the link changed)."""
+        self._corrections = [c if offloading_only and not p.offloads else None
+                             for p, c in zip(self._plans, self._corrections, strict=True)]
+
+    def corrections(self) -> list[dict[str, Any]]:
+        """The learned corrections, for the status: plan, encoding, median residual, samples
+        and age."""
+        now = time.monotonic()
+        return [{"plan": p.label, "encoding": p.encoding, "median_ms": round(c.value, 3),
+                 "samples": len(c.samples), "age_s": round(now - c.updated_s, 1)}
+                for p, c in zip(self._plans, self._corrections, strict=True) if c is not None]
+
     # -- estimates ------------------------------------------------------------------------------
 
-    def estimate(self, plan: Plan, key: tuple[tuple[int, ...], ...]) -> Estimate:
-        return self._kinds[plan.kind](plan, self.shape_costs(key))
+    def estimate(self, plan: Plan, key: tuple[tuple[int, ...], ...],
+                 now_s: float | None = None) -> Estimate:
+        """``plan``'s terms at input shapes ``key``, its learned correction included."""
+        est = self._kinds[plan.kind](plan, self.shape_costs(key))
+        i = self._index.get(plan)
+        c = None if i is None else self._corrections[i]
+        if c is None:
+            return est
+        corr = c.at(est.total_ms, time.monotonic() if now_s is None else now_s)
+        if not corr:
+            return est
+        return Estimate(plan, est.total_ms + corr, est.head_ms, est.encode_ms, est.uplink_ms,
+                        est.rtt_ms, est.queue_ms, est.tail_ms, est.reply_ms, est.local_tail_ms,
+                        est.frontier_bytes, est.tail_measured, corr)
 
     def _estimate_local(self, plan: Plan, sc: _ShapeCosts) -> Estimate:
         ms = self.part_ms(self.local_cut.head_part, sc)
@@ -300,6 +412,7 @@ class Planner:
         self.explore_interval_s = explore_interval_s
         self._current: OrderedDict[Hashable, Plan] = OrderedDict()
         self._explored: dict[int, float] = {}
+        self._seen_change_s = link.changed_s
         self.local_plan = next(p for p in cost.plans() if p.kind == "local")
 
     def forced(self, mode: str, cut_id: int | None,
@@ -327,27 +440,34 @@ class Planner:
             reason += " (cloud unavailable: it finishes locally if the cloud does not answer)"
         return Decision(best.plan, best, reason)
 
-    def decide(self, key: tuple[tuple[int, ...], ...], deadline_ms: float) -> Decision:
-        """The plan for a request with input shapes ``key`` and ``deadline_ms`` (mode auto)."""
+    def decide(self, key: tuple[tuple[int, ...], ...], deadline_ms: float,
+               now_s: float | None = None) -> Decision:
+        """The plan for a request with input shapes ``key`` and ``deadline_ms`` (mode auto);
+        ``now_s``: the monotonic clock (tests pass a simulated one)."""
         cost = self.cost
-        local = cost.estimate(self.local_plan, key)
+        now = time.monotonic() if now_s is None else now_s
         link = self.link
+        changed = link.changed_s > self._seen_change_s  # re-explore now
+        if changed:
+            self._seen_change_s = link.changed_s
+            cost.forget_corrections(offloading_only=True)
+        local = cost.estimate(self.local_plan, key, now)
         if not link.available:
             why = "not connected" if not link.connected else "degraded"
             return Decision(self.local_plan, local, f"cloud unavailable ({why}): local")
         sc = cost.shape_costs(key)
         local_ms = local.total_ms
         limit = deadline_ms if deadline_ms > local_ms else local_ms
-        now = time.monotonic()
         interval = self.explore_interval_s
         samples, explored = link.last_cut_sample_s, self._explored
         offload_terms, cut_terms, kinds = cost._offload_terms, cost._cut_terms, cost._kinds
+        corrections = cost._corrections
         per_cut: dict[int, tuple] = {}
         best_plan, best_ms = self.local_plan, local_ms
         totals: dict[Plan, float] = {self.local_plan: local_ms}
         explore: Plan | None = None
         explore_ms = math.inf
-        for plan in cost._plans:
+        for i, plan in enumerate(cost._plans):
             kind = plan.kind
             if kind == "local":
                 continue
@@ -361,14 +481,17 @@ class Planner:
             else:
                 est = kinds[kind](plan, sc)
                 total, fallback = est.total_ms, est.fallback_ms
+            c = corrections[i]
+            if c is not None:
+                total += c.at(total, now)
             totals[plan] = total
             if fallback > limit:
                 continue  # a failed offload could not finish locally in time
             if total < best_ms:
                 best_plan, best_ms = plan, total
-            if total <= deadline_ms and total < explore_ms and plan.offloads and \
-                    now - samples.get(plan.cut_id, -math.inf) > interval and \
-                    now - explored.get(plan.cut_id, -math.inf) > interval:
+            if total <= deadline_ms and total < explore_ms and plan.offloads and (changed or (
+                    now - samples.get(plan.cut_id, -math.inf) > interval and
+                    now - explored.get(plan.cut_id, -math.inf) > interval)):
                 explore, explore_ms = plan, total
         chosen, chosen_ms, reason = best_plan, best_ms, ""
         current = self._current.get(key)
@@ -381,9 +504,11 @@ class Planner:
                           f"{self.hysteresis:.0%} of {best_plan.label} ({best_ms:.2f} ms)")
         if explore is not None and explore.cut_id != chosen.cut_id:
             explored[explore.cut_id] = now
-            return Decision(explore, cost.estimate(explore, key),
-                            f"exploring {explore.label}: its cloud time was not measured "
-                            f"in the last {interval:g} s", exploring=True)
+            why = ("the link changed (a probe found the RTT far below the estimate)" if changed
+                   else f"its cloud time was not measured in the last {interval:g} s")
+            return Decision(explore, cost.estimate(explore, key, now),
+                            f"exploring {explore.label}: {why}", exploring=True)
+        estimate = local if chosen is self.local_plan else cost.estimate(chosen, key, now)
         if not reason:
             if chosen.kind == "local":
                 reason = f"local ({local_ms:.2f} ms) is the fastest expected"
@@ -391,10 +516,12 @@ class Planner:
                 reason = f"lowest expected latency ({chosen_ms:.2f} ms, local {local_ms:.2f} ms)"
             if chosen_ms > deadline_ms:
                 reason += f"; no plan is expected to meet the {deadline_ms:g} ms deadline"
+        if estimate.correction_ms:
+            reason += (f"; its estimate includes {estimate.correction_ms:+.1f} ms learned from "
+                       "its past runs")
         self._current[key] = chosen
         if len(self._current) > _MAX_SHAPES:
             self._current.popitem(last=False)
-        estimate = local if chosen is self.local_plan else cost.estimate(chosen, key)
         return Decision(chosen, estimate, reason)
 
     def _fallback_ms(self, plan: Plan, sc: _ShapeCosts) -> float:
