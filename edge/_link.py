@@ -17,9 +17,10 @@
   transfer time whatever its size (this is how a collapsed uplink is told from a longer RTT).
   An offload much faster than its bytes at the estimate raises the estimate (at most 4x a
   sample).
-* **Disagreement**: a sample more than ``_DISAGREE`` times off the estimate (either way) moves
-  it with ``_FAST_ALPHA``, not ``alpha``; a small offload that says the RTT grew that much asks
-  for a probe (``probe_wanted``), so the next offload can tell RTT from bandwidth.
+* **Disagreement**: a sample more than ``_DISAGREE`` times off the estimate (either way; for the
+  RTT also more than ``_FAR_MS`` off, so a CPU stall is not taken for a new link) moves it with
+  ``_FAST_ALPHA``, not ``alpha``; a small offload that says the RTT grew that much asks for a
+  probe (``probe_wanted``), so the next offload can tell RTT from bandwidth.
 * **Cloud queue** (ms): an EWMA of the queue time in replies and of the workers' retained load
   reports (the mean over online workers whose report is fresh).
 * **Cloud tail** (ms) per cut: the compute time in replies, per (cut, input shape), else the
@@ -49,6 +50,7 @@ _MIN_TRANSFER_MS = 0.5  # below this the transfer time cannot be told from noise
 _RTT_SHARE = 0.25  # an offload whose bytes take less than this share of the RTT: an RTT sample
 _DISAGREE = 2.0  # a sample this many times off the estimate moves it with _FAST_ALPHA
 _FAST_ALPHA = 0.5
+_FAR_MS = 20.0  # ... and, for the RTT, is this far off too (a CPU stall is not a new link)
 _PROBE_ALPHA = 0.5  # probes are pure RTT samples
 _PROBE_TRUST_S = 5.0  # after a probe, an offload's time beyond the RTT is transfer time
 _MAX_RAISE = 4.0  # an offload faster than its estimate raises the uplink at most this much
@@ -201,10 +203,11 @@ class LinkEstimator:
         self._recovered()
 
     @staticmethod
-    def _add(e: Ewma, sample: float, now: float) -> None:
-        """``sample`` into ``e``, faster when it disagrees strongly with the estimate."""
+    def _add(e: Ewma, sample: float, now: float, far_ms: float = 0.0) -> None:
+        """``sample`` into ``e``, faster when it disagrees strongly with the estimate (by a
+        factor of ``_DISAGREE`` and by more than ``far_ms``)."""
         v = e.value
-        far = v is not None and e.samples > 0 and (
+        far = v is not None and e.samples > 0 and abs(sample - v) > far_ms and (
             sample > v * _DISAGREE or sample * _DISAGREE < v)
         e.add(sample, now, alpha=_FAST_ALPHA if far else None)
 
@@ -231,9 +234,9 @@ class LinkEstimator:
         probed = now - self.probed_s < _PROBE_TRUST_S
         if not probed and xfer_est_ms <= _RTT_SHARE * rtt:
             sample = max(0.0, network_ms - xfer_est_ms) if bw_measured else network_ms
-            if self.rtt.samples and sample > rtt * _DISAGREE + 5.0:
+            if self.rtt.samples and sample > rtt * _DISAGREE + _FAR_MS:
                 self.probe_wanted = True  # RTT or bandwidth? a probe will tell
-            self._add(self.rtt, sample, now)
+            self._add(self.rtt, sample, now, _FAR_MS)
         elif self.rtt.samples:
             transfer_ms = network_ms - rtt
             if transfer_ms > max(_MIN_TRANSFER_MS, 0.2 * network_ms):

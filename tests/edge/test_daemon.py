@@ -97,6 +97,50 @@ def test_every_mode_matches_the_full_model(tmp_path, residual_bundle):
     _run(main())
 
 
+def test_each_answer_teaches_its_plan_correction_and_says_so(tmp_path, residual_bundle):
+    """Every answered request reports its actual time against the estimate it was chosen on;
+    the planner learns the residual per plan and the response, status and metrics show it."""
+    async def main():
+        async with _Env(tmp_path, residual_bundle) as env:
+            d = env.daemon
+            cost = d.model.cost
+            for _ in range(3):
+                ans = await d.infer(_x(), RequestOptions(mode="local"))
+                p = ans.parameters
+                assert p["correction_ms"] == 0.0  # fewer than three runs: none yet
+            (row,) = d.status()["corrections"]
+            assert row["plan"] == "local" and row["samples"] == 3
+            correction = cost.correction_ms(d.model.planner.local_plan, 1.0)
+            assert correction != 0.0  # the daemon's own overhead beyond the part's time
+            ans = await d.infer(_x(), RequestOptions(mode="local"))
+            p = ans.parameters
+            assert p["correction_ms"] != 0.0
+            est = next(r for r in d.status()["plans"] if r["plan"] == "local")
+            assert est["correction_ms"] != 0.0
+            text = d.metrics.exposition()[0].decode()
+            assert 'tandem_edge_plan_correction_seconds{encoding="raw",plan="local"}' in text
+            # a plan made to run 50 ms slower than its terms loses auto's choice to another
+            d.model.cost.forget_corrections()
+            first = await d.infer(_x(), RequestOptions(mode="auto"))
+            slow = first.parameters["plan"]
+
+            async def slower(*a, **kw):
+                out = await original(*a, **kw)
+                await asyncio.sleep(0.05)
+                return out
+
+            kind = "local" if slow == "local" else slow.split(":")[0]
+            original = d._executors[kind]
+            d._executors[kind] = slower
+            plans = []
+            for _ in range(8):
+                plans.append((await d.infer(_x(), RequestOptions(mode="auto"))).parameters)
+            assert plans[-1]["plan"] != slow, plans
+            assert any(p["plan"] == slow and p["correction_ms"] >= 25 for p in plans), plans
+
+    _run(main())
+
+
 def test_a_stalled_cloud_falls_back_from_the_frontier_without_rerunning_the_head(
         tmp_path, residual_bundle):
     async def main():

@@ -3,6 +3,8 @@ from replies and load reports, degraded mode and recovery."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tandem.edge import LinkEstimator
@@ -96,3 +98,67 @@ def test_nonsense_figures_from_a_peer_are_ignored():
                          compute_ms=float("nan"), queue_ms=1e300)
     assert link.rtt.samples == 0 and link.cloud_tail_ms("d", 3, KEY) is None
     assert link.available
+
+
+def _measured(rtt_ms=10.0, mbps=20.0):
+    """A link whose RTT and uplink were measured (10 ms, 20 Mbit/s)."""
+    link = LinkEstimator(prior_uplink_mbps=mbps, prior_rtt_ms=rtt_ms)
+    link.observe_connected(True)
+    link.rtt.add(rtt_ms, 0.0)
+    link.bandwidth.add(mbps * 1e6, 0.0)
+    return link
+
+
+def test_large_transfers_do_not_inflate_the_rtt():
+    link = _measured(10.0, 20.0)
+    # 12 KiB (under the old fixed 16 KiB rule) on a link that is now 1 Mbit/s: 98 ms of
+    # transfer. At the 20 Mbit/s estimate its bytes take 4.9 ms, half the RTT: not an RTT
+    # sample, a bandwidth one
+    n = 12 * 1024
+    link.observe_offload(3, KEY, up_bytes=n, down_bytes=0, round_trip_ms=10 + n * 8 / 1e3,
+                         compute_ms=0.0, queue_ms=0.0, now_s=1.0)
+    assert link.rtt_ms == pytest.approx(10.0)
+    assert link.uplink_bps < 12e6  # moved fast: the sample is 20x off the estimate
+    # a small transfer is an RTT sample minus its bytes at the current estimate
+    before = link.uplink_bps
+    link.observe_offload(3, KEY, up_bytes=100, down_bytes=0, round_trip_ms=12.0,
+                         compute_ms=0.0, queue_ms=0.0, now_s=2.0)
+    assert link.rtt_ms == pytest.approx(10 + 0.2 * (12 - 100 * 8000 / before - 10))
+
+
+def test_a_probe_far_below_the_estimate_replaces_it_and_marks_the_link_changed():
+    link = _measured(150.0, 1.0)
+    link.observe_probe(140.0, now_s=1.0)  # close: a pure sample, weight 0.5
+    assert link.rtt_ms == pytest.approx(145.0) and link.changed_s == -math.inf
+    link.observe_probe(12.0, now_s=2.0)  # the link is back: no slow walk down from 145 ms
+    assert link.rtt_ms == pytest.approx(12.0) and link.changed_s == 2.0
+
+
+def test_an_offload_the_estimates_cannot_explain_asks_for_a_probe_which_tells_rtt_from_bandwidth():
+    link = _measured(10.0, 20.0)
+    # 3 KiB: 1.2 ms at 20 Mbit/s, so an RTT sample, but it took 124 ms (3g: 100 ms RTT and
+    # 1 Mbit/s): more than twice the RTT -> ask for a probe
+    n = 3 * 1024
+    link.observe_offload(3, KEY, up_bytes=n, down_bytes=0, round_trip_ms=100 + n * 8 / 1e3,
+                         compute_ms=0.0, queue_ms=0.0, now_s=1.0)
+    assert link.probe_wanted
+    link.observe_probe(100.0, now_s=1.1)
+    assert not link.probe_wanted
+    rtt = link.rtt_ms
+    bw = link.uplink_bps
+    # after the probe the RTT is known: the rest of the same offload is transfer time
+    link.observe_offload(3, KEY, up_bytes=n, down_bytes=0, round_trip_ms=124.6,
+                         compute_ms=0.0, queue_ms=0.0, now_s=1.5)
+    assert link.rtt_ms == rtt and link.uplink_bps < bw
+
+
+def test_an_offload_much_faster_than_its_bytes_at_the_estimate_raises_the_uplink_bounded():
+    link = _measured(10.0, 1.0)  # the estimate says 1 Mbit/s, the link does 100
+    n = 100_000  # 800 ms at the estimate, 8 ms really
+    link.observe_offload(3, KEY, up_bytes=n, down_bytes=0, round_trip_ms=18.0,
+                         compute_ms=0.0, queue_ms=0.0, now_s=1.0)
+    assert link.uplink_bps == pytest.approx(1e6 + 0.5 * (100e6 - 1e6))  # measurable: fast
+    link = _measured(10.0, 1.0)
+    link.observe_offload(3, KEY, up_bytes=n, down_bytes=0, round_trip_ms=10.2,
+                         compute_ms=0.0, queue_ms=0.0, now_s=1.0)
+    assert 1e6 < link.uplink_bps <= 1e6 + 0.5 * 3e6  # too fast to measure: at most 4x a sample

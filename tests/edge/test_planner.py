@@ -245,3 +245,141 @@ def test_a_dynamic_hw_request_is_costed_at_its_own_shape(dynamic_hw_bundle):
                     plan.cut_id, {"image": (1, 3, h, w)}, encoding=plan.encoding)
         assert cost.estimate(cost.plans()[0], key).total_ms == pytest.approx(
             4.0 * h * w / (32 * 32))
+
+
+# -- learned corrections ------------------------------------------------------------------------
+
+
+def _close_race(manifest):
+    """A planner where cloud (8 ms expected) beats local (10 ms) by a little."""
+    link = _link(rtt_ms=1, mbps=1000, cloud=_cloud_tails(manifest, 7.0),
+                 digest=manifest.source_digest)
+    return _planner(manifest, link, _table(manifest, _times(manifest, full=10)))
+
+
+def test_a_plan_that_keeps_running_slower_than_estimated_loses_the_decision(manifest):
+    planner = _close_race(manifest)
+    cost = planner.cost
+    first = planner.decide(KEY, 100, now_s=0.0)
+    assert first.plan.kind == "cloud" and first.estimate.correction_ms == 0
+    base = first.estimate.total_ms
+    # one unlucky run does not count; two do not either (the median of at least three)
+    for i in range(2):
+        cost.observe_actual(first.plan, first.estimate, base + 6.0, now_s=1.0 + i)
+    assert planner.decide(KEY, 100, now_s=3.0).plan == first.plan
+    cost.observe_actual(first.plan, first.estimate, base + 6.0, now_s=3.0)
+    corrected = cost.estimate(first.plan, KEY, now_s=3.0)
+    assert corrected.correction_ms == pytest.approx(6.0)
+    assert corrected.total_ms == pytest.approx(base + 6.0)
+    # the other plans' estimates are untouched
+    others = {p: cost.estimate(p, KEY, now_s=3.0) for p in cost.plans() if p != first.plan}
+    assert all(e.correction_ms == 0 for e in others.values())
+    d = planner.decide(KEY, 100, now_s=3.0)
+    assert d.plan != first.plan
+    assert d.estimate.total_ms == min(e.total_ms for e in others.values())
+    # explainable: the status lists the correction with its samples
+    (row,) = cost.corrections()
+    assert row["plan"] == first.plan.label and row["samples"] == 3
+    assert row["median_ms"] == pytest.approx(6.0)
+
+
+def test_a_correction_is_learnt_on_the_residual_not_on_itself(manifest):
+    planner = _close_race(manifest)
+    cost = planner.cost
+    plan = planner.local_plan
+    est = cost.estimate(plan, KEY, now_s=0.0)
+    for i in range(5):  # every run takes 4 ms more than the terms say
+        est = cost.estimate(plan, KEY, now_s=float(i))
+        cost.observe_actual(plan, est, est.total_ms - est.correction_ms + 4.0, now_s=float(i))
+    assert cost.estimate(plan, KEY, now_s=4.0).correction_ms == pytest.approx(4.0)
+    d = planner.decide(KEY, 100, now_s=4.0)
+    assert d.plan.kind == "cloud"  # 8 ms against 14 ms
+
+
+def test_corrections_are_bounded_and_decay_so_a_plan_is_measured_again(manifest):
+    planner = _close_race(manifest)
+    cost = planner.cost
+    local = planner.local_plan
+    est = cost.estimate(local, KEY, now_s=0.0)  # 10 ms
+    for i in range(3):  # absurdly fast runs cannot make it look faster than 75 % of its terms
+        cost.observe_actual(local, est, 0.0, now_s=0.0)
+    assert cost.estimate(local, KEY, now_s=0.0).total_ms == pytest.approx(7.5)
+    for i in range(9):  # absurdly slow runs add at most 4x the estimate + 50 ms
+        cost.observe_actual(local, est, 1e6, now_s=1.0)
+    assert cost.estimate(local, KEY, now_s=1.0).total_ms == pytest.approx(10 + 40 + 50)
+    cost.forget_corrections()
+    for i in range(3):
+        cost.observe_actual(local, est, 30.0, now_s=10.0)  # +20 ms
+    assert cost.estimate(local, KEY, now_s=10.0).correction_ms == pytest.approx(20.0)
+    # not run for a half-life: half of it; long after: nearly nothing, so it is chosen again
+    assert cost.estimate(local, KEY, now_s=40.0).correction_ms == pytest.approx(10.0)
+    assert cost.estimate(local, KEY, now_s=250.0).correction_ms < 0.1
+    # once it runs again, its recent runs count (old ones are dropped after a minute)
+    for i in range(3):
+        cost.observe_actual(local, cost.estimate(local, KEY, now_s=250.0), 10.5, now_s=250.0)
+    assert cost.estimate(local, KEY, now_s=250.0).correction_ms == pytest.approx(0.5)
+
+
+def test_forced_decisions_weigh_the_corrections_of_their_encodings(manifest):
+    planner = _close_race(manifest)
+    cost = planner.cost
+    d = planner.forced("cloud", None, KEY)
+    clouds = [p for p in cost.plans() if p.kind == "cloud"]
+    assert len(clouds) > 1  # one per verified encoding
+    for _ in range(3):
+        cost.observe_actual(d.plan, d.estimate, d.estimate.total_ms + 3.0)
+    assert cost.estimate(d.plan, KEY).correction_ms == pytest.approx(3.0, abs=1e-3)
+    again = planner.forced("cloud", None, KEY)  # the encoding with the lowest corrected time
+    assert again.estimate.total_ms == pytest.approx(
+        min(cost.estimate(p, KEY).total_ms for p in clouds))
+    cost.add_plan(clouds[0])  # already there: no second entry
+    assert len(cost.plans()) == len(cost._corrections)
+
+
+def _sim_link(rtt_ms, mbps):
+    return {"rtt_ms": rtt_ms, "bps": mbps * 1e6}
+
+
+def test_after_a_collapse_and_recovery_offloading_resumes_within_a_probe_interval(manifest):
+    """A simulated clock and link: wifi (10 ms, 20 Mbit/s) for 20 s, 3g (100 ms, 1 Mbit/s)
+    for 20 s, wifi again; 20 requests a second; the cloud computes in 5 ms, local takes 60 ms;
+    an idle probe every 2 s, and one at once when the daemon's link asks for it."""
+    wifi, g3 = _sim_link(10.0, 20.0), _sim_link(100.0, 1.0)
+    link = LinkEstimator(prior_uplink_mbps=20, prior_rtt_ms=10)
+    link.observe_connected(True)
+    times = _times(manifest, full=60, heads={c.id: 20.0 for c in manifest.cuts},
+                   tails={c.id: 40.0 for c in manifest.cuts})
+    planner = Planner(CostModel(manifest, "d" * 64, _table(manifest, times), link), link)
+    t, last_offload, last_probe = 0.0, -math.inf, -math.inf
+    ran: list[tuple[float, bool]] = []
+    while t < 60.0:
+        net = wifi if t < 20 or t >= 40 else g3
+        d = planner.decide(KEY, 1000, now_s=t)
+        if d.plan.offloads:
+            up, down = d.estimate.frontier_bytes, 40
+            network_ms = net["rtt_ms"] + (up + down) * 8000 / net["bps"]
+            link.observe_offload(d.plan.cut_id, KEY, up_bytes=up, down_bytes=down,
+                                 round_trip_ms=network_ms + 5.0, compute_ms=5.0, queue_ms=0.0,
+                                 now_s=t)
+            actual = d.estimate.head_ms + d.estimate.encode_ms + network_ms + 5.0
+            last_offload = t
+        else:
+            actual = 60.0
+        planner.cost.observe_actual(d.plan, d.estimate, actual, now_s=t)
+        ran.append((t, d.plan.offloads))
+        if link.probe_wanted or (t - last_offload >= 2.0 and t - last_probe >= 2.0):
+            link.observe_probe(net["rtt_ms"], now_s=t)
+            last_probe = t
+        t = round(t + 0.05, 3)
+
+    def settled(since, offloading):  # the first of 5 requests in a row that do
+        run = [r for r in ran if r[0] >= since]
+        for i in range(len(run) - 4):
+            if all(o == offloading for _, o in run[i:i + 5]):
+                return run[i][0] - since
+        return math.inf
+
+    assert settled(0.0, True) < 0.5
+    assert settled(20.0, False) < 1.0  # the collapse: local at once
+    assert settled(40.0, True) <= 2.5  # the recovery: the next idle probe (every 2 s)
+    assert link.rtt_ms == pytest.approx(10.0, rel=0.2)
