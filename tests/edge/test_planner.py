@@ -301,21 +301,21 @@ def test_corrections_are_bounded_and_decay_so_a_plan_is_measured_again(manifest)
     cost = planner.cost
     local = planner.local_plan
     est = cost.estimate(local, KEY, now_s=0.0)  # 10 ms
-    for i in range(3):  # absurdly fast runs cannot make it look faster than 75 % of its terms
+    for _ in range(3):  # absurdly fast runs cannot make it look faster than 75 % of its terms
         cost.observe_actual(local, est, 0.0, now_s=0.0)
     assert cost.estimate(local, KEY, now_s=0.0).total_ms == pytest.approx(7.5)
-    for i in range(9):  # absurdly slow runs add at most 4x the estimate + 50 ms
+    for _ in range(9):  # absurdly slow runs add at most 4x the estimate + 50 ms
         cost.observe_actual(local, est, 1e6, now_s=1.0)
     assert cost.estimate(local, KEY, now_s=1.0).total_ms == pytest.approx(10 + 40 + 50)
     cost.forget_corrections()
-    for i in range(3):
+    for _ in range(3):
         cost.observe_actual(local, est, 30.0, now_s=10.0)  # +20 ms
     assert cost.estimate(local, KEY, now_s=10.0).correction_ms == pytest.approx(20.0)
     # not run for a half-life: half of it; long after: nearly nothing, so it is chosen again
     assert cost.estimate(local, KEY, now_s=40.0).correction_ms == pytest.approx(10.0)
     assert cost.estimate(local, KEY, now_s=250.0).correction_ms < 0.1
     # once it runs again, its recent runs count (old ones are dropped after a minute)
-    for i in range(3):
+    for _ in range(3):
         cost.observe_actual(local, cost.estimate(local, KEY, now_s=250.0), 10.5, now_s=250.0)
     assert cost.estimate(local, KEY, now_s=250.0).correction_ms == pytest.approx(0.5)
 
