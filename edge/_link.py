@@ -9,7 +9,10 @@
   (below ``_RTT_SHARE`` of the RTT), not on a fixed size. Probes are pure RTT samples: they
   move the estimate with weight ``_PROBE_ALPHA``, and a probe under half the estimate replaces
   it (the RTT has a floor that noise only adds to) and marks the link *changed*
-  (``changed_s``), which makes the planner re-explore offloading plans at once.
+  (``changed_s``), which makes the planner re-explore offloading plans at once. So does an
+  offload whose whole network time is under half the RTT estimate (the estimate becomes that
+  time, an upper bound, and a probe is asked for): after a recovery, the first exploring
+  offload corrects the estimate even when offloads are too frequent for idle probes.
 * **Bandwidth** (bit/s): an EWMA of ``bytes / (network time - rtt)`` over offloads whose
   transfer time is large enough to measure; the same figure is used for the reply
   (downlink), which this daemon cannot tell apart from the uplink. For
@@ -232,7 +235,13 @@ class LinkEstimator:
         bw_measured = self.bandwidth.samples > 0
         xfer_est_ms = nbytes * 8000.0 / self.uplink_bps  # its bytes at the current estimate
         probed = now - self.probed_s < _PROBE_TRUST_S
-        if not probed and xfer_est_ms <= _RTT_SHARE * rtt:
+        if self.rtt.samples and network_ms * _DISAGREE < rtt:
+            # the whole round trip took less than half the RTT estimate: the estimate is stale
+            # (an upper bound replaces it, a probe refines it) and the link changed
+            self.rtt.add(network_ms, now, alpha=1.0)
+            self.changed_s = now
+            self.probe_wanted = True
+        elif not probed and xfer_est_ms <= _RTT_SHARE * rtt:
             sample = max(0.0, network_ms - xfer_est_ms) if bw_measured else network_ms
             if self.rtt.samples and sample > rtt * _DISAGREE + _FAR_MS:
                 self.probe_wanted = True  # RTT or bandwidth? a probe will tell

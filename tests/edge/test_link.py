@@ -162,3 +162,13 @@ def test_an_offload_much_faster_than_its_bytes_at_the_estimate_raises_the_uplink
     link.observe_offload(3, KEY, up_bytes=n, down_bytes=0, round_trip_ms=10.2,
                          compute_ms=0.0, queue_ms=0.0, now_s=1.0)
     assert 1e6 < link.uplink_bps <= 1e6 + 0.5 * 3e6  # too fast to measure: at most 4x a sample
+
+
+def test_an_offload_faster_than_half_the_rtt_estimate_replaces_it():
+    link = _measured(110.0, 1.0)  # learnt on 3g; the link is back to 10 ms
+    link.observe_offload(3, KEY, up_bytes=3000, down_bytes=0, round_trip_ms=15.0,
+                         compute_ms=2.0, queue_ms=0.0, now_s=5.0)
+    assert link.rtt_ms == pytest.approx(13.0)  # an upper bound, refined by the probe it asks
+    assert link.changed_s == 5.0 and link.probe_wanted
+    link.observe_probe(10.0, now_s=5.1)
+    assert link.rtt_ms == pytest.approx(11.5) and not link.probe_wanted
