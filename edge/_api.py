@@ -40,6 +40,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -260,6 +261,7 @@ class LocalApi:
     # -- inference ------------------------------------------------------------------------------
 
     async def infer(self, request: Any) -> Any:
+        started = time.monotonic()
         web = require("aiohttp.web", "edge")
         kserve = self.kserve
         model = self._model(request)
@@ -288,14 +290,17 @@ class LocalApi:
             if arr.dtype == object:
                 raise InvalidArgument(f"input {name!r}: BYTES tensors are not model inputs here")
         del model
-        result = await self.daemon.infer(feeds, options)
+        result = await self.daemon.infer(feeds, options, learn=False)
         if isinstance(result, Deferred):
             doc = {"id": result.id, "model_name": result.model, "state": "pending",
                    "result": f"/v2/spool/{result.id}"}
             return web.Response(status=202, body=json.dumps(doc).encode(),
                                 content_type="application/json",
                                 headers={"Location": f"/v2/spool/{result.id}"})
-        return await self._answer(result, req)
+        response = await self._answer(result, req)
+        # what the application waits for, decoding and encoding included: the plan's actual
+        self.daemon.learn(result, (time.monotonic() - started) * 1e3)
+        return response
 
     async def _answer(self, answer: Answer, req: Any, params: dict[str, Any] | None = None
                       ) -> Any:

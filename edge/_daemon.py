@@ -582,10 +582,12 @@ class EdgeDaemon:
     # -- requests -------------------------------------------------------------------------------
 
     async def infer(self, feeds: dict[str, np.ndarray],
-                    options: RequestOptions = RequestOptions()) -> Answer | Deferred:
+                    options: RequestOptions = RequestOptions(), *,
+                    learn: bool = True) -> Answer | Deferred:
         """Answer one request (module docstring). Raises InvalidArgument for inputs the model
         does not take, ResourceExhausted when local compute or the spool is full, Unavailable
-        while no bundle is loaded."""
+        while no bundle is loaded. ``learn=False``: the caller reports the request's whole time
+        itself with :meth:`learn` (the local API, once the answer is encoded)."""
         started = time.monotonic()
         model = self.model
         if model is None or self._state != "serving":
@@ -637,17 +639,33 @@ class EdgeDaemon:
             "fallback": fallback, "decision_us": round(decide_s * 1e6, 1),
             "bundle": model.digest[:16], **info}
         metrics.answered(decision.plan.label, ran, actual_ms / 1e3)
-        if not fallback:  # what this plan really costs beyond its terms (planner docstring)
-            model.cost.observe_actual(decision.plan, decision.estimate, actual_ms)
-            metrics.correction(decision.plan.label, decision.plan.encoding,
-                               model.cost.correction_ms(decision.plan,
-                                                        decision.estimate.total_ms -
-                                                        decision.estimate.correction_ms))
+        if learn and not fallback:  # what this plan costs beyond its terms (planner docstring)
+            self._learn(model, decision.plan, decision.estimate.total_ms -
+                        decision.estimate.correction_ms, actual_ms)
         if fallback:
             metrics.fallbacks.labels(info.get("fallback_reason", "error")).inc()
         self._window.add(actual_ms, decision.plan.label, fallback)
         m = model.bundle.manifest
         return Answer(outputs, parameters, m.model_name, m.model_version)
+
+    def learn(self, answer: Answer, total_ms: float) -> None:
+        """The application waited ``total_ms`` for ``answer`` (from its request's arrival to
+        its encoded answer): learn the plan's correction from that (an answer that fell back,
+        a cascade's, or one from a bundle no longer served teaches nothing)."""
+        p, model = answer.parameters, self.model
+        if model is None or p.get("fallback") or p.get("mode") == "cascade" or \
+                p.get("bundle") != model.digest[:16]:
+            return
+        plan = model.cost.plan_for(str(p.get("plan")), str(p.get("encoding")))
+        if plan is None:
+            return
+        self._learn(model, plan, float(p["expected_ms"]) - float(p["correction_ms"]), total_ms)
+
+    def _learn(self, model: ServingModel, plan: Any, base_ms: float, actual_ms: float) -> None:
+        model.cost.observe_residual(plan, actual_ms - base_ms)
+        if self.metrics is not None:
+            self.metrics.correction(plan.label, plan.encoding,
+                                    model.cost.correction_ms(plan, base_ms))
 
     def record_answer(self, plan: str, ran: str, actual_ms: float,
                       fallback_reason: str | None = None, *, escalated: bool | None = None,

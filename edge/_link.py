@@ -8,10 +8,11 @@
   the uplink was measured). Whether an offload is an RTT sample depends on that transfer time
   (below ``_RTT_SHARE`` of the RTT), not on a fixed size. Probes are pure RTT samples: they
   move the estimate with weight ``_PROBE_ALPHA``, and a probe under half the estimate replaces
-  it (the RTT has a floor that noise only adds to) and marks the link *changed*
-  (``changed_s``), which makes the planner re-explore offloading plans at once. So does an
-  offload whose whole network time is under half the RTT estimate (the estimate becomes that
-  time, an upper bound, and a probe is asked for): after a recovery, the first exploring
+  it (the RTT has a floor that noise only adds to) and, when it is also ``_FAR_MS`` below,
+  marks the link *changed* (``changed_s``), which makes the planner re-explore offloading plans
+  at once. So does an offload whose whole network time is under half the RTT estimate and
+  ``_FAR_MS`` below it (the estimate becomes that time, an upper bound, and a probe is asked
+  for): after a recovery, the first exploring
   offload corrects the estimate even when offloads are too frequent for idle probes.
 * **Bandwidth** (bit/s): an EWMA of ``bytes / (network time - rtt)`` over offloads whose
   transfer time is large enough to measure; the same figure is used for the reply
@@ -200,7 +201,8 @@ class LinkEstimator:
         est = self.rtt.value
         if est is not None and self.rtt.samples and rtt_ms * _DISAGREE < est:
             self.rtt.add(rtt_ms, now, alpha=1.0)  # the estimate is stale: replace it
-            self.changed_s = now
+            if est - rtt_ms > _FAR_MS:
+                self.changed_s = now
         else:
             self.rtt.add(rtt_ms, now, alpha=_PROBE_ALPHA)
         self._recovered()
@@ -235,7 +237,7 @@ class LinkEstimator:
         bw_measured = self.bandwidth.samples > 0
         xfer_est_ms = nbytes * 8000.0 / self.uplink_bps  # its bytes at the current estimate
         probed = now - self.probed_s < _PROBE_TRUST_S
-        if self.rtt.samples and network_ms * _DISAGREE < rtt:
+        if self.rtt.samples and network_ms * _DISAGREE < rtt and rtt - network_ms > _FAR_MS:
             # the whole round trip took less than half the RTT estimate: the estimate is stale
             # (an upper bound replaces it, a probe refines it) and the link changed
             self.rtt.add(network_ms, now, alpha=1.0)

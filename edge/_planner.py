@@ -321,14 +321,25 @@ class CostModel:
                        now_s: float | None = None) -> None:
         """``plan`` answered in ``actual_ms`` where ``estimate`` (what it was chosen on)
         expected ``estimate.total_ms``: learn the residual (module docstring)."""
+        self.observe_residual(plan, actual_ms - (estimate.total_ms - estimate.correction_ms),
+                              now_s)
+
+    def observe_residual(self, plan: Plan, residual_ms: float,
+                         now_s: float | None = None) -> None:
+        """``plan`` took ``residual_ms`` more than its terms (correction excluded) said."""
         i = self._index.get(plan)
-        residual = actual_ms - (estimate.total_ms - estimate.correction_ms)
+        residual = float(residual_ms)
         if i is None or not math.isfinite(residual):
             return
         c = self._corrections[i]
         if c is None:
             c = self._corrections[i] = _Correction()
         c.add(residual, time.monotonic() if now_s is None else now_s)
+
+    def plan_for(self, label: str, encoding: str) -> Plan | None:
+        """The plan with this label and encoding, or None."""
+        return next((p for p in self._plans if p.label == label and p.encoding == encoding),
+                    None)
 
     def correction_ms(self, plan: Plan, base_ms: float, now_s: float | None = None) -> float:
         """The correction now added to ``plan``'s estimate of ``base_ms``."""
