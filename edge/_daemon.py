@@ -664,8 +664,7 @@ class EdgeDaemon:
     def _learn(self, model: ServingModel, plan: Any, base_ms: float, actual_ms: float) -> None:
         model.cost.observe_residual(plan, actual_ms - base_ms)
         if self.metrics is not None:
-            self.metrics.correction(plan.label, plan.encoding,
-                                    model.cost.correction_ms(plan, base_ms))
+            self.metrics.correction(plan.label, model.cost.correction_ms(plan, base_ms))
 
     def record_answer(self, plan: str, ran: str, actual_ms: float,
                       fallback_reason: str | None = None, *, escalated: bool | None = None,

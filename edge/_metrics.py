@@ -8,8 +8,7 @@
     tandem_edge_fallbacks_total{reason}               offloads finished locally from the frontier
     tandem_edge_plans_total{plan}                     decisions per plan (auto and forced)
     tandem_edge_decision_seconds                      planner time per decision (summary)
-    tandem_edge_plan_correction_seconds{plan, encoding}
-                                                      the planner's learned correction of a
+    tandem_edge_plan_correction_seconds{plan}         the planner's learned correction of a
                                                       plan's estimate (actual - expected)
     tandem_edge_spool_requests{state}                 spool rows (pending | done | delivered)
     tandem_edge_uplink_bps, tandem_edge_rtt_seconds, tandem_edge_cloud_queue_seconds
@@ -66,7 +65,7 @@ class Metrics:
                                   registry=r)
         self.correction_gauge = prom.Gauge(
             "tandem_edge_plan_correction_seconds",
-            "Learned correction added to a plan's expected latency", ["plan", "encoding"],
+            "Learned correction added to a plan's expected latency", ["plan"],
             registry=r)
         self.decision = prom.Summary("tandem_edge_decision_seconds", "Planner time per decision",
                                      registry=r)
@@ -153,8 +152,8 @@ class Metrics:
         if self._compared:
             self.agreement_ratio.set(self._agreed / self._compared)
 
-    def correction(self, plan: str, encoding: str, ms: float) -> None:
-        self._child(self.correction_gauge, plan, encoding).set(ms / 1e3)
+    def correction(self, plan: str, ms: float) -> None:
+        self._child(self.correction_gauge, plan).set(ms / 1e3)
 
     def decided(self, plan: str, seconds: float) -> None:
         self.decision.observe(seconds)

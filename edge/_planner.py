@@ -27,9 +27,12 @@ Local: ``T = full`` (measured the same way as a head).
 *Learned correction* per plan: what a plan really costs beyond its terms (thread hand-offs,
 event-loop and pool waits, a throttled CPU's debt after a heavy part) differs by plan. The
 daemon reports every answered request's actual time against the estimate it was chosen on
-(:meth:`CostModel.observe_actual`); the median of a plan's last ``_CORR_WINDOW`` residuals
+(:meth:`CostModel.observe_actual`); per plan label (a cut's encodings share one), the median
+of its last ``_CORR_WINDOW`` residuals
 (``actual - estimate without correction``, younger than ``_CORR_MAX_AGE_S``, at least
-``_CORR_MIN_SAMPLES`` of them) is added to its estimate (``Estimate.correction_ms``). It is
+``_CORR_MIN_SAMPLES`` of them) is added to its estimate (``Estimate.correction_ms``); a plan
+not learnt yet gets the smallest learnt correction (the overhead every plan shares, so an
+unmeasured plan does not look cheaper for being unmeasured). It is
 bounded: it never takes more than ``_CORR_FLOOR`` of the estimate off (a plan cannot look
 faster than its measured terms allow) nor adds more than ``_CORR_CAP`` times the estimate plus
 ``_CORR_CAP_MS``; it halves every ``_CORR_HALF_LIFE_S`` without new samples, so a plan that was
@@ -130,11 +133,12 @@ class Estimate:
 class _Correction:
     """One plan's learned correction (module docstring): a window of (time, residual)."""
 
-    __slots__ = ("samples", "updated_s", "value")
+    __slots__ = ("ready", "samples", "updated_s", "value")
 
     def __init__(self) -> None:
         self.samples: deque[tuple[float, float]] = deque(maxlen=_CORR_WINDOW)
         self.value = 0.0  # the median residual (0 until _CORR_MIN_SAMPLES)
+        self.ready = False  # at least _CORR_MIN_SAMPLES residuals
         self.updated_s = 0.0
 
     def add(self, residual_ms: float, now_s: float) -> None:
@@ -142,8 +146,8 @@ class _Correction:
         while samples and now_s - samples[0][0] > _CORR_MAX_AGE_S:
             samples.popleft()
         samples.append((now_s, residual_ms))
-        self.value = statistics.median(r for _, r in samples) \
-            if len(samples) >= _CORR_MIN_SAMPLES else 0.0
+        self.ready = len(samples) >= _CORR_MIN_SAMPLES
+        self.value = statistics.median(r for _, r in samples) if self.ready else 0.0
         self.updated_s = now_s
 
     def at(self, base_ms: float, now_s: float) -> float:
@@ -218,9 +222,10 @@ class CostModel:
             for enc in dict.fromkeys(("raw", *manifest.allowed_encodings(cut.id))):
                 self._plans.append(Plan(kind, cut.id, enc))
         # learned corrections, by the plan's index in _plans (the planner's loop reads them
-        # without hashing a Plan)
+        # without hashing a Plan); the plans of one label (one cut, every encoding) share one
         self._index: dict[Plan, int] = {p: i for i, p in enumerate(self._plans)}
         self._corrections: list[_Correction | None] = [None] * len(self._plans)
+        self._default_corr_ms = 0.0  # for a label not learnt yet: the smallest learnt one
 
     # -- the plan set (open to new kinds) -------------------------------------------------------
 
@@ -331,10 +336,24 @@ class CostModel:
         residual = float(residual_ms)
         if i is None or not math.isfinite(residual):
             return
-        c = self._corrections[i]
+        corrections = self._corrections
+        c = corrections[i]
         if c is None:
-            c = self._corrections[i] = _Correction()
+            c = _Correction()
+            label = plan.label
+            for j, p in enumerate(self._plans):
+                if p.label == label:
+                    corrections[j] = c
         c.add(residual, time.monotonic() if now_s is None else now_s)
+        learnt = [x.value for x in corrections if x is not None and x.ready]
+        self._default_corr_ms = min(learnt) if learnt else 0.0
+
+    def _correction(self, i: int | None, base_ms: float, now_s: float) -> float:
+        c = None if i is None else self._corrections[i]
+        if c is not None and c.ready:
+            return c.at(base_ms, now_s)
+        d = self._default_corr_ms
+        return d if d >= -_CORR_FLOOR * base_ms else -_CORR_FLOOR * base_ms
 
     def plan_for(self, label: str, encoding: str) -> Plan | None:
         """The plan with this label and encoding, or None."""
@@ -343,22 +362,26 @@ class CostModel:
 
     def correction_ms(self, plan: Plan, base_ms: float, now_s: float | None = None) -> float:
         """The correction now added to ``plan``'s estimate of ``base_ms``."""
-        i = self._index.get(plan)
-        c = None if i is None else self._corrections[i]
-        return 0.0 if c is None else c.at(base_ms, time.monotonic() if now_s is None else now_s)
+        return self._correction(self._index.get(plan), base_ms,
+                                time.monotonic() if now_s is None else now_s)
 
     def forget_corrections(self, *, offloading_only: bool = False) -> None:
         """Drop the learned corrections (of offloading plans only: the link changed)."""
         self._corrections = [c if offloading_only and not p.offloads else None
                              for p, c in zip(self._plans, self._corrections, strict=True)]
+        learnt = [x.value for x in self._corrections if x is not None and x.ready]
+        self._default_corr_ms = min(learnt) if learnt else 0.0
 
     def corrections(self) -> list[dict[str, Any]]:
-        """The learned corrections, for the status: plan, encoding, median residual, samples
-        and age."""
+        """The learned corrections, for the status: plan label (every encoding of it), median
+        residual, samples, age; ``default``: what a label not learnt yet gets."""
         now = time.monotonic()
-        return [{"plan": p.label, "encoding": p.encoding, "median_ms": round(c.value, 3),
-                 "samples": len(c.samples), "age_s": round(now - c.updated_s, 1)}
-                for p, c in zip(self._plans, self._corrections, strict=True) if c is not None]
+        out: dict[str, dict[str, Any]] = {}
+        for p, c in zip(self._plans, self._corrections, strict=True):
+            if c is not None and p.label not in out:
+                out[p.label] = {"plan": p.label, "median_ms": round(c.value, 3),
+                                "samples": len(c.samples), "age_s": round(now - c.updated_s, 1)}
+        return list(out.values())
 
     # -- estimates ------------------------------------------------------------------------------
 
@@ -366,11 +389,8 @@ class CostModel:
                  now_s: float | None = None) -> Estimate:
         """``plan``'s terms at input shapes ``key``, its learned correction included."""
         est = self._kinds[plan.kind](plan, self.shape_costs(key))
-        i = self._index.get(plan)
-        c = None if i is None else self._corrections[i]
-        if c is None:
-            return est
-        corr = c.at(est.total_ms, time.monotonic() if now_s is None else now_s)
+        corr = self._correction(self._index.get(plan), est.total_ms,
+                                time.monotonic() if now_s is None else now_s)
         if not corr:
             return est
         return Estimate(plan, est.total_ms + corr, est.head_ms, est.encode_ms, est.uplink_ms,
@@ -472,7 +492,7 @@ class Planner:
         interval = self.explore_interval_s
         samples, explored = link.last_cut_sample_s, self._explored
         offload_terms, cut_terms, kinds = cost._offload_terms, cost._cut_terms, cost._kinds
-        corrections = cost._corrections
+        corrections, default = cost._corrections, cost._default_corr_ms
         per_cut: dict[int, tuple] = {}
         best_plan, best_ms = self.local_plan, local_ms
         totals: dict[Plan, float] = {self.local_plan: local_ms}
@@ -493,8 +513,10 @@ class Planner:
                 est = kinds[kind](plan, sc)
                 total, fallback = est.total_ms, est.fallback_ms
             c = corrections[i]
-            if c is not None:
+            if c is not None and c.ready:
                 total += c.at(total, now)
+            elif default:  # not learnt yet: the smallest learnt correction
+                total += default if default >= -_CORR_FLOOR * total else -_CORR_FLOOR * total
             totals[plan] = total
             if fallback > limit:
                 continue  # a failed offload could not finish locally in time

@@ -118,7 +118,7 @@ def test_each_answer_teaches_its_plan_correction_and_says_so(tmp_path, residual_
             est = next(r for r in d.status()["plans"] if r["plan"] == "local")
             assert est["correction_ms"] != 0.0
             text = d.metrics.exposition()[0].decode()
-            assert 'tandem_edge_plan_correction_seconds{encoding="raw",plan="local"}' in text
+            assert 'tandem_edge_plan_correction_seconds{plan="local"}' in text
             # a plan that runs 50 ms slower than its terms: learnt from its next three runs
             d.model.cost.forget_corrections()
             original = d._executors["local"]

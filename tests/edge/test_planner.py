@@ -263,6 +263,9 @@ def test_a_plan_that_keeps_running_slower_than_estimated_loses_the_decision(mani
     first = planner.decide(KEY, 100, now_s=0.0)
     assert first.plan.kind == "cloud" and first.estimate.correction_ms == 0
     base = first.estimate.total_ms
+    local = cost.estimate(planner.local_plan, KEY, now_s=0.0)
+    for _ in range(3):  # local runs as estimated
+        cost.observe_actual(planner.local_plan, local, local.total_ms, now_s=0.5)
     # one unlucky run does not count; two do not either (the median of at least three)
     for i in range(2):
         cost.observe_actual(first.plan, first.estimate, base + 6.0, now_s=1.0 + i)
@@ -271,16 +274,33 @@ def test_a_plan_that_keeps_running_slower_than_estimated_loses_the_decision(mani
     corrected = cost.estimate(first.plan, KEY, now_s=3.0)
     assert corrected.correction_ms == pytest.approx(6.0)
     assert corrected.total_ms == pytest.approx(base + 6.0)
-    # the other plans' estimates are untouched
-    others = {p: cost.estimate(p, KEY, now_s=3.0) for p in cost.plans() if p != first.plan}
+    # the other labels' estimates are untouched (a label not learnt gets the smallest learnt
+    # correction, here local's 0); the other encodings of the same cut share the correction
+    others = {p: cost.estimate(p, KEY, now_s=3.0) for p in cost.plans()
+              if p.label != first.plan.label}
     assert all(e.correction_ms == 0 for e in others.values())
+    assert all(cost.estimate(p, KEY, now_s=3.0).correction_ms == pytest.approx(6.0)
+               for p in cost.plans() if p.label == first.plan.label)
     d = planner.decide(KEY, 100, now_s=3.0)
     assert d.plan != first.plan
     assert d.estimate.total_ms == min(e.total_ms for e in others.values())
     # explainable: the status lists the correction with its samples
-    (row,) = cost.corrections()
-    assert row["plan"] == first.plan.label and row["samples"] == 3
-    assert row["median_ms"] == pytest.approx(6.0)
+    rows = {r["plan"]: r for r in cost.corrections()}
+    assert rows[first.plan.label]["samples"] == 3
+    assert rows[first.plan.label]["median_ms"] == pytest.approx(6.0)
+    assert rows["local"]["median_ms"] == pytest.approx(0.0)
+
+
+def test_a_plan_not_learnt_yet_gets_the_smallest_learnt_correction(manifest):
+    planner = _close_race(manifest)
+    cost = planner.cost
+    cloud = next(p for p in cost.plans() if p.kind == "cloud")
+    for plan, extra in ((planner.local_plan, 20.0), (cloud, 12.0)):
+        est = cost.estimate(plan, KEY, now_s=0.0)
+        for _ in range(3):
+            cost.observe_actual(plan, est, est.total_ms + extra, now_s=0.0)
+    split = next(p for p in cost.plans() if p.kind == "split")
+    assert cost.estimate(split, KEY, now_s=0.0).correction_ms == pytest.approx(12.0)
 
 
 def test_a_correction_is_learnt_on_the_residual_not_on_itself(manifest):
