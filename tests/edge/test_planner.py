@@ -296,9 +296,9 @@ def test_a_plan_not_learnt_yet_gets_the_smallest_learnt_correction(manifest):
     cost = planner.cost
     cloud = next(p for p in cost.plans() if p.kind == "cloud")
     for plan, extra in ((planner.local_plan, 20.0), (cloud, 12.0)):
-        est = cost.estimate(plan, KEY, now_s=0.0)
+        est = cost.estimate(plan, KEY, now_s=0.0)  # cloud's: with local's 20 ms, then
         for _ in range(3):
-            cost.observe_actual(plan, est, est.total_ms + extra, now_s=0.0)
+            cost.observe_actual(plan, est, est.total_ms - est.correction_ms + extra, now_s=0.0)
     split = next(p for p in cost.plans() if p.kind == "split")
     assert cost.estimate(split, KEY, now_s=0.0).correction_ms == pytest.approx(12.0)
 
