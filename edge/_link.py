@@ -19,10 +19,11 @@
   (downlink), which this daemon cannot tell apart from the uplink. For
   ``_PROBE_TRUST_S`` after a probe, the RTT is known, so an offload's time beyond it is
   transfer time whatever its size (this is how a collapsed uplink is told from a longer RTT).
-  An offload much faster than its bytes at the estimate raises the estimate (at most 4x a
-  sample).
-* **Disagreement**: a sample more than ``_DISAGREE`` times off the estimate (either way; for the
-  RTT also more than ``_FAR_MS`` off, so a CPU stall is not taken for a new link) moves it with
+  An offload whose network time is under half of ``rtt + bytes at the estimate`` (a stale,
+  too low estimate, not noise) raises the estimate (at most 4x a sample).
+* **Disagreement**: a sample more than ``_DISAGREE`` times off the estimate (for the RTT either
+  way and also more than ``_FAR_MS`` off, so a CPU stall is not taken for a new link; for the
+  bandwidth downwards only, as a transfer that looks short is often RTT noise) moves it with
   ``_FAST_ALPHA``, not ``alpha``; a small offload that says the RTT grew that much asks for a
   probe (``probe_wanted``), so the next offload can tell RTT from bandwidth.
 * **Cloud queue** (ms): an EWMA of the queue time in replies and of the workers' retained load
@@ -208,12 +209,13 @@ class LinkEstimator:
         self._recovered()
 
     @staticmethod
-    def _add(e: Ewma, sample: float, now: float, far_ms: float = 0.0) -> None:
+    def _add(e: Ewma, sample: float, now: float, far_ms: float = 0.0,
+             fast_up: bool = True) -> None:
         """``sample`` into ``e``, faster when it disagrees strongly with the estimate (by a
-        factor of ``_DISAGREE`` and by more than ``far_ms``)."""
+        factor of ``_DISAGREE`` and by more than ``far_ms``; upwards only if ``fast_up``)."""
         v = e.value
         far = v is not None and e.samples > 0 and abs(sample - v) > far_ms and (
-            sample > v * _DISAGREE or sample * _DISAGREE < v)
+            (fast_up and sample > v * _DISAGREE) or sample * _DISAGREE < v)
         e.add(sample, now, alpha=_FAST_ALPHA if far else None)
 
     def observe_probe_failed(self) -> None:
@@ -254,13 +256,13 @@ class LinkEstimator:
                 bps = nbytes * 8 / (transfer_ms / 1e3)
                 if xfer_est_ms <= _RTT_SHARE * rtt:  # small: told apart by a probe, noisier
                     self.bandwidth.add(bps, now)
-                else:
-                    self._add(self.bandwidth, bps, now)
+                else:  # fast down (a collapse), not up: a short transfer is often RTT noise
+                    self._add(self.bandwidth, bps, now, fast_up=False)
             elif bw_measured and xfer_est_ms > _RTT_SHARE * rtt and \
-                    xfer_est_ms > 2 * max(transfer_ms, _MIN_TRANSFER_MS):
+                    network_ms * _DISAGREE < rtt + xfer_est_ms:
                 # much faster than the estimate says, too fast to measure: raise it (bounded)
                 faster = xfer_est_ms / max(transfer_ms, _MIN_TRANSFER_MS, xfer_est_ms / _MAX_RAISE)
-                self._add(self.bandwidth, self.uplink_bps * faster, now)
+                self.bandwidth.add(self.uplink_bps * faster, now)
         self.queue.add(queue, now)
         self._tail_ewma(cut_id, shape_key).add(compute, now)
         self._timeout_tails.discard((cut_id, shape_key))

@@ -157,11 +157,24 @@ def test_an_offload_much_faster_than_its_bytes_at_the_estimate_raises_the_uplink
     n = 100_000  # 800 ms at the estimate, 8 ms really
     link.observe_offload(3, KEY, up_bytes=n, down_bytes=0, round_trip_ms=18.0,
                          compute_ms=0.0, queue_ms=0.0, now_s=1.0)
-    assert link.uplink_bps == pytest.approx(1e6 + 0.5 * (100e6 - 1e6))  # measurable: fast
+    assert link.uplink_bps == pytest.approx(1e6 + 0.2 * (100e6 - 1e6))  # measurable
     link = _measured(10.0, 1.0)
     link.observe_offload(3, KEY, up_bytes=n, down_bytes=0, round_trip_ms=10.2,
                          compute_ms=0.0, queue_ms=0.0, now_s=1.0)
-    assert 1e6 < link.uplink_bps <= 1e6 + 0.5 * 3e6  # too fast to measure: at most 4x a sample
+    assert 1e6 < link.uplink_bps <= 1e6 + 0.2 * 3e6  # too fast to measure: at most 4x a sample
+
+
+def test_round_trip_noise_does_not_inflate_the_uplink():
+    link = _measured(10.0, 100.0)  # wired: 150 KB take 12 ms
+    n = 150_000
+    seen = []
+    for i, noise_ms in enumerate([-6.0, 3.0, -10.0, 1.0, -9.5, 4.0, -6.0, 2.0] * 5):
+        link.observe_offload(3, KEY, up_bytes=n, down_bytes=0,
+                             round_trip_ms=10 + 12 + noise_ms, compute_ms=0.0, queue_ms=0.0,
+                             now_s=float(i))
+        seen.append(link.uplink_bps)
+    assert 60e6 < min(seen) and max(seen) < 200e6  # a transfer that looks short is not "4x"
+    assert link.rtt_ms == pytest.approx(10.0)  # large transfers are not RTT samples
 
 
 def test_an_offload_faster_than_half_the_rtt_estimate_replaces_it():
