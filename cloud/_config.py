@@ -84,6 +84,9 @@ class CloudConfig:
     repo_poll_s: float = 2.0
     compute_threads: int = 1
     intra_op_threads: int = 0  # 0: ONNX Runtime's default
+    backend: str = "auto"  # auto | onnxruntime | tensorrt
+    profile: str | None = None  # device profile id; None: detected
+    engine_cache: Path | None = None  # None: ~/.cache/tandem/engines
     dedup_window_s: float = 60.0
     dedup_max_mb: int = 64
     load_interval_s: float = 1.0
@@ -115,6 +118,8 @@ class CloudConfig:
         need(self.repo_poll_s > 0, "repo_poll_s must be > 0")
         need(1 <= self.compute_threads <= 256, "compute_threads must be in [1, 256]")
         need(self.intra_op_threads >= 0, "intra_op_threads must be >= 0")
+        need(self.backend in ("auto", "onnxruntime", "tensorrt"),
+             f"backend must be auto, onnxruntime or tensorrt, not {self.backend!r}")
         need(self.dedup_window_s >= 0, "dedup_window_s must be >= 0")
         need(self.dedup_max_mb >= 0, "dedup_max_mb must be >= 0")
         need(self.load_interval_s > 0, "load_interval_s must be > 0")
@@ -153,7 +158,7 @@ def load_config(options: Mapping[str, Any] | None = None, *,
     """Merge ``options`` (None values = not given), ``env`` (default ``os.environ``) and the
     TOML file (``config_file``, else ``TANDEM_CONFIG``) over the defaults."""
     merged = merge_settings(_FIELD_TYPES, options, table="cloud", env=env,
-                            config_file=config_file, file_relative=("repo",))
+                            config_file=config_file, file_relative=("repo", "engine_cache"))
     if "repo" not in merged:
         raise InvalidArgument("no model repository: give --repo DIR (or TANDEM_REPO, or repo "
                               "in the config file)")

@@ -102,6 +102,15 @@ class _ReplyCache:
         return len(self._items)
 
 
+def _profile(profile_id: str | None) -> Any:
+    """The named device profile (NotFound for an unknown id, at start), or None: detected."""
+    if profile_id is None:
+        return None
+    from tandem.devices import get_profile
+
+    return get_profile(profile_id)
+
+
 def _error_response(rid: bytes, exc: TandemError, worker_id: str, queue_depth: int,
                     timings: Timings | None = None) -> InferenceResponse:
     return InferenceResponse(id=rid, error=ErrorInfo(exc.code, exc.message, exc.retryable),
@@ -121,7 +130,8 @@ class Worker:
         self.repo = ModelRepository(
             config.repo, public_key=config.public_key,
             memory_budget_bytes=config.memory_budget_mb << 20,
-            intra_op_threads=config.intra_op_threads)
+            intra_op_threads=config.intra_op_threads, backend=config.backend,
+            profile=_profile(config.profile), engine_cache=config.engine_cache)
         self.dispatcher: Dispatcher | None = None
         self._transport = transport
         self._own_transport = transport is None
