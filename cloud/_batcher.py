@@ -77,6 +77,7 @@ class WorkItem:
     rows: int = 1
     enqueued: float = 0.0
     future: asyncio.Future | None = None
+    on_start: Callable[[], None] | None = None  # called when its batch starts computing
 
     def feeds(self) -> dict[str, np.ndarray]:
         if isinstance(self.inputs, dict):
@@ -277,6 +278,12 @@ class _Batcher:
     async def _compute(self, batch: list[WorkItem]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        for item in batch:  # MQTT: its PUBACK now (the broker may send the next one)
+            if item.on_start is not None:
+                try:
+                    item.on_start()
+                except Exception:
+                    log.exception("start hook failed")
         self.d._computing += len(batch)
         try:
             try:
@@ -376,8 +383,8 @@ class Dispatcher:
         return total / max(self.policy.compute_slots, 1)
 
     def submit(self, part: Part, inputs: Sequence[Tensor] | dict[str, np.ndarray], *,
-               deadline: float = math.inf, priority: int = 0, wire: bool = True
-               ) -> asyncio.Future[Outcome]:
+               deadline: float = math.inf, priority: int = 0, wire: bool = True,
+               on_start: Callable[[], None] | None = None) -> asyncio.Future[Outcome]:
         """Queue a request; the future resolves to its :class:`Outcome` (never raises). Raises
         at once: UNAVAILABLE while draining, RESOURCE_EXHAUSTED when the queue is full,
         DEADLINE_EXCEEDED for a spent budget, INVALID_ARGUMENT for tensors the part does not
@@ -394,7 +401,7 @@ class Dispatcher:
                 f"queue full ({self._queued} requests waiting, limit {self.policy.queue_limit})",
                 retryable=True)
         item = WorkItem(part, inputs, deadline, priority, wire, signature, rows, now,
-                        loop.create_future())
+                        loop.create_future(), on_start)
         batcher = self._batchers.get(part.key)
         if batcher is None or batcher.part is not part:
             batcher = self._batchers[part.key] = _Batcher(self, part)

@@ -76,7 +76,7 @@ class CloudConfig:
     max_batch: int = 8
     max_delay_ms: float = 2.0
     queue_limit: int = 256
-    max_inflight: int = 0  # 0: 2 x max_batch (messages taken from the broker and not finished)
+    max_inflight: int = 0  # 0: 2 x max_batch x compute_threads (taken from the broker, not started)
     http_port: int | None = None
     http_host: str = "127.0.0.1"
     public_key: Path | None = None
@@ -134,7 +134,9 @@ class CloudConfig:
 
     @property
     def inflight_limit(self) -> int:
-        return self.max_inflight or 2 * self.max_batch
+        """Requests this worker may hold from the broker without having started them: the
+        MQTT 5 Receive Maximum it connects with (its PUBACK goes out when its batch starts)."""
+        return min(self.max_inflight or 2 * self.max_batch * self.compute_threads, 65535)
 
 
 # -- the one layer (tandem.protocol.settings) -------------------------------------------------

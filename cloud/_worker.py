@@ -196,7 +196,8 @@ class Worker:
         return TransportConfig(
             host=addr.host, port=addr.port, client_id=f"tandem-cloud-{self.worker_id}",
             protocol=cfg.mqtt_version, username=cfg.username or addr.username,
-            password=cfg.password or addr.password, tls=tls, will=will, clean_start=True)
+            password=cfg.password or addr.password, tls=tls, will=will, clean_start=True,
+            receive_maximum=cfg.inflight_limit, manual_ack=True)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -437,7 +438,8 @@ class Worker:
             remaining = ctx.remaining_s()
             deadline = math.inf if remaining is None else loop.time() + remaining
             future = self.dispatcher.submit(part, request.tensors, deadline=deadline,
-                                            priority=request.priority, wire=True)
+                                            priority=request.priority, wire=True,
+                                            on_start=ctx.started)
         except TandemError as exc:
             response = _error_response(rid, exc, self.worker_id, self.queue_depth)
             self._count(model_name, exc, "mqtt")
