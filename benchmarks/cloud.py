@@ -32,7 +32,6 @@ Figures (BENCHMARKS.md: each next to its baseline of the same run):
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import re
@@ -145,54 +144,83 @@ def _role_raw(args: argparse.Namespace) -> None:
 
 
 def _role_client(args: argparse.Namespace) -> None:
-    from tandem.protocol import InferenceRequest, MqttTransport, Tensor, TransportConfig
-    from tandem.protocol.messages import new_request_id
+    """Keep C requests in flight with as little client work as possible: raw paho (MQTT 5,
+    QoS 1, its own network thread), one request encoded once with each send patching in a
+    fresh 16-byte id (the worker dedups by id), the next request sent from the response
+    callback. Each request is timed from its publish to its answer's arrival."""
+    import os
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    from tandem.protocol import InferenceRequest, Tensor, codec
 
     tail = json.loads(args.tail)
     x = np.random.default_rng(1).standard_normal(tail["shape"]).astype(np.float32)
-    tensors = (Tensor.from_array(tail["input"], x),)
+    marker = b"TANDEM-BENCH-ID!"
+    template = bytearray(codec.encode(InferenceRequest(
+        id=marker, device_id="bench", model_digest=tail["digest"], cut_id=tail["cut"],
+        budget_ms=10_000, tensors=(Tensor.from_array(tail["input"], x),))))
+    at = template.find(marker)
     topic = f"tandem/v1/req/bench/{tail['model']}"
+    sent: dict[bytes, float] = {}
+    lat: list[float] = []
+    state = {"measuring": False, "stop_at": float("inf"), "errors": 0, "open": 0}
+    lock = threading.Lock()
+    finished = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{os.getpid()}",
+                         protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(0)  # never hold our own requests back
 
-    async def main() -> dict:
-        cfg = TransportConfig(host="127.0.0.1", port=args.port)
-        async with MqttTransport(cfg) as t:
-            lat: list[float] = []
-            errors = 0
-            measuring = False
-            stop_at = 0.0
+    def send() -> None:
+        rid = os.urandom(16)
+        template[at:at + 16] = rid
+        payload = bytes(template)
+        with lock:
+            sent[rid] = time.perf_counter()
+            state["open"] += 1
+        client.publish(topic, payload, qos=1)
 
-            async def one_stream() -> None:
-                nonlocal errors
-                while True:
-                    now = time.perf_counter()
-                    if measuring and now >= stop_at:
-                        return
-                    req = InferenceRequest(id=new_request_id(), device_id="bench",
-                                           model_digest=tail["digest"], cut_id=tail["cut"],
-                                           budget_ms=10_000, tensors=tensors)
-                    t0 = time.perf_counter()
-                    try:
-                        await t.request(topic, req)
-                    except Exception:
-                        errors += 1
-                        continue
-                    if measuring:
-                        lat.append(time.perf_counter() - t0)
+    def on_message(c, userdata, msg) -> None:
+        now = time.perf_counter()
+        info = codec.peek(msg.payload)
+        with lock:
+            t0 = sent.pop(info.id, None)
+            if t0 is None:
+                return
+            state["open"] -= 1
+            if info.type is not codec.MessageType.INFERENCE_RESPONSE or \
+                    codec.decode(msg.payload).error is not None:
+                state["errors"] += 1
+            elif state["measuring"] and now < state["stop_at"]:
+                lat.append(now - t0)
+            again = now < state["stop_at"]
+            if not again and state["open"] == 0:
+                finished.set()
+        if again:
+            send()
 
-            streams = [asyncio.ensure_future(one_stream()) for _ in range(args.concurrency)]
-            await asyncio.sleep(args.warmup)
-            measuring, started = True, time.perf_counter()
-            lat.clear()
-            stop_at = started + args.seconds
-            await asyncio.gather(*streams)
-            elapsed = time.perf_counter() - started
-            import resource
+    client.on_message = on_message
+    client.connect("127.0.0.1", args.port)
+    client.subscribe("tandem/v1/resp/bench", qos=1)
+    client.loop_start()
+    time.sleep(0.2)
+    for _ in range(args.concurrency):
+        send()
+    time.sleep(args.warmup)
+    with lock:
+        lat.clear()
+        state["measuring"] = True
+        started = time.perf_counter()
+        state["stop_at"] = started + args.seconds
+    finished.wait(args.seconds + 30)
+    client.loop_stop()
+    client.disconnect()
+    import resource
 
-            ru = resource.getrusage(resource.RUSAGE_SELF)
-            return {"n": len(lat), "elapsed": elapsed, "latencies": lat, "errors": errors,
-                    "client_cpu_s": ru.ru_utime + ru.ru_stime}
-
-    print(json.dumps(asyncio.run(main())))
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"n": len(lat), "elapsed": args.seconds, "latencies": lat,
+                      "errors": state["errors"], "client_cpu_s": ru.ru_utime + ru.ru_stime}))
 
 
 def _run_role(*args: str, timeout: float = 300) -> dict:

@@ -76,7 +76,7 @@ class CloudConfig:
     max_batch: int = 8
     max_delay_ms: float = 2.0
     queue_limit: int = 256
-    max_inflight: int = 0  # 0: 2 x max_batch x compute_threads (taken from the broker, not started)
+    max_inflight: int = 0  # 0: see inflight_limit (taken from the broker, not started yet)
     http_port: int | None = None
     http_host: str = "127.0.0.1"
     public_key: Path | None = None
@@ -135,8 +135,13 @@ class CloudConfig:
     @property
     def inflight_limit(self) -> int:
         """Requests this worker may hold from the broker without having started them: the
-        MQTT 5 Receive Maximum it connects with (its PUBACK goes out when its batch starts)."""
-        return min(self.max_inflight or 2 * self.max_batch * self.compute_threads, 65535)
+        MQTT 5 Receive Maximum it connects with (a request's PUBACK goes out when its batch
+        starts). ``max_inflight``, else 2 x max_batch x compute_threads — enough to form the
+        next full batch of every compute thread while the current ones run — and at least 8, so
+        the PUBACK -> next PUBLISH round trip through the broker never starves a worker with
+        small batches."""
+        return min(self.max_inflight or max(2 * self.max_batch * self.compute_threads, 8),
+                   65535)
 
 
 # -- the one layer (tandem.protocol.settings) -------------------------------------------------
