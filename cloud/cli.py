@@ -64,9 +64,10 @@ def serve_command(config_file: Path | None, **options: object) -> None:
 
     Every option can also come from the environment (TANDEM_<OPTION>, e.g. TANDEM_MAX_BATCH)
     or the config file; precedence: option > environment > config file > default. More
-    settings, file and environment only: max_inflight, repo_poll_s, dedup_window_s,
-    dedup_max_mb, load_interval_s, drain_timeout_s, username, password, ca_file, cert_file,
-    key_file. SIGTERM or SIGINT drains the queue, then disconnects.
+    settings, file and environment only: max_inflight (unstarted requests taken from the
+    broker), repo_poll_s, dedup_window_s, dedup_max_mb, load_interval_s, drain_timeout_s,
+    username, password, ca_file, cert_file, key_file. SIGTERM or SIGINT drains the queue, then
+    disconnects.
     """
     import logging
 
