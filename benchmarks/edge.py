@@ -11,7 +11,9 @@ Runtime.
   the same full-model ONNX Runtime artifact run by ``OnnxRuntimeBackend.infer`` in the caller
   (one intra-op thread), interleaved call by call. Target: <= 1 ms at p50.
 * ``kserve_{encode,decode}_request_json``: the share of the JSON form in that overhead: the
-  KServe codec encoding the request (client) and decoding it (daemon), JSON against binary.
+  KServe codec encoding the request (client) and decoding it (daemon), JSON against binary;
+  ``..._json_stdlib``: the same with the standard library's ``json`` (the codec's path when
+  orjson is not installed), against the orjson path.
 * ``planner_decide``: ``Planner.decide`` on the bundle's measured profile (every plan: local,
   cloud and each cut in each verified encoding), per call, in this process; and the mean the
   daemon itself recorded (``tandem_edge_decision_seconds``). Target: <= 50 us.
@@ -181,20 +183,40 @@ def _json_share(x: dict[str, np.ndarray]) -> list[Result]:
     req = kserve.InferRequest((kserve.InferTensor.from_array("input", x["input"]),), (), None,
                               {"mode": "local"})
     bodies = {b: kserve.encode_request(req, binary=b) for b in (True, False)}
+    fast = kserve._orjson
+
+    def stdlib(fn):  # the codec as it runs where orjson is not installed
+        def run():
+            kserve._orjson = None
+            try:
+                return fn()
+            finally:
+                kserve._orjson = fast
+        return run
+
     times = interleaved({
         "enc_json": lambda: kserve.encode_request(req, binary=False),
         "enc_bin": lambda: kserve.encode_request(req, binary=True),
         "dec_json": lambda: kserve.decode_request(*bodies[False]),
         "dec_bin": lambda: kserve.decode_request(*bodies[True]),
+        "enc_std": stdlib(lambda: kserve.encode_request(req, binary=False)),
+        "dec_std": stdlib(lambda: kserve.decode_request(*bodies[False])),
     }, repeats=300, warmup=20)
     med = {k: stats(v).median * 1e3 for k, v in times.items()}
     n = x["input"].size
+    lib = "orjson" if fast is not None else "json: orjson is not installed"
     return [
         Result("kserve_encode_request_json", med["enc_json"], "ms", baseline="binary",
                baseline_value=med["enc_bin"], notes=f"{n} float32 values as JSON numbers "
-               "(Python's json), in the caller"),
+               f"({lib}), in the caller"),
         Result("kserve_decode_request_json", med["dec_json"], "ms", baseline="binary",
                baseline_value=med["dec_bin"], notes="the same body parsed as the daemon does"),
+        Result("kserve_encode_request_json_stdlib", med["enc_std"], "ms",
+               baseline="kserve_encode_request_json", baseline_value=med["enc_json"],
+               notes="the same with Python's json (the path without orjson)"),
+        Result("kserve_decode_request_json_stdlib", med["dec_std"], "ms",
+               baseline="kserve_decode_request_json", baseline_value=med["dec_json"],
+               notes="the same with Python's json (the path without orjson)"),
     ]
 
 

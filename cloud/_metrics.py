@@ -37,6 +37,9 @@ class Metrics:
             "tandem_cloud_inflight", "Requests taken and not yet answered", registry=r)
         self.queue_depth = prom.Gauge(
             "tandem_cloud_queue_depth", "Requests waiting for a batch", registry=r)
+        self.link_probes = prom.Counter(
+            "tandem_cloud_link_probes", "Link probes of edge daemons (requests without tensors) "
+            "answered at once, empty, without compute", registry=r)
         self.duplicates = prom.Counter(
             "tandem_cloud_duplicates", "Requests whose id was seen within the window (answered "
             "again without recompute)", registry=r)

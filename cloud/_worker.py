@@ -405,6 +405,12 @@ class Worker:
         self._enter()
         model_name = ctx.model
         try:
+            if not request.tensors and self._state == "serving":
+                # an edge daemon's link probe (no tail takes no tensors): answered at once,
+                # empty, never computed, cached or counted as a request
+                self.metrics.link_probes.inc()
+                return InferenceResponse(id=request.id, worker_id=self.worker_id,
+                                         queue_depth=self.queue_depth)
             key = (ctx.device_id, request.id)
             now = time.monotonic()
             cached = self._replies.get(key, now)

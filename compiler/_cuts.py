@@ -44,7 +44,7 @@ Pareto set. For an edge-cloud split, both axes are costs to minimize: head FLOPs
 weak device and frontier bytes are uplink time. A cut is *dominated* when another has head FLOPs
 <= and frontier bytes <= (one strictly less): it makes the edge do at least as much and send at
 least as much. Sorted by head FLOPs ascending, the kept cuts therefore send strictly fewer bytes
-the more the edge computes: "head cost up, frontier bytes down" as DESIGN.md puts it. (Keeping
+the more the edge computes: "head cost up, frontier bytes down" as the design puts it. (Keeping
 the opposite direction, "more local work is better", would let the all-local plan dominate every
 split.) ``max_cuts`` caps the interior cuts (the split points); cut 0 and cut N are always
 present on top of them. Min-cut partitions on the front are kept first (each is the optimum of

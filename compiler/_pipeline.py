@@ -29,8 +29,8 @@ Targets:
   ``engines="auto"`` they are built here only when TensorRT is importable *and* this machine's
   GPU has the profile's compute capability; otherwise the artifact records the build recipe
   (precision, workspace, DLA, shape profile) and the device builds it into its engine cache on
-  first use (DESIGN.md: "built on the device … into an engine cache"). ``engines="build"``
-  insists on building here and fails if it cannot.
+  first use (docs/architecture.md: engines built on the device from a bundle's recipe).
+  ``engines="build"`` insists on building here and fails if it cannot.
 
 A cut whose verification fails is dropped with a warning; a model left with no interior cut is
 an error (``NoValidCut``). Nothing is written unless everything succeeded. Warnings are
@@ -46,6 +46,7 @@ import hashlib
 import math
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -139,6 +140,9 @@ class CompileOptions:
     key_password: bytes | None = None
     model_name: str | None = None
     model_version: str = "1"
+    # orders the releases of one model for rollback protection (a device refuses a lower one);
+    # None: the compile's UTC time in seconds, so a later compile is always newer
+    bundle_version: int | None = None
     precision: str = "fp16"  # TensorRT precision: fp32 | fp16 | int8
     ort_level: str = "extended"
     engines: str = "auto"  # auto | build | defer
@@ -586,6 +590,8 @@ class BundleFromOnnx:
         return Manifest(
             model_name=self.options.model_name or self.model_path.stem,
             model_version=self.options.model_version,
+            bundle_version=(int(time.time()) if self.options.bundle_version is None
+                            else self.options.bundle_version),
             source_digest=_source_digest(self.model_path),
             inputs=tuple(_spec(info.spec(t)) for t in info.inputs),
             outputs=tuple(_spec(info.spec(t)) for t in info.outputs),

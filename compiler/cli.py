@@ -235,6 +235,9 @@ def _warn(err, message: str) -> None:
               help="run TensorRT parts on this DLA core (GPU fallback) where the profile has DLA")
 @click.option("--name", "model_name", help="model name (default: file name)")
 @click.option("--version", "model_version", default="1", show_default=True)
+@click.option("--bundle-version", type=click.IntRange(0, 2**53), metavar="N",
+              help="release number for rollback protection: devices refuse a bundle of this "
+                   "model with a lower one (default: the compile's UTC time in seconds)")
 @click.option("--seed", default=0, show_default=True, help="seed of the random samples")
 @click.option("--overwrite", is_flag=True,
               help="replace an existing output (only ever a Tandem bundle)")
@@ -246,7 +249,7 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
                     precision: str, engines: str, timing_cache: Path | None,
                     engine_cache: Path | None,
                     version_compatible: bool, dla_core: int | None, model_name: str | None,
-                    model_version: str,
+                    model_version: str, bundle_version: int | None,
                     seed: int, overwrite: bool, as_json: bool, **cascade) -> None:
     """Cut MODEL (ONNX) at good split points, verify and lower the parts, write a bundle.
 
@@ -290,7 +293,8 @@ def compile_command(model: Path, targets: tuple[str, ...], out: Path, max_cuts: 
         timing_cache=timing_cache,
         engine_cache=engine_cache,
         version_compatible=version_compatible, dla_core=dla_core, model_name=model_name,
-        model_version=model_version, seed=seed, overwrite=overwrite,
+        model_version=model_version, bundle_version=bundle_version, seed=seed,
+        overwrite=overwrite,
     )
     err = console(stderr=True)
     for note in notes:

@@ -30,6 +30,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,7 @@ class EdgeDaemon:
         self._started_s = time.monotonic()
         self._advertiser: Any = None
         self._rollout: Any = None
-        self._spool_thread = None
+        self._spool_thread: ThreadPoolExecutor | None = None
         self.last_rollout: dict[str, Any] = {}
         self.on_model_change: list[Callable[[ServingModel], None]] = []
         offload_plan = functools.partial(offload, self)
@@ -166,13 +167,12 @@ class EdgeDaemon:
     async def start(self) -> None:
         """Verify and load the bundle, detect the device, profile, open the spool, start the
         background work (connection, probes, heartbeat, spool, engines, presence)."""
-        from concurrent.futures import ThreadPoolExecutor
-
         if self._state != "new":
             raise FailedPrecondition("the daemon was already started")
         self._state = "starting"
         loop = asyncio.get_running_loop()
-        self._spool_thread = ThreadPoolExecutor(1, thread_name_prefix="tandem-edge-spool")
+        spool_thread = ThreadPoolExecutor(1, thread_name_prefix="tandem-edge-spool")
+        self._spool_thread = spool_thread
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self.metrics = Metrics()
@@ -183,7 +183,7 @@ class EdgeDaemon:
             self.spool = await loop.run_in_executor(self._spool_thread, lambda: Spool(
                 self.state_dir / "spool.db", max_items=self.config.spool_max_items,
                 max_bytes=self.config.spool_max_mb << 20))
-            self.spooler = Spooler(self, self.spool, self._spool_thread)
+            self.spooler = Spooler(self, self.spool, spool_thread)
             self.pool = ComputePool(self.config.compute_threads, self.config.max_queued)
             from tandem.edge._rollout import Rollout
 
@@ -465,8 +465,8 @@ class EdgeDaemon:
 
     async def _probe_loop(self) -> None:
         """A light probe when no offload ran for ``probe_interval_s`` (and always while
-        degraded): a request for the all-local cut, which a worker answers at once (an error
-        saying there is no tail) without computing."""
+        degraded): a request without tensors (for the all-local cut), which a worker answers
+        at once, empty, without computing or counting it (protocol/SPEC.md §2.1)."""
         interval = self.config.probe_interval_s
         while self._state == "serving":  # not True: 3.11 wait_for can swallow a cancel
             await asyncio.sleep(interval)
@@ -495,9 +495,11 @@ class EdgeDaemon:
         except (DeadlineExceeded, Unavailable) as exc:
             log.debug("probe unanswered: %s", exc)
             self.link.observe_probe_failed()
+            if self.metrics is not None:
+                self.metrics.probes.labels("unanswered").inc()
             return None
         except TandemError:
-            pass  # an error answer is an answer: the cloud is there
+            pass  # a worker older than the probe rule answers with an error: the cloud is there
         rtt_ms = (time.monotonic() - t0) * 1e3
         was_degraded = self.link.degraded_since is not None
         self.link.observe_probe(rtt_ms)
@@ -506,6 +508,7 @@ class EdgeDaemon:
             if self.spooler is not None:
                 self.spooler.wake.set()
         if self.metrics is not None:
+            self.metrics.probes.labels("answered").inc()
             self.metrics.link(self.link.snapshot())
         return rtt_ms
 
@@ -515,7 +518,8 @@ class EdgeDaemon:
             await self._heartbeat()
             if self.spooler is not None:
                 with contextlib.suppress(TandemError):
-                    await self.spooler.call(self.spool.purge, self.config.spool_retention_s)
+                    await self.spooler.call(self.spooler.spool.purge,
+                                            self.config.spool_retention_s)
 
     async def _heartbeat(self) -> None:
         if self.metrics is not None:
@@ -590,9 +594,9 @@ class EdgeDaemon:
             "deadline_met": actual_ms <= options.deadline_ms, "reason": decision.reason,
             "fallback": fallback, "decision_us": round(decide_s * 1e6, 1),
             "bundle": model.digest[:16], **info}
-        self.metrics.answered(decision.plan.label, ran, actual_ms / 1e3)
+        metrics.answered(decision.plan.label, ran, actual_ms / 1e3)
         if fallback:
-            self.metrics.fallbacks.labels(info.get("fallback_reason", "error")).inc()
+            metrics.fallbacks.labels(info.get("fallback_reason", "error")).inc()
         self._window.add(actual_ms, decision.plan.label, fallback)
         m = model.bundle.manifest
         return Answer(outputs, parameters, m.model_name, m.model_version)

@@ -177,19 +177,19 @@ class LinkEstimator:
         now = time.monotonic()
         self.last_offload_s = self.last_success_s = now
         self.last_cut_sample_s[cut_id] = now
-        compute_ms, queue_ms = _ms(compute_ms), _ms(queue_ms)  # the worker's own figures
-        if compute_ms is None or queue_ms is None:  # nonsense: the round trip still counts
+        compute, queue = _ms(compute_ms), _ms(queue_ms)  # the worker's own figures
+        if compute is None or queue is None:  # nonsense: the round trip still counts
             self._recovered()
             return
-        network_ms = max(0.0, round_trip_ms - compute_ms - queue_ms)
+        network_ms = max(0.0, round_trip_ms - compute - queue)
         transfer_ms = network_ms - self.rtt_ms
         nbytes = up_bytes + down_bytes
         if nbytes < _SMALL_BYTES:
             self.rtt.add(network_ms, now)
         elif self.rtt.samples and transfer_ms > max(_MIN_TRANSFER_MS, 0.2 * network_ms):
             self.bandwidth.add(nbytes * 8 / (transfer_ms / 1e3), now)
-        self.queue.add(queue_ms, now)
-        self._tail_ewma(cut_id, shape_key).add(compute_ms, now)
+        self.queue.add(queue, now)
+        self._tail_ewma(cut_id, shape_key).add(compute, now)
         self._timeout_tails.discard((cut_id, shape_key))
         self._recovered()
 

@@ -12,6 +12,7 @@
     tandem_edge_uplink_bps, tandem_edge_rtt_seconds, tandem_edge_cloud_queue_seconds
                                                       link estimates
     tandem_edge_link_measured{what}                   1 once rtt / uplink were measured
+    tandem_edge_probes_total{result}                  idle link probes: answered | unanswered
     tandem_edge_cloud_available                       1 while offloading is possible
     tandem_edge_api_errors_total{status}              4xx/5xx answers of the local API
     tandem_edge_rollouts_total{result}                assignments applied | refused | failed
@@ -64,6 +65,9 @@ class Metrics:
         self.measured = prom.Gauge("tandem_edge_link_measured",
                                    "1 once the estimate is measured (0: prior)", ["what"],
                                    registry=r)
+        self.probes = prom.Counter("tandem_edge_probes_total",
+                                   "Link probes sent while idle or degraded, by result",
+                                   ["result"], registry=r)
         self.available = prom.Gauge("tandem_edge_cloud_available",
                                     "1 while offloading is possible", registry=r)
         self.api_errors = prom.Counter("tandem_edge_api_errors_total",

@@ -45,10 +45,10 @@ def _addresses(host: str, interfaces: list[str] | None) -> list[bytes]:
         return [socket.inet_aton(a) for a in interfaces if _is_ipv4(a)]
     if host not in ("", "0.0.0.0"):
         return [socket.inet_aton(host)] if _is_ipv4(host) else []
-    found = set()
+    found: set[str] = set()
     try:
         for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
-            found.add(info[4][0])
+            found.add(str(info[4][0]))
     except OSError:
         pass
     return [socket.inet_aton(a) for a in sorted(found)] or [socket.inet_aton("127.0.0.1")]

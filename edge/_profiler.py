@@ -15,6 +15,7 @@ Runtime figures. A progress bar shows on a terminal; elsewhere one log line per 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -255,13 +256,13 @@ def profile_bundle(runtime: ModelRuntime, state_dir: Path | None, *, warmup: int
             bar.step(f"encoding the input (cut {cid})", None)
         for cut in runtime.interior:
             head = runtime.parts[cut.head_part]
-            timing, frontier = _time_ms(lambda c=cut: runtime.run_head(c.id, feeds), warmup,
-                                        runs)
+            timing, frontier = _time_ms(functools.partial(runtime.run_head, cut.id, feeds),
+                                        warmup, runs)
             table.parts.setdefault(head.path, {})[head.kind] = timing
             bar.step(f"head of cut {cut.id}", timing)
             tail = runtime.parts[cut.tail_part]
-            timing, _ = _time_ms(lambda c=cut, f=frontier: runtime.run_tail(c.id, f), warmup,
-                                 runs)
+            timing, _ = _time_ms(functools.partial(runtime.run_tail, cut.id, frontier),
+                                 warmup, runs)
             table.parts.setdefault(tail.path, {})[tail.kind] = timing
             bar.step(f"tail of cut {cut.id}", timing)
             table.encode_ms[cut.id], table.frontier_bytes[cut.id] = _encode_costs(

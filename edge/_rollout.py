@@ -201,9 +201,10 @@ class Rollout:
         fetch = self._fetch
         if fetch is None:
             try:
-                from tandem.devices.fleet import fetch_bundle as fetch
+                from tandem.devices.fleet import fetch_bundle
             except ImportError as exc:
                 raise MissingDependency(f"rollout needs tandem.devices.fleet ({exc})") from exc
+            fetch = fetch_bundle
         self.dir.mkdir(parents=True, exist_ok=True)
         return Path(fetch(assignment, self.dir, self.daemon.public_key))
 

@@ -23,8 +23,14 @@ from tandem.edge._requests import Deferred, RequestOptions
 from tandem.edge._serving import ServingModel
 from tandem.edge._spool import Spool
 from tandem.protocol import codec, topics
-from tandem.protocol.errors import InvalidArgument, NotFound, ProtocolError, TandemError
-from tandem.protocol.messages import InferenceRequest, new_request_id
+from tandem.protocol.errors import (
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    ProtocolError,
+    TandemError,
+)
+from tandem.protocol.messages import InferenceRequest, InferenceResponse, new_request_id
 from tandem.protocol.tensors import Tensor
 
 __all__ = ["Spooler"]
@@ -117,8 +123,8 @@ class Spooler:
                          delay)
                 await self.call(self.spool.retry_later, entry.id, delay)
                 return
-            info = {"error": exc.message, "code": exc.code.name, "ran": "cloud"}
-            await self.call(self.spool.complete, entry.id, b"", info)
+            failed = {"error": exc.message, "code": exc.code.name, "ran": "cloud"}
+            await self.call(self.spool.complete, entry.id, b"", failed)
             return
         info = {"ran": "cloud", "cloud_ms": round((time.monotonic() - t0) * 1e3, 3),
                 "worker_id": response.worker_id, "attempts": entry.attempts + 1}
@@ -143,6 +149,9 @@ class Spooler:
         if not found.result:
             return "done", (None, info, found.fmt)
         response = codec.decode(found.result)
+        if not isinstance(response, InferenceResponse):  # only complete() writes results
+            raise InternalError(f"spooled request {request_id}: the stored result is a "
+                                f"{type(response).__name__}, not an InferenceResponse")
         if response.error is not None:
             info.update(error=response.error.message, code=int(response.error.code))
             return "done", (None, info, found.fmt)

@@ -3,8 +3,8 @@ mosquitto. Not for production: use mosquitto, EMQX or HiveMQ there.
 
 Why our own and not amqtt: the cloud workers take requests through a shared subscription
 (``$share/<group>/...``), and amqtt accepts such a subscription but never delivers to it
-(measured: /work/shared/FACTS.md's broker table is the team's record; the brokers engineer's
-interop tests assert it). What Tandem needs of a broker is small, and this is it:
+(measured, see docs/deployment.md's broker table; tests/protocol/test_broker_interop.py asserts
+it). What Tandem needs of a broker is small, and this is it:
 
 * MQTT 3.1.1 (protocol level 4). A client asking for MQTT 5 (level 5) gets the 3.1.1 refusal
   "unacceptable protocol version" (CONNACK return code 1), as mosquitto answers a level it does
@@ -251,7 +251,7 @@ class EmbeddedBroker:
         self.max_queued_messages = max_queued_messages
         self.max_queued_bytes = max_queued_bytes
         self.users = dict(users) if users else None
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._sessions: dict[str, _Session] = {}
         self._retained: dict[str, _Message] = {}
         self._shared_next: dict[tuple[str, str], int] = {}
@@ -452,6 +452,7 @@ class EmbeddedBroker:
             msg = _Message(topic, r.rest(), min(qos, 1), bool(flags & 0x01))
             self._stats.messages_in += 1
             if qos == 2:
+                assert pid is not None  # a QoS 2 PUBLISH always has one
                 if pid not in conn.qos2:  # a QoS 2 duplicate is delivered once
                     if len(conn.qos2) >= _MAX_QOS2_PENDING:
                         raise _Malformed("too many QoS 2 messages without PUBREL")

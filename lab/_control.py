@@ -59,7 +59,7 @@ class ControlServer:
         self.link = link
         self.host = host
         self.port = port
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._tasks = Tasks()
 
     async def start(self) -> ControlServer:

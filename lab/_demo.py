@@ -116,7 +116,8 @@ def run_demo(options: DemoOptions, say: Callable[[str], None]) -> DemoResult:
 
     t_start = time.monotonic()
     temporary = options.work_dir is None
-    work = Path(tempfile.mkdtemp(prefix="tandem-demo-")) if temporary else options.work_dir
+    work: Path = Path(tempfile.mkdtemp(prefix="tandem-demo-")) if options.work_dir is None \
+        else options.work_dir
     work.mkdir(parents=True, exist_ok=True)
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt) \
         if _main_thread() else None

@@ -48,6 +48,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from tandem.lab._loop import SyncShell, Tasks, listen
 from tandem.protocol.errors import InvalidArgument
@@ -168,7 +169,7 @@ class LinkProfile:
         return (f"{self.name}: {format_rate(self.uplink_bps)} up, "
                 f"{format_rate(self.downlink_bps)} down, {self.delay_ms:g} ms one-way{jitter}")
 
-    def with_changes(self, **changes: object) -> LinkProfile:
+    def with_changes(self, **changes: Any) -> LinkProfile:
         """A copy with some fields changed (rates may be given as text); named ``custom``
         unless a name is given."""
         changes.setdefault("name", "custom")
@@ -442,7 +443,7 @@ class LinkEmulator:
         self.wake_early_s = _WAKE_EARLY_INIT_S
         self._up = _Direction()
         self._down = _Direction()
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self.profile = LinkProfile("unlimited")
         self.set_profile(profile or PROFILES["unlimited"])
         self._link_up = asyncio.Event()
@@ -570,7 +571,7 @@ class LinkEmulator:
             return
         _nodelay(writer)
         entry: list = [writer, None]
-        key = (writer, None)
+        key: tuple[asyncio.StreamWriter, asyncio.StreamWriter | None] = (writer, None)
         self._conns.add(key)
         try:
             await self.wait_up()  # a stalled link holds new connections too

@@ -124,7 +124,7 @@ class Tasks:
 
 
 async def listen(handler: Callable[..., Any], host: str, port: int, what: str,
-                 **kwargs: Any) -> asyncio.AbstractServer:
+                 **kwargs: Any) -> asyncio.Server:
     """``asyncio.start_server``, with the OS's refusal (a port in use, a host name that does not
     resolve, no permission) as one Unavailable naming what could not listen where."""
     try:

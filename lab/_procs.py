@@ -142,13 +142,13 @@ class MosquittoProcess(Process):
         if os.geteuid() == 0:  # as root mosquitto would become "mosquitto", locked out of here
             lines.append("user root")
         conf.write_text("\n".join(lines) + "\n")
+        self.binary = binary
         super().__init__("mosquitto", [binary, "-c", str(conf)], directory / "mosquitto.log")
         self.wait_until(lambda: port_open("127.0.0.1", self.port), 10, "listening port")
 
     def version(self) -> str:
-        binary = self.popen.args[0]
         try:
-            out = subprocess.run([binary, "-h"], capture_output=True, text=True, timeout=10)
+            out = subprocess.run([self.binary, "-h"], capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             return "mosquitto"
         first = (out.stdout or out.stderr).splitlines()[:1]

@@ -196,8 +196,9 @@ def set_command(control, profile, rate, up_rate, down_rate, delay_ms, jitter_ms,
         requests.append({"op": "up"})
     if not requests:
         raise click.UsageError("nothing to change: give --profile, a field, --down or --up")
+    host, port = control
     for request in requests:
-        state = control_request(*control, request)
+        state = control_request(host, port, request)
     _show(state)
 
 
@@ -211,7 +212,8 @@ def show_command(control, as_json: bool) -> None:
 
     from tandem.lab._control import control_request
 
-    state = control_request(*control, {"op": "show"})
+    host, port = control
+    state = control_request(host, port, {"op": "show"})
     if as_json:
         click.echo(json.dumps(state, indent=2))
     else:

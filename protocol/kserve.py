@@ -2,8 +2,9 @@
 
 One codec for every HTTP API of Tandem (the cloud endpoint's ``/v2/models/<m>/infer`` and the
 edge daemon's local API), written so that Triton's ``tritonclient.http`` and KServe clients work
-unchanged. Standard library and numpy only; no HTTP library: the server passes bodies and the
-``Inference-Header-Content-Length`` header in, and gets bodies and headers back.
+unchanged. numpy, and orjson when it is installed (the ``edge`` and ``cloud`` extras bring it; the
+standard library's ``json`` otherwise, with the same results); no HTTP library: the server passes
+bodies and the ``Inference-Header-Content-Length`` header in, and gets bodies and headers back.
 
 Server side::
 
@@ -40,17 +41,29 @@ error to its HTTP status.
 
 Non-finite floats in JSON are written and read as the tokens ``NaN``, ``Infinity`` and
 ``-Infinity`` (as Python's ``json`` does); ask for binary outputs for strict JSON parsers.
+
+Speed: with orjson, JSON tensor data is written straight from the numpy array (float32 values in
+their shortest float32 form, which reads back to the same float32) and headers are parsed by
+orjson; whatever orjson refuses (the non-finite tokens above, integers past 64 bits, lone
+surrogates, bad JSON) goes through ``json`` as before, so the accepted bodies, the values and
+the error messages do not depend on it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+try:
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - the edge and cloud extras bring it
+    _orjson = None  # type: ignore[assignment]
 
 from tandem.protocol.errors import (
     Code,
@@ -326,7 +339,20 @@ def _binary_size(params: Mapping[str, Any], what: str) -> int | None:
     return size
 
 
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_DIGIT_RUN = b"0" * 19
+
+
 def _parse_json(header: bytes | memoryview, what: str) -> dict:
+    if _orjson is not None:
+        raw = bytes(header)
+        # orjson reads an integer past 64 bits as a float; json keeps it exact (the checks
+        # below then name it), so a run of 19+ digits anywhere goes to json (a few us per 8 KB)
+        if _LONG_DIGIT_RUN not in raw.translate(_DIGITS_TO_ZERO):
+            try:
+                return _obj(_orjson.loads(raw), what)
+            except _orjson.JSONDecodeError:
+                pass  # NaN tokens, 1e400, bad JSON: json accepts or explains (below)
     try:
         text = bytes(header).decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -511,8 +537,10 @@ def _tensor_payload(t: InferTensor) -> bytes | memoryview:
     return memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
-def _json_data(t: InferTensor) -> list:
-    """A tensor's data as a flat JSON list."""
+def _json_data(t: InferTensor) -> list | np.ndarray:
+    """A tensor's data as a flat JSON list, or (with orjson) a flat contiguous array that
+    :func:`_dumps` writes as one; never an array orjson would write differently from ``json``
+    (non-finite floats: orjson writes ``null``)."""
     if t.datatype == "BF16":
         raise InvalidArgument(f"output {t.name!r}: BF16 has no JSON form; ask for binary_data")
     flat = np.asarray(t.data).reshape(-1)
@@ -522,7 +550,35 @@ def _json_data(t: InferTensor) -> list:
         except UnicodeDecodeError:
             raise InvalidArgument(f"output {t.name!r} holds bytes that are not UTF-8; "
                                   "ask for binary_data") from None
+    if _orjson is not None and flat.dtype.kind in "biuf" and (
+            flat.dtype.kind != "f" or bool(np.isfinite(flat).all())):
+        return np.ascontiguousarray(flat, dtype=flat.dtype.newbyteorder("="))
     return flat.tolist()
+
+
+def _dumps(doc: dict[str, Any], non_finite: bool) -> bytes:
+    """``doc`` as compact UTF-8 JSON (numpy arrays from :func:`_json_data` as lists).
+    ``non_finite``: ``doc`` may hold a NaN or infinite float, which only ``json`` writes as a
+    token (orjson writes ``null``)."""
+    if _orjson is not None and not non_finite:
+        try:
+            return _orjson.dumps(doc, option=_orjson.OPT_SERIALIZE_NUMPY)
+        except TypeError:  # orjson.JSONEncodeError: huge integers, lone surrogates
+            pass
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False,
+                      default=_tolist).encode("utf-8")
+
+
+def _has_non_finite(params: Mapping[str, Any] | None) -> bool:
+    if not params:
+        return False
+    return any(type(v) is float and not math.isfinite(v) for v in params.values())
+
+
+def _tolist(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _tensor_header(t: InferTensor, binary: bytes | memoryview | None) -> dict[str, Any]:
@@ -560,7 +616,11 @@ def _encode(doc: dict[str, Any], tensors: Sequence[InferTensor], binary: Sequenc
         if payload is not None:
             payloads.append(payload)
     doc[key] = entries
-    header = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # a numeric tensor's data stays a list only when it holds a NaN or an infinity
+    non_finite = _has_non_finite(doc.get("parameters")) or any(
+        _has_non_finite(e.get("parameters"))
+        or (type(e.get("data")) is list and e["datatype"] != "BYTES") for e in entries)
+    header = _dumps(doc, non_finite)
     if not payloads:
         return header, None
     return b"".join([header, *payloads]), len(header)

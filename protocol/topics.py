@@ -1,4 +1,4 @@
-"""MQTT topics of the split-execution protocol v1 (DESIGN.md, "The split-execution protocol").
+"""MQTT topics of the split-execution protocol v1 (SPEC.md §8, "Topics").
 
     tandem/v1/req/<device>/<model>      requests (cloud workers subscribe with a shared group)
     tandem/v1/resp/<device>             replies

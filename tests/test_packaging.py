@@ -173,9 +173,23 @@ def _imports_of(path: Path) -> list[str]:
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            names.append(mod)
-            names += [f"{mod}.{a.name}" for a in node.names]
+            subs = [f"{mod}.{a.name}" for a in node.names]
+            # ``from pkg import _sub`` imports the submodule; ``from pkg import Name`` (any name
+            # that is not a module of ours) imports pkg itself, its __init__ included
+            if not all(_is_our_module(sub) for sub in subs):
+                names.append(mod)
+            names += subs
     return names
+
+
+def _is_our_module(dotted: str) -> bool:
+    """Whether a dotted name is a module or package of this repository (installed layout)."""
+    parts = dotted.split(".")
+    if parts[0] != "tandem" or len(parts) < 2:
+        return False
+    rel = parts[1:] if parts[1] in FOLDERS else ["tandem", *parts[1:]]
+    base = ROOT.joinpath(*rel)
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
 def _package_files():
@@ -263,7 +277,7 @@ def test_no_import_cycle_between_modules_of_a_package():
         for imported in _imports_of(path):
             while imported and imported not in modules:
                 imported = imported.rpartition(".")[0]
-            if imported and imported != name and not name.startswith(imported + "."):
+            if imported and imported != name:
                 deps.add(imported)
         graph[name] = deps
     cycles = []

@@ -45,6 +45,27 @@ def test_compile_then_inspect(tmp_path, capsys):
     assert rc == 0 and "unsigned" in out and "cuts" in out
 
 
+def test_bundle_version_orders_compiles_so_a_device_refuses_the_older(tmp_path, capsys):
+    from tandem.protocol.bundle import BundleRollback, check_not_older, load_bundle
+
+    src = save(residual(), tmp_path / "m.onnx")
+    rc, _, _ = _tandem(capsys, "compile", src, "-t", "onnxruntime", "-o", tmp_path / "old",
+                       "--bundle-version", "7")
+    assert rc == 0
+    rc, _, _ = _tandem(capsys, "compile", src, "-t", "onnxruntime", "-o",
+                       tmp_path / "new")  # default: the UTC time
+    assert rc == 0
+    old = load_bundle(tmp_path / "old").manifest
+    new = load_bundle(tmp_path / "new").manifest
+    assert old.bundle_version == 7 and new.bundle_version > 1_700_000_000
+    check_not_older(old, new)
+    with pytest.raises(BundleRollback):
+        check_not_older(new, old)
+    rc, _, err = _tandem(capsys, "compile", src, "-t", "onnxruntime", "-o",
+                         tmp_path / "neg", "--bundle-version", "-1")
+    assert rc == 2 and "Traceback" not in err
+
+
 def test_signed_archive_round_trip_and_tampering(tmp_path, capsys):
     src = save(cnn_chain(), tmp_path / "m.onnx")
     priv, pub = tmp_path / "k.pem", tmp_path / "k.pub"

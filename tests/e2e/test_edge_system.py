@@ -9,7 +9,8 @@ and a real ``tandem edge run`` daemon, each its own process.
 * a stalled worker (SIGSTOP): the daemon finishes locally from the split point within the
   deadline, and drops the worker's late answer;
 * the spool survives a SIGKILL of the daemon and delivers after the restart, each result once;
-* 1,000 malformed API requests each get a 4xx while valid requests keep succeeding.
+* 1,000 malformed API requests each get a 4xx while valid requests keep succeeding;
+* idle link probes reach the worker, measure the round trip and are never counted as requests.
 """
 
 from __future__ import annotations
@@ -145,18 +146,29 @@ def test_the_spool_survives_a_daemon_sigkill_and_delivers_each_result_once(syste
     edge.wait(10)
     system.broker.start()
     system.start_worker("w1")
+    edge = system.start_edge(bundle)
+    got: dict[str, InferResult] = {}
+
+    def fetch(wanted: list[str]) -> None:
+        with system.client() as client:
+            deadline = time.monotonic() + 60
+            while not all(rid in got for rid in wanted):
+                assert time.monotonic() < deadline, f"delivered {len(got)} of {len(wanted)}"
+                for rid in wanted:
+                    if rid not in got:
+                        r = client.result(rid)
+                        if r is not None:
+                            got[rid] = r
+                time.sleep(0.05)
+
+    fetch(ids[:2])
+    # killed again with two results delivered and three (answered or not) waiting: after the
+    # restart the three are delivered, and the two are not delivered a second time
+    edge.signal(signal.SIGKILL)
+    edge.wait(10)
     system.start_edge(bundle)
+    fetch(ids)
     with system.client() as client:
-        got: dict[str, InferResult] = {}
-        deadline = time.monotonic() + 60
-        while len(got) < len(ids):
-            assert time.monotonic() < deadline, f"delivered {len(got)} of {len(ids)}"
-            for rid in ids:
-                if rid not in got:
-                    r = client.result(rid)
-                    if r is not None:
-                        got[rid] = r
-            time.sleep(0.05)
         for i, rid in enumerate(ids):
             r = got[rid]
             assert r.parameters["deferred"] and r.parameters["ran"] == "cloud"
@@ -165,6 +177,70 @@ def test_the_spool_survives_a_daemon_sigkill_and_delivers_each_result_once(syste
                                        rtol=1e-4, atol=1e-5)
             with pytest.raises(Exception, match="already delivered"):
                 client.result(rid)  # once
+
+
+def test_idle_probes_reach_a_real_worker_and_are_not_requests(system, e2e_bundles):
+    """Idle, the daemon probes the real worker through mosquitto every probe_interval_s (0.2 s
+    here): the RTT becomes measured, and the worker answers the probes without counting any
+    request; an offload afterwards is counted as one."""
+    import urllib.request
+
+    from tests._support.broker import free_port
+
+    bundle = system.add_to_repo(e2e_bundles["residual"])
+    port = free_port()
+    system.start_worker("w1", "--http-port", str(port))
+    system.start_edge(bundle)
+
+    def worker_metrics() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def counter(text: str, name: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith(name) and not line.startswith("#"))
+
+    _wait(lambda: system.status()["link"]["probes_answered"] >= 3)
+    link = system.status()["link"]
+    assert link["rtt_measured"] and link["rtt_ms"] < 1000
+    text = worker_metrics()
+    assert counter(text, "tandem_cloud_link_probes_total") >= 3
+    assert counter(text, "tandem_cloud_requests_total") == 0  # no probe is a request
+    x, _ = _inputs(bundle)
+    with system.client() as client:
+        assert client.infer(x, mode="cloud").ran == "cloud"
+    assert counter(worker_metrics(), "tandem_cloud_requests_total") == 1
+
+
+def test_a_killed_daemon_is_marked_offline_by_its_last_will(system, e2e_bundles):
+    """The retained heartbeat says online while the daemon runs; after a SIGKILL (no clean
+    stop, no goodbye) mosquitto publishes the daemon's last will: offline, retained."""
+    import paho.mqtt.client as mqtt
+
+    from tandem.protocol import codec, topics
+
+    bundle = system.add_to_repo(e2e_bundles["residual"])
+    system.start_worker("w1")
+    edge = system.start_edge(bundle)
+    states: list[str] = []
+
+    def on_message(client, userdata, message):
+        if message.payload:
+            states.append(codec.decode(message.payload).state)
+
+    watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    watcher.on_message = on_message
+    watcher.connect("127.0.0.1", system.broker.port)
+    watcher.subscribe(topics.status_topic("cam-e2e"), qos=1)
+    watcher.loop_start()
+    try:
+        _wait(lambda: bool(states) and states[-1] in ("online", "degraded"))
+        edge.signal(signal.SIGKILL)
+        edge.wait(10)
+        _wait(lambda: states[-1] == "offline")
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
 
 
 def test_malformed_requests_never_disturb_valid_ones(system, e2e_bundles):

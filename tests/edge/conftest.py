@@ -82,7 +82,9 @@ def assert_matches(answer_outputs, want, manifest, parameters) -> None:
 
 
 class MemoryCloud:
-    """A cloud worker on a MemoryBroker for unit tests: runs the tail of any cut of ``bundle``.
+    """A cloud worker on a MemoryBroker for unit tests: runs the tail of any cut of ``bundle``
+    and answers link probes (requests without tensors) at once, empty, as a worker does
+    (``probes`` counts them; they are not in ``requests``).
 
     ``stall`` (an asyncio.Event, set = stalled) holds answers back; ``error`` answers every
     request with that code; ``compute_ms`` is reported in the timings."""
@@ -94,6 +96,7 @@ class MemoryCloud:
         self.bundle = load_bundle(bundle)
         self.transport = None
         self.requests: list = []
+        self.probes = 0
         self.error: Code | None = None
         self.stalled = False
         self._backends: dict[str, object] = {}
@@ -120,6 +123,11 @@ class MemoryCloud:
     async def _handle(self, request, context):
         from tandem.protocol.tensors import Tensor
 
+        while self.stalled:
+            await asyncio.sleep(0.01)
+        if not request.tensors:
+            self.probes += 1
+            return InferenceResponse(id=request.id, worker_id="memory-cloud")
         self.requests.append(request)
         while self.stalled:
             await asyncio.sleep(0.01)

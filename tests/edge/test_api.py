@@ -280,6 +280,15 @@ def test_metrics_and_status(api):
                  "tandem_edge_plans_total", "tandem_edge_bundle_info"):
         assert name in text, name
     assert 'tandem_edge_requests_total{outcome="ok",plan="local",ran="local"} 1.0' in text
+    # the latency histogram per plan, the offload ratio, the link estimates as numbers
+    assert 'tandem_edge_latency_seconds_count{plan="local",ran="local"} 1.0' in text
+    assert 'tandem_edge_latency_seconds_count{plan="cloud",ran="cloud"} 1.0' in text
+    assert "tandem_edge_offload_ratio 0.5" in text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith(("tandem_edge_rtt_seconds", "tandem_edge_uplink_bps",
+                                  "tandem_edge_spool_requests"))}
+    assert values["tandem_edge_rtt_seconds"] > 0 and values["tandem_edge_uplink_bps"] > 0
+    assert values['tandem_edge_spool_requests{state="pending"}'] == 0
     st = client.status()
     assert st["bundle"]["model"] == "residual" and st["plans"] and "link" in st
     assert {p["plan"] for p in st["plans"]} >= {"local", "cloud"}

@@ -156,6 +156,37 @@ def test_degraded_while_the_broker_is_down_then_offloading_resumes(tmp_path, res
     _run(main())
 
 
+def test_idle_probes_measure_the_round_trip_and_stop_while_offloading(tmp_path, residual_bundle):
+    """With nothing to offload the daemon probes every ``probe_interval_s`` (a request without
+    tensors, which the cloud answers empty without computing): the RTT becomes measured, no
+    inference reaches the cloud. While offloads run they are the samples: no probes."""
+    interval = 0.2
+
+    async def main():
+        async with _Env(tmp_path, residual_bundle, probe_interval_s=interval) as env:
+            d, link = env.daemon, env.daemon.link
+            await _until(lambda: link.probes_answered >= 3)
+            loop = asyncio.get_running_loop()
+            sent0, t0 = link.probes_sent, loop.time()
+            await asyncio.sleep(1.0)
+            idle_s, idle_sent = loop.time() - t0, link.probes_sent - sent0
+            assert 2 <= idle_sent <= idle_s / interval + 1  # rate-limited to one per interval
+            assert link.probes_answered >= link.probes_sent - 1  # one may be in flight
+            assert link.rtt.samples >= link.probes_answered and d.status()["link"]["rtt_measured"]
+            assert env.cloud.requests == [] and env.cloud.probes >= link.probes_answered
+            text = d.metrics.exposition()[0].decode()
+            assert 'tandem_edge_probes_total{result="answered"}' in text
+            busy0 = link.probes_sent
+            end = loop.time() + 1.0
+            while loop.time() < end:  # offloads back to back: each one is an RTT sample
+                ans = await d.infer(_x(), RequestOptions(mode="cloud"))
+                assert ans.parameters["ran"] == "cloud"
+            assert link.probes_sent - busy0 <= 1  # at most the one that was due at the start
+            assert env.cloud.requests and all(r.tensors for r in env.cloud.requests)
+
+    _run(main())
+
+
 def test_deferrable_cloud_requests_are_spooled_and_delivered_once(tmp_path, residual_bundle):
     async def main():
         async with _Env(tmp_path, residual_bundle) as env:

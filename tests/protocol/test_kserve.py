@@ -28,6 +28,18 @@ NUMERIC = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT3
            "FP16", "FP32", "FP64"]
 
 
+@pytest.fixture(autouse=True, params=["orjson", "json"])
+def json_library(request, monkeypatch):
+    """Every test runs with orjson (the extras' fast path) and with the standard library's json
+    (the fallback when orjson is not installed): the codec must behave the same with both."""
+    if request.param == "orjson":
+        if kserve._orjson is None:
+            pytest.skip("orjson is not installed (the edge and cloud extras bring it)")
+    else:
+        monkeypatch.setattr(kserve, "_orjson", None)
+    return request.param
+
+
 def sample(datatype: str, shape=(2, 3), seed=0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     dt = kserve.DATATYPES[datatype]
@@ -348,3 +360,57 @@ def test_tritonclient_parses_our_responses(binary):
     # tritonclient gives JSON BYTES back as str, binary ones as bytes
     assert list(result.as_numpy("s")) == ([b"x", b"yz"] if binary else ["x", "yz"])
     assert result.get_response()["model_version"] == "2"
+
+
+@pytest.mark.parametrize("datatype", NUMERIC)
+def test_json_bodies_hold_the_same_values_with_either_library(datatype, json_library):
+    """What one library writes, the other reads to the same array: the values in a JSON body do
+    not depend on whether orjson is installed on either side."""
+    arr = sample(datatype, shape=(4, 50), seed=3)
+    req = InferRequest((InferTensor.from_array("x", arr, datatype),), id="r",
+                       parameters={"p": 1.5, "s": "é"})
+    body, n = kserve.encode_request(req, binary=False)
+    assert n is None
+    with_json = json.loads(body)  # the standard library reads the body either way
+    assert with_json["id"] == "r" and with_json["parameters"] == {"p": 1.5, "s": "é"}
+    np.testing.assert_array_equal(
+        np.array(with_json["inputs"][0]["data"], dtype=arr.dtype).reshape(arr.shape), arr)
+    np.testing.assert_array_equal(kserve.decode_request(body).inputs[0].data, arr)
+
+
+def test_float32_json_is_exact_for_any_value(json_library):
+    """orjson writes float32 values in their shortest float32 form (0.1, not
+    0.10000000149011612); read back, every one is the same float32 bit pattern."""
+    bits = np.random.default_rng(7).integers(0, 2**32, 200_000, dtype=np.uint64)
+    arr = bits.astype(np.uint32).view(np.float32)
+    arr = arr[np.isfinite(arr)]
+    req = InferRequest((InferTensor.from_array("x", arr),))
+    back = kserve.decode_request(kserve.encode_request(req, binary=False)[0]).inputs[0].data
+    np.testing.assert_array_equal(back.view(np.uint32), arr.view(np.uint32))
+    short = kserve.encode_request(InferRequest((InferTensor.from_array(
+        "x", np.array([0.1], np.float32)),)), binary=False)[0]
+    assert (b"[0.1]" in short) == (json_library == "orjson")
+
+
+@pytest.mark.parametrize("body, match", [
+    (b'{"inputs":[{"name":"x","datatype":"UINT64","shape":[1],"data":[18446744073709551616]}]}',
+     "out of the UINT64 range"),
+    (b'{"inputs":[{"name":"x","datatype":"INT64","shape":[1],"data":[-9223372036854775809]}]}',
+     "out of the INT64 range|must be integers"),
+    (b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1e400]}]}', None),
+    (b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[NaN]}]}', None),
+    (b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1]}],"id":"\\ud800"}',
+     None),
+])
+def test_what_orjson_refuses_reads_as_json_does(body, match, json_library):
+    """Integers past 64 bits (orjson would make them floats), NaN/Infinity tokens, 1e400 and lone
+    surrogates: read exactly as the standard library reads them, either way."""
+    if match is not None:
+        with pytest.raises(InvalidArgument, match=match):
+            kserve.decode_request(body)
+        return
+    got = kserve.decode_request(body)
+    want = json.loads(body)
+    assert got.id == want.get("id")
+    np.testing.assert_array_equal(got.inputs[0].data,
+                                  np.array(want["inputs"][0]["data"], np.float32))
