@@ -160,6 +160,7 @@ class _Batcher:
         heapq.heappush(self.heap, (-item.priority, next(self.d._seq), item))
         self.rows += item.rows
         self.wake.set()
+        self.d._tick.set()
 
     def oldest(self) -> float:
         return min(entry[2].enqueued for entry in self.heap)
@@ -193,14 +194,14 @@ class _Batcher:
             if waited:
                 joined = 1.0 if self.rows > rows_before else 0.0
                 self.join_rate += _EWMA * (joined - self.join_rate)
-            await self.d._slots.acquire()
+            await self.d._acquire_slot(self)
             try:
                 batch = self._form(loop.time())
             except BaseException:
-                self.d._slots.release()
+                self.d._release_slot()
                 raise
             if not batch:
-                self.d._slots.release()
+                self.d._release_slot()
                 continue
             self.batches += 1
             self.d._spawn(self._compute(batch))
@@ -297,7 +298,7 @@ class _Batcher:
                 compute_s = 0.0
         finally:
             self.d._computing -= len(batch)
-            self.d._slots.release()
+            self.d._release_slot()
         compute_ms = compute_s * 1000
         if compute_s > 0:
             rows = sum(item.rows for item in batch)
@@ -357,7 +358,8 @@ class Dispatcher:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=policy.compute_slots, thread_name_prefix="tandem-compute")
         self._batchers: dict[tuple[str, int], _Batcher] = {}
-        self._slots = asyncio.Semaphore(policy.compute_slots)
+        self._out = 0  # batches formed and not finished (computing, or queued for a thread)
+        self._tick = asyncio.Event()  # a batch finished or a request arrived: see _acquire_slot
         self._seq = itertools.count()
         self._queued = 0
         self._computing = 0
@@ -368,6 +370,25 @@ class Dispatcher:
     def queue_depth(self) -> int:
         """Requests waiting (not yet computing)."""
         return self._queued
+
+    async def _acquire_slot(self, batcher: _Batcher) -> None:
+        """Wait until ``batcher`` may form a batch: while fewer than ``compute_slots`` batches
+        are out, and — formed ahead and queued behind the running ones, so a compute thread
+        goes straight on to it instead of waiting for a trip through the event loop — one more
+        per slot when a full batch is already waiting (never a partial one: what arrives
+        meanwhile could still join it)."""
+        slots = self.policy.compute_slots
+        while True:
+            if self._out < slots or (self._out < 2 * slots and batcher.heap
+                                     and batcher.rows >= batcher.limit()):
+                self._out += 1
+                return
+            self._tick.clear()
+            await self._tick.wait()
+
+    def _release_slot(self) -> None:
+        self._out -= 1
+        self._tick.set()
 
     @property
     def computing(self) -> int:

@@ -87,11 +87,12 @@ def test_a_stuck_worker_holds_about_its_inflight_limit_and_every_request_is_answ
         time.sleep(0.3)  # whatever the broker would still push to the stuck worker arrives
         held = _held(slow.worker)
         answered_fast = fast.worker.answered
-        assert slow.worker.answered == 0 and slow.worker.dispatcher.computing == 1
-        # 2 in its window, +1: the PUBACK of the request it started replenishes two sends on
-        # mosquitto 2.0.11 (its quota bug, eclipse-mosquitto/mosquitto#2301); with acks on
-        # arrival it would hold its whole share (~20)
-        assert 2 <= held <= 3, f"the stuck worker holds {held} unstarted requests"
+        # one batch stuck in compute and one formed ahead, queued behind it (both started)
+        assert slow.worker.answered == 0 and slow.worker.dispatcher.computing == 2
+        # 2 in its window, +1 for each of the two requests it started: each PUBACK replenishes
+        # two sends on mosquitto 2.0.11 (its quota bug, eclipse-mosquitto/mosquitto#2301); with
+        # acks on arrival it would hold its whole share (~18)
+        assert 2 <= held <= 4, f"the stuck worker holds {held} unstarted requests"
         assert answered_fast >= n // 2 - 1
         gate.set()  # unstuck: it works through what the broker kept for it
         assert done.wait(60), f"{len(answers)} of {n} answered"
