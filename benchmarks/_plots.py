@@ -165,16 +165,22 @@ def timeline(path: str | Path, *, step_x: Sequence[float], step_y: Sequence[floa
              step_label: str, events_x: Sequence[float], events_y: Sequence[float],
              events_kind: Sequence[str], events_label: str, title: str,
              xlabel: str = "time (s)", event_order: Sequence[str] | None = None,
+             extra_steps: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
              footnote: str | None = None) -> Path:
     """A step line (``step_y`` from each ``step_x`` on, e.g. the link's Mbit/s) on the left
     axis, and events (e.g. each request's latency at its time) on the right axis, coloured by
-    ``events_kind`` (the plan that ran it)."""
+    ``events_kind`` (the plan that ran it). ``extra_steps[label] = (xs, ys)``: more step
+    lines on the left axis, dashed (e.g. what the device estimated the rate to be)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9.0, 4.2))
+    fig, ax = plt.subplots(figsize=(11.0, 4.2))
     if step_x:
         end = max([*step_x, *events_x]) if events_x else max(step_x)
         ax.step([*step_x, end], [*step_y, step_y[-1]], where="post", color="#333333",
                 linewidth=1.5, label=step_label)
+    for k, (label, (xs, ys)) in enumerate((extra_steps or {}).items()):
+        if xs:
+            ax.step(list(xs), list(ys), where="post", linestyle="--", linewidth=1.2,
+                    color=["#888888", "#8172B3", "#937860"][k % 3], label=label)
     ax.set_ylabel(step_label)
     ax.set_xlabel(xlabel)
     ax.set_yscale("log")
@@ -189,7 +195,8 @@ def timeline(path: str | Path, *, step_x: Sequence[float], step_y: Sequence[floa
     right.set_yscale("log")
     handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
-    ax.legend(handles, labels, fontsize=7, loc="upper right", markerscale=2)
+    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.1, 1.0),
+              markerscale=2)  # beside the axes: the points may be anywhere
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout(rect=(0, _bottom(fig, footnote), 1, 1))

@@ -1,78 +1,58 @@
-"""Transport benchmark: our request/response vs a raw paho echo, and small-message throughput.
+"""Transport benchmark: request/response through mosquitto, ours vs the fastest raw paho, timed
+the same way from the caller, requester and responder in separate fresh processes.
 
-Both sides run through one mosquitto that this module starts itself (127.0.0.1, a free port,
-``set_tcp_nodelay true``, no packet limit) and stops at the end:
+For each run and each payload size (1 KB, 100 KB, 1 MB) this module starts a fresh mosquitto
+(127.0.0.1, a free port, ``set_tcp_nodelay true``) and five fresh requester/responder process
+pairs (:mod:`benchmarks._rtt_peer` says what each variant does):
 
-* ``rtt_<size>``: :meth:`tandem.protocol.transport.Transport.request` of an
-  :class:`~tandem.protocol.mqtt.MqttTransport` awaited on the client's own event loop (timed on
-  that loop, from the call to its return), answered by a transport's ``serve`` (our codec and
-  our transport on both ends; the async echo returns the request's tensor) vs
-  ``raw_paho_echo_<size>``: a raw paho client (``loop_start`` network thread) publishes the same
-  number of bytes from the caller's thread and a raw paho echo client publishes them back from
-  its ``on_message``. MQTT 5, QoS 1, TCP_NODELAY on every socket, transports' default config
-  (one PUBLISH per message at every size here), interleaved A B A B. Target: ratio <= 1.25.
-* ``rtt_sync_<size>``: the same with :class:`tandem.protocol.transport.SyncTransport`
-  ``request`` called from a plain thread (it hands the request to its loop thread and waits for
-  the reply: one thread hop each way), timed from that thread like the raw baseline. Reported,
-  no target.
-* ``rtt_vs_rpc_<size>``: the same figure against ``raw_paho_rpc_echo_<size>``, a raw paho echo
-  that sets the MQTT 5 properties our protocol requires (paho parses each received property in
-  Python, which costs the raw echo itself ~20 % at 1 KB). Reported, no target.
-* Page faults: each ``rtt_`` row's notes give the process's minor page faults per round trip
-  (median; both ends run in this process) for ours and for the raw echo. At 1 MB they are most
-  of the time on both sides: glibc hands freed 1 MB buffers back to the kernel and the next
-  round trip faults fresh ones in. Ours used to fault ~2.5x as many pages as raw (~2400 vs
-  ~900: the encoded frame + paho's packet per send, paho's growing receive buffer + a payload
-  copy per receive) and was ~1.5x raw at 1 MB. Now a request is encoded as pieces
-  (``codec.encode_parts``) copied once, straight into the PUBLISH packet (``_mqtt_wire.Frame``); a
-  packet is read with ``recv_into`` into one buffer that the decoded RAW tensors view; and each
-  client reuses its big packet buffers once nothing references them (``_mqtt_wire._BufferPool``),
-  so steady same-size traffic faults in (almost) nothing new: ~250 faults per 1 MB round trip
-  vs raw's ~250-990. The benchmark sets no ``MALLOC_*`` variables and calls no ``mallopt``.
-* ``throughput_200B``: 200-byte QoS 1 publishes from one client to another, our MqttTransport vs
-  raw paho, messages/s from the first publish to the last delivery (bounded in time; reported).
+* ``raw_thread`` and ``raw_direct``: raw paho-mqtt 2 (MQTT 5, QoS 1, TCP_NODELAY, the same four
+  MQTT 5 properties and the same bytes as ours), with paho's ``loop_start`` network thread, or
+  driven from the caller's thread. The faster of the two in that run is the baseline
+  (``raw_paho``);
+* ``async``: ``MqttTransport.request`` awaited on the requester's loop;
+* ``sync``: ``SyncTransport.request`` from a plain thread;
+* ``blocking``: ``async`` requests answered by a blocking ``def`` handler (the path an inference
+  server takes) instead of the ``async def`` echo the others use.
 
-    python -m benchmarks._transport_bench [--quick]
+Every round trip is timed by its requester with ``perf_counter_ns`` around the call. The
+orchestrator runs them interleaved: blocks of ``BLOCK`` round trips, one variant after another,
+the order rotating every block, after a warm-up. Nothing in a peer process ran any other
+benchmark before (each figure comes from fresh processes, a fresh broker). No ``MALLOC_*``
+variable is set unless ``malloc=True`` (then every process, the broker too, gets
+:data:`MALLOC_ENV`).
+
+    python -m benchmarks._transport_bench [--quick] [--runs N] [--malloc]
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib.util
+import json
 import os
-import resource
-import socket
+import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from benchmarks._common import Result, print_table, stats
 
-from benchmarks._common import Result, interleaved, print_table, stats
-from tandem.protocol.messages import InferenceRequest, InferenceResponse, new_request_id
-from tandem.protocol.mqtt import MqttTransport
-from tandem.protocol.tensors import Tensor
-from tandem.protocol.transport import RequestContext, SyncTransport, TransportConfig
-
-__all__ = ["NOTES", "run"]
+__all__ = ["MALLOC_ENV", "NOTES", "SIZES", "allocator_effect", "measure", "results", "run"]
 
 SIZES = {"1KB": 1024, "100KB": 100 * 1024, "1MB": 1024 * 1024}
-TARGET_RATIO = 1.25
-THROUGHPUT_MSG_BYTES = 200
-THROUGHPUT_TIME_LIMIT_S = 30.0
+VARIANTS = ("raw_thread", "raw_direct", "async", "sync", "blocking")
+TARGETS = {"1KB": 1.25, "100KB": 1.25, "1MB": 1.15}
+BLOCKING_OVER_ASYNC_MS = 0.1
+BLOCK = 20
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20)}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _broker_module():
     """tests/_support/broker.py (the same mosquitto helper the tests use), loaded by path."""
-    path = Path(__file__).resolve().parents[1] / "tests" / "_support" / "broker.py"
+    path = ROOT / "tests" / "_support" / "broker.py"
     spec = importlib.util.spec_from_file_location("_tandem_bench_broker", path)
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
@@ -90,306 +70,263 @@ def _mosquitto_version(binary: str) -> str:
 
 
 NOTES = (
-    "mosquitto on 127.0.0.1 started by the benchmark (set_tcp_nodelay true, persistence off, "
-    "max_queued_messages 100000); "
-    "MQTT 5, QoS 1, TCP_NODELAY on all client sockets; ours (rtt_) = MqttTransport.request "
-    "awaited on its loop (timed there) + MqttTransport.serve (async echo handler) with the "
-    "msgpack codec, default config (16 MiB chunk size on MQTT 5: every size is one PUBLISH); "
-    "rtt_sync_ = SyncTransport.request from a plain thread; baseline = raw paho-mqtt 2.x "
-    "publish from "
-    "the caller's thread (loop_start) + raw paho echo client; interleaved A/B."
+    "request/response: requester and responder in separate fresh processes per figure "
+    "(benchmarks/_rtt_peer.py), a fresh mosquitto per size and run (127.0.0.1, "
+    "set_tcp_nodelay true, persistence off); MQTT 5, QoS 1, TCP_NODELAY on every client "
+    "socket; every round trip timed by its requester from the call to its return "
+    f"(perf_counter_ns), variants interleaved in blocks of {BLOCK} in rotating order; baseline "
+    "raw_paho = the faster (by median, per run) of raw paho-mqtt 2 with loop_start and raw paho "
+    "driven from the caller's thread, both carrying the same four MQTT 5 properties "
+    "(ResponseTopic, CorrelationData, MessageExpiry, ContentType) and the same bytes as ours; "
+    "async/sync/blocking = MqttTransport.request on its loop / SyncTransport.request from a "
+    "thread / async requests answered by a blocking def handler (others: async def echo)."
 )
 
 
-# -- raw paho ---------------------------------------------------------------------------------
+class _Peer:
+    def __init__(self, role: str, variant: str, port: int, size: int, env: dict) -> None:
+        self.variant = variant
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks._rtt_peer", role, variant, str(port), str(size)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+
+    def expect(self, word: str) -> None:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if line != word:
+            raise RuntimeError(f"{self.variant}: expected {word!r}, got {line!r} "
+                               f"(exit {self.proc.poll()})")
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def dump(self) -> dict:
+        self.send("dump")
+        assert self.proc.stdout is not None
+        return json.loads(self.proc.stdout.readline())
+
+    def stop(self) -> dict | None:
+        """Close its stdin and wait; a responder's last line (its CPU time) is returned."""
+        with contextlib.suppress(OSError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        last = None
+        with contextlib.suppress(OSError, ValueError):
+            if self.proc.stdout is not None:
+                line = self.proc.stdout.readline()
+                last = json.loads(line) if line.strip() else None
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return last
 
 
-def _nodelay(client, userdata, sock) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _raw_client(port: int, on_message=None) -> paho.Client:
-    c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-    c.on_socket_open = _nodelay
-    c.max_inflight_messages_set(100)
-    connected = threading.Event()
-    c.on_connect = lambda *a: connected.set()
-    if on_message is not None:
-        c.on_message = on_message
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    if not connected.wait(10):
-        raise RuntimeError("raw paho client could not connect")
-    return c
-
-
-def _raw_subscribe(c: paho.Client, topic: str) -> None:
-    done = threading.Event()
-    c.on_subscribe = lambda *a: done.set()
-    c.subscribe(topic, 1)
-    if not done.wait(10):
-        raise RuntimeError("no SUBACK")
-
-
-def _close_raw(c: paho.Client) -> None:
-    c.disconnect()
-    c.loop_stop()
-
-
-class RawEcho:
-    """Raw paho on both ends: requester publishes, echo client republishes from on_message.
-
-    ``rpc=True`` sets the MQTT 5 properties our protocol sets (ResponseTopic, CorrelationData,
-    MessageExpiryInterval, ContentType on the request; CorrelationData on the reply), as a paho
-    RPC client would (paho's examples/server_rpc_math.py)."""
-
-    def __init__(self, port: int, *, rpc: bool = False) -> None:
-        self.rpc = rpc
-        self.topic = f"bench/{'rpc' if rpc else 'raw'}"
-
-        def echo(client, userdata, msg):
-            props = None
-            if rpc:
-                props = Properties(PacketTypes.PUBLISH)
-                props.CorrelationData = msg.properties.CorrelationData
-            client.publish(f"{self.topic}/resp", msg.payload, 1, properties=props)
-
-        self._got = threading.Event()
-        self._reply: bytes | None = None
-
-        def on_reply(client, userdata, msg):
-            self._reply = msg.payload
-            self._got.set()
-
-        self.echo = _raw_client(port, echo)
-        _raw_subscribe(self.echo, f"{self.topic}/req")
-        self.req = _raw_client(port, on_reply)
-        _raw_subscribe(self.req, f"{self.topic}/resp")
-
-    def round_trip(self, payload: bytes) -> None:
-        self._got.clear()
-        props = None
-        if self.rpc:
-            props = Properties(PacketTypes.PUBLISH)
-            props.ResponseTopic = f"{self.topic}/resp"
-            props.CorrelationData = os.urandom(16)
-            props.MessageExpiryInterval = 10
-            props.ContentType = "application/x-tandem+msgpack"
-        self.req.publish(f"{self.topic}/req", payload, 1, properties=props)
-        if not self._got.wait(10):
-            raise RuntimeError("raw paho echo: no reply within 10 s")
-        assert self._reply is not None and len(self._reply) == len(payload)
-
-    def close(self) -> None:
-        _close_raw(self.req)
-        _close_raw(self.echo)
-
-
-# -- ours -------------------------------------------------------------------------------------
-
-
-async def _echo(request: InferenceRequest, ctx: RequestContext) -> InferenceResponse:
-    return InferenceResponse(id=request.id, outputs=request.tensors, worker_id="bench")
-
-
-class OursEcho:
-    def __init__(self, port: int) -> None:
-        cfg = TransportConfig(port=port)
-        self.server = SyncTransport(MqttTransport(cfg))
-        self.client = SyncTransport(MqttTransport(cfg))
-        self.server.connect()
-        self.client.connect()
-        self.server.serve("tandem/v1/req/+/+", _echo)
-
-    def round_trip(self, tensor: Tensor) -> None:
-        req = InferenceRequest(id=new_request_id(), device_id="bench", model_digest="0" * 64,
-                               cut_id=1, budget_ms=10_000, tensors=(tensor,))
-        resp = self.client.request("tandem/v1/req/bench/m", req, timeout_s=10)
-        assert len(resp.outputs) == 1
-
-    def close(self) -> None:
-        self.client.close()
-        self.server.close()
-
-
-class OursAsyncClient:
-    """An MqttTransport on its own loop thread; each request is timed on that loop."""
-
-    def __init__(self, port: int) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.client = MqttTransport(TransportConfig(port=port))
-        self._run(self.client.connect())
-        self.samples: list[float] = []
-
-    def _run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    async def _one(self, tensor: Tensor) -> float:
-        req = InferenceRequest(id=new_request_id(), device_id="bench", model_digest="0" * 64,
-                               cut_id=1, budget_ms=10_000, tensors=(tensor,))
-        t0 = time.perf_counter()
-        resp = await self.client.request("tandem/v1/req/bench/m", req, timeout_s=10)
-        dt = time.perf_counter() - t0
-        assert len(resp.outputs) == 1
-        return dt
-
-    def round_trip(self, tensor: Tensor) -> None:
-        self.samples.append(self._run(self._one(tensor)))
-
-    def close(self) -> None:
-        self._run(self.client.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
-def _counting_faults(out: list[int], fn):
-    """``fn`` that also appends the process's minor page faults during each call to ``out``."""
-
-    def run() -> None:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        fn()
-        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-
-    return run
-
-
-def _rtt(port: int, quick: bool) -> list[Result]:
-    results: list[Result] = []
-    raw = RawEcho(port)
-    rpc = RawEcho(port, rpc=True)
-    ours = OursEcho(port)  # its server answers both our clients
-    ours_async = OursAsyncClient(port)
-    try:
-        for label, size in SIZES.items():
-            payload = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
-            tensor = Tensor.from_array("x", payload)
-            raw_bytes = payload.tobytes()
-            repeats = 30 if quick else (300 if size <= 100 * 1024 else 60)
-            ours_async.samples.clear()
-            faults: dict[str, list[int]] = {"ours": [], "raw": []}
-            samples = interleaved({
-                "ours": _counting_faults(faults["ours"], lambda t=tensor: ours_async.round_trip(t)),
-                "sync": lambda t=tensor: ours.round_trip(t),
-                "raw": _counting_faults(faults["raw"], lambda b=raw_bytes: raw.round_trip(b)),
-                "rpc": lambda b=raw_bytes: rpc.round_trip(b),
-            }, repeats=repeats, warmup=10)
-            f_ours, f_raw = (stats(faults[k][-repeats:]).median for k in ("ours", "raw"))
-            samples["ours"] = ours_async.samples[-repeats:]  # timed on the client's loop
-            s_ours, s_sync, s_raw, s_rpc = (
-                stats(samples[k]) for k in ("ours", "sync", "raw", "rpc"))
-            ratio = s_ours.median / s_raw.median
-            results.append(Result(
-                metric=f"rtt_{label}", value=s_ours.median * 1e3, unit="ms",
-                baseline=f"raw_paho_echo_{label}", baseline_value=s_raw.median * 1e3,
-                target=f"ratio <= {TARGET_RATIO}", met=ratio <= TARGET_RATIO,
-                p99=s_ours.p99 * 1e3, min=s_ours.min * 1e3, max=s_ours.max * 1e3, n=s_ours.n,
-                notes=(f"raw p99 {s_raw.p99 * 1e3:.3f} ms, min {s_raw.min * 1e3:.3f}, "
-                       f"max {s_raw.max * 1e3:.3f}; minor page faults per round trip "
-                       f"(whole process, both ends): ours {f_ours:.0f}, raw {f_raw:.0f}"),
-            ))
-            results.append(Result(
-                metric=f"rtt_sync_{label}", value=s_sync.median * 1e3, unit="ms",
-                baseline=f"raw_paho_echo_{label}", baseline_value=s_raw.median * 1e3,
-                p99=s_sync.p99 * 1e3, min=s_sync.min * 1e3, max=s_sync.max * 1e3, n=s_sync.n,
-                notes="sync Transport.request from a plain thread (no target)",
-            ))
-            results.append(Result(
-                metric=f"rtt_vs_rpc_{label}", value=s_ours.median * 1e3, unit="ms",
-                baseline=f"raw_paho_rpc_echo_{label}", baseline_value=s_rpc.median * 1e3,
-                p99=s_ours.p99 * 1e3, min=s_ours.min * 1e3, max=s_ours.max * 1e3, n=s_ours.n,
-                notes=("baseline sets the same MQTT 5 properties as ours (ResponseTopic, "
-                       "CorrelationData, MessageExpiry, ContentType; CorrelationData on the "
-                       f"reply); its p99 {s_rpc.p99 * 1e3:.3f} ms"),
-            ))
-    finally:
-        ours_async.close()
-        ours.close()
-        rpc.close()
-        raw.close()
-    return results
-
-
-# -- throughput -------------------------------------------------------------------------------
-
-
-def _raw_throughput(port: int, n: int) -> tuple[int, float]:
-    done = threading.Event()
-    count = [0]
-
-    def on_message(client, userdata, msg):
-        count[0] += 1
-        if count[0] >= n:
-            done.set()
-
-    sub = _raw_client(port, on_message)
-    pub = _raw_client(port)
-    try:
-        _raw_subscribe(sub, "bench/tp/raw")
-        payload = b"\x5a" * THROUGHPUT_MSG_BYTES
-        t0 = time.perf_counter()
-        for _ in range(n):
-            pub.publish("bench/tp/raw", payload, 1)
-        done.wait(THROUGHPUT_TIME_LIMIT_S)
-        return count[0], time.perf_counter() - t0
-    finally:
-        _close_raw(pub)
-        _close_raw(sub)
-
-
-async def _ours_throughput_async(port: int, n: int) -> tuple[int, float]:
-    cfg = TransportConfig(port=port)
-    done = asyncio.Event()
-    count = [0]
-
-    def on_message(msg) -> None:
-        count[0] += 1
-        if count[0] >= n:
-            done.set()
-
-    async with MqttTransport(cfg) as sub, MqttTransport(cfg) as pub:
-        await sub.subscribe("bench/tp/ours", on_message)
-        payload = b"\x5a" * THROUGHPUT_MSG_BYTES
-        t0 = time.perf_counter()
-        for i in range(n):
-            await pub.publish("bench/tp/ours", payload)
-            if i % 256 == 0:
-                await asyncio.sleep(0)  # let deliveries in while publishing
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(done.wait(), THROUGHPUT_TIME_LIMIT_S)
-        return count[0], time.perf_counter() - t0
-
-
-def _throughput(port: int, quick: bool) -> list[Result]:
-    n = 2000 if quick else 5000
-    ours_rates, raw_rates = [], []
-    for _ in range(2 if quick else 3):  # interleaved rounds
-        got, secs = asyncio.run(_ours_throughput_async(port, n))
-        ours_rates.append(got / secs)
-        got, secs = _raw_throughput(port, n)
-        raw_rates.append(got / secs)
-    ours_s, raw_s = stats(ours_rates), stats(raw_rates)
-    return [Result(
-        metric=f"throughput_{THROUGHPUT_MSG_BYTES}B", value=ours_s.median, unit="msg/s",
-        baseline=f"raw_paho_throughput_{THROUGHPUT_MSG_BYTES}B", baseline_value=raw_s.median,
-        min=ours_s.min, max=ours_s.max, n=ours_s.n,
-        notes=f"{n} QoS 1 publishes per round, publisher to subscriber through mosquitto",
-    )]
-
-
-def run(quick: bool = False) -> list[Result]:
-    """Start a mosquitto, measure, stop it. Returns the results (see the module docstring)."""
+def measure(size: int, repeats: int, warmup: int, env: dict,
+            broker_env: dict | None = None) -> Measured:
+    """One size, fresh broker and processes: seconds per round trip for every variant. The
+    broker gets the ``MALLOC_*`` variables of ``broker_env`` (default: of ``env``)."""
     broker_mod = _broker_module()
-    with tempfile.TemporaryDirectory(prefix="tandem-bench-") as tmp:
-        # a deep broker queue: the throughput runs measure the clients, not mosquitto dropping
-        # QoS 1 messages past its default 1000 queued per client
-        broker = broker_mod.Mosquitto(Path(tmp), extra_config="max_queued_messages 100000")
-        global NOTES
-        NOTES = f"{NOTES} Broker: {_mosquitto_version(broker.binary)}."
-        with broker:
-            return [*_rtt(broker.port, quick), *_throughput(broker.port, quick)]
+    saved = dict(os.environ)
+    for k in MALLOC_ENV:
+        os.environ.pop(k, None)
+    os.environ.update({k: v for k, v in (env if broker_env is None else broker_env).items()
+                       if k.startswith("MALLOC_")})
+    try:
+        tmp = tempfile.TemporaryDirectory(prefix="tandem-bench-")
+        broker = broker_mod.Mosquitto(Path(tmp.name))
+        broker.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    peers: list[_Peer] = []
+    try:
+        responders = [_Peer("responder", v, broker.port, size, env) for v in VARIANTS]
+        peers += responders
+        for p in responders:
+            p.expect("ready")
+        requesters = {v: _Peer("requester", v, broker.port, size, env) for v in VARIANTS}
+        peers += requesters.values()
+        for p in requesters.values():
+            p.expect("ready")
+        for p in requesters.values():
+            p.send(f"run {warmup}")
+            p.expect("ok")
+        order = list(VARIANTS)
+        blocks = max(1, -(-repeats // BLOCK))
+        for i in range(blocks):
+            for v in order[i % len(order):] + order[:i % len(order)]:
+                requesters[v].send(f"run {BLOCK}")
+                requesters[v].expect("ok")
+        dumps = {v: p.dump() for v, p in requesters.items()}
+        for p in requesters.values():
+            p.stop()
+        served = {p.variant: p.stop() for p in responders}
+        peers.clear()
+        cpu = {}
+        for v, d in dumps.items():
+            r = served.get(v) or {}
+            cpu[v] = (d["cpu_ns"] / max(1, d["counted"]) / 1e3,
+                      r.get("cpu_ns", 0) / max(1, r.get("served", 0)) / 1e3)
+        return Measured({v: [ns / 1e9 for ns in d["samples"][warmup:]] for v, d in dumps.items()},
+                        cpu)
+    finally:
+        for p in peers:
+            p.stop()
+        broker.stop()
+        tmp.cleanup()
+
+
+@dataclass
+class Measured:
+    """Seconds per round trip per variant, and CPU µs per round trip (requester process,
+    responder process; all threads, after the warm-up for the requester, since ready for the
+    responder, which also answered the warm-up)."""
+
+    samples: dict[str, list[float]]
+    cpu_us: dict[str, tuple[float, float]]
+
+
+@dataclass
+class SizeRun:
+    """One run of one size: per-variant medians and p99 (seconds)."""
+
+    median: dict[str, float]
+    p99: dict[str, float]
+    n: int
+    cpu_us: dict[str, tuple[float, float]]
+
+    @property
+    def baseline(self) -> str:
+        return min(("raw_thread", "raw_direct"), key=lambda v: self.median[v])
+
+
+def run_once(repeats: int, warmup: int, env: dict) -> dict[str, SizeRun]:
+    out: dict[str, SizeRun] = {}
+    for label, size in SIZES.items():
+        m = measure(size, repeats, warmup, env)
+        st = {v: stats(s) for v, s in m.samples.items()}
+        out[label] = SizeRun({v: s.median for v, s in st.items()},
+                             {v: s.p99 for v, s in st.items()}, min(s.n for s in st.values()),
+                             m.cpu_us)
+    return out
+
+
+def _spread(values: list[float], fmt: str = "{:.3f}") -> str:
+    return (f"min {fmt.format(min(values))} / median {fmt.format(statistics.median(values))} / "
+            f"max {fmt.format(max(values))}")
+
+
+def results(runs: list[dict[str, SizeRun]]) -> list[Result]:
+    """Results over ``runs``: each figure is the median over runs of that run's median; a
+    target is met when every run meets it (the notes give each run's ratio)."""
+    out: list[Result] = []
+    for label in SIZES:
+        per = [r[label] for r in runs]
+        base = [p.median[p.baseline] for p in per]
+        winners = [p.baseline for p in per]
+        cpu = {v: (statistics.median(p.cpu_us[v][0] for p in per),
+                   statistics.median(p.cpu_us[v][1] for p in per)) for v in VARIANTS}
+        cpu_note = "CPU µs per round trip, requester/responder process (median of runs): " + \
+            ", ".join(f"{v} {cpu[v][0]:.0f}/{cpu[v][1]:.0f}" for v in VARIANTS)
+        for kind in ("async", "sync"):
+            ratios = [p.median[kind] / p.median[p.baseline] for p in per]
+            target = TARGETS[label]
+            out.append(Result(
+                metric=f"rtt_{kind}_{label}" if kind == "sync" else f"rtt_{label}",
+                value=statistics.median(p.median[kind] for p in per) * 1e3, unit="ms",
+                baseline=f"raw_paho_{label}", baseline_value=statistics.median(base) * 1e3,
+                target=f"ratio <= {target} in every run",
+                met=all(r <= target for r in ratios),
+                p99=statistics.median(p.p99[kind] for p in per) * 1e3,
+                min=min(p.median[kind] for p in per) * 1e3,
+                max=max(p.median[kind] for p in per) * 1e3, n=per[0].n,
+                notes=(f"{'SyncTransport.request from a thread' if kind == 'sync' else 'MqttTransport.request on its loop'}; "  # noqa: E501
+                       f"ratio per run {[round(r, 3) for r in ratios]} ({_spread(ratios)}); "
+                       f"baseline p99 median {statistics.median(p.p99[p.baseline] for p in per) * 1e3:.3f} ms; "  # noqa: E501
+                       f"baseline variant per run {winners}; value/min/max = median/min/max of "
+                       f"the runs' medians, p99 = median of the runs' p99; {cpu_note}"),
+            ))
+        over = [(p.median["blocking"] - p.median["async"]) * 1e3 for p in per]
+        out.append(Result(
+            metric=f"rtt_blocking_over_async_{label}", value=statistics.median(over), unit="ms",
+            target=f"<= {BLOCKING_OVER_ASYNC_MS} ms in every run",
+            met=all(o <= BLOCKING_OVER_ASYNC_MS for o in over),
+            min=min(over), max=max(over), n=per[0].n,
+            notes=(f"median round trip answered by a blocking def handler minus the same with "
+                   f"an async def echo, per run {[round(o, 3) for o in over]}; blocking "
+                   f"median {statistics.median(p.median['blocking'] for p in per) * 1e3:.3f} ms, "
+                   f"p99 {statistics.median(p.p99['blocking'] for p in per) * 1e3:.3f} ms; ratio "
+                   f"to raw_paho per run "
+                   f"{[round(p.median['blocking'] / p.median[p.baseline], 3) for p in per]}"),
+        ))
+        thread_over_direct = [p.median["raw_thread"] / p.median["raw_direct"] for p in per]
+        out.append(Result(
+            metric=f"raw_paho_thread_{label}",
+            value=statistics.median(p.median["raw_thread"] for p in per) * 1e3, unit="ms",
+            baseline=f"raw_paho_direct_{label}",
+            baseline_value=statistics.median(p.median["raw_direct"] for p in per) * 1e3,
+            p99=statistics.median(p.p99["raw_thread"] for p in per) * 1e3, n=per[0].n,
+            notes=(f"raw paho with loop_start vs driven from the caller's thread (p99 "
+                   f"{statistics.median(p.p99['raw_direct'] for p in per) * 1e3:.3f} ms), "
+                   f"per run {[round(r, 3) for r in thread_over_direct]}"),
+        ))
+    return out
+
+
+def _env(malloc: bool) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    for k in MALLOC_ENV:
+        env.pop(k, None)
+    if malloc:
+        env.update(MALLOC_ENV)
+    return env
+
+
+def allocator_effect(*, quick: bool = False) -> list[Result]:
+    """1 MB round trips of every variant with glibc's default allocator settings in every
+    process, and with :data:`MALLOC_ENV` in the clients but not in mosquitto (fresh processes,
+    one run each): what the ``MALLOC_*`` variables change, compared with the main runs, which
+    set them everywhere."""
+    repeats, warmup = (60, 10) if quick else (300, 30)
+    out: list[Result] = []
+    for label, env, broker_env, why in (
+            ("glibc_default", _env(False), None, "no MALLOC_* variable in any process"),
+            ("malloc_clients_only", _env(True), _env(False),
+             "MALLOC_* in the requester and responder, not in mosquitto")):
+        st = {v: stats(s) for v, s in
+              measure(SIZES["1MB"], repeats, warmup, env, broker_env).samples.items()}
+        best = min(("raw_thread", "raw_direct"), key=lambda v: st[v].median)
+        out += [Result(
+            metric=f"rtt_1MB_{label}_{v}", value=st[v].median * 1e3, unit="ms",
+            baseline=f"raw_paho_1MB_{label} ({best})",
+            baseline_value=st[best].median * 1e3, p99=st[v].p99 * 1e3, n=st[v].n,
+            notes=f"{why}; one run; reported, no target",
+        ) for v in VARIANTS]
+    return out
+
+
+def run(*, quick: bool = False, runs: int = 3, malloc: bool = False) -> list[Result]:
+    repeats, warmup = (60, 10) if quick else (300, 30)
+    env = _env(malloc)
+    all_runs = []
+    for i in range(runs):
+        one = run_once(repeats, warmup, env)
+        all_runs.append(one)
+        print(f"transport run {i + 1}/{runs} (median ms; CPU µs requester/responder): " +
+              "; ".join(f"{label} " + " ".join(
+                  f"{v}={r.median[v] * 1e3:.3f} ({r.cpu_us[v][0]:.0f}/{r.cpu_us[v][1]:.0f})"
+                  for v in VARIANTS) for label, r in one.items()), flush=True)
+    return results(all_runs)
+
+
+def broker_notes() -> str:
+    binary = _broker_module().mosquitto_binary()
+    return f" Broker: {_mosquitto_version(binary) if binary else 'mosquitto (not found)'}."
 
 
 if __name__ == "__main__":
@@ -397,7 +334,8 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--malloc", action="store_true")
     args = ap.parse_args()
-    print_table("transport: request/response vs raw paho echo (QoS 1, mosquitto)",
-                run(quick=args.quick))
-    print(NOTES)
+    print_table("transport: request/response vs raw paho (QoS 1, mosquitto)",
+                run(quick=args.quick, runs=args.runs, malloc=args.malloc))

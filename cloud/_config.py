@@ -7,20 +7,31 @@ option's name in upper case with ``_``, e.g. ``TANDEM_MAX_BATCH``), the TOML fil
 file that has no such table), the default. Unknown keys in the file and malformed values
 anywhere are one-line :class:`~tandem.protocol.errors.InvalidArgument` errors naming where the
 value came from.
+
+A fleet enrollment file (``--enroll FILE``, ``TANDEM_ENROLL``, ``enroll`` in the file; written by
+``tandem fleet add-worker NAME``) supplies settings below every explicit one: the worker id (the
+enrollment's), the broker (its first client-certificate URL, else its first password URL), the
+credentials for that URL (client certificate and key, or username and password), the fleet CA
+for a TLS broker, and the fleet's bundle-signing key as ``public_key`` (an enrolled worker serves
+only bundles the fleet signed). The PEMs are written, 0600, into ``secrets_dir``.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import socket
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tandem.protocol.broker_url import parse_broker_url
-from tandem.protocol.errors import InvalidArgument
+from tandem.protocol.errors import InvalidArgument, MissingDependency
+from tandem.protocol.files import atomic_write
 from tandem.protocol.nats import check_nats_id
 from tandem.protocol.settings import field_parsers, merge_settings, to_str
 from tandem.protocol.topics import validate_id
@@ -97,6 +108,7 @@ class CloudConfig:
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    enroll: Path | None = None  # a worker's fleet enrollment file (module docstring)
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -161,12 +173,58 @@ _FIELD_TYPES = field_parsers(CloudConfig, {"log_level": lambda v: to_str(v).lowe
 
 def load_config(options: Mapping[str, Any] | None = None, *,
                 env: Mapping[str, str] | None = None,
-                config_file: Path | str | None = None) -> CloudConfig:
-    """Merge ``options`` (None values = not given), ``env`` (default ``os.environ``) and the
-    TOML file (``config_file``, else ``TANDEM_CONFIG``) over the defaults."""
+                config_file: Path | str | None = None,
+                secrets_dir: Path | None = None) -> CloudConfig:
+    """Merge ``options`` (None values = not given), ``env`` (default ``os.environ``), the TOML
+    file (``config_file``, else ``TANDEM_CONFIG``) and an enrollment file (``enroll``; its PEMs
+    go to ``secrets_dir``, else to a private temporary directory removed at exit) over the
+    defaults."""
     merged = merge_settings(_FIELD_TYPES, options, table="cloud", env=env,
-                            config_file=config_file, file_relative=("repo", "engine_cache"))
+                            config_file=config_file,
+                            file_relative=("repo", "enroll", "engine_cache"))
     if "repo" not in merged:
         raise InvalidArgument("no model repository: give --repo DIR (or TANDEM_REPO, or repo "
                               "in the config file)")
+    if merged.get("enroll") is not None:
+        merged = {**_enrollment_settings(merged["enroll"], merged, secrets_dir), **merged}
     return CloudConfig(**merged)
+
+
+def _enrollment_settings(path: Path, given: Mapping[str, Any],
+                         secrets_dir: Path | None) -> dict[str, Any]:
+    """The settings a worker's enrollment file supplies (module docstring), for those not in
+    ``given``."""
+    try:
+        from tandem.devices.fleet import load_enrollment
+    except ImportError as exc:
+        raise MissingDependency(f"--enroll needs tandem.devices.fleet ({exc})") from exc
+    e = load_enrollment(path)
+    if e.kind != "worker":
+        raise InvalidArgument(f"{path} enrolls a {e.kind}, not a cloud worker (tandem fleet "
+                              "add-worker NAME writes a worker's)")
+    out: dict[str, Any] = {"worker_id": e.id}
+    broker = given.get("broker")
+    by_certificate = broker is None and bool(e.urls)
+    if broker is None:
+        broker = e.urls[0] if e.urls else e.password_urls[0]
+        out["broker"] = broker
+    if not by_certificate:
+        out.update(username=e.username, password=e.password)
+    pems = {"public_key": ("bundles.pub.pem", e.bundle_public_key_pem)}
+    if parse_broker(broker).tls:
+        pems["ca_file"] = ("ca.pem", e.ca_pem)
+        if by_certificate:
+            pems.update(cert_file=("cert.pem", e.cert_pem), key_file=("key.pem", e.key_pem))
+    directory = secrets_dir if secrets_dir is not None else _private_dir()
+    for key, (name, text) in pems.items():
+        if given.get(key) is None:
+            out[key] = directory / f"{e.id}.{name}"
+            atomic_write(out[key], text, mode=0o600)
+    return out
+
+
+def _private_dir() -> Path:
+    """A directory only this user can read, removed when the process exits."""
+    directory = Path(tempfile.mkdtemp(prefix="tandem-cloud-"))  # mode 0700
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory

@@ -39,6 +39,9 @@ def _opt(*names: str, **kw):  # every option defaults to "not given" so the laye
 @_opt("--http-host", metavar="ADDR", help="HTTP listen address  [default: 127.0.0.1]")
 @_opt("--public-key", type=click.Path(path_type=Path), metavar="FILE",
       help="refuse bundles not signed by this ed25519 key (PEM)")
+@_opt("--enroll", type=click.Path(path_type=Path), metavar="FILE",
+      help="fleet enrollment file (tandem fleet add-worker): worker id, broker, client "
+           "certificate or password, CA, bundle-signing key  [env TANDEM_ENROLL]")
 @_opt("--memory-budget-mb", type=int, metavar="MB",
       help="loaded parts beyond this are unloaded, least recently used first  [default: 4096]")
 @_opt("--compute-threads", type=int, metavar="N",
@@ -70,13 +73,16 @@ def serve_command(config_file: Path | None, **options: object) -> None:
     disconnects.
     """
     import logging
+    import tempfile
 
     from tandem.cloud._config import load_config
     from tandem.cloud._repository import check_repo
     from tandem.cloud._serve import serve
 
-    config = load_config(options, config_file=config_file)
-    check_repo(config.repo)
-    logging.basicConfig(level=config.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(config)
+    # an enrollment's PEMs live here while the worker runs (0700, removed on exit)
+    with tempfile.TemporaryDirectory(prefix="tandem-cloud-") as secrets:
+        config = load_config(options, config_file=config_file, secrets_dir=Path(secrets))
+        check_repo(config.repo)
+        logging.basicConfig(level=config.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        serve(config)

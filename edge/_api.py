@@ -14,10 +14,13 @@ extension, so ``tritonclient.http`` and KServe clients work unchanged. The bodie
     GET  /metrics                             Prometheus exposition
 
 Request ``parameters`` (all optional): ``mode`` (``auto`` | ``local`` | ``cloud`` |
-``split:<cut id>``), ``deadline_ms`` (number > 0), ``priority`` (integer), ``deferrable``
-(boolean). The response's ``parameters`` say which plan was chosen (``plan``), where the result
-came from (``ran``: cloud | local | fallback), the expected and actual time (``expected_ms``,
-``actual_ms``), whether the deadline was met, and why the plan was chosen (``reason``).
+``cascade`` | ``split:<cut id>``), ``deadline_ms`` (number > 0), ``priority`` (integer),
+``deferrable`` (boolean). The response's ``parameters`` say which plan was chosen (``plan``),
+where the result came from (``ran``: cloud | local | fallback), the expected and actual time
+(``expected_ms``, ``actual_ms``), whether the deadline was met, and why the plan was chosen
+(``reason``). On a cascade bundle (``mode=cascade``, or ``auto``) they add ``escalated``,
+``escalation`` (none | cloud | skipped | failed), ``score``, ``threshold`` and ``rule``
+(:mod:`tandem.edge._cascade_planner`).
 
 A deferrable ``cloud`` request while the cloud is unreachable is answered **202 Accepted**
 with ``{"id": …, "state": "pending", "result": "/v2/spool/<id>"}`` (and a ``Location``

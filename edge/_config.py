@@ -32,12 +32,13 @@ from tandem.protocol.transport import parse_protocol
 
 __all__ = ["MODES", "EdgeConfig", "load_config", "parse_mode"]
 
-MODES = ("auto", "local", "cloud")  # and "split:<cut id>"
+MODES = ("auto", "local", "cloud", "cascade")  # and "split:<cut id>"
 _MODE_SPLIT = re.compile(r"split:(\d{1,9})")
 
 
 def parse_mode(value: object) -> tuple[str, int | None]:
-    """``("auto"|"local"|"cloud", None)`` or ``("split", cut_id)``; InvalidArgument otherwise."""
+    """``("auto"|"local"|"cloud"|"cascade", None)`` or ``("split", cut_id)``; InvalidArgument
+    otherwise."""
     if isinstance(value, str):
         if value in MODES:
             return value, None
@@ -45,7 +46,8 @@ def parse_mode(value: object) -> tuple[str, int | None]:
         if m:
             return "split", int(m.group(1))
     shown = repr(value)[:64]
-    raise InvalidArgument(f"mode must be auto, local, cloud or split:<cut id>, not {shown}")
+    raise InvalidArgument(f"mode must be auto, local, cloud, cascade or split:<cut id>, not "
+                          f"{shown}")
 
 
 def _default_state_dir() -> Path:

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from tandem.edge._cascade_planner import CascadePlanner
 from tandem.edge._compute import ComputePool
 from tandem.edge._config import EdgeConfig
 from tandem.edge._link import LinkEstimator
@@ -70,6 +71,7 @@ log = logging.getLogger("tandem.edge")
 _PROBE_BUDGET_MS = 2000
 _WINDOW_S = 60.0
 _STATUS_FIELDS = {f.name for f in dataclasses.fields(DeviceStatus)}
+_REASON_MAX = 300  # characters of a refusal's reason in the heartbeat
 
 
 @dataclass
@@ -78,20 +80,27 @@ class _Window:
 
     entries: collections.deque = field(default_factory=lambda: collections.deque(maxlen=8192))
 
-    def add(self, latency_ms: float, plan: str, fallback: bool) -> None:
-        self.entries.append((time.monotonic(), latency_ms, plan, fallback))
+    def add(self, latency_ms: float, plan: str, fallback: bool,
+            escalated: bool | None = None) -> None:
+        """``escalated``: for a cascade request, whether its rule escalated it (None: not a
+        cascade request)."""
+        self.entries.append((time.monotonic(), latency_ms, plan, fallback, escalated))
 
     def summary(self) -> dict[str, Any]:
         horizon = time.monotonic() - _WINDOW_S
         recent = [e for e in self.entries if e[0] >= horizon]
         if not recent:
-            return {"p50_ms": 0.0, "p99_ms": 0.0, "fallbacks": 0, "plan_mix": ()}
+            return {"p50_ms": 0.0, "p99_ms": 0.0, "fallbacks": 0, "plan_mix": (),
+                    "escalation_ratio": 0.0}
         lat = np.array([e[1] for e in recent])
         mix = collections.Counter(e[2] for e in recent)
+        cascaded = [e[4] for e in recent if e[4] is not None]
         return {"p50_ms": round(float(np.percentile(lat, 50)), 3),
                 "p99_ms": round(float(np.percentile(lat, 99)), 3),
                 "fallbacks": sum(1 for e in recent if e[3]),
-                "plan_mix": tuple(sorted(mix.items()))}
+                "plan_mix": tuple(sorted(mix.items())),
+                "escalation_ratio": round(sum(cascaded) / len(cascaded), 4) if cascaded
+                else 0.0}
 
 
 class EdgeDaemon:
@@ -235,6 +244,15 @@ class EdgeDaemon:
         except BaseException:
             bundle.close()
             raise
+        if bundle.manifest.cascade is not None:
+            try:
+                model.cascade = CascadePlanner.load(
+                    bundle, model.runtime, model.cost, model.table,
+                    intra_op_threads=self.config.intra_op_threads,
+                    warmup=self.config.profile_warmup, runs=self.config.profile_runs)
+            except BaseException:
+                model.close()
+                raise
         return model
 
     def _install(self, model: ServingModel) -> None:
@@ -541,6 +559,9 @@ class EdgeDaemon:
             "uplink_bps": float(self.link.uplink_bps), "rtt_ms": float(self.link.rtt_ms),
             "queue_depth": self.pool.queued if self.pool is not None else 0}
         values.update(self._window.summary())
+        if self.last_rollout.get("result") == "refused":  # the fleet sees why (fleet status)
+            values["refused_digest"] = self.last_rollout["digest"]
+            values["refused_reason"] = self.last_rollout["detail"][:_REASON_MAX]
         return DeviceStatus(**{k: v for k, v in values.items() if k in _STATUS_FIELDS})
 
     # -- requests -------------------------------------------------------------------------------
@@ -555,6 +576,11 @@ class EdgeDaemon:
         if model is None or self._state != "serving":
             raise Unavailable("no bundle is loaded yet" if self._state == "serving" else
                               "the daemon is not serving", retryable=True)
+        if options.mode in ("cascade", "auto") and model.cascade is not None:
+            return await model.cascade.infer(self, model, feeds, options, started)
+        if options.mode == "cascade":
+            raise FailedPrecondition(f"mode=cascade needs a cascade bundle; {model.name!r} has "
+                                     "no small model (tandem compile --cascade)")
         decision: Decision | None = None
         model.acquire()
         try:
@@ -600,6 +626,20 @@ class EdgeDaemon:
         self._window.add(actual_ms, decision.plan.label, fallback)
         m = model.bundle.manifest
         return Answer(outputs, parameters, m.model_name, m.model_version)
+
+    def record_answer(self, plan: str, ran: str, actual_ms: float,
+                      fallback_reason: str | None = None, *, escalated: bool | None = None,
+                      path: str | None = None) -> None:
+        """Count an answer that another plan kind's code produced (metrics, heartbeat window);
+        ``escalated``/``path``: a cascade's (see :mod:`tandem.edge._cascade_planner`)."""
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.answered(plan, ran, actual_ms / 1e3)
+            if fallback_reason is not None:
+                metrics.fallbacks.labels(fallback_reason).inc()
+            if escalated is not None and path is not None:
+                metrics.cascaded(path, escalated, actual_ms / 1e3)
+        self._window.add(actual_ms, plan, fallback_reason is not None, escalated)
 
     async def _run_local_plan(self, model: ServingModel, decision: Decision,
                               feeds: dict[str, np.ndarray], key: Any, deadline: float,
@@ -647,4 +687,6 @@ class EdgeDaemon:
                              "profile_shapes": {k: list(v) for k, v in model.table.shapes.items()},
                              "backends": dict(model.runtime.engine_status)}
             out["plans"] = plans
+            if model.cascade is not None:
+                out["cascade"] = model.cascade.status()
         return json.loads(json.dumps(out, default=str))

@@ -16,6 +16,15 @@
     tandem_edge_cloud_available                       1 while offloading is possible
     tandem_edge_api_errors_total{status}              4xx/5xx answers of the local API
     tandem_edge_rollouts_total{result}                assignments applied | refused | failed
+    tandem_edge_cascade_requests_total{path}          cascade requests by path: small (the
+                                                      small model was sure) | escalated (the
+                                                      cloud answered) | fallback (escalation
+                                                      failed) | skipped (no time or no cloud)
+    tandem_edge_cascade_latency_seconds{path}         end-to-end time per path (histogram)
+    tandem_edge_escalation_ratio                      escalated by the rule / cascade requests
+    tandem_edge_cascade_agreement_rows_total{agree}   escalated rows the cloud answered, by
+                                                      whether the small model's top-1 agreed
+    tandem_edge_cascade_agreement                     agreeing / compared escalated rows
     tandem_edge_bundle_info{model, version, digest}   the bundle being served
     tandem_edge_backend_info{part, backend}           which backend runs each part
 
@@ -78,6 +87,26 @@ class Metrics:
                                  ["model", "version", "digest"], registry=r)
         self.backend = prom.Gauge("tandem_edge_backend_info", "Backend running each part",
                                   ["part", "backend"], registry=r)
+        self.cascade_requests = prom.Counter(
+            "tandem_edge_cascade_requests_total", "Cascade requests by path", ["path"],
+            registry=r)
+        self.cascade_latency = prom.Histogram(
+            "tandem_edge_cascade_latency_seconds", "Cascade request time per path", ["path"],
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.escalation_ratio = prom.Gauge(
+            "tandem_edge_escalation_ratio", "Share of cascade requests the rule escalated",
+            registry=r)
+        self.agreement_rows = prom.Counter(
+            "tandem_edge_cascade_agreement_rows_total",
+            "Escalated rows answered by the cloud, by small/large top-1 agreement", ["agree"],
+            registry=r)
+        self.agreement_ratio = prom.Gauge(
+            "tandem_edge_cascade_agreement",
+            "Share of escalated rows on which the small and large models agree", registry=r)
+        self._cascaded = 0
+        self._escalated = 0
+        self._agreed = 0
+        self._compared = 0
         self._answered = 0
         self._cloud = 0
         self._children: dict[tuple, Any] = {}  # labelled children, looked up once
@@ -96,6 +125,26 @@ class Metrics:
         if ran == "cloud":
             self._cloud += 1
         self.offload_ratio.set(self._cloud / self._answered)
+
+    def cascaded(self, path: str, escalated: bool, seconds: float) -> None:
+        """A cascade request answered through ``path`` (small | escalated | fallback |
+        skipped); ``escalated``: its rule escalated it."""
+        self._child(self.cascade_requests, path).inc()
+        self._child(self.cascade_latency, path).observe(seconds)
+        self._cascaded += 1
+        self._escalated += bool(escalated)
+        self.escalation_ratio.set(self._escalated / self._cascaded)
+
+    def agreement(self, agreed: int, disagreed: int) -> None:
+        """Escalated rows the cloud answered: on how many the small model's top-1 agreed."""
+        if agreed:
+            self._child(self.agreement_rows, "yes").inc(agreed)
+        if disagreed:
+            self._child(self.agreement_rows, "no").inc(disagreed)
+        self._agreed += agreed
+        self._compared += agreed + disagreed
+        if self._compared:
+            self.agreement_ratio.set(self._agreed / self._compared)
 
     def decided(self, plan: str, seconds: float) -> None:
         self.decision.observe(seconds)

@@ -8,7 +8,7 @@ The plan set and the cost of a plan kind are open: :meth:`CostModel.add_plan` an
 :meth:`CostModel.register_kind` let a new kind of plan (a cascade's "answer locally" and
 "escalate", for instance) be costed by the same model and chosen by the same planner.
 
-Cost model (``docs/architecture`` in DESIGN.md), for an offloading plan at cut ``k``::
+Cost model (docs/architecture.md, "Data flow"), for an offloading plan at cut ``k``::
 
     T(k) = head_k + encode_k + bytes_k / uplink + rtt + queue + tail_k + reply / downlink
 
@@ -66,6 +66,8 @@ class Plan:
     def label(self) -> str:
         if self.kind == "split":
             return f"split:{self.cut_id}"
+        if self.kind == "escalate":  # a cascade's (tandem.edge._cascade_planner); cut 0: cloud
+            return "escalate:cloud" if self.cut_id == 0 else f"escalate:split:{self.cut_id}"
         return self.kind
 
     @property

@@ -13,8 +13,8 @@ __all__ = ["Answer", "Deferred", "RequestOptions"]
 
 @dataclass(frozen=True, slots=True)
 class RequestOptions:
-    """Per-request parameters of the local API. ``mode``: auto | local | cloud | split (then
-    ``cut_id``); ``deadline_ms``: the time the caller gives the daemon; ``priority``: higher
+    """Per-request parameters of the local API. ``mode``: auto | local | cloud | cascade | split
+    (then ``cut_id``); ``deadline_ms``: the time the caller gives the daemon; ``priority``: higher
     runs first (local compute and the cloud's queue); ``deferrable``: a ``cloud`` request may
     be spooled when the cloud is unreachable (HTTP 202 + id)."""
 

@@ -16,9 +16,11 @@
    the assigned bundle, and one that no longer loads falls back to the previous (roll back).
 
 Every outcome is logged, counted (``tandem_edge_rollouts_total{result}``) and shown in
-``GET /v2/edge/status`` (``rollout``); a refused digest is not downloaded again; a download that
-failed on the way (no server, a broken connection: retryable) is tried again, backing off from
-2 s to 5 min, until it succeeds or a newer assignment comes.
+``GET /v2/edge/status`` (``rollout``); a refusal also goes out at once in the heartbeat
+(``DeviceStatus.refused_digest``/``refused_reason``, what ``tandem fleet status`` shows) and
+stays there until a later rollout ends otherwise; a refused digest is not downloaded again; a
+download that failed on the way (no server, a broken connection: retryable) is tried again,
+backing off from 2 s to 5 min, until it succeeds or a newer assignment comes.
 """
 
 from __future__ import annotations
@@ -126,6 +128,8 @@ class Rollout:
             d.metrics.rollouts.labels(result).inc()
         (log.info if result in ("applied", "current") else log.error)(
             "assignment of bundle %s: %s (%s)", assignment.bundle_digest[:12], result, detail)
+        if result == "refused":  # the refusal goes out in a heartbeat at once
+            d.spawn(d._heartbeat(), "edge heartbeat")
 
     async def apply(self, assignment: Any) -> bool:
         """Download, verify, load, profile and switch; True when the new bundle serves."""

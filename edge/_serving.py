@@ -29,6 +29,7 @@ class ServingModel:
     planner: Planner
     path: Path
     inflight: int = 0
+    cascade: Any = None  # a CascadePlanner (tandem.edge._cascade_planner) for a cascade bundle
     _idle: asyncio.Event | None = field(default=None, repr=False)
 
     @property
@@ -61,6 +62,8 @@ class ServingModel:
             self._idle = None
 
     def close(self) -> None:
+        if self.cascade is not None:
+            self.cascade.close()
         self.runtime.close()
         self.bundle.close()
 

@@ -66,7 +66,8 @@ def _enrollment_values(path: Path) -> tuple[dict[str, Any], Any]:
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]),
               default=None, help="Execution backend (default auto).")
 @click.option("--mode", default=None,
-              help="Default mode of requests that name none: auto|local|cloud|split:<cut>.")
+              help="Default mode of requests that name none: "
+                   "auto|local|cloud|cascade|split:<cut>.")
 @click.option("--deadline-ms", type=float, default=None,
               help="Default deadline of requests that name none (default 1000).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),

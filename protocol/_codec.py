@@ -13,6 +13,7 @@ drives both directions, so encode and decode cannot drift apart.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -453,6 +454,9 @@ _SCHEMAS: dict[MessageType, tuple[type, tuple[_Field, ...]]] = {
         _Field("p99_ms", _nonneg_float, 0.0),
         _Field("fallbacks", _u63, 0),
         _Field("plan_mix", _plan_mix, ()),
+        _Field("refused_digest", _str, "", omit_default=True),
+        _Field("refused_reason", _str, "", omit_default=True),
+        _Field("escalation_ratio", _nonneg_float, 0.0, omit_default=True),
     )),
     MessageType.CLOUD_LOAD: (CloudLoad, (
         _Field("worker_id", _str),
@@ -501,18 +505,28 @@ def _over_limits(value: Any, lim: Limits, depth: int = 0) -> str | None:
     elif isinstance(value, dict):
         if len(value) > lim.max_fields:
             return f"a map of over {lim.max_fields} keys"
+        short = lim.max_string_len // 4  # a str of this many characters fits in any case
         for k, v in value.items():
-            if (why := _over_limits(k, lim, depth + 1)) is not None:
+            if (type(k) is not str or len(k) > short) and \
+                    (why := _over_limits(k, lim, depth + 1)) is not None:
                 return f"{why} (a key)"
+            t = type(v)
+            if t in _SCALARS or (t is str and len(v) <= short) or (
+                    t is bytes and len(v) <= lim.max_string_len):
+                continue
             if (why := _over_limits(v, lim, depth + 1)) is not None:
                 return why
     elif isinstance(value, list | tuple):
         if len(value) > lim.max_list_len and depth == 1:
             return f"a list of over {lim.max_list_len} entries"
         for v in value:
-            if (why := _over_limits(v, lim, depth + 1)) is not None:
+            if type(v) not in _SCALARS and (why := _over_limits(v, lim, depth + 1)) is not None:
                 return why
     return None
+
+
+# values no limit applies to: skipped without a call (exact types; subclasses are walked)
+_SCALARS = frozenset((int, float, bool, type(None)))
 
 
 def _check_tensors(tensors: list[Tensor], lim: Limits) -> None:
@@ -638,52 +652,62 @@ def _as_view(data: Any) -> memoryview:
 def _read_envelope(mv: memoryview, limits: Limits) -> tuple[Any, int]:
     """Parse the msgpack envelope at the start of ``mv``; returns it and where it ends.
 
-    Only the envelope is copied into msgpack's buffer (fed in growing pieces, up to
-    ``max_header_bytes``); the data section is never read here.
+    One ``msgpack.unpackb`` over a window of the frame (no Unpacker, no copy of the frame):
+    first :data:`_FIRST_FEED` bytes, which hold every ordinary envelope, then, only when the
+    envelope is longer, up to ``max_header_bytes``. msgpack copies what follows the envelope
+    in its window (``ExtraData.extra``), so the small first window keeps that copy small; the
+    data section past the window is never read here.
     """
     n = len(mv)
     if n == 0:
         raise MalformedMessage("empty frame")
     if n > limits.max_message_bytes:
         raise PayloadTooLarge(f"frame of {n} bytes (limit {limits.max_message_bytes})")
-    _peek_version(mv)
+    if n >= 2 and mv[0] == 0x93 and mv[1] < 0x80:  # [fixint version, ...]: the common case
+        if mv[1] != PROTOCOL_VERSION:
+            raise UnsupportedVersion(
+                f"frame has protocol version {mv[1]}; this peer speaks {PROTOCOL_VERSION}")
+    else:
+        _peek_version(mv)
     cap = min(n, limits.max_header_bytes)
-    unpacker = msgpack.Unpacker(
+    window = min(cap, _FIRST_FEED)
+    options = _unpack_options(limits)
+    while True:
+        try:
+            return msgpack.unpackb(mv[:window], **options), window
+        except msgpack.ExtraData as exc:
+            return exc.unpacked, window - len(exc.extra)
+        except ValueError as exc:
+            text = str(exc)
+            if "exceeds max_" in text and "max_ext_len" not in text:  # msgpack's limits
+                raise PayloadTooLarge(f"envelope over limits: {exc}") from exc
+            if "incomplete input" not in text:
+                raise
+        if window < cap:  # a long envelope: parse again with all of it
+            window = cap
+            continue
+        if cap >= n:
+            why = _declared_over_limits(mv[:cap], limits)
+            if why is not None:  # msgpack checks a str/bin length only once it holds it all
+                raise PayloadTooLarge(f"envelope over limits: {why}") from None
+            raise MalformedMessage(f"truncated frame ({n} bytes)") from None
+        raise PayloadTooLarge(f"envelope longer than {limits.max_header_bytes} bytes") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _unpack_options(limits: Limits) -> dict[str, Any]:
+    """msgpack.unpackb's options for an envelope under ``limits``."""
+    return dict(
         raw=False,
         strict_map_key=True,
         use_list=True,
         object_pairs_hook=_pairs,
-        max_buffer_size=max(cap, 1),
-        read_size=min(max(cap, 1), _FIRST_FEED),  # else msgpack mallocs max_buffer_size upfront
         max_str_len=limits.max_string_len,
         max_bin_len=limits.max_string_len,  # ids and Assignment.signature are bin
         max_array_len=max(limits.max_tensors, limits.max_list_len, limits.max_rank, 3) + 1,
         max_map_len=limits.max_fields,
         max_ext_len=0,  # no ext types in v1 (this also refuses msgpack timestamps)
     )
-    fed, step = 0, _FIRST_FEED
-    while True:
-        end = min(cap, fed + step)
-        unpacker.feed(mv[fed:end])
-        fed, step = end, step * 4
-        try:
-            obj = unpacker.unpack()
-        except ValueError as exc:
-            if "exceeds max_" in str(exc) and "max_ext_len" not in str(exc):  # msgpack's limits
-                raise PayloadTooLarge(f"envelope over limits: {exc}") from exc
-            raise
-        except msgpack.OutOfData:
-            if fed >= n:
-                why = _declared_over_limits(mv[:fed], limits)
-                if why is not None:  # msgpack checks a str/bin length only once it holds it all
-                    raise PayloadTooLarge(f"envelope over limits: {why}") from None
-                raise MalformedMessage(f"truncated frame ({n} bytes)") from None
-            if fed >= cap:
-                raise PayloadTooLarge(
-                    f"envelope longer than {limits.max_header_bytes} bytes"
-                ) from None
-            continue
-        return obj, unpacker.tell()
 
 
 # msgpack str/bin headers: first byte -> (kind, bytes of the length field)
@@ -765,6 +789,10 @@ def _check_version(obj: Any) -> tuple[int, Any]:
 def _decode(data: Any, limits: Limits) -> Message:
     mv = _as_view(data)
     obj, pos = _read_envelope(mv, limits)
+    return _decode_body(mv, obj, pos, limits)
+
+
+def _decode_body(mv: memoryview, obj: Any, pos: int, limits: Limits) -> Message:
     mtype, body = _check_version(obj)
     if mtype == MessageType.CHUNK:
         raise MalformedMessage("this is a chunk frame: feed it to a chunking.Reassembler")
@@ -775,17 +803,26 @@ def _decode(data: Any, limits: Limits) -> Message:
     body = _map(body)
     ctx = _DecodeCtx(mv, pos, limits)
     kwargs: dict[str, Any] = {}
+    max_list_len = limits.max_list_len
     for f in schema:  # unknown keys are ignored (schema evolution, see SPEC.md)
-        if f.check is not None:
-            value = body.get(f.key)
-            if type(value) is list and len(value) > limits.max_list_len:
-                raise PayloadTooLarge(f"field {f.key!r}: {len(value)} entries "
-                                      f"(limit {limits.max_list_len})")
-            kwargs[f.key] = _get(body, f)
-        elif f.key in body:
-            kwargs[f.key] = ctx.tensors(body[f.key])
-        elif f.default is _REQUIRED:
-            raise _Bad(f"missing field {f.key!r}")
+        key, check = f.key, f.check
+        if key not in body:  # absent: its default (the tensor list's is the dataclass's)
+            if f.default is _REQUIRED:
+                raise _Bad(f"missing field {key!r}")
+            if check is not None:
+                kwargs[key] = f.default() if callable(f.default) else f.default
+            continue
+        value = body[key]
+        if check is None:
+            kwargs[key] = ctx.tensors(value)
+            continue
+        if type(value) is list and len(value) > max_list_len:
+            raise PayloadTooLarge(f"field {key!r}: {len(value)} entries "
+                                  f"(limit {max_list_len})")
+        try:
+            kwargs[key] = check(value)
+        except _Bad as exc:
+            raise _Bad(f"field {key!r}: {exc}") from None
     if ctx.pos != len(mv):
         raise MalformedMessage(f"{len(mv) - ctx.pos} unexpected bytes after the last payload")
     if cls is InferenceResponse and kwargs.get("error") is not None and kwargs.get(_OUTPUTS):
@@ -804,12 +841,16 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
         return _decode(data, limits)
     except ProtocolError:
         raise
-    except _Bad as exc:
-        raise MalformedMessage(str(exc)) from None
-    except TandemError as exc:
-        raise MalformedMessage(str(exc)) from exc
-    except Exception as exc:  # the boundary: msgpack, zstd, numpy, unicode, recursion, ...
-        raise MalformedMessage(f"undecodable frame: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        raise _decode_error(exc) from (None if isinstance(exc, _Bad) else exc)
+
+
+def _decode_error(exc: Exception) -> Exception:
+    """What :func:`decode` raises for ``exc``, which is not a ProtocolError."""
+    if isinstance(exc, (_Bad, TandemError)):
+        return MalformedMessage(str(exc))
+    # the boundary: msgpack, zstd, numpy, unicode, recursion, ...
+    return MalformedMessage(f"undecodable frame: {type(exc).__name__}: {exc}")
 
 
 class FrameInfo(NamedTuple):
@@ -830,9 +871,39 @@ def peek(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) 
     message (and answer it by id) before paying for it. Raises what :func:`decode` raises for
     a bad envelope (only ProtocolError subclasses); a frame ``peek`` accepts may still fail
     ``decode``."""
+    return open_frame(data, limits).info
+
+
+class OpenFrame:
+    """A frame whose envelope has been parsed once (:func:`open_frame`): :attr:`info` is what
+    :func:`peek` returns, :meth:`decode` what :func:`decode` returns, without parsing the
+    envelope again."""
+
+    __slots__ = ("_limits", "_mv", "_obj", "_pos", "info")
+
+    def __init__(self, mv: memoryview, obj: Any, pos: int, limits: Limits,
+                 info: FrameInfo) -> None:
+        self._mv, self._obj, self._pos, self._limits = mv, obj, pos, limits
+        self.info = info
+
+    def decode(self) -> Message:
+        """The message (raises what :func:`decode` raises; RAW tensors view the frame)."""
+        try:
+            return _decode_body(self._mv, self._obj, self._pos, self._limits)
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            raise _decode_error(exc) from (None if isinstance(exc, _Bad) else exc)
+
+
+def open_frame(data: bytes | bytearray | memoryview,
+               limits: Limits = DEFAULT_LIMITS) -> OpenFrame:
+    """:func:`peek` and :func:`decode` in one pass over the envelope: a receiver that looks a
+    frame up or budgets it before decoding parses the envelope once. Raises what
+    :func:`peek` raises."""
     try:
         mv = _as_view(data)
-        obj, _ = _read_envelope(mv, limits)
+        obj, pos = _read_envelope(mv, limits)
         mtype, body = _check_version(obj)
         try:
             mtype = MessageType(mtype)
@@ -841,8 +912,8 @@ def peek(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) 
         body = _map(body)
         key = _PEEK_TENSORS.get(mtype)
         if key is None:
-            return FrameInfo(mtype, None, 0, False)
-        mid = _get(body, _Field("id", _id))
+            return OpenFrame(mv, obj, pos, limits, FrameInfo(mtype, None, 0, False))
+        mid = _get(body, _ID_FIELD)
         total, compressed = 0, False
         for m in _list(body.get(key, [])):
             m = _map(m)
@@ -858,13 +929,16 @@ def peek(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) 
                 n *= d
             total += n
             compressed = compressed or _get(m, _T_COMPRESSION) == Compression.ZSTD
-        return FrameInfo(mtype, mid, total, compressed)
+        return OpenFrame(mv, obj, pos, limits, FrameInfo(mtype, mid, total, compressed))
     except ProtocolError:
         raise
     except _Bad as exc:
         raise MalformedMessage(str(exc)) from None
     except Exception as exc:
         raise MalformedMessage(f"undecodable frame: {type(exc).__name__}: {exc}") from exc
+
+
+_ID_FIELD = _Field("id", _id)
 
 
 # -- chunk frames (used by protocol.chunking) ---------------------------------------------------

@@ -4,6 +4,8 @@
     parts, n = encode_parts(msg)              # the same frame as pieces (views of the tensors)
     msg = decode(frame, limits=DEFAULT_LIMITS)  # strict; raises only ProtocolError subclasses
     info = peek(frame)                        # type, id, declared tensor bytes: envelope only
+    opened = open_frame(frame)                # peek + decode, the envelope parsed once:
+    opened.info; msg = opened.decode()        #   what a receiver that budgets first uses
 
 Schema evolution: a newer v1 peer may add map keys; this decoder ignores keys it does not know,
 and fills fields a peer did not send from their defaults. A different protocol major version is
@@ -16,9 +18,11 @@ from tandem.protocol._codec import (
     FrameInfo,
     Limits,
     MessageType,
+    OpenFrame,
     decode,
     encode,
     encode_parts,
+    open_frame,
     peek,
 )
 
@@ -28,8 +32,10 @@ __all__ = [
     "FrameInfo",
     "Limits",
     "MessageType",
+    "OpenFrame",
     "decode",
     "encode",
     "encode_parts",
+    "open_frame",
     "peek",
 ]

@@ -103,6 +103,13 @@ class DeviceStatus:
     p99_ms: float = 0.0
     fallbacks: int = 0  # requests finished locally after an offload failed or timed out
     plan_mix: tuple[tuple[str, int], ...] = ()  # (plan label, requests), e.g. ("cut 3", 41)
+    # the last assignment the device refused (it failed verification or would not load): its
+    # bundle digest and why; "" when the last rollout did not end in a refusal
+    refused_digest: str = ""
+    refused_reason: str = ""
+    # cascades (issue #17): share of the window's cascade requests the escalation rule sent to
+    # the large model (0 also when none ran; plan_mix then has no "small"/"escalate:" plans)
+    escalation_ratio: float = 0.0
     version: int = PROTOCOL_VERSION
 
 

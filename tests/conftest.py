@@ -16,6 +16,7 @@ from tests._support.interop import (
     aedes_missing,
     amqtt_missing,
     nats_missing,
+    require_broker,
 )
 
 # Threads that must not outlive a test: paho's network thread and the sync transport's loop.
@@ -23,9 +24,8 @@ _LEAK_PREFIXES = ("paho-mqtt-client-", "tandem-transport")
 
 
 def _skip_without_mosquitto() -> None:
-    if mosquitto_binary() is None:
-        pytest.skip("mosquitto binary not found on PATH or in /usr/sbin "
-                    "(install the 'mosquitto' package)")
+    require_broker(None if mosquitto_binary() else "mosquitto binary not found on PATH or in "
+                   "/usr/sbin (install the 'mosquitto' package)")
 
 
 def _process_factory(tmp_path_factory, cls, name: str):
@@ -47,8 +47,7 @@ def _process_factory(tmp_path_factory, cls, name: str):
 
 
 def _skip_if(why: str | None) -> None:
-    if why:
-        pytest.skip(why)
+    require_broker(why)  # a failure instead under TANDEM_REQUIRE_BROKERS=1
 
 
 @pytest.fixture

@@ -81,6 +81,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 .state-online .state{color:#1a7f37}.state-offline .state,.state-unseen .state{color:#888}
 .state-degraded .state,.state-stale .state{color:#b35900}
 .pending{color:#b35900}
+.refused{color:#b00020;white-space:normal}
 code{font-size:.95em}
 """
 
@@ -110,13 +111,17 @@ def render_page(fleet_name: str, rows: list[DeviceRow], *, now_ms: int, refresh_
         out.append(f'<p class="banner">{esc(banner)}</p>')
     out.append('<table id="devices"><thead><tr>' + "".join(
         f"<th>{h}</th>" for h in ("Device", "State", "Last seen", "Profile", "Group", "Bundle",
-                                  "Plan mix", "p50 ms", "p99 ms", "Fallbacks", "Latency"))
+                                  "Plan mix", "p50 ms", "p99 ms", "Fallbacks", "Escalated",
+                                  "Latency"))
         + "</tr></thead><tbody>")
     for r in rows:
         bundle = esc(r.bundle_digest[:12]) if r.bundle_digest else "–"
         if r.rollout == "pending":
             bundle += (f' <span class="pending" title="assigned {esc(r.assigned_digest)}">'
                        f"→ {esc(r.assigned_digest[:12])}</span>")
+        elif r.rollout == "refused":
+            bundle += (f' <span class="refused" title="{esc(r.refused_reason)}">refused '
+                       f"{esc(r.assigned_digest[:12])}: {esc(r.refused_reason)}</span>")
         state_class = re.sub(r"[^a-z]", "", r.state.lower()) or "unknown"
         out.append(
             f'<tr class="device state-{state_class}" data-device="{esc(r.id)}">'
@@ -130,6 +135,8 @@ def render_page(fleet_name: str, rows: list[DeviceRow], *, now_ms: int, refresh_
             f'<td class="num p50">{_ms(r.p50_ms)}</td>'
             f'<td class="num p99">{_ms(r.p99_ms)}</td>'
             f'<td class="num fallbacks">{r.fallbacks}</td>'
+            f'<td class="num escalated">'
+            f'{f"{100 * r.escalation_ratio:.0f}%" if r.cascading else "–"}</td>'
             f'<td class="latency">{sparkline(r.history)}</td></tr>')
     out.append("</tbody></table></body></html>")
     return "\n".join(out)

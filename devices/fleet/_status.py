@@ -17,6 +17,7 @@ __all__ = ["DEFAULT_STALE_S", "DeviceRow", "age_text", "build_rows", "clean_text
 
 DEFAULT_STALE_S = 90.0  # an "online" heartbeat older than this shows as "stale"
 _MAX_TEXT = 64
+_MAX_REASON = 300  # characters of a device's reason for refusing a bundle
 
 
 def clean_text(text: str, limit: int = _MAX_TEXT) -> str:
@@ -41,14 +42,25 @@ class DeviceRow:
     rtt_ms: float = 0.0
     uplink_bps: float = 0.0
     plan_mix: list[tuple[str, int]] = field(default_factory=list)
+    escalation_ratio: float = 0.0  # a cascade's share of requests escalated (see cascading)
     history: list[tuple[int, float, float]] = field(default_factory=list)
+    refused_digest: str = ""  # the last assignment the device refused, and why (heartbeat)
+    refused_reason: str = ""
+
+    @property
+    def cascading(self) -> bool:
+        """True when the window's requests ran a cascade (its plans are in the plan mix)."""
+        return any(p == "small" or p.startswith("escalate:") for p, _ in self.plan_mix)
 
     @property
     def rollout(self) -> str:
-        """"" (nothing assigned), "current" or "pending"."""
+        """"" (nothing assigned), "current", "pending", or "refused" (the device refused the
+        assigned bundle and runs another: :attr:`refused_reason` says why)."""
         if not self.assigned_digest:
             return ""
-        return "current" if self.bundle_digest == self.assigned_digest else "pending"
+        if self.bundle_digest == self.assigned_digest:
+            return "current"
+        return "refused" if self.refused_digest == self.assigned_digest else "pending"
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -82,7 +94,12 @@ def build_rows(clients: Iterable[Mapping[str, Any]], statuses: Mapping[str, Devi
             row.fallbacks, row.queue_depth = status.fallbacks, status.queue_depth
             row.rtt_ms, row.uplink_bps = status.rtt_ms, status.uplink_bps
             row.plan_mix = [(clean_text(p, 24), n) for p, n in status.plan_mix[:16]]
+            row.escalation_ratio = min(1.0, status.escalation_ratio)
             row.history = list(history.get(name, ()))
+            if status.refused_digest:
+                row.refused_digest = clean_text(status.refused_digest, 128)
+                row.refused_reason = clean_text(status.refused_reason or "no reason given",
+                                                _MAX_REASON)
         rows.append(row)
     return rows
 

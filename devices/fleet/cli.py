@@ -381,7 +381,9 @@ def assign_command(fleet_dir: str, db_url: str | None, args: tuple[str, ...],
 def status_command(fleet_dir: str, db_url: str | None, as_json: bool, broker_url: str | None,
                    stale_after_s: float) -> None:
     """The devices from their retained heartbeats: state, last seen, bundle (→ the assigned
-    one while a rollout is pending), plan mix, p50/p99 latency, fallbacks."""
+    one while a rollout is pending; "refused" and the device's reason when it refused the
+    assigned one), plan mix, p50/p99 latency, fallbacks, and a cascade's escalation ratio
+    (ESC)."""
     import time
 
     from tandem.devices.fleet._operations import collect_rows
@@ -394,20 +396,27 @@ def status_command(fleet_dir: str, db_url: str | None, as_json: bool, broker_url
                          "devices": [r.to_json() for r in rows]}, indent=2))
         return
     now = int(time.time() * 1000)
-    from tandem.console import Column, print_table
+    from tandem.console import Column, print_lines, print_table
 
     columns = [Column("DEVICE"), Column("STATE"), Column("SEEN"), Column("BUNDLE", fold=4),
                Column("PLANS", fold=5), Column("P50", justify="right", fold=1),
-               Column("P99", justify="right", fold=2), Column("FB", justify="right", fold=3)]
+               Column("P99", justify="right", fold=2), Column("FB", justify="right", fold=3),
+               Column("ESC", justify="right", fold=6)]
     table = []
     for r in rows:
         bundle = r.bundle_digest[:8] if r.bundle_digest else "-"
         if r.rollout == "pending":
             bundle += ">" + r.assigned_digest[:8]
+        elif r.rollout == "refused":
+            bundle += " refused " + r.assigned_digest[:8]
         table.append([r.id, r.state, age_text(r.last_seen_ms, now), bundle,
                       plan_text(r.plan_mix) or "-", f"{r.p50_ms:.1f}" if r.p50_ms else "-",
-                      f"{r.p99_ms:.1f}" if r.p99_ms else "-", str(r.fallbacks)])
+                      f"{r.p99_ms:.1f}" if r.p99_ms else "-", str(r.fallbacks),
+                      f"{100 * r.escalation_ratio:.0f}%" if r.cascading else "-"])
     print_table(columns, table)
+    # a refusal's reason in full, on its own line (wrapped on a terminal, nothing cut)
+    print_lines(*(f"{r.id} refused bundle {r.assigned_digest[:12]}: {r.refused_reason}"
+                  for r in rows if r.rollout == "refused"))
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.state] = counts.get(r.state, 0) + 1

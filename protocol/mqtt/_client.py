@@ -87,6 +87,7 @@ log = logging.getLogger("tandem.protocol.mqtt")
 # a filter that was the first unanswered one when the connection closed this many times in a
 # row (on re-subscribes) counts as refused by the broker and is dropped
 _REFUSAL_STRIKES = 2
+_READ_PACKETS_PER_EVENT = 256  # packets read per socket read event before the loop runs others
 
 
 # CONNACK / SUBACK reason codes that mean "your credentials or ACL say no" (MQTT 5 values;
@@ -198,6 +199,7 @@ class MqttClient:
         self._writer = False
         self._flush_pending = False
         self._in_paho = False  # inside paho's loop_read/loop_write/loop_misc: never re-enter
+        self._in_read = False  # inside a socket read event (_readable)
         self._misc_timer: asyncio.TimerHandle | None = None
         self._reconnect_timer: asyncio.TimerHandle | None = None
         self._reconnect_task: asyncio.Future | None = None
@@ -456,9 +458,12 @@ class MqttClient:
 
     def _readable(self) -> None:
         client = self._client
-        self._in_paho = True
+        self._in_paho = self._in_read = True
         try:
-            client.loop_read()
+            if type(client) is _PahoClient:
+                client.read_packets(_READ_PACKETS_PER_EVENT)
+            else:
+                client.loop_read()
             sock = client.socket()
             # TLS: records already decrypted wait in the SSL object, invisible to the selector
             while sock is not None and sock is self._sock and hasattr(sock, "pending") \
@@ -466,7 +471,9 @@ class MqttClient:
                 client.loop_read()
                 sock = client.socket()
         finally:
-            self._in_paho = False
+            self._in_paho = self._in_read = False
+        if self._flush_pending:  # what this read event queued (PUBACKs, answers): now
+            self._flush()
 
     def _flush(self) -> None:
         """Write what paho has queued; only a socket that is full waits for ``add_writer``."""
@@ -659,12 +666,20 @@ class MqttClient:
         self._in_loop(self._want_write, sock)
 
     def _want_write(self, sock) -> None:
-        """paho queued a packet: write it on the next loop iteration (batching whatever else is
-        queued until then), unless a flush or the writer is already on it."""
+        """paho queued a packet: write it now (paho's own behaviour without a network thread),
+        or, inside a socket read event, when that event ends (with the PUBACKs and answers it
+        queued), or inside paho's write/keepalive calls on the next loop iteration; unless a
+        flush or the writer is already on it. Writing at once rather than on the next
+        iteration saves a request an event-loop iteration (an ``epoll`` call) each way."""
         if sock is not self._sock or self._writer or self._flush_pending:
             return
         self._flush_pending = True
-        self._loop.call_soon(self._flush)
+        if self._in_read:
+            return
+        if self._in_paho:
+            self._loop.call_soon(self._flush)
+            return
+        self._flush()
 
     def _on_unregister_write(self, client, userdata, sock) -> None:
         pass  # _flush and _writable decide from want_write() themselves
@@ -758,6 +773,14 @@ class MqttClient:
         self._ack_queue.append(entry)
 
         def ack() -> None:
+            try:
+                on_loop = asyncio.get_running_loop() is self._loop
+            except RuntimeError:
+                on_loop = False
+            if not on_loop:  # a handler thread: paho is the loop's alone
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to ack
+                    self._loop.call_soon_threadsafe(ack)
+                return
             if entry[2]:
                 return
             entry[2] = True

@@ -193,6 +193,9 @@ def _build_frame(topic: str, parts: Sequence[bytes | bytearray | memoryview],
         raise PayloadTooLarge(f"{total} bytes exceed the MQTT limit")
     if len(topic_bytes) > 0xFFFF:
         raise InvalidArgument(f"topic of {len(topic_bytes)} bytes (limit 65535)")
+    held = sum(len(part) for part in parts)
+    if held != total:
+        raise InvalidArgument(f"frame parts hold {held} bytes, not {total}")
     fixed = bytes((_PUBLISH,)) + _varint(remaining)
     head = len(fixed) + var
     # fresh or reused (old contents): every byte is written below or in _send_publish
@@ -205,12 +208,13 @@ def _build_frame(topic: str, parts: Sequence[bytes | bytearray | memoryview],
         pos += 2
     frame[pos:head] = packed
     pos = head
-    for part in parts:
-        n = len(part)
-        frame[pos : pos + n] = part
-        pos += n
-    if pos != head + total:
-        raise InvalidArgument(f"frame parts hold {pos - head} bytes, not {total}")
+    # through a memoryview: assigning a buffer to a bytearray slice copies it twice (CPython
+    # first makes a bytearray of the value), a memoryview slice copies it once
+    with memoryview(frame) as view:
+        for part in parts:
+            n = len(part)
+            view[pos : pos + n] = part
+            pos += n
     return frame
 
 
@@ -323,6 +327,21 @@ class _PahoClient(paho.Client):
         if payload.mid_at >= 0:
             _U16.pack_into(payload, payload.mid_at, mid)
         return self._packet_queue(_PUBLISH, payload, mid, qos, info)
+
+    def read_packets(self, limit: int = 256) -> MQTTErrorCode:
+        """``loop_read`` that reads packets until the socket has no more, up to ``limit`` (a
+        flood cannot hold the loop): a PUBACK and a reply that came in one segment are
+        handled in one read event, not two loop iterations (stock ``loop_read`` reads as many
+        packets as messages are in flight, often one)."""
+        for _ in range(limit):
+            if self._sock is None:
+                return MQTTErrorCode.MQTT_ERR_NO_CONN
+            rc = self._packet_read()
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                break
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _sock_recv_into(self, view: memoryview) -> int:
         """``_sock_recv`` (same error mapping) reading into ``view``."""

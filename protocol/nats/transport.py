@@ -388,6 +388,18 @@ class NatsTransport(Transport):
         was_up, self._up = self._up, False
         if self._sender is not None:
             self._sender.cancel()
+        # what is queued (e.g. the answers close() just gave to requests being served) goes
+        # out before the connection closes, within the time left
+        deadline = time.monotonic() + timeout_s / 2
+        while self._out and nc is not None and nc.is_connected and time.monotonic() < deadline:
+            packet, ack = self._out.popleft()
+            try:
+                await asyncio.wait_for(nc.publish(packet.subject, packet.payload,
+                                                  headers=packet.headers),
+                                       max(0.01, deadline - time.monotonic()))
+            except (asyncio.TimeoutError, Exception) as exc:
+                log.debug("publish to %r on close failed: %s", packet.subject, exc)
+            self._settle(ack, Unavailable("transport closed"))
         self._fail_acks(Unavailable("transport closed"))
         self._out.clear()
         if nc is not None:

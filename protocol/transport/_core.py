@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import collections
+import collections.abc
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -659,7 +660,8 @@ class Transport(abc.ABC):
         """A message on a reply topic: looked up by the id in its envelope before anything
         else is decoded (a response nobody waits for is never decoded)."""
         try:
-            info = codec.peek(msg.payload, self.config.limits)
+            opened = codec.open_frame(msg.payload, self.config.limits)  # envelope parsed once
+            info = opened.info
         except ProtocolError as exc:
             self._drop("reply", "dropped an undecodable message on reply topic %s: %s",
                        msg.topic, exc)
@@ -675,7 +677,7 @@ class Transport(abc.ABC):
             self._spawn(self._decode_response_in_thread(msg.payload, rid))
             return
         try:
-            response = codec.decode(msg.payload, self.config.limits)
+            response = opened.decode()
         except ProtocolError as exc:
             self._response_failed(rid, exc)
             return
@@ -724,7 +726,8 @@ class Transport(abc.ABC):
         if self._nagle_warned:
             return
         self._nagle.append(rtt_s)
-        if len(self._nagle) < _NAGLE_WINDOW:
+        # the window's minimum must be Nagle-like too: a faster round trip rules it out now
+        if len(self._nagle) < _NAGLE_WINDOW or rtt_s < _NAGLE_MIN_S * 0.9:
             return
         median = statistics.median(self._nagle)
         link = self._link_rtt_s()
@@ -751,8 +754,10 @@ class Transport(abc.ABC):
         ``topics.request_filter("workers")``) with ``handler(request, context)``.
 
         An async handler runs on the loop (awaiting a future that another component completes
-        is how a dynamic batcher collects requests); a sync one runs in ``executor`` (default:
-        ``max_concurrency`` threads owned by this server). ``context`` is a
+        is how a dynamic batcher collects requests); a sync one runs in ``executor`` when one
+        is given, else on up to ``max_concurrency`` handler threads owned by this server, which
+        encode their answer and hand it to the loop themselves (no executor round trip: the
+        path for a blocking inference handler). ``context`` is a
         :class:`~tandem.protocol.transport.RequestContext` (topic, device, deadline, arrival).
         ``limits`` (default ``config.limits``) bound what this handler accepts, decompression
         included. At most ``max_concurrency`` handlers run at once (default 4 sync, 256
@@ -810,22 +815,40 @@ class Transport(abc.ABC):
         cannot be encoded is replaced by its error, so the requester still gets an answer."""
         if self._state not in ("open", "closing"):
             return False
+        try:
+            packets, props = self._reply_packets(topic, response, correlation_data)
+        except TandemError as exc:
+            log.debug("could not send a response on %s: %s", topic, exc)
+            return False
+        return self._send_reply_packets(topic, packets, props)
+
+    def _reply_packets(self, topic: str, response: InferenceResponse,
+                       correlation_data: bytes | None) -> tuple[list[Any], PublishProperties]:
+        """The packets of a server's answer (thread-safe: a handler thread encodes its own
+        answer). A response that cannot be encoded becomes its error."""
         # only the correlation data: each MQTT 5 property costs the receiver time
         props = PublishProperties(correlation_data=correlation_data or response.id,
                                   content_type=None)
         qos = self.config.qos
         try:
-            try:
-                parts, total = codec.encode_parts(response, self.config.limits)
-                packets = self._packets(topic, parts, total, qos, props)
-            except TandemError as exc:
-                log.warning("response to %s cannot be sent as it is: %s", response.id.hex(), exc)
-                error = InferenceResponse(id=response.id, error=ErrorInfo(
-                    exc.code, f"the response could not be encoded: {exc.message}", False))
-                parts, total = codec.encode_parts(error, self.config.limits)
-                packets = self._packets(topic, parts, total, qos, props)
-            del response
-            self._send_packets(packets, topic, qos, False, props, want_ack=False)
+            parts, total = codec.encode_parts(response, self.config.limits)
+            packets = self._packets(topic, parts, total, qos, props)
+        except TandemError as exc:
+            log.warning("response to %s cannot be sent as it is: %s", response.id.hex(), exc)
+            error = InferenceResponse(id=response.id, error=ErrorInfo(
+                exc.code, f"the response could not be encoded: {exc.message}", False))
+            parts, total = codec.encode_parts(error, self.config.limits)
+            packets = self._packets(topic, parts, total, qos, props)
+        return packets, props
+
+    def _send_reply_packets(self, topic: str, packets: list[Any],
+                            props: PublishProperties) -> bool:
+        """On the loop: send packets :meth:`_reply_packets` built; False when they cannot go
+        out (not connected, closed)."""
+        if self._state not in ("open", "closing"):
+            return False
+        try:
+            self._send_packets(packets, topic, self.config.qos, False, props, want_ack=False)
             return True
         except TandemError as exc:
             log.debug("could not send a response on %s: %s", topic, exc)
@@ -996,8 +1019,76 @@ if sys.version_info >= (3, 12):
         # runs the coroutine at once up to its first suspension (no extra loop iteration)
         return asyncio.Task(coro, loop=loop, eager_start=True)
 else:
+    from asyncio.tasks import _enter_task, _leave_task  # what 3.12's eager tasks do, by hand
+
     def _new_task(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Task:
-        return loop.create_task(coro)
+        """Python 3.11 has no eager tasks. Called from a callback (no task running: a message
+        handed over by the socket's read event), the coroutine's first step runs here, at
+        once, as its task's (``current_task()`` is that task), so a handler answers in the
+        read event that brought the request; the task then goes on from where it stopped.
+        Called from inside a task, a plain task."""
+        if asyncio.current_task(loop) is not None:
+            return loop.create_task(coro)
+        eager = _Eager(coro)
+        task = loop.create_task(eager)
+        _enter_task(loop, task)
+        try:
+            eager.first_step()
+        finally:
+            _leave_task(loop, task)
+        return task
+
+    _UNSET = object()
+
+    class _Eager(collections.abc.Coroutine):
+        """The task's coroutine: hands the task the outcome of the first step (which ran in
+        :func:`_new_task`), then relays sends and throws to ``coro``; a cancellation that
+        comes before the task's first step goes straight into ``coro``."""
+
+        __slots__ = ("coro", "error", "first", "result")
+
+        def __init__(self, coro: Any) -> None:
+            self.coro = coro
+            self.first: Any = _UNSET  # what the first step yielded, until the task takes it
+            self.error: BaseException | None = None
+            self.result: Any = _UNSET
+
+        def first_step(self) -> None:
+            try:
+                self.first = self.coro.send(None)
+            except StopIteration as stop:
+                self.result = stop.value
+            except BaseException as exc:  # raised in the task when it runs, as a task would
+                self.error = exc
+
+        def _finished(self) -> Any:
+            if self.error is not None:
+                error, self.error = self.error, None
+                raise error
+            result, self.result = self.result, _UNSET
+            raise StopIteration(result)
+
+        def send(self, value: Any) -> Any:
+            if self.result is not _UNSET or self.error is not None:
+                return self._finished()
+            if self.first is not _UNSET:
+                first, self.first = self.first, _UNSET
+                return first
+            return self.coro.send(value)
+
+        def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+            if self.result is not _UNSET or self.error is not None:
+                return self._finished()  # it finished before the task could be cancelled
+            self.first = _UNSET
+            if val is None and tb is None:
+                return self.coro.throw(typ)
+            return self.coro.throw(typ, val, tb)
+
+        def close(self) -> None:
+            self.coro.close()
+
+        def __await__(self) -> Any:
+            raise TypeError("_Eager is driven by its task only")
 
 
 _CANCELLED_MEANWHILE = (asyncio.InvalidStateError, concurrent.futures.InvalidStateError)

@@ -7,7 +7,9 @@ Each has the handles of :class:`tests._support.broker.Mosquitto` that the contra
 (again on the same ports), ``kill()`` (SIGKILL), ``stop()`` and ``log_tail()``. Readiness is
 polled on the sockets, never a fixed sleep. Nothing here imports paho or Tandem.
 
-``*_missing()`` says why a broker cannot run here (None when it can), for skip markers.
+``*_missing()`` says why a broker cannot run here (None when it can); :func:`require_broker`
+turns that into a skip, or into a failure where every broker must run (``TANDEM_REQUIRE_BROKERS=1``,
+set by .ci/run, which installs them all).
 """
 
 from __future__ import annotations
@@ -31,9 +33,24 @@ __all__ = [
     "aedes_missing",
     "amqtt_missing",
     "nats_missing",
+    "require_broker",
 ]
 
 AEDES_DIR = Path(__file__).resolve().parent / "aedes"
+
+
+def require_broker(why: str | None) -> None:
+    """Nothing when the broker can run (``why`` is None); else skip the test with ``why``, or
+    fail it when ``TANDEM_REQUIRE_BROKERS=1`` (CI installs every broker: a missing one is a
+    broken set-up, not a reason to skip)."""
+    if why is None:
+        return
+    import pytest
+
+    if os.environ.get("TANDEM_REQUIRE_BROKERS") == "1":
+        pytest.fail(f"{why} [TANDEM_REQUIRE_BROKERS=1: every interop broker must run here]",
+                    pytrace=False)
+    pytest.skip(why)
 
 
 def nats_binary() -> str | None:

@@ -162,7 +162,12 @@ def test_an_enrolled_daemon_takes_assignments_and_refuses_a_tampered_one(
         assert serving() == _digest(releases[2])
         check(client.infer(x, mode="local"))
         assert "cam-e2e" in out
-        assert row()["rollout"] == "pending"  # assigned v3, still running v2
+        # the refusal reaches the fleet in the heartbeat: assigned v3, refused, running v2
+        _wait(lambda: row()["rollout"] == "refused", 30, "the refusal in the heartbeat")
+        seen = row()
+        assert seen["bundle_digest"] == _digest(releases[2])
+        assert seen["refused_digest"] == _digest(releases[3])
+        assert seen["refused_reason"] == st["rollout"]["detail"][:300]
     finally:
         for p in procs:
             p.close()

@@ -34,7 +34,7 @@ def test_precedence_option_env_file_enrollment_default(tmp_path):
     ({}, {"TANDEM_DEADLINE_MS": "soon"}, "TANDEM_DEADLINE_MS: expected a number"),
     ({}, {"TANDEM_ADVERTISE": "maybe"}, "TANDEM_ADVERTISE: expected true or false"),
     ({"api_port": 70000}, {}, "api_port must be in"),
-    ({"mode": "split:x"}, {}, "mode must be auto, local, cloud or split"),
+    ({"mode": "split:x"}, {}, "mode must be auto, local, cloud, cascade or split"),
     ({"broker": "http://x"}, {}, "scheme must be mqtt, mqtts, nats or tls"),
     ({"device_id": "a/b"}, {}, "device_id must not contain"),
     ({"profile_shapes": "x=1xq"}, {}, "NAME=DxDx"),

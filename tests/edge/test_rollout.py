@@ -189,7 +189,8 @@ def test_bad_bundles_are_refused_and_the_old_one_keeps_serving(tmp_path, release
     async def main():
         broker = MemoryBroker()
         fetch = _Fetch([releases[name]])
-        async with _running(_daemon(tmp_path, broker, releases["v1"], releases, fetch)) as d:
+        async with _running(_daemon(tmp_path, broker, releases["v1"], releases, fetch,
+                                    heartbeat_s=600.0)) as d:
             v1 = d.model.digest
             await _publish(broker, _assignment(releases[name]))
             await _until(lambda: d.last_rollout.get("result") == "refused")
@@ -201,8 +202,29 @@ def test_bad_bundles_are_refused_and_the_old_one_keeps_serving(tmp_path, release
             d._rollout.submit(_assignment(releases[name]))  # again: not downloaded again
             await asyncio.sleep(0.1)
             assert fetch.calls == 1 and "refused before" in d.last_rollout["detail"]
+            # the fleet hears of it in a heartbeat sent at once (not the periodic one)
+            status = await _until_status(broker, lambda s: s.refused_digest)
+            assert status.refused_digest == _assignment(releases[name]).bundle_digest
+            assert reason in status.refused_reason and status.bundle_digest == v1
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+async def _until_status(broker, cond, timeout_s=10.0):
+    """The device's retained heartbeat, once ``cond`` holds for it."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while True:
+        got: list = []
+        t = MemoryTransport(broker, TransportConfig(client_id="fleet-status"))
+        await t.connect()
+        await t.subscribe(topics.status_topic("cam-test"),
+                          lambda m, got=got: got.append(codec.decode(m.payload)))
+        await asyncio.sleep(0.05)
+        await t.close()
+        if got and cond(got[-1]):
+            return got[-1]
+        assert loop.time() < end, f"no such heartbeat in time: {got}"
 
 
 def test_assignments_for_other_devices_and_garbage_are_ignored(tmp_path, releases):

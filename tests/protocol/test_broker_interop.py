@@ -24,7 +24,12 @@ from tandem.protocol import codec, topics
 from tandem.protocol.errors import FailedPrecondition, Unavailable
 from tandem.protocol.mqtt import MqttTransport
 from tandem.protocol.transport import IncomingMessage, TransportConfig
-from tests._support.interop import aedes_missing, amqtt_missing, nats_missing
+from tests._support.interop import (
+    aedes_missing,
+    amqtt_missing,
+    nats_missing,
+    require_broker,
+)
 from tests.protocol import test_transport_contract as contract
 
 pytestmark = [pytest.mark.timeout(90)]
@@ -103,9 +108,7 @@ class BrokerNet(contract.Net):
 @pytest.fixture(params=sorted(BROKERS))
 def broker(request) -> Broker:
     b = BROKERS[request.param]
-    why = b.missing()
-    if why:
-        pytest.skip(why)
+    require_broker(b.missing())  # skipped, or failed under TANDEM_REQUIRE_BROKERS=1
     return b
 
 
@@ -268,3 +271,13 @@ def test_known_limits_anonymous_backlog(net, broker):
             assert [m.payload for m in got] == [b"live"]  # the one sent while away is gone
 
     run(main())
+
+
+def test_a_missing_broker_skips_or_fails_under_tandem_require_brokers(monkeypatch):
+    monkeypatch.delenv("TANDEM_REQUIRE_BROKERS", raising=False)
+    require_broker(None)  # the broker runs here: nothing happens
+    with pytest.raises(pytest.skip.Exception, match="no such broker"):
+        require_broker("no such broker")
+    monkeypatch.setenv("TANDEM_REQUIRE_BROKERS", "1")  # .ci/run, which installs every broker
+    with pytest.raises(pytest.fail.Exception, match=r"no such broker.*TANDEM_REQUIRE_BROKERS=1"):
+        require_broker("no such broker")

@@ -64,11 +64,34 @@ def too_large(data, match: str | None = None, limits: Limits = DEFAULT_LIMITS):
 
 def test_public_surface():
     assert set(codec.__all__) == {"DEFAULT_LIMITS", "Compression", "FrameInfo", "Limits",
-                                  "MessageType", "decode", "encode", "encode_parts", "peek"}
+                                  "MessageType", "OpenFrame", "decode", "encode",
+                                  "encode_parts", "open_frame", "peek"}
     assert {t.name: int(t) for t in MessageType} == {
         "INFERENCE_REQUEST": 1, "INFERENCE_RESPONSE": 2, "DEVICE_STATUS": 3, "CLOUD_LOAD": 4,
         "ASSIGNMENT": 5, "CHUNK": 6,
     }
+
+
+def test_open_frame_is_peek_and_decode_in_one_pass():
+    arr = np.arange(12, dtype=np.float32).reshape(3, 4)
+    frame = encode(request(Tensor.from_array("x", arr)))
+    opened = codec.open_frame(frame)
+    assert opened.info == codec.peek(frame)
+    assert opened.info.type is MessageType.INFERENCE_REQUEST and opened.info.tensor_bytes == 48
+    msg = opened.decode()
+    assert msg == decode(frame)
+    np.testing.assert_array_equal(msg.tensors[0].to_array(), arr)
+    # a data section that does not hold what the envelope declares: open_frame (envelope
+    # only) accepts it, decode() raises what codec.decode raises
+    cut = frame[:-4]
+    opened = codec.open_frame(cut)
+    with pytest.raises(MalformedMessage) as via_open:
+        opened.decode()
+    with pytest.raises(MalformedMessage) as via_decode:
+        decode(cut)
+    assert str(via_open.value) == str(via_decode.value)
+    with pytest.raises(UnsupportedVersion):
+        codec.open_frame(msgpack.packb([2, 1, {}]))
 
 
 def test_peek_reads_the_envelope_only():
@@ -210,6 +233,14 @@ def test_absent_optional_fields_take_their_defaults():
     assert st == DeviceStatus("d", "online", 5)
 
 
+def test_a_cascades_escalation_ratio_is_written_only_when_set():
+    plain = DeviceStatus("d", "online", 5)
+    assert b"escalation_ratio" not in encode(plain)  # older writers' bytes are unchanged
+    st = DeviceStatus("d", "online", 5, escalation_ratio=0.25,
+                      plan_mix=(("small", 3), ("escalate:cloud", 1)))
+    assert b"escalation_ratio" in encode(st) and decode(encode(st)) == st
+
+
 # -- encode refuses messages that break the schema --------------------------------------------
 
 
@@ -225,6 +256,7 @@ def test_absent_optional_fields_take_their_defaults():
                        error=ErrorInfo(Code.INTERNAL, "x")), "not both"),
     (CloudLoad("w", 1, tail_ms=(("d", 1),)), "tail_ms"),
     (DeviceStatus("d", "online", 1, rtt_ms=-1.0), "rtt_ms"),
+    (DeviceStatus("d", "online", 1, escalation_ratio=-0.5), "escalation_ratio"),
     (DeviceStatus("d", "online", 1, plan_mix=(("local", -1),)), "plan_mix"),
     (DeviceStatus("d", "online", 1, plan_mix=(("local",),)), "plan_mix"),
     (Assignment("d", "m", "b", signature="not bytes"), "signature"),

@@ -4,6 +4,7 @@ written out independently of golden/make_golden.py on purpose."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -250,6 +251,17 @@ def test_device_status_with_request_statistics():
                                p99_ms=61.5, fallbacks=7,
                                plan_mix=(("local", 120), ("cut 3", 41), ("cloud", 2)))
     assert encode(msg) == data
+    assert (msg.refused_digest, msg.refused_reason) == ("", "")  # v1.1: absent, not written
+
+
+def test_device_status_with_a_refusal():
+    # v1.1 fields: written only when set (so the vectors above keep their bytes), decoded back
+    old = load("device_status_fleet")
+    msg = dataclasses.replace(decode(old), refused_digest="ef" * 32,
+                              refused_reason="signature does not verify")
+    data = encode(msg)
+    assert decode(data) == msg
+    assert len(data) > len(old) and b"refused_reason" in data and b"refused_" not in old
 
 
 def test_cloud_load():

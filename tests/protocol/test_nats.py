@@ -36,7 +36,7 @@ from tandem.protocol.nats import (
 )
 from tandem.protocol.tensors import Tensor
 from tandem.protocol.transport import IncomingMessage, PublishProperties, TransportConfig
-from tests._support.interop import NatsCluster, NatsServer, nats_missing
+from tests._support.interop import NatsCluster, NatsServer, nats_missing, require_broker
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -360,9 +360,7 @@ def _start_worker(name: str, node: NatsServer) -> subprocess.Popen:
 
 @pytest.fixture
 def cluster(tmp_path):
-    why = nats_missing()
-    if why:
-        pytest.skip(why)
+    require_broker(nats_missing())
     with NatsCluster(tmp_path / "cluster", nodes=2, mqtt_on=(0,)) as c:
         yield c
 

@@ -467,7 +467,14 @@ def test_large_compressed_payloads_are_decoded_off_the_event_loop(net, monkeypat
         decoded_in.append(threading.current_thread().name)
         return real(data, limits)
 
+    real_opened = codec.OpenFrame.decode
+
+    def recording_opened(self):  # a frame whose envelope was parsed once (codec.open_frame)
+        decoded_in.append(threading.current_thread().name)
+        return real_opened(self)
+
     monkeypatch.setattr(codec, "decode", recording)
+    monkeypatch.setattr(codec.OpenFrame, "decode", recording_opened)
 
     async def main() -> None:
         async with net.transport() as server, net.transport() as client:

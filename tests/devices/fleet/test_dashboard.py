@@ -201,5 +201,17 @@ def test_the_page_escapes_and_draws_without_a_browser():
     assert "<b>on</b>" not in page and "&lt;b&gt;on&lt;/b&gt;" in page
     assert "&lt;i&gt;down&lt;/i&gt;" in page and "f&amp;co" in page
     assert 'class="pending"' in page  # assigned, not yet running
+    refused = DeviceRow(id="cam-02", profile="p", group="", state="online", last_seen_ms=1,
+                        bundle_digest="cd" * 32, assigned_digest="ab" * 32,
+                        refused_digest="ab" * 32, refused_reason="signature <bad>")
+    page = render_page("f", [refused], now_ms=2000, refresh_s=5)
+    assert 'class="refused"' in page and "refused abababababab: signature &lt;bad&gt;" in page
+    assert 'class="pending"' not in page
     assert sparkline([]) == ""
     assert sparkline([(1, 0.0, 0.0)]).count("<polyline") == 2
+    cascade = DeviceRow(id="cam-02", profile="p", group="", state="online", last_seen_ms=1,
+                        bundle_digest="", assigned_digest="", escalation_ratio=0.157,
+                        plan_mix=[("small", 84), ("escalate:cloud", 16)])
+    rows = Rows()
+    rows.feed(render_page("f", [row, cascade], now_ms=2000, refresh_s=5))
+    assert rows.rows["cam-02"]["escalated"] == "16%" and rows.rows["cam-01"]["escalated"] == "–"

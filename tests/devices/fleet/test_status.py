@@ -89,6 +89,29 @@ def test_the_status_table_fits_a_terminal_and_is_complete_in_a_pipe(devices, tmp
     assert proc.stdout.splitlines()[-1] == "3 device(s): 1 online, 2 unseen"
 
 
+def test_a_cascades_escalation_ratio_shows_per_device(devices, tmp_path):
+    from tests._support.terminal import on_terminal, piped
+
+    heartbeat(devices, tmp_path, "cam-01", bundle_digest="cd" * 32, p50_ms=3.5, p99_ms=41.0,
+              plan_mix=(("small", 84), ("escalate:cloud", 16)), escalation_ratio=0.16)
+    heartbeat(devices, tmp_path, "cam-02", bundle_digest="ab" * 32, p50_ms=9.0,
+              plan_mix=(("local", 10),))
+    rows = {r.id: r for r in asyncio.run(collect_rows(devices))}
+    assert rows["cam-01"].escalation_ratio == pytest.approx(0.16) and rows["cam-01"].cascading
+    assert not rows["cam-02"].cascading
+    args = ["fleet", *cli(devices, "status")[1:]]
+    proc = piped(args)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[-1] == "ESC"
+    cam1 = next(line for line in lines if line.startswith("cam-01"))
+    cam2 = next(line for line in lines if line.startswith("cam-02"))
+    assert cam1.split()[-1] == "16%" and cam2.split()[-1] == "-"
+    rc, shown, err = on_terminal(args, columns=80)
+    assert rc == 0, err
+    assert all(len(line) <= 80 for line in shown.splitlines()), shown
+
+
 def test_a_pending_rollout_and_a_stale_heartbeat_show(devices, tmp_path):
     with devices.db.transaction() as tx:  # an assignment as `assign` records it
         tx.execute("INSERT INTO bundles VALUES (?, 'm', '1', 'x', ?, 1, '', 0)",
@@ -98,6 +121,45 @@ def test_a_pending_rollout_and_a_stale_heartbeat_show(devices, tmp_path):
     rows = {r.id: r for r in asyncio.run(collect_rows(devices, stale_after_s=90))}
     assert rows["cam-01"].state == "stale"
     assert rows["cam-01"].rollout == "pending" and rows["cam-01"].assigned_digest == "ef" * 32
+
+
+def test_a_refused_assignment_shows_with_the_devices_reason(devices, tmp_path, capsys):
+    from tests._support.terminal import on_terminal, piped
+
+    with devices.db.transaction() as tx:  # an assignment as `assign` records it
+        tx.execute("INSERT INTO bundles VALUES (?, 'm', '1', 'x', ?, 1, '', 0)",
+                   ("ef" * 32, "00" * 32))
+        tx.execute("INSERT INTO assignments VALUES ('cam-01', ?, '[]', 0)", ("ef" * 32,))
+        tx.execute("INSERT INTO assignments VALUES ('cam-02', ?, '[]', 0)", ("ef" * 32,))
+    reason = ("archive sha256 is 3b0c…, not the assigned 9a1f…: the download is corrupt or "
+              "was tampered with \x1b[31m")
+    heartbeat(devices, tmp_path, "cam-01", bundle_digest="ab" * 32, refused_digest="ef" * 32,
+              refused_reason=reason)
+    # a refusal of an older assignment says nothing about the current one: still pending
+    heartbeat(devices, tmp_path, "cam-02", bundle_digest="ab" * 32, refused_digest="cd" * 32,
+              refused_reason="old news")
+    rows = {r.id: r for r in asyncio.run(collect_rows(devices))}
+    assert rows["cam-01"].rollout == "refused" and rows["cam-02"].rollout == "pending"
+    assert rows["cam-01"].refused_reason.startswith("archive sha256 is 3b0c…")
+    assert "\x1b" not in rows["cam-01"].refused_reason
+
+    assert main(cli(devices, "status", "--json")) == 0
+    by_id = {d["id"]: d for d in json.loads(capsys.readouterr().out)["devices"]}
+    assert by_id["cam-01"]["rollout"] == "refused"
+    assert by_id["cam-01"]["refused_digest"] == "ef" * 32
+    assert "tampered with" in by_id["cam-01"]["refused_reason"]
+
+    args = ["fleet", *cli(devices, "status")[1:]]
+    rc, shown, err = on_terminal(args, columns=80)
+    assert rc == 0, err
+    assert all(len(line) <= 80 for line in shown.splitlines()), shown
+    flat = " ".join(shown.split())  # the reason's line wraps on a terminal, nothing is cut
+    assert "cam-01 refused bundle efefefefefef: archive sha256 is 3b0c…" in flat, shown
+    assert "tampered with" in flat and "old news" not in flat
+    proc = piped(args)
+    assert proc.returncode == 0, proc.stderr
+    assert "abababab refused efefefef" in proc.stdout
+    assert f"cam-01 refused bundle efefefefefef: {reason[:-5]}" in proc.stdout, proc.stdout
 
 
 def test_forged_malformed_and_hostile_heartbeats(devices, tmp_path):
