@@ -96,3 +96,41 @@ def test_a_handler_that_starts_a_request_opens_the_window_before_answering(mosqu
             release.set()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_sync_handler_on_its_thread_acknowledges_through_the_loop(mosquitto):
+    import threading
+
+    async def main() -> None:
+        server_cfg = TransportConfig(port=mosquitto.port, protocol=5, receive_maximum=2,
+                                     manual_ack=True, client_id="threaded")
+        release = threading.Event()
+        arrived: list[bytes] = []
+
+        def handler(request, ctx):  # sync: runs on the server's handler threads
+            arrived.append(request.id)
+            if len(arrived) <= 2:
+                ctx.started()  # from a handler thread: the PUBACK still goes out on the loop
+            assert release.wait(20)
+            return InferenceResponse(id=request.id)
+
+        async with MqttTransport(server_cfg) as server, \
+                MqttTransport(TransportConfig(port=mosquitto.port)) as client:
+            await server.serve("tandem/v1/req/+/+", handler, max_concurrency=8)
+            requests = [_request() for _ in range(6)]
+            for r in requests:
+                await client.publish_message("tandem/v1/req/d/m", r, qos=1)
+            try:
+                await asyncio.sleep(0.6)
+                # the two started ones were acknowledged (from their threads), which opened
+                # the window for more (mosquitto 2.0.11 sends two per PUBACK: #2301)
+                assert len(arrived) > 2
+            finally:
+                release.set()
+            for _ in range(100):
+                if len(arrived) == 6:
+                    break
+                await asyncio.sleep(0.05)
+            assert sorted(arrived) == sorted(r.id for r in requests)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
