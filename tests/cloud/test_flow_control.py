@@ -90,8 +90,8 @@ def test_a_stuck_worker_holds_about_its_inflight_limit_and_every_request_is_answ
         # one batch stuck in compute and one formed ahead, queued behind it (both started)
         assert slow.worker.answered == 0 and slow.worker.dispatcher.computing == 2
         # 2 in its window, +1 for each of the two requests it started: each PUBACK replenishes
-        # two sends on mosquitto 2.0.11 (its quota bug, eclipse-mosquitto/mosquitto#2301); with
-        # acks on arrival it would hold its whole share (~18)
+        # two sends on mosquitto 2.0.11 (measured; apparently eclipse-mosquitto/mosquitto#2301);
+        # with acks on arrival it would hold its whole share (~18)
         assert 2 <= held <= 4, f"the stuck worker holds {held} unstarted requests"
         assert answered_fast >= n // 2 - 1
         gate.set()  # unstuck: it works through what the broker kept for it
