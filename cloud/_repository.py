@@ -297,7 +297,7 @@ class ModelRepository:
                         f"{', '.join(named)}, not {model_digest[:12]}: the device and the cloud "
                         "run different bundles of it")
                 raise NotFound(f"unknown model: no bundle here was compiled from source digest "
-                               f"{model_digest[:64]!r}")
+                               f"{model_digest[:64]!r}{self._rejected_note()}")
             entry = max(candidates, key=lambda e: e.added_at)
             part = entry.parts.get(cut_id)
         if part is None:
@@ -305,6 +305,14 @@ class ModelRepository:
             raise NotFound(f"unknown cut {cut_id} of model {entry.model_name!r} "
                            f"(the cloud runs cuts {cuts})")
         return part
+
+    def _rejected_note(self) -> str:
+        """For NOT_FOUND: a hint that the bundle asked for may be one that failed verification
+        (the count only: repository paths stay in the worker's log)."""
+        with self._lock:
+            n = len(self._rejected)
+        return f" ({n} bundle(s) in the repository were rejected: see the worker's log)" \
+            if n else ""
 
     def by_name(self, name: str, version: str | None = None) -> BundleEntry:
         """The bundle serving model ``name`` (``version``, else the newest added)."""
@@ -314,7 +322,7 @@ class ModelRepository:
             matches = [e for e in matches if e.model_version == version]
         if not matches:
             what = f"model {name!r}" + (f" version {version!r}" if version else "")
-            raise NotFound(f"unknown {what}")
+            raise NotFound(f"unknown {what}{self._rejected_note()}")
         return max(matches, key=lambda e: e.added_at)
 
     def versions(self, name: str) -> list[str]:
