@@ -10,16 +10,20 @@ Contract with devices (at least once, idempotent by id):
   here under other digests, DEADLINE_EXCEEDED for a spent budget, RESOURCE_EXHAUSTED for a full
   queue, UNAVAILABLE while shutting down);
 * a request id seen again from the same device within ``dedup_window_s`` (QoS 1 redelivery, a
-  retry) is answered with the same response without recomputing (while the first is still
-  running, the transport drops the copy: the first one's answer is the answer); retryable errors
-  are not remembered, so a retry after RESOURCE_EXHAUSTED is computed;
+  retry) *by the same worker* is answered with the same response without recomputing (while the
+  first is still running, the transport drops the copy: the first one's answer is the answer);
+  retryable errors are not remembered, so a retry after RESOURCE_EXHAUSTED is computed. The
+  reply cache is this worker's own memory (:class:`_ReplyCache`), not shared: a retry that the
+  shared subscription delivers to another worker of the group is computed again there;
 * the transport's ``serve`` does the strict decoding: a payload that cannot be decoded far enough
   to find its id is counted (``tandem_cloud_decode_errors_total``) and logged, rate limited; one
   whose id is readable (MQTT 5 correlation data) is answered with its error; the worker keeps
   serving;
-* after a crash (SIGKILL) the requests the worker held are lost with it: a device retries by id
-  (same id, same answer if another worker had already computed it), which is why requests are
-  idempotent.
+* after a crash (SIGKILL) the requests the worker held are lost with it, and so is its reply
+  cache: a device retries by id, and whichever worker gets the retry computes it (again, if the
+  crashed one had computed it without its answer getting out). Requests are idempotent (a
+  tail's outputs depend only on its input tensors), so a retry computed twice is harmless; what
+  is not guaranteed across workers is "computed at most once".
 """
 
 from __future__ import annotations
