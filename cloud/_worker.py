@@ -7,8 +7,9 @@ Contract with devices (at least once, idempotent by id):
   ``tandem/v1/resp/<device>`` — the device named in the request topic, never a topic the payload
   chose: its outputs, or a typed error (INVALID_ARGUMENT for a payload that decodes far enough
   to find its id, NOT_FOUND for an unknown model or cut, FAILED_PRECONDITION for a model served
-  here under other digests, DEADLINE_EXCEEDED for a spent budget, RESOURCE_EXHAUSTED for a full
-  queue, UNAVAILABLE while shutting down);
+  here under other digests or a part whose files changed on disk after the scan,
+  DEADLINE_EXCEEDED for a spent budget, RESOURCE_EXHAUSTED for a full queue, UNAVAILABLE while
+  shutting down);
 * a request id seen again from the same device within ``dedup_window_s`` (QoS 1 redelivery, a
   retry) *by the same worker* is answered with the same response without recomputing (while the
   first is still running, the transport drops the copy: the first one's answer is the answer);
