@@ -14,7 +14,10 @@
   becomes an ONNX Runtime session on its first request, in the compute thread — with the CUDA
   execution provider when this ONNX Runtime has it, else on the CPU. Its memory is estimated
   from its files (x2 for the session's own copies); when loading one would pass the memory
-  budget, the least recently used idle parts are unloaded first.
+  budget, the least recently used idle parts are unloaded first. A load reserves its bytes
+  before it starts, so loads on several compute threads at once never pass the budget together;
+  when busy parts (a batch running) or other loads hold the memory, it waits for them (up to
+  ``room_wait_s``, then RESOURCE_EXHAUSTED, retryable).
 * **TensorRT per part**: with ``backend`` ``auto`` (default) or ``tensorrt``, a GPU profile
   (detected, or given) and ``tensorrt`` importable, a part whose bundle has a TensorRT artifact
   for this profile gets its engine — the bundled one when this TensorRT loads it, else built
@@ -58,6 +61,7 @@ __all__ = ["BundleEntry", "ModelRepository", "Part", "ScanReport"]
 log = logging.getLogger("tandem.cloud.repository")
 
 _SESSION_OVERHEAD = 2  # an ORT session holds about its model's size again
+_ROOM_WAIT_S = 30.0  # how long a load waits for busy parts to free memory before giving up
 _ARCHIVE_MAGIC = (b"\x28\xb5\x2f\xfd", b"\x1f\x8b")  # zstd, gzip (plain tar: "ustar" at 257)
 
 
@@ -170,11 +174,14 @@ class ModelRepository:
         self.intra_op_threads = intra_op_threads
         self._backend_factory = backend_factory or self._onnxruntime
         self._lock = threading.RLock()
+        self._room = threading.Condition(self._lock)  # notified when memory may have freed
         self._entries: dict[Path, BundleEntry] = {}  # by repository path
         self._by_digest: dict[str, BundleEntry] = {}  # bundle digest -> entry
         self._rejected: dict[Path, tuple[tuple, str]] = {}  # path -> (signature, reason)
         self._loaded: collections.OrderedDict[tuple[str, int], Part] = collections.OrderedDict()
         self._loaded_bytes = 0
+        self._reserved_bytes = 0  # parts being loaded right now (counted against the budget)
+        self.room_wait_s = _ROOM_WAIT_S
         self.scans = 0
         self.on_unload: Callable[[Part], None] | None = None
 
@@ -349,12 +356,15 @@ class ModelRepository:
         except TandemError as exc:
             with self._lock:
                 part.busy -= 1
-                part.load_error = exc
+                if not exc.retryable:  # a retryable one (no room yet) may pass: not kept
+                    part.load_error = exc
+                self._room.notify_all()
             log.error("cannot load %s: %s", part.label, exc)
             raise
         except BaseException:
             with self._lock:
                 part.busy -= 1
+                self._room.notify_all()
             raise
 
     def release(self, part: Part) -> None:
@@ -364,14 +374,51 @@ class ModelRepository:
             gone = self._by_digest.get(entry.digest) is not entry
             if gone and part.busy == 0 and part.key in self._loaded:
                 self._unload(part)
+            if part.busy == 0:
+                self._room.notify_all()  # it may be unloaded now to make room for another
 
     def _load(self, part: Part) -> Any:
         if part.estimate_bytes > self.memory_budget_bytes:
             raise ResourceExhausted(
                 f"{part.label} needs about {part.estimate_bytes >> 20} MiB, over the memory "
                 f"budget of {self.memory_budget_bytes >> 20} MiB", retryable=False)
+        need = part.estimate_bytes
         with self._lock:
-            self._make_room(part.estimate_bytes)
+            loaded = self._reserve(part, need)
+            if loaded is not None:  # another thread loaded it while this one waited
+                return loaded
+        try:
+            return self._load_reserved(part)
+        except BaseException:
+            with self._lock:
+                self._reserved_bytes -= need
+                self._room.notify_all()
+            raise
+
+    def _reserve(self, part: Part, need: int) -> Any:
+        """Under the lock: make room for ``need`` bytes (unloading idle parts, least recently
+        used first) and reserve them, so that loads running at once on several compute threads
+        never pass the budget together. While busy parts (or other loads) hold the memory, wait
+        for them, up to :attr:`room_wait_s` (then RESOURCE_EXHAUSTED, retryable). Returns the
+        part's backend if another thread loaded it meanwhile, else None (reserved)."""
+        deadline = time.monotonic() + self.room_wait_s
+        while True:
+            if part.backend is not None:
+                self._loaded.move_to_end(part.key)
+                return part.backend
+            self._make_room(need)
+            if self._loaded_bytes + self._reserved_bytes + need <= self.memory_budget_bytes:
+                self._reserved_bytes += need
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ResourceExhausted(
+                    f"{part.label}: no room to load it within {self.room_wait_s:g} s (the "
+                    f"memory budget of {self.memory_budget_bytes >> 20} MiB is held by parts "
+                    "computing or loading)", retryable=True)
+            self._room.wait(left)
+
+    def _load_reserved(self, part: Part) -> Any:
         bundle = part.bundle.bundle
         try:
             data = bundle.read(part.path, verify=True)
@@ -392,7 +439,9 @@ class ModelRepository:
                  ", ".join(getattr(backend.backend, "providers", None) or ["onnxruntime"]),
                  (time.perf_counter() - started) * 1000)
         with self._lock:
+            self._reserved_bytes -= part.estimate_bytes  # reserved: now loaded, or not needed
             if part.backend is not None:  # another thread won the race
+                self._room.notify_all()
                 backend.close()
                 return part.backend
             part.backend = backend
@@ -440,15 +489,17 @@ class ModelRepository:
 
     def _make_room(self, need: int) -> None:
         for key in list(self._loaded):
-            if self._loaded_bytes + need <= self.memory_budget_bytes:
+            if self._loaded_bytes + self._reserved_bytes + need <= self.memory_budget_bytes:
                 return
             victim = self._loaded[key]
             if victim.busy == 0:
                 self._unload(victim)
 
     def _unload(self, part: Part) -> None:
+        """Under the lock."""
         self._loaded.pop(part.key, None)
         self._loaded_bytes -= part.estimate_bytes
+        self._room.notify_all()
         backend, part.backend = part.backend, None
         if part.engines is not None:
             part.engines.stop()  # an engine finished later is released unused

@@ -239,3 +239,89 @@ def test_a_part_changed_on_disk_after_the_scan_fails_its_requests_only(tmp_path,
         await _close(worker)
 
     run(main())
+
+
+def test_loads_on_two_compute_threads_never_pass_the_budget_together(tmp_path, compiled):
+    """Two compute threads load two parts at once under a budget for one. Each load reserves
+    its bytes first: the second waits while the first part computes (busy), then unloads it
+    and loads its own. Without the reservation both would load side by side (the factory
+    below lets two loads meet at a barrier), twice the budget. The repository's loaded bytes,
+    sampled all along, never pass the budget; a load that finds no room within
+    ``room_wait_s`` answers RESOURCE_EXHAUSTED (retryable) and is not remembered as the part's
+    failure."""
+    import contextlib
+    import threading
+    import time
+
+    from tandem.cloud import ModelRepository
+    from tandem.devices.backends import OnnxRuntimeBackend
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(compiled["residual"], repo / "residual")
+    meet = threading.Barrier(2, timeout=1.0)
+    in_factory: list[int] = []
+
+    def factory(part, source):
+        in_factory.append(part.cut.id)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            meet.wait()  # two loads at once would pass here together
+        backend = OnnxRuntimeBackend(source, optimized=part.optimized, name=part.label)
+        backend.activate()
+        return backend
+
+    r = ModelRepository(repo, backend_factory=factory)
+    r.scan()
+    (entry,) = r.entries
+    a, b = sorted(entry.parts.values(), key=lambda p: p.cut.id)[:2]
+    r.memory_budget_bytes = max(a.estimate_bytes, b.estimate_bytes)
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], r.loaded_bytes)
+            time.sleep(0.0005)
+
+    errors: list[BaseException] = []
+
+    def compute(part, hold_s: float) -> None:
+        try:
+            r.acquire(part)
+            time.sleep(hold_s)  # a batch running on it
+            r.release(part)
+        except BaseException as exc:
+            errors.append(exc)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        threads = [threading.Thread(target=compute, args=(a, 0.3)),
+                   threading.Thread(target=compute, args=(b, 0.0))]
+        threads[0].start()
+        time.sleep(0.05)  # a's load first
+        threads[1].start()
+        for t in threads:
+            t.join(30)
+        assert errors == []
+        assert peak[0] <= r.memory_budget_bytes, (peak[0], r.memory_budget_bytes)
+        assert [p.cut.id for p in r.loaded] == [b.cut.id]  # a unloaded once it was idle
+        assert sorted(in_factory) == sorted([a.cut.id, b.cut.id])
+
+        # no room within room_wait_s (b busy for longer): retryable, and a may load later
+        r.room_wait_s = 0.1
+        slow = threading.Thread(target=compute, args=(b, 1.0))
+        slow.start()
+        time.sleep(0.05)
+        with pytest.raises(ResourceExhausted, match="no room") as err:
+            r.acquire(a)
+        assert err.value.retryable and a.load_error is None
+        slow.join(30)
+        r.acquire(a)  # b is idle now: it goes, a loads
+        r.release(a)
+        assert [p.cut.id for p in r.loaded] == [a.cut.id]
+        assert peak[0] <= r.memory_budget_bytes
+    finally:
+        stop.set()
+        sampler.join()
+        r.close()
