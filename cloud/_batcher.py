@@ -77,6 +77,7 @@ class WorkItem:
     rows: int = 1
     enqueued: float = 0.0
     future: asyncio.Future | None = None
+    on_start: Callable[[], None] | None = None  # called when its batch starts computing
 
     def feeds(self) -> dict[str, np.ndarray]:
         if isinstance(self.inputs, dict):
@@ -159,6 +160,7 @@ class _Batcher:
         heapq.heappush(self.heap, (-item.priority, next(self.d._seq), item))
         self.rows += item.rows
         self.wake.set()
+        self.d._tick.set()
 
     def oldest(self) -> float:
         return min(entry[2].enqueued for entry in self.heap)
@@ -192,14 +194,14 @@ class _Batcher:
             if waited:
                 joined = 1.0 if self.rows > rows_before else 0.0
                 self.join_rate += _EWMA * (joined - self.join_rate)
-            await self.d._slots.acquire()
+            await self.d._acquire_slot(self)
             try:
                 batch = self._form(loop.time())
             except BaseException:
-                self.d._slots.release()
+                self.d._release_slot()
                 raise
             if not batch:
-                self.d._slots.release()
+                self.d._release_slot()
                 continue
             self.batches += 1
             self.d._spawn(self._compute(batch))
@@ -277,6 +279,12 @@ class _Batcher:
     async def _compute(self, batch: list[WorkItem]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        for item in batch:  # MQTT: its PUBACK now (the broker may send the next one)
+            if item.on_start is not None:
+                try:
+                    item.on_start()
+                except Exception:
+                    log.exception("start hook failed")
         self.d._computing += len(batch)
         try:
             try:
@@ -290,7 +298,7 @@ class _Batcher:
                 compute_s = 0.0
         finally:
             self.d._computing -= len(batch)
-            self.d._slots.release()
+            self.d._release_slot()
         compute_ms = compute_s * 1000
         if compute_s > 0:
             rows = sum(item.rows for item in batch)
@@ -350,7 +358,8 @@ class Dispatcher:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=policy.compute_slots, thread_name_prefix="tandem-compute")
         self._batchers: dict[tuple[str, int], _Batcher] = {}
-        self._slots = asyncio.Semaphore(policy.compute_slots)
+        self._out = 0  # batches formed and not finished (computing, or queued for a thread)
+        self._tick = asyncio.Event()  # a batch finished or a request arrived: see _acquire_slot
         self._seq = itertools.count()
         self._queued = 0
         self._computing = 0
@@ -361,6 +370,25 @@ class Dispatcher:
     def queue_depth(self) -> int:
         """Requests waiting (not yet computing)."""
         return self._queued
+
+    async def _acquire_slot(self, batcher: _Batcher) -> None:
+        """Wait until ``batcher`` may form a batch: while fewer than ``compute_slots`` batches
+        are out, and — formed ahead and queued behind the running ones, so a compute thread
+        goes straight on to it instead of waiting for a trip through the event loop — one more
+        per slot when a full batch is already waiting (never a partial one: what arrives
+        meanwhile could still join it)."""
+        slots = self.policy.compute_slots
+        while True:
+            if self._out < slots or (self._out < 2 * slots and batcher.heap
+                                     and batcher.rows >= batcher.limit()):
+                self._out += 1
+                return
+            self._tick.clear()
+            await self._tick.wait()
+
+    def _release_slot(self) -> None:
+        self._out -= 1
+        self._tick.set()
 
     @property
     def computing(self) -> int:
@@ -376,8 +404,8 @@ class Dispatcher:
         return total / max(self.policy.compute_slots, 1)
 
     def submit(self, part: Part, inputs: Sequence[Tensor] | dict[str, np.ndarray], *,
-               deadline: float = math.inf, priority: int = 0, wire: bool = True
-               ) -> asyncio.Future[Outcome]:
+               deadline: float = math.inf, priority: int = 0, wire: bool = True,
+               on_start: Callable[[], None] | None = None) -> asyncio.Future[Outcome]:
         """Queue a request; the future resolves to its :class:`Outcome` (never raises). Raises
         at once: UNAVAILABLE while draining, RESOURCE_EXHAUSTED when the queue is full,
         DEADLINE_EXCEEDED for a spent budget, INVALID_ARGUMENT for tensors the part does not
@@ -394,7 +422,7 @@ class Dispatcher:
                 f"queue full ({self._queued} requests waiting, limit {self.policy.queue_limit})",
                 retryable=True)
         item = WorkItem(part, inputs, deadline, priority, wire, signature, rows, now,
-                        loop.create_future())
+                        loop.create_future(), on_start)
         batcher = self._batchers.get(part.key)
         if batcher is None or batcher.part is not part:
             batcher = self._batchers[part.key] = _Batcher(self, part)

@@ -87,7 +87,7 @@ class CloudConfig:
     max_batch: int = 8
     max_delay_ms: float = 2.0
     queue_limit: int = 256
-    max_inflight: int = 0  # 0: 2 x max_batch (messages taken from the broker and not finished)
+    max_inflight: int = 0  # 0: see inflight_limit (taken from the broker, not started yet)
     http_port: int | None = None
     http_host: str = "127.0.0.1"
     public_key: Path | None = None
@@ -95,6 +95,9 @@ class CloudConfig:
     repo_poll_s: float = 2.0
     compute_threads: int = 1
     intra_op_threads: int = 0  # 0: ONNX Runtime's default
+    backend: str = "auto"  # auto | onnxruntime | tensorrt
+    profile: str | None = None  # device profile id; None: detected
+    engine_cache: Path | None = None  # None: ~/.cache/tandem/engines
     dedup_window_s: float = 60.0
     dedup_max_mb: int = 64
     load_interval_s: float = 1.0
@@ -127,6 +130,8 @@ class CloudConfig:
         need(self.repo_poll_s > 0, "repo_poll_s must be > 0")
         need(1 <= self.compute_threads <= 256, "compute_threads must be in [1, 256]")
         need(self.intra_op_threads >= 0, "intra_op_threads must be >= 0")
+        need(self.backend in ("auto", "onnxruntime", "tensorrt"),
+             f"backend must be auto, onnxruntime or tensorrt, not {self.backend!r}")
         need(self.dedup_window_s >= 0, "dedup_window_s must be >= 0")
         need(self.dedup_max_mb >= 0, "dedup_max_mb must be >= 0")
         need(self.load_interval_s > 0, "load_interval_s must be > 0")
@@ -141,7 +146,14 @@ class CloudConfig:
 
     @property
     def inflight_limit(self) -> int:
-        return self.max_inflight or 2 * self.max_batch
+        """Requests this worker may hold from the broker without having started them: the
+        MQTT 5 Receive Maximum it connects with (a request's PUBACK goes out when its batch
+        starts). ``max_inflight``, else 2 x max_batch x compute_threads — enough to form the
+        next full batch of every compute thread while the current ones run — and at least 8, so
+        the PUBACK -> next PUBLISH round trip through the broker never starves a worker with
+        small batches."""
+        return min(self.max_inflight or max(2 * self.max_batch * self.compute_threads, 8),
+                   65535)
 
 
 # -- the one layer (tandem.protocol.settings) -------------------------------------------------
@@ -168,7 +180,8 @@ def load_config(options: Mapping[str, Any] | None = None, *,
     go to ``secrets_dir``, else to a private temporary directory removed at exit) over the
     defaults."""
     merged = merge_settings(_FIELD_TYPES, options, table="cloud", env=env,
-                            config_file=config_file, file_relative=("repo", "enroll"))
+                            config_file=config_file,
+                            file_relative=("repo", "enroll", "engine_cache"))
     if "repo" not in merged:
         raise InvalidArgument("no model repository: give --repo DIR (or TANDEM_REPO, or repo "
                               "in the config file)")

@@ -9,10 +9,22 @@
   bundle that fails is rejected (logged once per version of the file) and the rest are served.
   A part's files are hashed again right before it is loaded, so a change on disk after the scan
   is caught (FAILED_PRECONDITION for the requests that needed it).
-* **Lazy load, LRU unload**: a part (the tail of one cut) becomes an ONNX Runtime session on
-  its first request, in the compute thread. Its memory is estimated from its files (x2 for the
-  session's own copies); when loading one would pass the memory budget, the least recently used
-  idle parts are unloaded first.
+* **Lazy load, LRU unload**: a part (the tail of one cut, as :meth:`Bundle.select` picks it
+  for role ``tail``: the bundle's ORT-optimized artifact when there is one, else the part)
+  becomes an ONNX Runtime session on its first request, in the compute thread — with the CUDA
+  execution provider when this ONNX Runtime has it, else on the CPU. Its memory is estimated
+  from its files (x2 for the session's own copies); when loading one would pass the memory
+  budget, the least recently used idle parts are unloaded first. A load reserves its bytes
+  before it starts, so loads on several compute threads at once never pass the budget together;
+  when busy parts (a batch running) or other loads hold the memory, it waits for them (up to
+  ``room_wait_s``, then RESOURCE_EXHAUSTED, retryable).
+* **TensorRT per part**: with ``backend`` ``auto`` (default) or ``tensorrt``, a GPU profile
+  (detected, or given) and ``tensorrt`` importable, a part whose bundle has a TensorRT artifact
+  for this profile gets its engine — the bundled one when this TensorRT loads it, else built
+  from the artifact's recipe into the engine cache — in a background thread while ONNX Runtime
+  serves it, and switches to it atomically when it is ready (a batch already running finishes
+  on ONNX Runtime): :class:`tandem.devices.backends.SwitchableBackend` and
+  :class:`tandem.devices.engines.BackgroundEngineBuild`, the edge daemon's mechanism too.
 * **Hot add/remove**: :meth:`ModelRepository.scan` (run every ``repo_poll_s`` by the worker)
   adds new bundles, drops vanished ones and reloads changed ones.
 
@@ -34,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tandem.devices.backends.switchable import SwitchableBackend
 from tandem.protocol.bundle import Bundle, CutSpec, Manifest, load_bundle
 from tandem.protocol.errors import (
     FailedPrecondition,
@@ -48,6 +61,7 @@ __all__ = ["BundleEntry", "ModelRepository", "Part", "ScanReport"]
 log = logging.getLogger("tandem.cloud.repository")
 
 _SESSION_OVERHEAD = 2  # an ORT session holds about its model's size again
+_ROOM_WAIT_S = 30.0  # how long a load waits for busy parts to free memory before giving up
 _ARCHIVE_MAGIC = (b"\x28\xb5\x2f\xfd", b"\x1f\x8b")  # zstd, gzip (plain tar: "ustar" at 257)
 
 
@@ -61,7 +75,8 @@ class Part:
     optimized: bool
     needs: tuple[str, ...]  # every bundle path to verify before loading (part + its weights)
     estimate_bytes: int
-    backend: Any = None  # an active Backend while loaded
+    backend: Any = None  # a SwitchableBackend while loaded
+    engines: Any = None  # its BackgroundEngineBuild, while one runs or ran
     last_used: float = 0.0
     busy: int = 0  # batches running on it (never unloaded while > 0)
     load_error: TandemError | None = None
@@ -77,6 +92,12 @@ class Part:
     @property
     def input_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.cut.frontier)
+
+    @property
+    def backend_kind(self) -> str:
+        """What runs it now: ``onnxruntime``, ``tensorrt``, or ``unloaded``."""
+        backend = self.backend
+        return "unloaded" if backend is None else backend.kind
 
 
 @dataclass
@@ -134,18 +155,33 @@ class ModelRepository:
 
     def __init__(self, root: Path | str, *, public_key: Any = None,
                  memory_budget_bytes: int = 4 << 30, intra_op_threads: int = 0,
-                 backend_factory: BackendFactory | None = None) -> None:
+                 backend_factory: BackendFactory | None = None, backend: str = "auto",
+                 profile: Any = None, engine_cache: Path | None = None) -> None:
+        """``backend``: ``auto`` (TensorRT where it can be had, else ONNX Runtime),
+        ``onnxruntime`` or ``tensorrt`` (MissingDependency on the first load when ``tensorrt``
+        does not import); ``profile``: this machine's :class:`~tandem.devices.Profile` (None:
+        detected on the first load); ``engine_cache``: where built engines are kept (None:
+        ``~/.cache/tandem/engines``)."""
+        if backend not in ("auto", "onnxruntime", "tensorrt"):
+            raise InvalidArgument(f"backend must be auto, onnxruntime or tensorrt, not "
+                                  f"{backend!r}")
         self.root = Path(root)
+        self.backend_choice = backend
+        self._profile = profile
+        self.engine_cache = engine_cache
         self.public_key = public_key
         self.memory_budget_bytes = memory_budget_bytes
         self.intra_op_threads = intra_op_threads
         self._backend_factory = backend_factory or self._onnxruntime
         self._lock = threading.RLock()
+        self._room = threading.Condition(self._lock)  # notified when memory may have freed
         self._entries: dict[Path, BundleEntry] = {}  # by repository path
         self._by_digest: dict[str, BundleEntry] = {}  # bundle digest -> entry
         self._rejected: dict[Path, tuple[tuple, str]] = {}  # path -> (signature, reason)
         self._loaded: collections.OrderedDict[tuple[str, int], Part] = collections.OrderedDict()
         self._loaded_bytes = 0
+        self._reserved_bytes = 0  # parts being loaded right now (counted against the budget)
+        self.room_wait_s = _ROOM_WAIT_S
         self.scans = 0
         self.on_unload: Callable[[Part], None] | None = None
 
@@ -220,18 +256,19 @@ class ModelRepository:
         entry.bundle.close()
 
     def _parts_of(self, entry: BundleEntry) -> dict[int, Part]:
+        """A part per cut with a tail (cut 0's is the whole model), as ``Bundle.select`` picks
+        it for ONNX Runtime (its verified cuts only; ``select`` checks the files it picks, which
+        ``load_bundle`` already hashed: free for a directory, an extraction for an archive)."""
         m = entry.manifest
+        root = entry.bundle.root
+        selection = entry.bundle.select("tail", "onnxruntime", sources=False)
         parts = {}
-        for cut in m.cuts:
-            if cut.tail_part is None:
-                continue  # all local: nothing for the cloud to run
-            path, optimized = cut.tail_part, False
-            ort = m.artifacts_for(cut.tail_part, target="onnxruntime")
-            if ort:
-                path, optimized = ort[0].path, True
-            needs = _closure(m, path)
+        for cut_id, runnable in selection.tails.items():
+            path = runnable.path.relative_to(root).as_posix()
+            needs = m.closure([path])
             size = sum(m.file(p).size for p in needs)
-            parts[cut.id] = Part(entry, cut, path, optimized, needs, size * _SESSION_OVERHEAD)
+            parts[cut_id] = Part(entry, m.cut(cut_id), path, runnable.optimized, needs,
+                                 size * _SESSION_OVERHEAD)
         return parts
 
     # -- queries --------------------------------------------------------------------------------
@@ -267,7 +304,7 @@ class ModelRepository:
                         f"{', '.join(named)}, not {model_digest[:12]}: the device and the cloud "
                         "run different bundles of it")
                 raise NotFound(f"unknown model: no bundle here was compiled from source digest "
-                               f"{model_digest[:64]!r}")
+                               f"{model_digest[:64]!r}{self._rejected_note()}")
             entry = max(candidates, key=lambda e: e.added_at)
             part = entry.parts.get(cut_id)
         if part is None:
@@ -275,6 +312,14 @@ class ModelRepository:
             raise NotFound(f"unknown cut {cut_id} of model {entry.model_name!r} "
                            f"(the cloud runs cuts {cuts})")
         return part
+
+    def _rejected_note(self) -> str:
+        """For NOT_FOUND: a hint that the bundle asked for may be one that failed verification
+        (the count only: repository paths stay in the worker's log)."""
+        with self._lock:
+            n = len(self._rejected)
+        return f" ({n} bundle(s) in the repository were rejected: see the worker's log)" \
+            if n else ""
 
     def by_name(self, name: str, version: str | None = None) -> BundleEntry:
         """The bundle serving model ``name`` (``version``, else the newest added)."""
@@ -284,7 +329,7 @@ class ModelRepository:
             matches = [e for e in matches if e.model_version == version]
         if not matches:
             what = f"model {name!r}" + (f" version {version!r}" if version else "")
-            raise NotFound(f"unknown {what}")
+            raise NotFound(f"unknown {what}{self._rejected_note()}")
         return max(matches, key=lambda e: e.added_at)
 
     def versions(self, name: str) -> list[str]:
@@ -311,12 +356,15 @@ class ModelRepository:
         except TandemError as exc:
             with self._lock:
                 part.busy -= 1
-                part.load_error = exc
+                if not exc.retryable:  # a retryable one (no room yet) may pass: not kept
+                    part.load_error = exc
+                self._room.notify_all()
             log.error("cannot load %s: %s", part.label, exc)
             raise
         except BaseException:
             with self._lock:
                 part.busy -= 1
+                self._room.notify_all()
             raise
 
     def release(self, part: Part) -> None:
@@ -326,14 +374,51 @@ class ModelRepository:
             gone = self._by_digest.get(entry.digest) is not entry
             if gone and part.busy == 0 and part.key in self._loaded:
                 self._unload(part)
+            if part.busy == 0:
+                self._room.notify_all()  # it may be unloaded now to make room for another
 
     def _load(self, part: Part) -> Any:
         if part.estimate_bytes > self.memory_budget_bytes:
             raise ResourceExhausted(
                 f"{part.label} needs about {part.estimate_bytes >> 20} MiB, over the memory "
                 f"budget of {self.memory_budget_bytes >> 20} MiB", retryable=False)
+        need = part.estimate_bytes
         with self._lock:
-            self._make_room(part.estimate_bytes)
+            loaded = self._reserve(part, need)
+            if loaded is not None:  # another thread loaded it while this one waited
+                return loaded
+        try:
+            return self._load_reserved(part)
+        except BaseException:
+            with self._lock:
+                self._reserved_bytes -= need
+                self._room.notify_all()
+            raise
+
+    def _reserve(self, part: Part, need: int) -> Any:
+        """Under the lock: make room for ``need`` bytes (unloading idle parts, least recently
+        used first) and reserve them, so that loads running at once on several compute threads
+        never pass the budget together. While busy parts (or other loads) hold the memory, wait
+        for them, up to :attr:`room_wait_s` (then RESOURCE_EXHAUSTED, retryable). Returns the
+        part's backend if another thread loaded it meanwhile, else None (reserved)."""
+        deadline = time.monotonic() + self.room_wait_s
+        while True:
+            if part.backend is not None:
+                self._loaded.move_to_end(part.key)
+                return part.backend
+            self._make_room(need)
+            if self._loaded_bytes + self._reserved_bytes + need <= self.memory_budget_bytes:
+                self._reserved_bytes += need
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ResourceExhausted(
+                    f"{part.label}: no room to load it within {self.room_wait_s:g} s (the "
+                    f"memory budget of {self.memory_budget_bytes >> 20} MiB is held by parts "
+                    "computing or loading)", retryable=True)
+            self._room.wait(left)
+
+    def _load_reserved(self, part: Part) -> Any:
         bundle = part.bundle.bundle
         try:
             data = bundle.read(part.path, verify=True)
@@ -347,32 +432,80 @@ class ModelRepository:
             raise FailedPrecondition(f"{part.label}: cannot read {part.path}: {exc}") from exc
         source: bytes | str = data if len(part.needs) == 1 else str(bundle.path_of(part.path))
         started = time.perf_counter()
-        backend = self._backend_factory(part, source)
-        log.info("loaded %s (%s, %.0f ms)", part.label, part.path,
+        plan = self._engine_plan(part)  # before loading: MissingDependency for "tensorrt"
+        backend = SwitchableBackend(self._backend_factory(part, source), "onnxruntime",
+                                    name=part.label)
+        log.info("loaded %s (%s, %s, %.0f ms)", part.label, part.path,
+                 ", ".join(getattr(backend.backend, "providers", None) or ["onnxruntime"]),
                  (time.perf_counter() - started) * 1000)
         with self._lock:
+            self._reserved_bytes -= part.estimate_bytes  # reserved: now loaded, or not needed
             if part.backend is not None:  # another thread won the race
-                _deactivate(backend)
+                self._room.notify_all()
+                backend.close()
                 return part.backend
             part.backend = backend
             self._loaded[part.key] = part
             self._loaded_bytes += part.estimate_bytes
+            if plan:
+                part.engines = self._start_engine(part, plan[0], backend)
         return backend
+
+    @property
+    def profile(self) -> Any:
+        """This machine's device profile (detected once, on first use)."""
+        if self._profile is None:
+            from tandem.devices import detect_profile
+
+            self._profile = detect_profile()
+            log.info("device profile %s", self._profile.id)
+        return self._profile
+
+    def _engine_plan(self, part: Part) -> list[Any]:
+        """The TensorRT runnable of ``part`` for this GPU ([] when TensorRT is not wanted, not
+        importable, or the bundle has none for this profile)."""
+        from tandem.devices.engines import engine_plan, tensorrt_wanted
+
+        if self.backend_choice == "onnxruntime" or \
+                not tensorrt_wanted(self.backend_choice, self.profile):
+            return []
+        selection = part.bundle.bundle.select("tail", self.profile.id)
+        runnable = selection.tails.get(part.cut.id)
+        plan, skipped = engine_plan([runnable] if runnable is not None else [])
+        for why in skipped.values():
+            log.info("%s stays on ONNX Runtime: %s", part.label, why)
+        return plan
+
+    def _start_engine(self, part: Part, runnable: Any, target: SwitchableBackend) -> Any:
+        from tandem.devices.engines import BackgroundEngineBuild, engine_backend
+
+        cache = self.engine_cache or Path.home() / ".cache" / "tandem" / "engines"
+        profile = self.profile
+        log.info("%s: TensorRT engine for %s being prepared; ONNX Runtime serves meanwhile",
+                 part.label, profile.id)
+        return BackgroundEngineBuild(
+            [(part.label, lambda: engine_backend(runnable, profile, cache, name=part.label),
+              target)], name=f"tandem-engine-{part.cut.id}").start()
 
     def _make_room(self, need: int) -> None:
         for key in list(self._loaded):
-            if self._loaded_bytes + need <= self.memory_budget_bytes:
+            if self._loaded_bytes + self._reserved_bytes + need <= self.memory_budget_bytes:
                 return
             victim = self._loaded[key]
             if victim.busy == 0:
                 self._unload(victim)
 
     def _unload(self, part: Part) -> None:
+        """Under the lock."""
         self._loaded.pop(part.key, None)
         self._loaded_bytes -= part.estimate_bytes
+        self._room.notify_all()
         backend, part.backend = part.backend, None
+        if part.engines is not None:
+            part.engines.stop()  # an engine finished later is released unused
+            part.engines = None
         if backend is not None:
-            _deactivate(backend)
+            backend.close()
             log.info("unloaded %s", part.label)
             if self.on_unload is not None:
                 self.on_unload(part)
@@ -387,12 +520,24 @@ class ModelRepository:
         return self._loaded_bytes
 
     def _onnxruntime(self, part: Part, source: bytes | str) -> Any:
+        """ONNX Runtime, with the CUDA provider when this onnxruntime has it (then the CPU)."""
         from tandem.devices.backends import OnnxRuntimeBackend
 
-        backend = OnnxRuntimeBackend(source, intra_op_threads=self.intra_op_threads or None,
+        backend = OnnxRuntimeBackend(source, providers=_ort_providers(),
+                                     intra_op_threads=self.intra_op_threads or None,
                                      optimized=part.optimized, name=part.label)
         backend.activate()
         return backend
+
+    def wait_engines(self, timeout_s: float | None = None) -> bool:
+        """Wait for the background engine builds of loaded parts; True when none runs."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for part in self.loaded:
+            engines = part.engines
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            if engines is not None and not engines.wait(left):
+                return False
+        return True
 
     def close(self) -> None:
         with self._lock:
@@ -406,23 +551,13 @@ class ModelRepository:
                 entry.bundle.close()
 
 
-def _deactivate(backend: Any) -> None:
-    try:
-        backend.deactivate()
-    except TandemError as exc:
-        log.warning("could not deactivate %s: %s", backend, exc)
+def _ort_providers() -> list[str]:
+    """CUDA first where this onnxruntime build has it, then the CPU."""
+    import onnxruntime as ort
 
-
-def _closure(manifest: Any, path: str) -> tuple[str, ...]:
-    """``path`` and every file it requires, transitively."""
-    out, todo = [], [path]
-    while todo:
-        p = todo.pop()
-        if p in out:
-            continue
-        out.append(p)
-        todo.extend(manifest.file(p).requires)
-    return tuple(out)
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available] \
+        or ["CPUExecutionProvider"]
 
 
 def _signature(path: Path) -> tuple | None:

@@ -7,19 +7,24 @@ Contract with devices (at least once, idempotent by id):
   ``tandem/v1/resp/<device>`` — the device named in the request topic, never a topic the payload
   chose: its outputs, or a typed error (INVALID_ARGUMENT for a payload that decodes far enough
   to find its id, NOT_FOUND for an unknown model or cut, FAILED_PRECONDITION for a model served
-  here under other digests, DEADLINE_EXCEEDED for a spent budget, RESOURCE_EXHAUSTED for a full
-  queue, UNAVAILABLE while shutting down);
+  here under other digests or a part whose files changed on disk after the scan,
+  DEADLINE_EXCEEDED for a spent budget, RESOURCE_EXHAUSTED for a full queue, UNAVAILABLE while
+  shutting down);
 * a request id seen again from the same device within ``dedup_window_s`` (QoS 1 redelivery, a
-  retry) is answered with the same response without recomputing (while the first is still
-  running, the transport drops the copy: the first one's answer is the answer); retryable errors
-  are not remembered, so a retry after RESOURCE_EXHAUSTED is computed;
+  retry) *by the same worker* is answered with the same response without recomputing (while the
+  first is still running, the transport drops the copy: the first one's answer is the answer);
+  retryable errors are not remembered, so a retry after RESOURCE_EXHAUSTED is computed. The
+  reply cache is this worker's own memory (:class:`_ReplyCache`), not shared: a retry that the
+  shared subscription delivers to another worker of the group is computed again there;
 * the transport's ``serve`` does the strict decoding: a payload that cannot be decoded far enough
   to find its id is counted (``tandem_cloud_decode_errors_total``) and logged, rate limited; one
   whose id is readable (MQTT 5 correlation data) is answered with its error; the worker keeps
   serving;
-* after a crash (SIGKILL) the requests the worker held are lost with it: a device retries by id
-  (same id, same answer if another worker had already computed it), which is why requests are
-  idempotent.
+* after a crash (SIGKILL) the requests the worker held are lost with it, and so is its reply
+  cache: a device retries by id, and whichever worker gets the retry computes it (again, if the
+  crashed one had computed it without its answer getting out). Requests are idempotent (a
+  tail's outputs depend only on its input tensors), so a retry computed twice is harmless; what
+  is not guaranteed across workers is "computed at most once".
 """
 
 from __future__ import annotations
@@ -102,6 +107,15 @@ class _ReplyCache:
         return len(self._items)
 
 
+def _profile(profile_id: str | None) -> Any:
+    """The named device profile (NotFound for an unknown id, at start), or None: detected."""
+    if profile_id is None:
+        return None
+    from tandem.devices import get_profile
+
+    return get_profile(profile_id)
+
+
 def _error_response(rid: bytes, exc: TandemError, worker_id: str, queue_depth: int,
                     timings: Timings | None = None) -> InferenceResponse:
     return InferenceResponse(id=rid, error=ErrorInfo(exc.code, exc.message, exc.retryable),
@@ -121,7 +135,8 @@ class Worker:
         self.repo = ModelRepository(
             config.repo, public_key=config.public_key,
             memory_budget_bytes=config.memory_budget_mb << 20,
-            intra_op_threads=config.intra_op_threads)
+            intra_op_threads=config.intra_op_threads, backend=config.backend,
+            profile=_profile(config.profile), engine_cache=config.engine_cache)
         self.dispatcher: Dispatcher | None = None
         self._transport = transport
         self._own_transport = transport is None
@@ -186,7 +201,8 @@ class Worker:
         return TransportConfig(
             host=addr.host, port=addr.port, client_id=f"tandem-cloud-{self.worker_id}",
             protocol=cfg.mqtt_version, username=cfg.username or addr.username,
-            password=cfg.password or addr.password, tls=tls, will=will, clean_start=True)
+            password=cfg.password or addr.password, tls=tls, will=will, clean_start=True,
+            receive_maximum=cfg.inflight_limit, manual_ack=True)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -433,7 +449,8 @@ class Worker:
             remaining = ctx.remaining_s()
             deadline = math.inf if remaining is None else loop.time() + remaining
             future = self.dispatcher.submit(part, request.tensors, deadline=deadline,
-                                            priority=request.priority, wire=True)
+                                            priority=request.priority, wire=True,
+                                            on_start=ctx.started)
         except TandemError as exc:
             response = _error_response(rid, exc, self.worker_id, self.queue_depth)
             self._count(model_name, exc, "mqtt")

@@ -48,6 +48,13 @@ def _opt(*names: str, **kw):  # every option defaults to "not given" so the laye
       help="batches computing at once  [default: 1]")
 @_opt("--intra-op-threads", type=int, metavar="N",
       help="ONNX Runtime threads per part (0: its default)  [default: 0]")
+@_opt("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]),
+      help="auto: TensorRT engines (built in the background) where tensorrt imports and the "
+           "bundle has an engine or recipe for this GPU, else ONNX Runtime (CUDA, else CPU)  "
+           "[default: auto]")
+@_opt("--profile", metavar="ID", help="device profile of this machine  [default: detected]")
+@_opt("--engine-cache", type=click.Path(path_type=Path), metavar="DIR",
+      help="where built TensorRT engines are kept  [default: ~/.cache/tandem/engines]")
 @_opt("--mqtt-version", type=click.Choice(["auto", "5", "311"]),
       help="MQTT protocol; auto tries 5, then 3.1.1  [default: auto]")
 @_opt("--config", "config_file", type=click.Path(path_type=Path), metavar="FILE",
@@ -60,9 +67,10 @@ def serve_command(config_file: Path | None, **options: object) -> None:
 
     Every option can also come from the environment (TANDEM_<OPTION>, e.g. TANDEM_MAX_BATCH)
     or the config file; precedence: option > environment > config file > default. More
-    settings, file and environment only: max_inflight, repo_poll_s, dedup_window_s,
-    dedup_max_mb, load_interval_s, drain_timeout_s, username, password, ca_file, cert_file,
-    key_file. SIGTERM or SIGINT drains the queue, then disconnects.
+    settings, file and environment only: max_inflight (unstarted requests taken from the
+    broker), repo_poll_s, dedup_window_s, dedup_max_mb, load_interval_s, drain_timeout_s,
+    username, password, ca_file, cert_file, key_file. SIGTERM or SIGINT drains the queue, then
+    disconnects.
     """
     import logging
     import tempfile

@@ -13,7 +13,9 @@ imports and the bundle has a TensorRT artifact for this device profile, the engi
 (prebuilt) or built from the artifact's recipe into the engine cache in a background thread,
 and the part switches to it atomically when it is ready: a request already running finishes
 on the backend it started on, the next one runs on the engine. The old backend is released
-when the last request holding it ends.
+when the last request holding it ends. The mechanism is :mod:`tandem.devices`' (shared with the
+cloud endpoint): :class:`~tandem.devices.backends.SwitchableBackend` and
+:class:`~tandem.devices.engines.BackgroundEngineBuild`.
 
 Inputs are checked against the manifest before anything runs (names, dtypes, ranks, fixed
 dims, symbolic dims that must agree): :meth:`ModelRuntime.check_inputs`.
@@ -21,18 +23,16 @@ dims, symbolic dims that must agree): :meth:`ModelRuntime.check_inputs`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tandem.devices.backends.switchable import SwitchableBackend
 from tandem.protocol import dtypes
-from tandem.protocol.errors import InvalidArgument, MissingDependency, TandemError
+from tandem.protocol.errors import InvalidArgument
 
 __all__ = ["ModelRuntime", "PartRunner", "check_feeds"]
 
@@ -52,83 +52,13 @@ def numpy_dtype(manifest_dtype: str) -> np.dtype:
     raise InvalidArgument(f"the edge daemon does not carry {manifest_dtype} tensors")
 
 
-class PartRunner:
-    """One part of the bundle, run by its current backend (switchable while serving).
-
-    ``infer`` is thread-safe; :meth:`switch` replaces the backend for the calls that start
-    afterwards, and the replaced backend is deactivated once no call holds it."""
+class PartRunner(SwitchableBackend):
+    """One part of the bundle (bundle path ``path``), run by its current backend, switchable
+    while serving: :class:`tandem.devices.backends.SwitchableBackend`."""
 
     def __init__(self, path: str, backend: Any, kind: str) -> None:
+        super().__init__(backend, kind, name=path)
         self.path = path
-        self._backend = backend
-        self.kind = kind  # "onnxruntime" | "tensorrt"
-        self._lock = threading.Lock()
-        self._users: dict[int, int] = {}  # id(backend) -> calls running on it
-        self._retired: dict[int, Any] = {}
-        self._closed = False
-
-    @property
-    def backend(self) -> Any:
-        return self._backend
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self._backend.inputs)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self._backend.outputs)
-
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with self._lock:
-            backend = self._backend
-            key = id(backend)
-            self._users[key] = self._users.get(key, 0) + 1
-        try:
-            return backend.infer(feeds)
-        finally:
-            self._release(key)
-
-    def _release(self, key: int) -> None:
-        retire = None
-        with self._lock:
-            n = self._users[key] - 1
-            if n:
-                self._users[key] = n
-            else:
-                del self._users[key]
-                retire = self._retired.pop(key, None)
-        if retire is not None:
-            _deactivate(retire)
-
-    def switch(self, backend: Any, kind: str) -> None:
-        """Serve the next calls with ``backend`` (active); the old one is deactivated when its
-        last call ends."""
-        with self._lock:
-            if self._closed:
-                old = backend  # too late: nobody will call it
-            else:
-                old, self._backend, self.kind = self._backend, backend, kind
-            key = id(old)
-            if self._users.get(key):
-                self._retired[key] = old
-                old = None
-        if old is not None:
-            _deactivate(old)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            backends = [self._backend, *self._retired.values()]
-            self._retired.clear()
-        for b in backends:
-            _deactivate(b)
-
-
-def _deactivate(backend: Any) -> None:
-    with contextlib.suppress(TandemError):
-        if backend.is_active:
-            backend.deactivate()
 
 
 def check_feeds(inputs: tuple, feeds: Mapping[str, np.ndarray]) -> tuple[tuple[int, ...], ...]:
@@ -202,8 +132,7 @@ class ModelRuntime:
         self.cloud_cut = cloud[0] if cloud else None
         self.interior = [c for c in self.cuts if not c.local_only and not c.cloud_only]
         self.output_names = tuple(t.name for t in self.manifest.outputs)
-        self._engine_thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._engines: Any = None  # a tandem.devices.engines.BackgroundEngineBuild
         self.engine_status: dict[str, str] = {}
         self.on_switch: Callable[[str, str], None] | None = None
 
@@ -288,101 +217,46 @@ class ModelRuntime:
     def engine_plan(self) -> list[Any]:
         """The TensorRT :class:`~tandem.protocol.bundle.Runnable` of each part that has one for
         this profile, or [] when TensorRT is not wanted or not importable."""
-        if self.backend_choice == "onnxruntime" or self.profile.compute_capability is None:
-            return []
-        try:
-            from tandem.protocol.lazy import require
+        from tandem.devices.engines import engine_plan, tensorrt_wanted
 
-            require("tensorrt", "tensorrt")
-        except MissingDependency as exc:
-            if self.backend_choice == "tensorrt":
-                raise
-            log.debug("TensorRT not used: %s", exc)
+        if not tensorrt_wanted(self.backend_choice, self.profile):
             return []
         selection = self.bundle.select(("head", "tail", "full"), self.profile.id)
-        plan = []
-        for r in selection.distinct():
-            if r.backend != "tensorrt" or r.part not in self.parts:
-                continue
-            if r.recipe is not None and r.recipe.unresolved_dims and r.build_on_device:
-                self.engine_status[r.part] = "onnxruntime (TensorRT needs concrete shapes)"
-                continue
-            plan.append(r)
+        plan, skipped = engine_plan(r for r in selection.distinct() if r.part in self.parts)
+        self.engine_status.update(skipped)
         return plan
 
     def start_engines(self) -> bool:
         """Start the background TensorRT work; False when there is none."""
+        from tandem.devices.engines import BackgroundEngineBuild, engine_backend
+
         plan = self.engine_plan()
         if not plan:
             return False
-        for r in plan:
-            self.engine_status[r.part] = "onnxruntime (TensorRT engine building)"
-        self._engine_thread = threading.Thread(target=self._build_engines, args=(plan,),
-                                               name="tandem-edge-engines", daemon=True)
-        self._engine_thread.start()
+        cache = self.engine_cache or Path.home() / ".cache" / "tandem" / "engines"
+
+        def job(r: Any) -> tuple[str, Callable[[], Any], Callable[[], Any]]:
+            return (r.part,
+                    lambda: engine_backend(r, self.profile, cache,
+                                           source=self.bundle.path_of(r.part), name=r.part),
+                    lambda: self.parts.get(r.part))
+
+        self._engines = BackgroundEngineBuild([job(r) for r in plan], name="tandem-edge-engines",
+                                              on_switch=self._switched,
+                                              status=self.engine_status).start()
         return True
+
+    def _switched(self, part: str, kind: str) -> None:
+        if self.on_switch is not None:
+            self.on_switch(part, kind)
 
     def wait_engines(self, timeout_s: float | None = None) -> bool:
         """Wait for the background builds; True when they are done."""
-        t = self._engine_thread
-        if t is None:
-            return True
-        t.join(timeout_s)
-        return not t.is_alive()
-
-    def _build_engines(self, plan: list[Any]) -> None:
-        for runnable in plan:
-            part = runnable.part
-            if self._stop.is_set():
-                return
-            started = time.monotonic()
-            try:
-                backend = self._engine_backend(runnable)
-            except TandemError as exc:
-                self.engine_status[part] = f"onnxruntime (TensorRT failed: {exc})"
-                log.warning("TensorRT engine for %s failed; ONNX Runtime keeps serving it: %s",
-                            part, exc)
-                continue
-            except Exception as exc:  # a foreign error the devices layer did not translate
-                self.engine_status[part] = f"onnxruntime (TensorRT failed: {exc})"
-                log.exception("TensorRT engine for %s failed", part)
-                continue
-            runner = self.parts.get(part)
-            if runner is None or self._stop.is_set():
-                _deactivate(backend)
-                return
-            runner.switch(backend, "tensorrt")
-            self.engine_status[part] = "tensorrt"
-            log.info("part %s switched to TensorRT (engine ready after %.1f s)", part,
-                     time.monotonic() - started)
-            if self.on_switch is not None:
-                try:
-                    self.on_switch(part, "tensorrt")
-                except Exception:
-                    log.exception("engine switch hook failed")
-
-    def _engine_backend(self, runnable: Any) -> Any:
-        """An active TensorRT backend for ``runnable``: its bundled engine when this TensorRT
-        loads it, else one built from the part (its recipe) into the engine cache."""
-        from tandem.devices.engines import EngineCache, EngineFromOnnx, activate_cached
-
-        part = runnable.part
-        if not runnable.build_on_device:
-            from tandem.devices.backends import TensorRTBackend
-
-            try:
-                return TensorRTBackend(runnable.path, name=part,
-                                       foreign_engine="error").activate()
-            except TandemError as exc:
-                log.info("bundled engine for %s not usable here (%s); building one", part, exc)
-        source = runnable.source or self.bundle.path_of(part)
-        build = EngineFromOnnx.from_recipe(source, self.profile, runnable.precision,
-                                           runnable.recipe or {})
-        cache = EngineCache(self.engine_cache or Path.home() / ".cache" / "tandem" / "engines")
-        return activate_cached(cache, build.engine_key(), build, name=part)
+        return self._engines is None or self._engines.wait(timeout_s)
 
     def close(self) -> None:
-        self._stop.set()
+        if self._engines is not None:
+            self._engines.stop()
         for runner in self.parts.values():
             runner.close()
         self.parts.clear()

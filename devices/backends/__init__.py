@@ -1,5 +1,7 @@
 """Execution backends behind one contract: ONNX Runtime (CPU, optionally CUDA/TensorRT EPs) and
-TensorRT + pycuda. Backend modules import their heavy libraries only when activated."""
+TensorRT + pycuda; :class:`SwitchableBackend` serves a part while another backend for it is
+prepared (a TensorRT engine built in the background). Backend modules import their heavy
+libraries only when activated."""
 
 from tandem.devices.backends._base import Backend, TensorMeta
 
@@ -7,6 +9,7 @@ __all__ = [
     "Backend",
     "OnnxRuntimeBackend",
     "OnnxRuntimeError",
+    "SwitchableBackend",
     "TensorMeta",
     "TensorRTBackend",
     "UnsupportedOperator",
@@ -22,6 +25,10 @@ def __getattr__(name: str):  # lazy: importing the package must not import a bac
         from tandem.devices.backends import onnxruntime
 
         return getattr(onnxruntime, name)
+    if name == "SwitchableBackend":
+        from tandem.devices.backends.switchable import SwitchableBackend
+
+        return SwitchableBackend
     if name == "TensorRTBackend":
         from tandem.devices.backends.tensorrt import TensorRTBackend
 

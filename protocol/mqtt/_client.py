@@ -41,6 +41,7 @@ Not thread-safe: call it from its loop's thread only.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import socket
@@ -186,6 +187,8 @@ class MqttClient:
         self._resub: dict[int, str] = {}  # re-subscribe SUBACKs still awaited: mid → filter
         self._strikes: dict[str, int] = {}
         self._acks: dict[int, asyncio.Future] = {}  # QoS > 0 publishes waiting for their ack
+        self._ack_queue: collections.deque[list] = collections.deque()  # manual_ack, in order
+        self._ack_generation = 0  # one per connection: see _acker
         self._connected = False
         self._closing = False
         self._first: asyncio.Future[TandemError | None] | None = None
@@ -223,6 +226,8 @@ class MqttClient:
         }
         if not self.v5:
             kwargs["clean_session"] = self.clean_start
+        if c.manual_ack:
+            kwargs["manual_ack"] = True
         client = (_PahoClient if _FAST_PUBLISH else paho.Client)(**kwargs)
         if isinstance(client, _PahoClient):
             client._rx_pool = _BufferPool()  # received packets (see _BufferPool)
@@ -370,6 +375,8 @@ class MqttClient:
                 props = Properties(PacketTypes.CONNECT)
                 if c.session_expiry_s:
                     props.SessionExpiryInterval = int(c.session_expiry_s)
+                if c.receive_maximum is not None:
+                    props.ReceiveMaximum = int(c.receive_maximum)
             kwargs = {"clean_start": self.clean_start, "properties": props} if self.v5 else {}
             call = lambda: self._client.connect(  # noqa: E731
                 c.host, c.port, c.keepalive_s, **kwargs)  # type: ignore[arg-type]
@@ -732,6 +739,8 @@ class MqttClient:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self._connected
         self._connected = False
+        self._ack_generation += 1  # manual acks of this connection's messages: never sent
+        self._ack_queue.clear()
         if self._stable_timer is not None:  # not up long enough: the backoff keeps growing
             self._stable_timer.cancel()
             self._stable_timer = None
@@ -755,6 +764,35 @@ class MqttClient:
         if self._first is not None and self._first.done() and self._first.result() is None:
             self._schedule_reconnect()  # only once the first connect has succeeded
 
+    def _acker(self, mid: int, qos: int) -> Callable[[], None]:
+        """A one-shot acknowledgement of message ``mid`` (manual_ack): PUBACKs leave in arrival
+        order, each once every earlier message was acknowledged too; one from before a
+        reconnect is never sent on the new connection."""
+        generation = self._ack_generation
+        entry = [mid, qos, False]
+        self._ack_queue.append(entry)
+
+        def ack() -> None:
+            try:
+                on_loop = asyncio.get_running_loop() is self._loop
+            except RuntimeError:
+                on_loop = False
+            if not on_loop:  # a handler thread: paho is the loop's alone
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to ack
+                    self._loop.call_soon_threadsafe(ack)
+                return
+            if entry[2]:
+                return
+            entry[2] = True
+            if generation != self._ack_generation:
+                return
+            queue = self._ack_queue
+            while queue and queue[0][2]:
+                m, q, _ = queue.popleft()
+                self._client.ack(m, q)
+
+        return ack
+
     def _on_message(self, client, userdata, msg) -> None:
         props = msg.properties if self.v5 else None
         incoming = IncomingMessage(
@@ -766,6 +804,7 @@ class MqttClient:
             correlation_data=getattr(props, "CorrelationData", None),
             content_type=getattr(props, "ContentType", None),
             message_expiry_s=getattr(props, "MessageExpiryInterval", None),
+            ack=self._acker(msg.mid, msg.qos) if self.config.manual_ack and msg.qos else None,
         )
         self._safe(self._on_message_cb, incoming)
 

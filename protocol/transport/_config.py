@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tandem.protocol.codec import Limits
@@ -114,6 +115,21 @@ class TransportConfig:
     that accepts connections and drops them again (a duplicate client id, a filter it kicks
     clients for) meets a growing delay, not a reconnect storm.
 
+    Inbound flow control (what a server takes from the broker before it can start it):
+
+    * ``receive_maximum`` (MQTT 5): the CONNECT Receive Maximum, how many QoS 1/2 messages the
+      broker may have sent this client and not had acknowledged (None: the protocol's 65535).
+      Only bounds anything together with ``manual_ack``.
+    * ``manual_ack``: QoS 1/2 messages are acknowledged when the application is done taking
+      them, not on arrival: a request handed to :meth:`serve` when its handler calls
+      :attr:`RequestContext.ack` (a handler that queues requests: when it starts one), at the
+      latest when it is answered; every other message (chunks, refused or undecodable
+      requests, other subscriptions) on arrival. PUBACKs go out in the order the messages came
+      (MQTT §4.6): an acknowledgement waits for those of earlier messages. So a busy client holds
+      at most ``receive_maximum`` messages it has not started (on MQTT 3.1.1: the broker's own
+      in-flight limit, mosquitto's ``max_inflight_messages``), and what it never acknowledged
+      is the broker's to deliver again (to a persistent session) when the client dies.
+
     Shared subscriptions: a broker may accept a ``$share/<group>/…`` SUBSCRIBE and deliver
     nothing through it (amqtt, Aedes, NATS's MQTT gateway, RabbitMQ). ``serve`` on such a filter
     therefore sends a probe through it and fails (FailedPrecondition) when none arrives within
@@ -152,6 +168,8 @@ class TransportConfig:
     connect_timeout_s: float = 5.0
     share_check_timeout_s: float = 3.0
     qos: int = 1
+    receive_maximum: int | None = None  # MQTT 5 CONNECT Receive Maximum; see above
+    manual_ack: bool = False  # acknowledge when started, not on arrival; see above
     will: Will | None = None
     limits: Limits = TRANSPORT_LIMITS
     max_reassembly_bytes: int | None = None
@@ -162,6 +180,9 @@ class TransportConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "protocol", parse_protocol(self.protocol))
+        if self.receive_maximum is not None and not 1 <= self.receive_maximum <= 65535:
+            raise InvalidArgument(f"receive_maximum must be in [1, 65535], not "
+                                  f"{self.receive_maximum}")
         if self.qos not in (0, 1, 2):
             raise InvalidArgument(f"qos must be 0, 1 or 2, not {self.qos!r}")
         if self.max_payload_bytes is not None and \
@@ -210,6 +231,7 @@ class IncomingMessage:
     correlation_data: bytes | None = None
     content_type: str | None = None
     message_expiry_s: int | None = None
+    ack: Callable[[], None] | None = None  # with manual_ack: acknowledge (once; idempotent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +254,14 @@ class RequestContext:
     message_expiry_s: int | None = None
     correlation_data: bytes | None = None
     payload_bytes: int = 0
+    ack: Callable[[], None] | None = None
+
+    def started(self) -> None:
+        """Tell the transport the request is started (a queueing handler calls it when its
+        compute begins): with ``TransportConfig.manual_ack`` its PUBACK goes out now rather
+        than when it is answered. Idempotent; a no-op on other transports."""
+        if self.ack is not None:
+            self.ack()
 
     def remaining_s(self) -> float | None:
         """Seconds left before :attr:`deadline_s` (negative once passed), or None."""

@@ -140,12 +140,13 @@ class PublishHandle:
 
 
 class _Subscription:
-    __slots__ = ("handler", "is_async", "on_refused", "takes_views")
+    __slots__ = ("handler", "is_async", "on_refused", "takes_acks", "takes_views")
 
     def __init__(self, handler: Callable[[IncomingMessage], Any], takes_views: bool,
-                 on_refused: RefusalHandler | None = None) -> None:
+                 on_refused: RefusalHandler | None = None, takes_acks: bool = False) -> None:
         self.handler = handler
         self.takes_views = takes_views  # our own handlers decode views in place
+        self.takes_acks = takes_acks  # serve(): acknowledges (manual_ack) when it starts one
         self.is_async = is_async_callable(handler)
         self.on_refused = on_refused  # told when the broker refuses it on a re-subscribe
 
@@ -780,7 +781,8 @@ class Transport(abc.ABC):
         self._servers[topic_filter] = server
         try:
             await self._subscribe(topic_filter,
-                                  _Subscription(server.on_message, True, on_refused), qos)
+                                  _Subscription(server.on_message, True, on_refused,
+                                                takes_acks=True), qos)
             if self._checks_shared_subscriptions and is_shared(topic_filter) and \
                     self.config.share_check_timeout_s > 0:
                 await self._confirm_shared(topic_filter, server)
@@ -866,10 +868,15 @@ class Transport(abc.ABC):
         try:
             payload = self._reassembler.feed(msg.payload, origin=msg.topic)
         except ProtocolError as exc:
+            if msg.ack is not None:
+                msg.ack()
             self._drop("chunk", "dropped a bad chunk on %s: %s", msg.topic, exc)
             return
         if self._reassembler.pending_sets and self._reassembly_timer is None:
             self._arm_reassembly_timer()
+        if payload is not msg.payload and msg.ack is not None:  # chunks: on arrival
+            msg.ack()
+            msg = dataclasses.replace(msg, ack=None)
         if payload is None:
             return
         if payload is not msg.payload:
@@ -892,6 +899,9 @@ class Transport(abc.ABC):
         """Hand ``msg`` to every matching handler. A big payload may be a view of its packet
         buffer: our own request/response handlers decode it in place, every other handler
         gets immutable bytes."""
+        ack = msg.ack  # manual_ack: the first serve() handler acknowledges it, else done here
+        if ack is not None:
+            msg = dataclasses.replace(msg, ack=None)
         as_bytes: IncomingMessage | None = msg if type(msg.payload) is bytes else None
         matched = False
         for topic_filter, sub in list(self._subs.items()):
@@ -899,7 +909,9 @@ class Transport(abc.ABC):
                 continue
             matched = True
             given = msg
-            if not sub.takes_views:
+            if ack is not None and sub.takes_acks:
+                given, ack = dataclasses.replace(msg, ack=ack), None
+            elif not sub.takes_views:
                 if as_bytes is None:
                     as_bytes = dataclasses.replace(msg, payload=bytes(msg.payload))
                 given = as_bytes
@@ -910,6 +922,8 @@ class Transport(abc.ABC):
             except BaseException as exc:  # SystemExit too: the loop survives
                 log.error("handler for %r failed on a message from %s", topic_filter,
                           msg.topic, exc_info=exc)
+        if ack is not None:
+            ack()
         if not matched:  # e.g. a persistent session's backlog, delivered before subscribe()
             if as_bytes is None:
                 as_bytes = dataclasses.replace(msg, payload=bytes(msg.payload))

@@ -170,6 +170,12 @@ class _Job:
         self.key = key
 
 
+def _ack(ack: Callable[[], None] | None) -> None:
+    """Acknowledge a request's message (manual_ack; idempotent), if it has an ack."""
+    if ack is not None:
+        ack()
+
+
 class Server:
     """State of one ``serve()``: admission, queue, running handlers, counters. Loop thread only."""
 
@@ -236,18 +242,28 @@ class Server:
     # -- arrival (on the loop) -----------------------------------------------------------------
 
     def on_message(self, msg: IncomingMessage) -> None:
+        ack = msg.ack  # manual_ack: the request's ack is ours (see TransportConfig)
+        taken = False
+        try:
+            taken = self._take(msg)
+        finally:
+            if not taken and ack is not None:  # refused, answered or dropped: done with it
+                ack()
+
+    def _take(self, msg: IncomingMessage) -> bool:
+        """Admit a request (True: its ack now travels with it) or answer/drop it (False)."""
         if self._stopped:
-            return
+            return False
         received = time.monotonic()
         try:
             device, model = topics.parse_request_topic(msg.topic)
         except InvalidArgument:
             if is_probe(msg.payload):  # a shared-subscription probe (see _share): never served
                 self.probes += 1
-                return
+                return False
             self._refuse("topic", "refused a request on %r: not a request topic "
                          "(tandem/v1/req/<device>/<model>)", msg.topic)
-            return
+            return False
         reply = topics.response_topic(device)
         corr = msg.correlation_data
         payload = msg.payload
@@ -257,28 +273,28 @@ class Server:
         except ProtocolError as exc:
             if is_probe(payload):  # a shared-subscription probe (see _share): never served
                 self.probes += 1
-                return
+                return False
             self.undecodable += 1
             if corr is not None and len(corr) == 16:  # MQTT 5: the request id, readable
                 self._answer(reply, _error(corr, exc), corr)
             else:
                 self._warn.warning("undecodable", "dropped an undecodable request on %s: %s",
                                    msg.topic, exc)
-            return
+            return False
         if info.type is not codec.MessageType.INFERENCE_REQUEST or info.id is None:
             self.undecodable += 1
             self._warn.warning("type", "dropped a %s on request topic %s", info.type.name,
                                msg.topic)
-            return
+            return False
         rid = info.id
         if msg.response_topic and msg.response_topic != reply:
             self._refuse("reply", "refused request %s on %s: its ResponseTopic %r is not %r",
                          rid.hex(), msg.topic, msg.response_topic, reply)
-            return
+            return False
         key = (device, rid)
         if key in self._inflight:
             self.duplicates += 1
-            return
+            return False
         cost = len(payload) + (info.tensor_bytes if info.compressed else 0)
         too_large = None
         if info.tensor_bytes > self.limits.max_message_bytes:
@@ -290,30 +306,32 @@ class Server:
         if too_large is not None:  # refused on the declared sizes: nothing is inflated
             self.undecodable += 1
             self._answer(reply, _error(rid, PayloadTooLarge(too_large)), corr)
-            return
+            return False
         full = self._admitted >= self.max_queued and len(self._running) >= self.max_concurrency
         if full or self._held + cost > self.max_queued_bytes:
             self.busy += 1
             self._answer(reply, _error(rid, ResourceExhausted(
                 f"server busy: {self._admitted} requests queued, {self._held} bytes held "
                 f"(limits {self.max_queued}, {self.max_queued_bytes})")), corr)
-            return
+            return False
         self._admitted += 1
         self._held += cost
         self._inflight.add(key)
-        base = (msg.topic, device, model, reply, received, msg.message_expiry_s, corr, cost, key)
+        base = (msg.topic, device, model, reply, received, msg.message_expiry_s, corr, cost, key,
+                msg.ack)
         if info.compressed and info.tensor_bytes >= self.offloop_decode_bytes:
             self.host._spawn(self._decode_in_thread(payload, rid, base))
-            return
+            return True
         try:
             request = opened.decode()
             if not isinstance(request, InferenceRequest):  # peek said it was one
                 raise MalformedMessage(f"a {type(request).__name__}, not a request")
         except ProtocolError as exc:
             self._undecodable(rid, base, exc)
-            return
+            return True  # answered (and acknowledged) by _undecodable
         del payload, msg, opened
         self._admit(request, base)
+        return True
 
     async def _decode_in_thread(self, payload: Any, rid: bytes, base: tuple) -> None:
         try:
@@ -325,10 +343,12 @@ class Server:
             return
         except BaseException:
             self._release(base[7], base[8])
+            _ack(base[9])
             raise
         del payload
         if self._stopped:
             self._release(base[7], base[8])
+            _ack(base[9])
             return
         self._admit(request, base)
 
@@ -336,16 +356,19 @@ class Server:
         self._release(base[7], base[8])
         self.undecodable += 1
         self._answer(base[3], _error(rid, exc), base[6])
+        _ack(base[9])
 
     def _admit(self, request: InferenceRequest, base: tuple) -> None:
-        topic, device, model, reply, received, expiry_s, corr, cost, key = base
+        topic, device, model, reply, received, expiry_s, corr, cost, key, ack = base
         if request.reply_topic and request.reply_topic != reply:
             self._release(cost, key)
+            _ack(ack)
             self._refuse("reply", "refused request %s on %s: its reply_topic %r is not %r",
                          request.id.hex(), topic, request.reply_topic, reply)
             return
         if request.device_id != device:
             self._release(cost, key)
+            _ack(ack)
             self.refused += 1
             self._answer(reply, _error(request.id, PermissionDenied(
                 f"request says device {request.device_id!r} but came on {topic!r}")), corr)
@@ -357,7 +380,7 @@ class Server:
         ctx = RequestContext(topic=topic, device_id=device, model=model, reply_topic=reply,
                              received_at_s=received, deadline_s=deadline,
                              message_expiry_s=expiry_s, correlation_data=corr,
-                             payload_bytes=cost)
+                             payload_bytes=cost, ack=ack)
         job = _Job(request, ctx, corr, cost, key)
         heapq.heappush(self._heap, (-request.priority, next(self._seq), job))
         self._pump()
@@ -373,6 +396,7 @@ class Server:
                 self._release(job.cost, job.key)
                 self._answer(job.ctx.reply_topic, _error(job.request.id, DeadlineExceeded(
                     "the request's deadline passed before it could start")), job.corr)
+                _ack(job.ctx.ack)
                 continue
             if self._threaded:
                 self._running.add(job)
@@ -470,6 +494,7 @@ class Server:
                 self.answered += 1
             else:
                 self.replies_lost += 1
+            _ack(job.ctx.ack)
         self._pump()
 
     async def _run(self, job: _Job) -> None:
@@ -497,6 +522,7 @@ class Server:
                 self._answer(ctx.reply_topic, _error(rid, Unavailable(
                     "the server closed while the request was running", retryable=True)),
                     job.corr)
+                _ack(ctx.ack)
                 raise
             except TandemError as exc:
                 response = _error(rid, exc)
@@ -512,6 +538,7 @@ class Server:
         # view) before the response packet is built
         del job, request
         self._answer(ctx.reply_topic, response, ctx.correlation_data)
+        _ack(ctx.ack)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -542,6 +569,7 @@ class Server:
             self._release(job.cost, job.key)
             self._answer(job.ctx.reply_topic, _error(job.request.id, Unavailable(
                 "the server closed before the request could start", retryable=True)), job.corr)
+            _ack(job.ctx.ack)
         for running in list(self._running):
             if isinstance(running, _Job):  # on a handler thread: answered now, result dropped
                 self._running.discard(running)
@@ -549,6 +577,7 @@ class Server:
                 self._answer(running.ctx.reply_topic, _error(running.request.id, Unavailable(
                     "the server closed while the request was running", retryable=True)),
                     running.corr)
+                _ack(running.ctx.ack)
             else:
                 running.cancel()
         for _ in self._threads:  # threads stuck in a handler leave when it returns

@@ -161,3 +161,83 @@ def test_bundles_download_with_range_and_resume(http_worker, repo, tmp_path):
     assert get(port, f"{url}/files/not-listed")[0] in (400, 404)
     assert get(port, "/v2/bundles/" + "0" * 64)[0] == 404
     assert get(port, "/v2/bundles/xyz")[0] == 404
+
+
+def test_ready_means_verified_connected_and_subscribed_and_live_stays_up(
+        mosquitto_factory, repo, compiled):
+    """``/v2/health/ready`` is 503 before the repository's first scan has finished (held here
+    inside the real scan), before the broker is reachable and while it is gone, 200 once the
+    worker is connected, subscribed and every bundle verified; ``/v2/health/live`` is 200 all
+    the while."""
+    import asyncio
+    import threading
+    import time
+
+    from tandem.cloud import Worker, load_config
+    from tandem.cloud._http import HttpServer
+    from tandem.protocol import MqttTransport, TransportConfig
+
+    broker = mosquitto_factory(start=False)  # down for now
+    scan_may_finish = threading.Event()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        config = load_config({"repo": repo, "worker_id": "rdy", "repo_poll_s": 3600,
+                              "broker": f"mqtt://127.0.0.1:{broker.port}"}, env={})
+        transport = MqttTransport(Worker(config).transport_config())
+        worker = Worker(config, transport=transport)
+        real_scan = worker.repo.scan
+
+        def held_scan():
+            assert scan_may_finish.wait(30)
+            return real_scan()
+
+        worker.repo.scan = held_scan
+        http = HttpServer(worker, "127.0.0.1", 0)
+        port = await http.start()
+
+        async def health() -> tuple[int, int]:
+            live = await loop.run_in_executor(None, get, port, "/v2/health/live")
+            ready = await loop.run_in_executor(None, get, port, "/v2/health/ready")
+            assert json.loads(ready[2]) == {"ready": ready[0] == 200}
+            return live[0], ready[0]
+
+        async def until(want: tuple[int, int], what: str) -> None:
+            deadline = time.monotonic() + 20
+            while (got := await health()) != want:
+                assert time.monotonic() < deadline, (what, got)
+                await asyncio.sleep(0.05)
+
+        try:
+            assert await health() == (200, 503)  # nothing connected, nothing verified
+            broker.start()
+            await transport.connect()
+            assert transport.connected
+            starting = asyncio.ensure_future(worker.start())
+            await asyncio.sleep(0.3)
+            assert not starting.done() and worker.state == "starting"
+            assert await health() == (200, 503)  # connected, but the repository not verified
+            scan_may_finish.set()
+            await asyncio.wait_for(starting, 30)
+            assert await health() == (200, 200)
+            broker.kill()  # the broker vanishes
+            await until((200, 503), "not ready while the broker is gone")
+            assert worker.state == "serving"
+            broker.start()  # back on the same port: the transport reconnects, resubscribes
+            await until((200, 200), "ready again once reconnected")
+            request, expected = request_for(compiled["residual"], 1)
+            async with MqttTransport(TransportConfig(host="127.0.0.1", port=broker.port)) as c:
+                response = await c.request(f"tandem/v1/req/{request.device_id}/residual",
+                                           request, timeout_s=10)
+            np.testing.assert_allclose(response.outputs[0].to_array(),
+                                       next(iter(expected.values())), rtol=1e-5, atol=1e-5)
+            await worker.stop()
+            assert await health() == (503, 503)  # stopped: neither live nor ready
+        finally:
+            scan_may_finish.set()
+            if worker.state not in ("starting", "stopped"):
+                await worker.stop()
+            await transport.close()
+            await http.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 90))

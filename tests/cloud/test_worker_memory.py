@@ -94,3 +94,85 @@ def test_stop_drains_and_marks_offline_and_the_will_does_too(repo, compiled):
         await crashed.transport.close()
 
     run(main())
+
+
+
+def test_every_response_carries_the_queue_depth_and_compute_time(repo, compiled):
+    """The compute thread runs one batch per permit (its backend waits on a semaphore), with
+    max_batch 1: the first request computes, one more batch is formed ahead, the rest queue.
+    Releasing one batch at a time, each answer tells how many requests were still waiting when
+    it was sent (one fewer per answer, down to 0; the batcher may or may not have formed the
+    next batch ahead by then, hence a range of one) and its compute time (the first one's
+    includes the hold); at idle a response says 0."""
+    import threading
+    import time
+
+    permits = threading.Semaphore(0)
+    hold_s = 0.3
+
+    class Gated:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def infer_batch(self, requests):
+            assert permits.acquire(timeout=30)
+            return self.inner.infer_batch(requests)
+
+    async def wait_for(condition, what: str) -> None:
+        deadline = time.monotonic() + 20
+        while not condition():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.005)
+
+    async def main() -> None:
+        broker = MemoryBroker()
+        config = load_config({"repo": repo, "worker_id": "depth", "max_batch": 1,
+                              "max_delay_ms": 0, "compute_threads": 1}, env={})
+        transport = MemoryTransport(broker, Worker(config).transport_config())
+        await transport.connect()
+        worker = Worker(config, transport=transport)
+        make = worker.repo._backend_factory
+        worker.repo._backend_factory = lambda part, source: Gated(make(part, source))
+        await worker.start()
+        n = 6
+        try:
+            async with MemoryTransport(broker, TransportConfig()) as client:
+                reqs = [request_for(compiled["dynamic_batch"], 0, seed=i)[0] for i in range(n)]
+                answers: list = []
+
+                async def ask(r):
+                    answers.append(await client.request(topic_for(r, "dynamic_batch"), r))
+
+                pending = [asyncio.ensure_future(ask(r)) for r in reqs]
+                # one computing (held), one formed ahead of it, the rest waiting
+                await wait_for(lambda: worker.queue_depth == n - 2, "requests queued")
+                # the part loaded: the first batch's compute clock runs from here
+                await wait_for(lambda: worker.repo.loaded, "part loaded")
+                await asyncio.sleep(hold_s)
+                assert worker.queue_depth == n - 2 and answers == []  # nothing moves
+                for k in range(n):
+                    permits.release()  # one batch computes
+                    await wait_for(lambda k=k: len(answers) == k + 1, f"answer {k}")
+                    depth = answers[k].queue_depth
+                    assert max(n - 3 - k, 0) <= depth <= max(n - 2 - k, 0), (k, depth)
+                await asyncio.gather(*pending)
+                assert answers[0].queue_depth > 0 and answers[-1].queue_depth == 0
+                assert all(a.outputs and a.worker_id == "depth" for a in answers)
+                assert answers[0].timings.compute_ms >= hold_s * 1000
+                assert all(a.timings.compute_ms > 0 for a in answers)
+                assert answers[-1].timings.queue_ms >= hold_s * 1000  # it waited the hold out
+                # at idle: nothing waits behind a lone request
+                lone, _ = request_for(compiled["dynamic_batch"], 0, seed=99)
+                permits.release()
+                idle = await client.request(topic_for(lone, "dynamic_batch"), lone)
+                assert idle.queue_depth == 0 and idle.timings.compute_ms > 0
+        finally:
+            for _ in range(n + 2):
+                permits.release()
+            await worker.stop()
+            await worker.transport.close()
+
+    run(main())
