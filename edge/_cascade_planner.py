@@ -37,22 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from tandem.edge._offload import cloud_outputs
+from tandem.edge._offload import send_to_cloud
 from tandem.edge._planner import CostModel, Decision, Estimate, Plan
 from tandem.edge._requests import Answer, RequestOptions
 from tandem.edge._runtime import PartRunner
-from tandem.protocol import topics
 from tandem.protocol.dtypes import LOSSY_ENCODINGS
 from tandem.protocol.errors import (
-    DeadlineExceeded,
-    FailedPrecondition,
     InvalidArgument,
-    NotFound,
-    ResourceExhausted,
     TandemError,
-    Unavailable,
 )
-from tandem.protocol.messages import InferenceRequest, new_request_id
 from tandem.protocol.tensors import Encoding, Tensor
 
 __all__ = ["CascadePlanner"]
@@ -353,48 +346,15 @@ class CascadePlanner:
             cost.observe_local(head.path, key, head_ms)
         info: dict[str, Any] = {"head_ms": round(head_ms, 3)}
         budget_ms = (deadline - time.monotonic()) * 1e3 - daemon.config.deadline_margin_ms
-        transport = daemon.transport
-        if transport is None or not transport.connected:
-            return None, {**info, "fallback_reason": "disconnected"}
-        if budget_ms < daemon.config.cloud_budget_floor_ms:
-            return None, {**info, "fallback_reason": "no_time"}
-        up_bytes = sum(t.nbytes for t in tensors)
-        request = InferenceRequest(
-            id=new_request_id(), device_id=daemon.device_id, model_digest=cost.model_digest,
-            cut_id=cut_id, budget_ms=max(1, int(budget_ms)), tensors=tensors,
-            priority=priority, sent_at_ms=int(time.time() * 1000))
-        t0 = time.monotonic()
-        reason = None
-        try:
-            response = await transport.request(
-                topics.request_topic(daemon.device_id, model.name), request,
-                timeout_s=budget_ms / 1000)
-            outputs = cloud_outputs(model, response)
-        except DeadlineExceeded:
-            reason = "timeout"
-        except Unavailable:
-            reason = "unavailable"
-        except ResourceExhausted:
-            reason = "resource_exhausted"
-        except (NotFound, FailedPrecondition) as exc:
-            reason = "refused"
-            log.warning("the cloud cannot run cut %d of %s: %s", cut_id, model.name, exc)
-        except TandemError as exc:
-            reason = "error"
-            log.warning("escalation at cut %d failed: %s", cut_id, exc)
-        waited_ms = (time.monotonic() - t0) * 1e3
-        info["cloud_ms"] = round(waited_ms, 3)
-        if reason is not None:
-            daemon.link.observe_offload_failed(cut_id, key, waited_ms=waited_ms,
-                                             timed_out=reason == "timeout")
+        outputs, response, reason, waited_ms = await send_to_cloud(
+            daemon, model, cost, cut_id, key, tensors, budget_ms, priority, what="escalation")
+        if waited_ms is not None:
+            info["cloud_ms"] = round(waited_ms, 3)
+        if reason is not None or response is None:
             return None, {**info, "fallback_reason": reason}
-        down_bytes = sum(t.nbytes for t in response.outputs)
-        daemon.link.observe_offload(
-            cut_id, key, up_bytes=up_bytes, down_bytes=down_bytes, round_trip_ms=waited_ms,
-            compute_ms=response.timings.compute_ms, queue_ms=response.timings.queue_ms)
         info.update(cloud_compute_ms=round(response.timings.compute_ms, 3),
                     cloud_queue_ms=round(response.timings.queue_ms, 3),
-                    worker_id=response.worker_id, sent_bytes=up_bytes)
+                    worker_id=response.worker_id, sent_bytes=sum(t.nbytes for t in tensors))
         return outputs, info
 
     # -- status ---------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from tandem.protocol.errors import (
 from tandem.protocol.messages import InferenceRequest, InferenceResponse, new_request_id
 from tandem.protocol.tensors import Encoding, Tensor
 
-__all__ = ["cloud_outputs", "offload"]
+__all__ = ["cloud_outputs", "offload", "send_to_cloud"]
 
 log = logging.getLogger("tandem.edge")
 
@@ -66,52 +66,16 @@ async def offload(daemon: Any, model: ServingModel, decision: Decision,
     local_tail_ms = est.local_tail_ms
     budget_ms = (deadline - time.monotonic()) * 1e3 - local_tail_ms - \
         daemon.config.deadline_margin_ms
-    transport = daemon.transport
-    reason = None
-    if transport is None or not transport.connected:
-        reason = "disconnected"
-    elif budget_ms < daemon.config.cloud_budget_floor_ms:
-        reason = "no_time"
-    if reason is None:
-        up_bytes = sum(t.nbytes for t in tensors)
-        request = InferenceRequest(
-            id=new_request_id(), device_id=daemon.device_id, model_digest=cost.model_digest,
-            cut_id=cut_id, budget_ms=max(1, int(budget_ms)), tensors=tensors,
-            priority=priority, sent_at_ms=int(time.time() * 1000))
-        t0 = time.monotonic()
-        try:
-            response = await transport.request(
-                topics.request_topic(daemon.device_id, model.name), request,
-                timeout_s=budget_ms / 1000)
-            outputs = cloud_outputs(model, response)
-        except DeadlineExceeded:
-            reason = "timeout"
-        except Unavailable:
-            reason = "unavailable"
-        except ResourceExhausted:
-            reason = "resource_exhausted"
-        except (NotFound, FailedPrecondition) as exc:
-            reason = "refused"
-            log.warning("the cloud cannot run cut %d of %s: %s", cut_id, model.name, exc)
-        except TandemError as exc:
-            reason = "error"
-            log.warning("offload of cut %d failed: %s", cut_id, exc)
-        waited_ms = (time.monotonic() - t0) * 1e3
-        if reason is None:
-            down_bytes = sum(t.nbytes for t in response.outputs)
-            daemon.link.observe_offload(
-                cut_id, key, up_bytes=up_bytes, down_bytes=down_bytes,
-                round_trip_ms=waited_ms, compute_ms=response.timings.compute_ms,
-                queue_ms=response.timings.queue_ms)
-            if daemon.link.probe_wanted:  # RTT or bandwidth? a probe now tells them apart
-                daemon.probe_soon()
-            info.update(ran="cloud", cloud_ms=round(waited_ms, 3),
-                        cloud_compute_ms=round(response.timings.compute_ms, 3),
-                        cloud_queue_ms=round(response.timings.queue_ms, 3),
-                        worker_id=response.worker_id, sent_bytes=up_bytes)
-            return outputs, info
-        daemon.link.observe_offload_failed(cut_id, key, waited_ms=waited_ms,
-                                         timed_out=reason == "timeout")
+    outputs, response, reason, waited_ms = await send_to_cloud(
+        daemon, model, cost, cut_id, key, tensors, budget_ms, priority, what="offload")
+    if response is not None and outputs is not None and waited_ms is not None:
+        info.update(ran="cloud", cloud_ms=round(waited_ms, 3),
+                    cloud_compute_ms=round(response.timings.compute_ms, 3),
+                    cloud_queue_ms=round(response.timings.queue_ms, 3),
+                    worker_id=response.worker_id,
+                    sent_bytes=sum(t.nbytes for t in tensors))
+        return outputs, info
+    if waited_ms is not None:
         info["cloud_ms"] = round(waited_ms, 3)
     # finish here from the frontier already computed (cut 0: the full model)
     tail = runtime.tail(cut_id)
@@ -126,6 +90,58 @@ async def offload(daemon: Any, model: ServingModel, decision: Decision,
     cost.observe_local(tail.path, key, tail_ms)
     info.update(ran="fallback", fallback_reason=reason, tail_ms=round(tail_ms, 3))
     return outputs, info
+
+
+async def send_to_cloud(daemon: Any, model: ServingModel, cost: Any, cut_id: int, key: Any,
+                        tensors: tuple[Tensor, ...], budget_ms: float, priority: int,
+                        what: str) -> tuple[dict[str, np.ndarray] | None,
+                                            InferenceResponse | None, str | None, float | None]:
+    """Send ``tensors`` (cut ``cut_id``'s frontier; cut 0: the input) to the cloud with
+    ``budget_ms``, and let the link estimates learn from the outcome. Returns ``(outputs,
+    response, reason, waited_ms)``: ``reason`` is None when the cloud answered usefully, else
+    why not (``disconnected`` and ``no_time``: nothing was sent and ``waited_ms`` is None)."""
+    transport = daemon.transport
+    if transport is None or not transport.connected:
+        return None, None, "disconnected", None
+    if budget_ms < daemon.config.cloud_budget_floor_ms:
+        return None, None, "no_time", None
+    up_bytes = sum(t.nbytes for t in tensors)
+    request = InferenceRequest(
+        id=new_request_id(), device_id=daemon.device_id, model_digest=cost.model_digest,
+        cut_id=cut_id, budget_ms=max(1, int(budget_ms)), tensors=tensors,
+        priority=priority, sent_at_ms=int(time.time() * 1000))
+    t0 = time.monotonic()
+    reason = None
+    outputs = response = None
+    try:
+        response = await transport.request(
+            topics.request_topic(daemon.device_id, model.name), request,
+            timeout_s=budget_ms / 1000)
+        outputs = cloud_outputs(model, response)
+    except DeadlineExceeded:
+        reason = "timeout"
+    except Unavailable:
+        reason = "unavailable"
+    except ResourceExhausted:
+        reason = "resource_exhausted"
+    except (NotFound, FailedPrecondition) as exc:
+        reason = "refused"
+        log.warning("the cloud cannot run cut %d of %s: %s", cut_id, model.name, exc)
+    except TandemError as exc:
+        reason = "error"
+        log.warning("%s of cut %d failed: %s", what, cut_id, exc)
+    waited_ms = (time.monotonic() - t0) * 1e3
+    if reason is not None or response is None:
+        daemon.link.observe_offload_failed(cut_id, key, waited_ms=waited_ms,
+                                           timed_out=reason == "timeout")
+        return None, None, reason or "error", waited_ms
+    down_bytes = sum(t.nbytes for t in response.outputs)
+    daemon.link.observe_offload(
+        cut_id, key, up_bytes=up_bytes, down_bytes=down_bytes, round_trip_ms=waited_ms,
+        compute_ms=response.timings.compute_ms, queue_ms=response.timings.queue_ms)
+    if daemon.link.probe_wanted:  # RTT or bandwidth? a probe now tells them apart
+        daemon.probe_soon()
+    return outputs, response, None, waited_ms
 
 def cloud_outputs(model: ServingModel, response: InferenceResponse) -> dict[str, np.ndarray]:
     """The cloud's outputs as arrays, checked against the model's output names and fixed
