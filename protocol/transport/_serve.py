@@ -154,6 +154,18 @@ def _with_timings(response: InferenceResponse, started: float,
     return response
 
 
+
+def _checked(response: Any, rid: bytes) -> InferenceResponse:
+    """A handler's answer, if it is an InferenceResponse to request ``rid``; HandlerFailed
+    otherwise."""
+    if not isinstance(response, InferenceResponse):
+        raise HandlerFailed(f"request handler returned {type(response).__name__}, "
+                            "not an InferenceResponse")
+    if response.id != rid:
+        raise HandlerFailed(f"request handler answered request {rid.hex()} with "
+                            f"the id {response.id.hex()}")
+    return response
+
 def _error(request_id: bytes, exc: TandemError) -> InferenceResponse:
     return InferenceResponse(id=request_id, error=ErrorInfo(exc.code, exc.message, exc.retryable))
 
@@ -443,13 +455,7 @@ class Server:
                 outcome = _EXPIRED
                 raise _ExpiredBeforeStart("the request's deadline passed before a worker was "
                                           "free")
-            response = self.handler(request, ctx)
-            if not isinstance(response, InferenceResponse):
-                raise HandlerFailed(f"request handler returned {type(response).__name__}, "
-                                    "not an InferenceResponse")
-            if response.id != rid:
-                raise HandlerFailed(f"request handler answered request {rid.hex()} with "
-                                    f"the id {response.id.hex()}")
+            response = _checked(self.handler(request, ctx), rid)
         except TandemError as exc:
             response = _error(rid, exc)
         except BaseException as exc:  # SystemExit too: answered, the thread survives
@@ -508,12 +514,7 @@ class Server:
                 else:
                     response = await asyncio.get_running_loop().run_in_executor(
                         self.executor, _call_sync, self.handler, request, ctx)
-                if not isinstance(response, InferenceResponse):
-                    raise HandlerFailed(f"request handler returned {type(response).__name__}, "
-                                        "not an InferenceResponse")
-                if response.id != rid:
-                    raise HandlerFailed(f"request handler answered request {rid.hex()} with "
-                                        f"the id {response.id.hex()}")
+                response = _checked(response, rid)
             except _ExpiredBeforeStart as exc:
                 self.expired += 1
                 response = _error(rid, exc)
