@@ -33,7 +33,7 @@ from tandem.protocol.broker_url import parse_broker_url
 from tandem.protocol.errors import InvalidArgument, MissingDependency
 from tandem.protocol.files import atomic_write
 from tandem.protocol.nats import check_nats_id
-from tandem.protocol.settings import field_parsers, merge_settings, to_str
+from tandem.protocol.settings import field_parsers, merge_settings, to_mqtt_version, to_str
 from tandem.protocol.topics import validate_id
 from tandem.protocol.transport import parse_protocol
 
@@ -160,15 +160,8 @@ class CloudConfig:
 
 
 
-def _to_mqtt_version(v: Any) -> str | int:
-    try:
-        return parse_protocol(v)
-    except InvalidArgument:
-        raise ValueError("expected auto, 5 or 311") from None
-
-
 _FIELD_TYPES = field_parsers(CloudConfig, {"log_level": lambda v: to_str(v).lower(),
-                                           "mqtt_version": _to_mqtt_version})
+                                           "mqtt_version": to_mqtt_version})
 
 
 def load_config(options: Mapping[str, Any] | None = None, *,

@@ -26,7 +26,7 @@ from typing import Any
 
 from tandem.protocol.broker_url import parse_broker_url
 from tandem.protocol.errors import InvalidArgument
-from tandem.protocol.settings import field_parsers, merge_settings, to_str
+from tandem.protocol.settings import field_parsers, merge_settings, to_mqtt_version, to_str
 from tandem.protocol.topics import validate_id
 from tandem.protocol.transport import parse_protocol
 
@@ -188,15 +188,8 @@ def parse_shapes(text: str) -> dict[str, tuple[int, ...]]:
 
 
 
-def _to_mqtt_version(v: object) -> str | int:
-    try:
-        return parse_protocol(v)
-    except InvalidArgument:
-        raise ValueError("expected auto, 5 or 311") from None
-
-
 _PARSERS = field_parsers(EdgeConfig, {"log_level": lambda v: to_str(v).lower(),
-                                      "mqtt_version": _to_mqtt_version})
+                                      "mqtt_version": to_mqtt_version})
 _PATH_FIELDS = {f.name for f in dataclasses.fields(EdgeConfig) if str(f.type).startswith("Path")}
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "to_bool",
     "to_float",
     "to_int",
+    "to_mqtt_version",
     "to_path",
     "to_str",
 ]
@@ -81,6 +82,16 @@ def to_str(v: Any) -> str:
     if not isinstance(v, str):
         raise ValueError("expected a string")
     return v
+
+
+def to_mqtt_version(v: Any) -> str | int:
+    """An MQTT version setting: ``auto``, ``5`` or ``311`` (as the transports take it)."""
+    from tandem.protocol.transport import parse_protocol
+
+    try:
+        return parse_protocol(v)
+    except InvalidArgument:
+        raise ValueError("expected auto, 5 or 311") from None
 
 
 def to_path(v: Any) -> Path:
